@@ -1,0 +1,1 @@
+"""meshplane: an Envoy xDS control plane for multi-cluster locality failover."""
