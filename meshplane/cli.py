@@ -1,0 +1,135 @@
+"""`meshplane serve | validate | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from meshplane import app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meshplane", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="console", choices=["console", "json"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the control plane from endpoint files and a policy file")
+    serve.add_argument("--endpoints", "-e", type=Path, action="append", default=[],
+                       help="an endpoint source file (one per cluster; repeatable)")
+    serve.add_argument("--policy", "-p", type=Path, help="the policy YAML file")
+    serve.add_argument("--ads", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
+    serve.add_argument("--http", default="127.0.0.1:18001",
+                       help="HOST:PORT for /metrics, /ready and /debug")
+    serve.add_argument("--debounce", type=float, default=0.005,
+                       help="seconds of quiet before a burst of changes is pushed")
+    serve.add_argument("--max-delay", type=float, default=0.1,
+                       help="longest a change waits for a burst to end")
+
+    val = sub.add_parser("validate", help="check a policy file; prints file:line: field: reason")
+    val.add_argument("policy", type=Path)
+
+    demo = sub.add_parser("demo", help="a local multi-cluster mesh with real Envoys; break things and watch")
+    demo.add_argument("--workdir", type=Path, help="where to write files and logs (default: a temp dir)")
+    demo.add_argument("--interval", type=float, default=1.0, help="seconds between rounds of requests")
+    demo.add_argument("--script", help="commands to run instead of reading the keyboard, ';'-separated")
+
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level, args.log_format)
+    if args.command == "validate":
+        return _validate(args.policy)
+    if args.command == "serve":
+        return _run(_serve(args))
+    if args.command == "demo":
+        from meshplane.demo import run as demo_run
+
+        return _run(demo_run.main(workdir=args.workdir, interval=args.interval, script=args.script))
+    return 2
+
+
+def _validate(path: Path) -> int:
+    from meshplane.policy import validate
+
+    result = validate.load_policy_file(path)
+    for problem in (*result.errors, *result.warnings):
+        prefix = "" if problem.severity == "error" else "warning: "
+        print(f"{prefix}{problem}", file=sys.stderr if problem.severity == "error" else sys.stdout)
+    if result.errors:
+        print(f"{path}: {len(result.errors)} error(s); policy rejected", file=sys.stderr)
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from meshplane.discovery import filesource
+    from meshplane.policy import validate
+
+    ads_host, ads_port = _split(args.ads)
+    http_host, http_port = _split(args.http)
+    config = app.Config(
+        endpoint_files=tuple(args.endpoints), policy_file=args.policy,
+        ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
+        debounce=args.debounce, max_delay=args.max_delay,
+    )
+    plane = app.ControlPlane(config)
+    try:
+        await plane.start()
+    except (validate.PolicyError, filesource.EndpointFileError, OSError) as exc:
+        print(f"meshplane: {exc}", file=sys.stderr)
+        await plane.stop()
+        return 1
+    try:
+        await _until_signalled()
+    finally:
+        await plane.stop()
+    return 0
+
+
+async def _until_signalled() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _run(coro: object) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        return int(asyncio.run(coro))  # type: ignore[arg-type]
+    return 130
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""`meshplane demo`: the S1 mesh, live. Break replicas and watch traffic move.
+
+Every round sends one request into each zone's sidecar and prints where
+each hop landed. Commands (typed, or given with --script, ';'-separated):
+
+  break SERVICE ZONE       the replica refuses connections (outlier detection moves traffic)
+  fix SERVICE ZONE         it listens again (back after the ejection time)
+  break-region SERVICE REGION / fix-region SERVICE REGION
+  unready SERVICE ZONE     report it unhealthy through the endpoint file (an EDS push)
+  ready SERVICE ZONE
+  where SERVICE ZONE       the priority table the control plane sends that zone's sidecar
+  sleep SECONDS            (scripts) keep watching for a while
+  quit                     stop everything (Ctrl-C does too)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from meshplane.demo import mesh as mesh_mod
+from meshplane.demo import topology
+
+# Short ejections so that `fix` is visible within the demo; S1's 5m is for production.
+DEMO_POLICY = topology.s1_policy(base_ejection="15s")
+
+
+async def main(*, workdir: Path | None, interval: float, script: str | None) -> int:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshplane-demo-")))
+        mesh = mesh_mod.Mesh(workdir, policy=DEMO_POLICY, http_port=0)
+        _say(f"starting: control plane, {len(mesh.topo.replicas)} backends, "
+             f"{len(mesh.topo.sidecars)} Envoy sidecars (files and logs in {workdir})")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await mesh.start()
+            assert mesh.plane is not None
+            _say(f"ready. ADS on 127.0.0.1:{mesh.plane.ads_port}; metrics and /debug on "
+                 f"http://127.0.0.1:{mesh.plane.http_port}; policy {mesh.policy_path}")
+            _say(__doc__.split("\n\n", 1)[1].rstrip() if __doc__ else "")
+            watcher = asyncio.create_task(_watch(mesh, interval))
+            commands = asyncio.create_task(_commands(mesh, script, stop))
+            await stop.wait()
+            for task in (watcher, commands):
+                task.cancel()
+            await asyncio.gather(watcher, commands, return_exceptions=True)
+        finally:
+            _say("stopping everything")
+            await mesh.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    _say("stopped")
+    return 0
+
+
+async def _watch(mesh: mesh_mod.Mesh, interval: float) -> None:
+    round_no = 0
+    while True:
+        round_no += 1
+        traces = await asyncio.gather(*(mesh.request(zone) for zone in mesh.topo.zones()))
+        lines = [f"round {round_no} ({time.strftime('%H:%M:%S')})"]
+        for zone, trace in zip(mesh.topo.zones(), traces, strict=True):
+            lines.append(f"  from {zone:<16} {trace.status:>3}  {trace.body.replace(' -> ', ' > ')}")
+        print("\n".join(lines), flush=True)
+        await asyncio.sleep(interval)
+
+
+async def _commands(mesh: mesh_mod.Mesh, script: str | None, stop: asyncio.Event) -> None:
+    if script is not None:
+        for line in script.split(";"):
+            await _execute(mesh, line, stop)
+        stop.set()
+        return
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while not stop.is_set():
+        typed = await reader.readline()
+        if not typed:
+            return  # stdin closed: keep watching until Ctrl-C
+        await _execute(mesh, typed.decode(), stop)
+
+
+async def _execute(mesh: mesh_mod.Mesh, line: str, stop: asyncio.Event) -> None:
+    words = shlex.split(line)
+    if not words:
+        return
+    verb, args = words[0], words[1:]
+    try:
+        if verb == "quit":
+            stop.set()
+        elif verb == "sleep":
+            await asyncio.sleep(float(args[0]))
+        elif verb in ("break", "fix") and len(args) == 2:
+            _check(mesh, *args)
+            await (mesh.break_replica if verb == "break" else mesh.fix_replica)(*args)
+            _say(f"{verb}: {args[0]} in {args[1]}")
+        elif verb in ("break-region", "fix-region") and len(args) == 2:
+            zones = mesh.topo.zones(args[1])
+            if not zones:
+                raise ValueError(f"unknown region {args[1]!r}")
+            for zone in zones:
+                _check(mesh, args[0], zone)
+                await (mesh.break_replica if verb == "break-region" else mesh.fix_replica)(args[0], zone)
+            _say(f"{verb}: {args[0]} in {', '.join(zones)}")
+        elif verb in ("unready", "ready") and len(args) == 2:
+            _check(mesh, *args)
+            mesh.set_health(args[0], args[1], "unhealthy" if verb == "unready" else "healthy")
+            _say(f"{verb}: {args[0]} in {args[1]} (endpoint file updated)")
+        elif verb == "where" and len(args) == 2:
+            _say(await _where(mesh, *args))
+        else:
+            _say(f"unknown command {line.strip()!r}; try: break mockb ap-northeast-1a")
+    except (ValueError, IndexError, KeyError) as exc:
+        _say(f"cannot {line.strip()!r}: {exc}")
+
+
+def _check(mesh: mesh_mod.Mesh, service: str, zone: str) -> None:
+    if (service, zone) not in mesh.servers:
+        raise ValueError(f"no replica of {service!r} in zone {zone!r}; zones: {', '.join(mesh.topo.zones())}")
+
+
+async def _where(mesh: mesh_mod.Mesh, service: str, zone: str) -> str:
+    sidecar = mesh.topo.sidecars[zone]
+    assert mesh.plane is not None
+    from meshplane.demo import backend
+
+    query = (
+        f"/debug/placements?service={service}&region={sidecar.cluster.region}"
+        f"&zone={zone}&cluster={sidecar.cluster.name}"
+    )
+    status, body = await backend.http_get(mesh.plane.http_port, "localhost", query)
+    if status != 200:
+        return f"where: {body.strip()}"
+    table = json.loads(body)
+    lines = [f"{service} from {zone}:"]
+    for p in table["placements"]:
+        health = ", ".join(e["health"] for e in p["endpoints"])
+        lines.append(f"  priority {p['priority']}  {p['locality']:<40} weight {p['weight']}  [{health}]")
+    return "\n".join(lines)
+
+
+def _say(text: str) -> None:
+    print(f"meshplane demo: {text}" if "\n" not in text else text, flush=True)

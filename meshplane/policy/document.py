@@ -1,0 +1,378 @@
+"""The policy YAML document (apiVersion meshplane.io/v1) as pydantic models.
+
+These models are the *shape* of the file: field names, types, ranges. Rules
+that relate several fields (failover vs distribute, weights summing to 100,
+warnings) live in `validate`, which can point at the right line for each.
+`to_policy` turns a validated document into the frozen `types.Policy` the
+rest of meshplane reads; nothing outside `meshplane.policy` sees these models.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from meshplane.discovery import model
+from meshplane.policy import types
+
+API_VERSION = "meshplane.io/v1"
+
+_UNIT_MS = {"ms": Decimal(1), "s": Decimal(1000), "m": Decimal(60_000), "h": Decimal(3_600_000)}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h))+$"
+# A Kubernetes Service name / namespace (DNS-1035 / DNS-1123 label): a typo here
+# would silently never match a service, so the shape is checked.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def duration_ms(text: str) -> int:
+    """ "1m30s" -> 90000. Raises ValueError naming the text if it is not a duration of >= 1ms."""
+    pos = 0
+    total = Decimal(0)
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += Decimal(match.group(1)) * _UNIT_MS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        if re.fullmatch(r"\d+(\.\d+)?", text.strip()):
+            raise ValueError(f"duration {text!r} needs a unit, e.g. 30s (units: ms, s, m, h)")
+        raise ValueError(
+            f"{text!r} is not a duration; write a number and a unit, e.g. 100ms, 30s, 5m, 1m30s"
+        )
+    if total < 1:
+        raise ValueError(f"duration {text!r} is shorter than the minimum of 1ms")
+    if total != total.to_integral_value():
+        raise ValueError(f"duration {text!r} is not a whole number of milliseconds")
+    return int(total)
+
+
+def _check_duration(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        reason = f"must be a duration such as 30s, got {value!r}"
+    elif not isinstance(value, str):
+        reason = f"duration needs a unit, e.g. 30s (got {value!r}; units: ms, s, m, h)"
+    else:
+        try:
+            duration_ms(value)
+        except ValueError as exc:
+            reason = str(exc)
+        else:
+            return value
+    # The reason goes in the context: user text may contain braces.
+    raise PydanticCustomError("duration", "{reason}", {"reason": reason})
+
+
+Duration = Annotated[
+    str,
+    BeforeValidator(_check_duration),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "Go style duration, units ms, s, m, h: 100ms, 30s, 5m, 1m30s; >= 1ms.",
+        }
+    ),
+]
+Count = Annotated[StrictInt, Field(ge=0)]
+Percent = Annotated[StrictInt, Field(ge=0, le=100)]
+Weight = Annotated[StrictInt, Field(ge=1, le=100)]
+Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN, max_length=63)]
+_RESERVED = WithJsonSchema(
+    {
+        "description": "Reserved for a later policy version; must be absent, null or empty in v1.",
+        "type": ["array", "null"],
+        "maxItems": 0,
+    }
+)
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        # The schema is for people (editor hovers): show the YAML key, not a mangled Python name.
+        field_title_generator=lambda name, info: info.alias or name,
+        model_title_generator=lambda cls: cls.__name__.removesuffix("Doc"),
+    )
+
+
+class OutlierDetectionDoc(_Doc):
+    """Istio DestinationRule `outlierDetection`: each proxy ejects hosts that keep failing."""
+
+    consecutive_5xx_errors: Count | None = Field(
+        None,
+        alias="consecutive5xxErrors",
+        description="5xx (and, unless split, local-origin) errors before ejection; 0 disables.",
+    )
+    consecutive_gateway_errors: Count | None = Field(
+        None,
+        alias="consecutiveGatewayErrors",
+        description="502/503/504 errors before ejection; 0 disables.",
+    )
+    consecutive_local_origin_failures: Count | None = Field(
+        None,
+        alias="consecutiveLocalOriginFailures",
+        description="Connect failures, resets, timeouts before ejection (only when split).",
+    )
+    split_external_local_origin_errors: StrictBool = Field(
+        False,
+        alias="splitExternalLocalOriginErrors",
+        description="Count local-origin failures apart from 5xx.",
+    )
+    interval: Duration | None = Field(
+        None, description="Time between ejection sweeps (Envoy default 10s)."
+    )
+    base_ejection_time: Duration | None = Field(
+        None,
+        alias="baseEjectionTime",
+        description="Ejection time, times the number of ejections (default 30s).",
+    )
+    max_ejection_percent: Percent | None = Field(
+        None,
+        alias="maxEjectionPercent",
+        description="Most of a cluster's hosts that may be ejected (default 10).",
+    )
+    min_health_percent: Percent = Field(
+        0,
+        alias="minHealthPercent",
+        description="Envoy healthy panic threshold; 0 keeps failover from ever panicking.",
+    )
+
+
+class FailoverDoc(_Doc):
+    """Clients in region `from` fail over to region `to` before any other region."""
+
+    from_: StrictStr = Field(alias="from", description="The clients' region.")
+    to: StrictStr = Field(description="The region to try after the clients' own.")
+
+
+class DistributeDoc(_Doc):
+    """Clients whose locality matches `from` send the `to` percentages (summing to 100)."""
+
+    from_: StrictStr = Field(
+        alias="from", description="Client locality pattern region[/zone[/cluster]], '*' last."
+    )
+    to: dict[str, Weight] = Field(
+        description="Endpoint locality pattern -> percentage (1..100, sum 100)."
+    )
+
+
+class LocalityDoc(_Doc):
+    enabled: StrictBool = Field(
+        True, description="Locality-aware load balancing (nearest healthy first)."
+    )
+    failover: tuple[FailoverDoc, ...] = Field(
+        (), description="Region to region failover; not with distribute."
+    )
+    failover_priority: tuple[StrictStr, ...] = Field(
+        (),
+        alias="failoverPriority",
+        description="Ordered labels (or label=value) that replace the topology order.",
+    )
+    distribute: tuple[DistributeDoc, ...] = Field(
+        (), description="Locality weights; an alternative to failover."
+    )
+
+
+class SectionsDoc(_Doc):
+    """The sections a service can set; each one set replaces the same section of `defaults`."""
+
+    connect_timeout: Duration | None = Field(
+        None, alias="connectTimeout", description="Default 1s."
+    )
+    outlier_detection: OutlierDetectionDoc | None = Field(None, alias="outlierDetection")
+    locality: LocalityDoc | None = None
+
+
+class ServiceDoc(SectionsDoc):
+    name: Name = Field(description="The Kubernetes Service name.")
+    namespace: Name = "default"
+
+
+class PolicyDoc(_Doc):
+    """A meshplane policy file: mesh-wide defaults and per-service overrides."""
+
+    api_version: Literal["meshplane.io/v1"] = Field(alias="apiVersion")
+    defaults: SectionsDoc | None = Field(
+        None, description="Sections every service inherits unless it sets them."
+    )
+    services: tuple[ServiceDoc, ...] | None = None
+    # Layer-7 routes and gateways (scenarios S2/S3) come in a later version;
+    # the keys are reserved so that v1 files cannot grow a conflicting meaning.
+    routes: Annotated[Any, _RESERVED] = None
+    gateways: Annotated[Any, _RESERVED] = None
+
+
+def _outlier(doc: OutlierDetectionDoc) -> types.OutlierDetection:
+    return types.OutlierDetection(
+        consecutive_5xx_errors=doc.consecutive_5xx_errors,
+        consecutive_gateway_errors=doc.consecutive_gateway_errors,
+        consecutive_local_origin_failures=doc.consecutive_local_origin_failures,
+        split_external_local_origin_errors=doc.split_external_local_origin_errors,
+        interval_ms=None if doc.interval is None else duration_ms(doc.interval),
+        base_ejection_time_ms=None
+        if doc.base_ejection_time is None
+        else duration_ms(doc.base_ejection_time),
+        max_ejection_percent=doc.max_ejection_percent,
+        min_health_percent=doc.min_health_percent,
+    )
+
+
+def _locality(doc: LocalityDoc) -> types.LocalitySettings:
+    return types.LocalitySettings(
+        enabled=doc.enabled,
+        failover=tuple(
+            types.FailoverRule(from_region=f.from_, to_region=f.to) for f in doc.failover
+        ),
+        failover_priority=doc.failover_priority,
+        distribute=tuple(
+            types.DistributeRule(from_locality=d.from_, to=tuple(d.to.items()))
+            for d in doc.distribute
+        ),
+    )
+
+
+def _resolve(sections: SectionsDoc, base: types.ServicePolicy) -> types.ServicePolicy:
+    return types.ServicePolicy(
+        outlier_detection=(
+            base.outlier_detection
+            if sections.outlier_detection is None
+            else _outlier(sections.outlier_detection)
+        ),
+        locality=base.locality if sections.locality is None else _locality(sections.locality),
+        connect_timeout_ms=(
+            base.connect_timeout_ms
+            if sections.connect_timeout is None
+            else duration_ms(sections.connect_timeout)
+        ),
+    )
+
+
+def resolve_defaults(doc: PolicyDoc) -> types.ServicePolicy:
+    if doc.defaults is None:
+        return types.ServicePolicy()
+    return _resolve(doc.defaults, types.ServicePolicy())
+
+
+def resolve_service(doc: ServiceDoc, defaults: types.ServicePolicy) -> types.ServicePolicy:
+    return _resolve(doc, defaults)
+
+
+def to_policy(doc: PolicyDoc) -> types.Policy:
+    """The resolved policy; assumes `validate` found no errors (duplicates: the last one wins)."""
+    defaults = resolve_defaults(doc)
+    services = {
+        model.service_key(svc.namespace, svc.name): resolve_service(svc, defaults)
+        for svc in doc.services or ()
+    }
+    return types.Policy(defaults=defaults, services=services)
+
+
+# Error wording: what an operator reads in `meshplane validate` and in the logs.
+
+
+def show(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def error_reason(err: ErrorDetails) -> str:
+    """Pydantic's message, reworded to name the YAML field's meaning and the offending value."""
+    kind, loc, value = err["type"], err["loc"], err.get("input")
+    last = loc[-1] if loc else ""
+    if kind == "extra_forbidden":
+        return f"unknown field {last!r}" + _known_fields_hint(loc)
+    if kind == "missing":
+        if loc == ("apiVersion",):
+            return f"required: start the file with apiVersion: {API_VERSION}"
+        return f"required field {last!r} is missing"
+    if kind == "literal_error" and loc == ("apiVersion",):
+        return f"unsupported apiVersion {value!r}; this meshplane reads {API_VERSION}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping, got {show(value)}"
+    if kind in ("list_type", "tuple_type"):
+        return f"must be a list, got {show(value)}"
+    if kind in ("int_type", "int_from_float"):
+        return f"must be a whole number, got {show(value)}"
+    if kind == "bool_type":
+        return f"must be true or false, got {show(value)}"
+    if kind == "string_type":
+        hint = (
+            " (YAML reads yes/no/on/off/true/false as booleans: quote it)"
+            if isinstance(value, bool)
+            else ""
+        )
+        return f"must be a string, got {show(value)}{hint}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        return _range_reason(loc, value)
+    if kind in ("string_pattern_mismatch", "string_too_long"):
+        return (
+            f"{value!r} is not a Kubernetes name: at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    if kind == "duration":
+        return err["msg"]
+    return f"{err['msg']}, got {show(value)}"
+
+
+def _range_reason(loc: tuple[str | int, ...], value: Any) -> str:
+    if len(loc) >= 3 and loc[-2] == "to":
+        return f"weight {value!r} for {loc[-1]!r} must be from 1 to 100"
+    if loc[-1] in ("maxEjectionPercent", "minHealthPercent"):
+        return f"{value!r} is not a percentage from 0 to 100"
+    return f"{value!r} is negative; a count must be 0 or more (0 disables the detector)"
+
+
+def _known_fields_hint(loc: tuple[str | int, ...]) -> str:
+    known = _fields_at(loc[:-1])
+    if not known:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known fields here: {', '.join(known)}"
+
+
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The YAML keys allowed by the model at `loc`, found by walking the models' annotations."""
+    cls: type[BaseModel] | None = PolicyDoc
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == part), None)
+        cls = _model_in(field.annotation) if field is not None else None
+    if cls is None:
+        return []
+    return [f.alias or n for n, f in cls.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

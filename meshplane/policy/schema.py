@@ -1,0 +1,45 @@
+"""The policy's JSON Schema, for editors (yaml-language-server) and CI linters.
+
+Generated from the pydantic models so it cannot drift from what meshplane
+accepts; `tests/test_policy_validate.py` fails if the committed copy is stale.
+Regenerate with::
+
+    python -m meshplane.policy.schema > meshplane/policy/schema.json
+    cp meshplane/policy/schema.json docs/policy.schema.json
+
+The schema checks shape only; rules across fields (failover vs distribute,
+weights summing to 100) need `meshplane validate`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from meshplane.policy import document
+
+SCHEMA_ID = "https://meshplane.io/schemas/policy-v1.json"
+
+
+def json_schema() -> dict[str, Any]:
+    body = document.PolicyDoc.model_json_schema(by_alias=True)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        **body,
+        "title": f"meshplane policy ({document.API_VERSION})",
+    }
+
+
+def render() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=False) + "\n"
+
+
+def main() -> int:
+    sys.stdout.write(render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,345 @@
+"""Load and validate a policy file; every problem names file, line, field and reason.
+
+Validation runs in two passes. The first is the document's shape (pydantic:
+unknown fields, types, ranges). Only a well-shaped document gets the second
+pass, the rules that relate fields to each other, which mirror Istio's
+validation of DestinationRule `localityLbSetting` and `outlierDetection` so
+that a rule operators know from Istio is accepted or rejected the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from meshplane.discovery import model
+from meshplane.policy import document, types, yamlpos
+
+Severity = Literal["error", "warning"]
+
+_RESERVED_KEYS = ("routes", "gateways")
+# Istio rejects these in failoverPriority next to `failover` (both would order regions).
+_FAILOVER_TOPOLOGY_LABELS = (types.REGION_LABEL, types.ZONE_LABEL, types.SUBZONE_LABEL)
+NO_OUTLIER_DETECTION = (
+    "failover needs outlier detection: without it Envoy only fails over on endpoints "
+    "the control plane reports unhealthy"
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    field: str
+    reason: str
+    severity: Severity
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.field}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """`policy` is None exactly when there are errors; warnings never block a policy."""
+
+    policy: types.Policy | None
+    errors: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
+
+
+class PolicyError(Exception):
+    """A policy that cannot be used; str() lists the problems one per line."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def load_policy_file(path: Path) -> LoadResult:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return unreadable(path, exc)
+    return load_policy_bytes(data, path=str(path))
+
+
+def unreadable(path: Path, exc: OSError) -> LoadResult:
+    reason = f"cannot read the policy file: {exc.strerror or exc}"
+    return LoadResult(None, (Problem(str(path), 0, "(file)", reason, "error"),), ())
+
+
+def load_policy_bytes(data: bytes, *, path: str) -> LoadResult:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        problem = Problem(path, line, "(file)", f"not UTF-8 text: {exc.reason}", "error")
+        return LoadResult(None, (problem,), ())
+    return load_policy_text(text, path=path)
+
+
+def load_policy_text(text: str, *, path: str) -> LoadResult:
+    try:
+        located = yamlpos.load(text)
+    except yamlpos.YamlError as exc:
+        problem = Problem(path, exc.line, yamlpos.render_loc(exc.loc), exc.reason, "error")
+        return LoadResult(None, (problem,), ())
+    if located.value is None:
+        return LoadResult(types.Policy(), (), ())
+    report = _Report(path, located)
+    raw = located.value
+    if not isinstance(raw, dict):
+        shown = document.show(raw)
+        report.error((), f"a policy is a mapping (apiVersion, defaults, services), got {shown}")
+        return report.result(None)
+    for key in _RESERVED_KEYS:
+        if raw.get(key):
+            report.error((key,), "reserved for a later policy version; not supported by v1")
+    try:
+        doc = document.PolicyDoc.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            report.error(err["loc"], document.error_reason(err))
+        return report.result(None)
+    _check(doc, report)
+    return report.result(None if report.errors else document.to_policy(doc))
+
+
+class _Report:
+    def __init__(self, path: str, located: yamlpos.Located) -> None:
+        self.path = path
+        self.located = located
+        self.errors: list[Problem] = []
+        self.warnings: list[Problem] = []
+
+    def line(self, loc: Sequence[str | int]) -> int:
+        return self.located.line_for(loc)
+
+    def error(self, loc: Sequence[str | int], reason: str) -> None:
+        self.errors.append(self._problem(loc, reason, "error"))
+
+    def warning(self, loc: Sequence[str | int], reason: str) -> None:
+        self.warnings.append(self._problem(loc, reason, "warning"))
+
+    def _problem(self, loc: Sequence[str | int], reason: str, severity: Severity) -> Problem:
+        return Problem(self.path, self.line(loc), yamlpos.render_loc(loc), reason, severity)
+
+    def result(self, policy: types.Policy | None) -> LoadResult:
+        def order(p: Problem) -> tuple[int, str]:
+            return (p.line, p.field)
+
+        return LoadResult(
+            policy, tuple(sorted(self.errors, key=order)), tuple(sorted(self.warnings, key=order))
+        )
+
+
+# Pass 2: rules across fields, on a document whose shape is known to be right.
+
+
+def _check(doc: document.PolicyDoc, report: _Report) -> None:
+    if doc.defaults is not None:
+        _check_sections(doc.defaults, ("defaults",), report)
+    first: dict[model.ServiceKey, int] = {}
+    for i, svc in enumerate(doc.services or ()):
+        key = model.service_key(svc.namespace, svc.name)
+        if key in first:
+            line = report.line(("services", first[key], "name"))
+            report.error(
+                ("services", i, "name"), f"duplicate service {key} (first defined at line {line})"
+            )
+        else:
+            first[key] = i
+        _check_sections(svc, ("services", i), report)
+    _check_failover_has_outlier_detection(doc, report)
+
+
+def _check_sections(
+    sections: document.SectionsDoc, loc: tuple[str | int, ...], report: _Report
+) -> None:
+    od = sections.outlier_detection
+    if (
+        od is not None
+        and od.consecutive_local_origin_failures is not None
+        and not od.split_external_local_origin_errors
+    ):
+        report.warning(
+            (*loc, "outlierDetection", "consecutiveLocalOriginFailures"),
+            "ignored unless splitExternalLocalOriginErrors is true "
+            "(until then local-origin failures count as 5xx errors)",
+        )
+    if sections.locality is not None:
+        _check_locality(sections.locality, (*loc, "locality"), report)
+
+
+def _check_locality(lb: document.LocalityDoc, loc: tuple[str | int, ...], report: _Report) -> None:
+    if lb.distribute and lb.failover:
+        report.error((*loc, "distribute"), "can not set both distribute and failover: choose one")
+    if lb.distribute and lb.failover_priority:
+        report.error(
+            (*loc, "distribute"), "can not set both distribute and failoverPriority: choose one"
+        )
+    if not lb.enabled and (lb.failover or lb.failover_priority or lb.distribute):
+        report.warning(
+            (*loc, "enabled"), "locality load balancing is off: failover and distribute are ignored"
+        )
+    for j, entry in enumerate(lb.failover_priority):
+        where = (*loc, "failoverPriority", j)
+        name = entry.split("=", 1)[0]
+        if not name.strip():
+            report.error(where, f"{entry!r} must be a label name, or label=value")
+        elif lb.failover and name in _FAILOVER_TOPOLOGY_LABELS:
+            report.error(
+                where,
+                f"can not set both failover and the topology label {entry!r} in failoverPriority "
+                "(both would order regions)",
+            )
+    first_rule: dict[str, int] = {}
+    for j, rule in enumerate(lb.failover):
+        _check_failover(rule, (*loc, "failover", j), report)
+        if rule.from_ in first_rule:
+            report.warning(
+                (*loc, "failover", j, "from"),
+                f"ignored: failover[{first_rule[rule.from_]}] already sends {rule.from_!r} "
+                "elsewhere, and the first rule for a region wins",
+            )
+        first_rule.setdefault(rule.from_, j)
+    froms: list[tuple[str, int]] = []
+    for j, dist in enumerate(lb.distribute):
+        where = (*loc, "distribute", j)
+        if _check_pattern(dist.from_, (*where, "from"), report):
+            for earlier, k in froms:
+                if _overlap(earlier, dist.from_):
+                    report.error(
+                        (*where, "from"),
+                        f"{dist.from_!r} overlaps {earlier!r} of distribute[{k}]: "
+                        "a client locality must match one rule",
+                    )
+                    break
+            froms.append((dist.from_, j))
+        _check_distribute_to(dist, where, report)
+
+
+def _check_failover(
+    rule: document.FailoverDoc, loc: tuple[str | int, ...], report: _Report
+) -> None:
+    for key, value in (("from", rule.from_), ("to", rule.to)):
+        if not value:
+            report.error((*loc, key), "must name a region")
+        elif "/" in value:
+            report.error(
+                (*loc, key), f"{value!r} must be a region only: failover has no zones ('/')"
+            )
+        elif "*" in value:
+            report.error((*loc, key), f"{value!r} must be a region: failover takes no '*' wildcard")
+    if rule.from_ and rule.from_ == rule.to:
+        report.error(
+            (*loc, "to"), f"failover from {rule.from_!r} to itself: from and to must differ"
+        )
+
+
+def _check_distribute_to(
+    dist: document.DistributeDoc, loc: tuple[str | int, ...], report: _Report
+) -> None:
+    if not dist.to:
+        report.error((*loc, "to"), "to must give at least one locality and its weight")
+        return
+    total = sum(dist.to.values())
+    if total != 100:
+        report.error(
+            (*loc, "to"), f"weights sum to {total}; the weights of one 'to' must sum to 100"
+        )
+    seen: list[str] = []
+    for pattern in dist.to:
+        if not _check_pattern(pattern, (*loc, "to", pattern), report):
+            continue
+        clash = next((s for s in seen if _overlap(s, pattern)), None)
+        if clash is not None:
+            report.error(
+                (*loc, "to", pattern),
+                f"{pattern!r} overlaps {clash!r}: a locality must get one weight",
+            )
+        seen.append(pattern)
+
+
+def _check_pattern(pattern: str, loc: tuple[str | int, ...], report: _Report) -> bool:
+    """Istio's locality pattern: region[/zone[/cluster]], '*' only as the whole last segment."""
+    segments = pattern.split("/")
+    if not pattern:
+        reason = "a locality pattern must not be empty (use '*' for any locality)"
+    elif len(segments) > 3:
+        reason = f"{pattern!r} has {len(segments)} segments; a locality is region/zone/cluster"
+    elif "" in segments:
+        reason = f"{pattern!r} has an empty segment; write region/zone/cluster"
+    elif any("*" in s for s in segments[:-1]) or ("*" in segments[-1] and segments[-1] != "*"):
+        reason = f"{pattern!r}: '*' may only be the whole last segment, e.g. cn-hangzhou/*"
+    else:
+        return True
+    report.error(loc, reason)
+    return False
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether some locality matches both patterns: one is a prefix (by segment) of the other."""
+    sa = [s for s in a.split("/") if s != "*"]
+    sb = [s for s in b.split("/") if s != "*"]
+    n = min(len(sa), len(sb))
+    return sa[:n] == sb[:n]
+
+
+def _ejects(od: types.OutlierDetection | None) -> bool:
+    """Whether outlier detection can eject anything (Envoy defaults apply to unset counts)."""
+    if od is None or od.max_ejection_percent == 0:
+        return False
+    return (
+        od.consecutive_5xx_errors != 0  # unset: Envoy's default 5, enforced
+        or bool(od.consecutive_gateway_errors)  # unset: Envoy counts but does not enforce
+        or (od.split_external_local_origin_errors and od.consecutive_local_origin_failures != 0)
+    )
+
+
+def _fails_over_blind(sp: types.ServicePolicy) -> bool:
+    lb = sp.locality
+    return (
+        lb.enabled
+        and bool(lb.failover or lb.failover_priority)
+        and not _ejects(sp.outlier_detection)
+    )
+
+
+def _check_failover_has_outlier_detection(doc: document.PolicyDoc, report: _Report) -> None:
+    """Warn once per place an operator can fix: the defaults, or the service that set a section."""
+    defaults = document.resolve_defaults(doc)
+    if doc.defaults is not None and _fails_over_blind(defaults):
+        _warn_blind(doc.defaults, defaults, ("defaults",), report)
+    for i, svc in enumerate(doc.services or ()):
+        resolved = document.resolve_service(svc, defaults)
+        sets_one = svc.outlier_detection is not None or svc.locality is not None
+        if sets_one and _fails_over_blind(resolved):
+            _warn_blind(svc, resolved, ("services", i), report)
+
+
+def _warn_blind(
+    sections: document.SectionsDoc,
+    sp: types.ServicePolicy,
+    loc: tuple[str | int, ...],
+    report: _Report,
+) -> None:
+    if sections.outlier_detection is not None:
+        where: tuple[str | int, ...] = (*loc, "outlierDetection")
+    elif sections.locality is not None:
+        where = (*loc, "locality", "failover" if sections.locality.failover else "failoverPriority")
+    else:
+        where = loc
+    if sp.outlier_detection is None:
+        report.warning(where, NO_OUTLIER_DETECTION)
+    else:
+        report.warning(
+            where,
+            "failover needs outlier detection: the outlierDetection in effect ejects nothing "
+            "(its detectors or maxEjectionPercent are 0), so Envoy only fails over on endpoints "
+            "the control plane reports unhealthy",
+        )

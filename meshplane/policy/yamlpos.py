@@ -1,0 +1,168 @@
+"""YAML to plain Python values, remembering the source line of every key and item.
+
+`yaml.safe_load` forgets where values came from, so errors could only name a
+field. Operators fix files by line number, so we compose the node tree (which
+keeps marks) and build the values ourselves, recording a line for each path.
+Building it ourselves also lets us reject what `safe_load` silently accepts:
+duplicate keys (the last one would win) and non-string keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+Loc = tuple[str | int, ...]
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class YamlError(Exception):
+    """The text is not YAML we accept; `line` is 1-based (0 if unknown)."""
+
+    def __init__(self, line: int, loc: Loc, reason: str) -> None:
+        super().__init__(f"{line}: {render_loc(loc)}: {reason}")
+        self.line = line
+        self.loc = loc
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Located:
+    """The document's value, and the line where each mapping key / sequence item starts."""
+
+    value: Any
+    lines: Mapping[Loc, int]
+
+    def line_for(self, loc: Sequence[str | int]) -> int:
+        """The line of `loc`, or of its nearest enclosing key that exists in the file.
+
+        Errors about a missing field (or one inside a value the validator
+        unpacked further) point at the closest thing the operator wrote.
+        """
+        parts = tuple(loc)
+        while parts:
+            line = self.lines.get(parts)
+            if line is not None:
+                return line
+            parts = parts[:-1]
+        return self.lines.get((), 1)
+
+
+def render_loc(loc: Sequence[str | int]) -> str:
+    """("services", 0, "locality", "failover", 1, "to") -> "services[0].locality.failover[1].to"."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            # Locality patterns ("cn-hangzhou/*") are keys too: quoted, the path stays readable.
+            out += f'["{part}"]'
+    return out or "(document)"
+
+
+def load(text: str) -> Located:
+    """Parse one YAML document; raise YamlError with the line of the first problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            raise _syntax_error(exc) from None
+        except yaml.YAMLError as exc:
+            raise YamlError(0, (), f"invalid YAML: {exc}") from None
+        if node is None:
+            return Located(None, {})
+        builder = _Builder(loader)
+        value = builder.build(node, ())
+        builder.lines[()] = node.start_mark.line + 1
+        return Located(value, builder.lines)
+    finally:
+        loader.dispose()
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError) -> YamlError:
+    mark = exc.problem_mark or exc.context_mark
+    what = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
+    if mark is None:
+        return YamlError(0, (), f"invalid YAML: {what}")
+    return YamlError(mark.line + 1, (), f"invalid YAML: {what} (column {mark.column + 1})")
+
+
+class _Builder:
+    def __init__(self, loader: yaml.SafeLoader) -> None:
+        self.loader = loader
+        self.lines: dict[Loc, int] = {}
+        # Anchors may refer to themselves (`&a [*a]`); plain values cannot, so refuse them.
+        self._open: set[int] = set()
+
+    def build(self, node: yaml.Node, loc: Loc) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return self.loader.construct_object(node, deep=True)
+            except yaml.MarkedYAMLError as exc:
+                line = (exc.problem_mark or node.start_mark).line + 1
+                raise YamlError(line, loc, f"invalid value: {exc.problem}") from None
+        if id(node) in self._open:
+            raise YamlError(node.start_mark.line + 1, loc, "an alias refers to itself")
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return self._sequence(node, loc)
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, loc)
+        finally:
+            self._open.discard(id(node))
+        raise YamlError(node.start_mark.line + 1, loc, f"unsupported YAML node {node.tag}")
+
+    def _sequence(self, node: yaml.SequenceNode, loc: Loc) -> list[Any]:
+        items = []
+        for i, child in enumerate(node.value):
+            self.lines[(*loc, i)] = child.start_mark.line + 1
+            items.append(self.build(child, (*loc, i)))
+        return items
+
+    def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
+        own = sum(1 for key, _ in node.value if key.tag != _MERGE_TAG)
+        try:
+            # Resolves `<<: *anchor` merge keys the way safe_load does: merged pairs first.
+            self.loader.flatten_mapping(node)
+        except yaml.MarkedYAMLError as exc:
+            line = (exc.problem_mark or node.start_mark).line + 1
+            raise YamlError(line, loc, f"invalid merge: {exc.problem}") from None
+        split = len(node.value) - own
+        out: dict[str, Any] = {}
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value[split:]:
+            key, line = self._key(key_node, loc)
+            if key in out:
+                raise YamlError(
+                    line, (*loc, key), f"duplicate key {key!r} (first at line {first_line[key]})"
+                )
+            first_line[key] = line
+            self.lines[(*loc, key)] = line
+            out[key] = self.build(value_node, (*loc, key))
+        merged: dict[str, Any] = {}
+        # Merged keys never count as duplicates: the mapping's own keys override them,
+        # and among merged mappings the later one wins, as in safe_load.
+        for key_node, value_node in node.value[:split]:
+            key, line = self._key(key_node, loc)
+            if key not in out:
+                self.lines[(*loc, key)] = line
+                merged[key] = self.build(value_node, (*loc, key))
+        return {**merged, **out} if merged else out
+
+    def _key(self, node: yaml.Node, loc: Loc) -> tuple[str, int]:
+        line = node.start_mark.line + 1
+        key = self.build(node, loc) if isinstance(node, yaml.ScalarNode) else None
+        if not isinstance(key, str):
+            shown = repr(key) if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__.removesuffix('Node').lower()}"
+            raise YamlError(line, loc, f"keys must be strings, got {shown}")
+        return key, line

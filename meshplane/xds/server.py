@@ -1,0 +1,319 @@
+"""The state-of-the-world ADS server (Envoy's xds_protocol), on grpcio's asyncio API.
+
+Each stream has two halves. The reader applies requests to the stream's
+subscriptions (ACK, NACK, stale nonce, subscribe, unsubscribe) and marks
+types dirty. The writer wakes on "dirty", composes responses from the
+*current* view and writes them. Because the writer always composes from
+the current state, any number of changes that arrive while a slow proxy is
+still reading merge into one push of the newest state (latest wins), and
+no queue grows. A slow proxy blocks only its own writer.
+
+What was sent is remembered per resource, so a change is pushed only to
+streams subscribed to it, a NACKed version is never re-sent (the proxy
+keeps its last good config until the content changes), and a proxy that
+reconnects reporting the version it already has gets no re-push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import structlog
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import json_format
+
+from meshplane.discovery import model
+from meshplane.xds import resources, types, views
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+class Callbacks(Protocol):
+    """Observability hooks: metrics and logs hang off these, not off the protocol code."""
+
+    def stream_opened(self, stream: Stream) -> None: ...
+    def stream_closed(self, stream: Stream) -> None: ...
+    def response_sent(self, stream: Stream, type_url: str, *, resources: int, size: int) -> None: ...
+    def acked(self, stream: Stream, type_url: str, *, latency: float | None) -> None: ...
+    def nacked(self, stream: Stream, type_url: str, *, version: str, detail: str) -> None: ...
+    def stale_nonce(self, stream: Stream, type_url: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One type on one stream: what the proxy asked for and what it was sent."""
+
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    sent: dict[str, resources.Resource] = field(default_factory=dict)
+    nonce: str = ""
+    answered: bool = False
+    # nonce -> earliest change time carried (None: nothing new to time)
+    inflight: dict[str, float | None] = field(default_factory=dict)
+    acked_version: str = ""
+
+    def wanted(self, available: Mapping[str, resources.Resource]) -> dict[str, resources.Resource]:
+        if self.wildcard:
+            return dict(available)
+        return {n: available[n] for n in self.names if n in available}
+
+
+class Stream:
+    """One ADS stream from one proxy."""
+
+    def __init__(self, stream_id: int, peer: str) -> None:
+        self.id = stream_id
+        self.peer = peer
+        self.node: base_pb2.Node | None = None
+        self.view: views.View | None = None
+        self.subs: dict[str, Subscription] = {}
+        self.dirty: set[str] = set()
+        self.wake = asyncio.Event()
+        self._nonces = itertools.count(1)
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id if self.node is not None else ""
+
+    def mark(self, type_urls: set[str] | frozenset[str]) -> None:
+        self.dirty |= type_urls
+        self.wake.set()
+
+    def next_nonce(self) -> str:
+        return str(next(self._nonces))
+
+
+class AdsServer:
+    """Serves views from the cache to ADS streams; told by the push loop what changed."""
+
+    def __init__(
+        self, cache: views.ViewCache, *, callbacks: Callbacks, identifier: str = "meshplane"
+    ) -> None:
+        self._cache = cache
+        self._callbacks = callbacks
+        self._control_plane = resources.control_plane_field(identifier)
+        self._ids = itertools.count(1)
+        self.streams: dict[int, Stream] = {}
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._serve,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_identity,
+                )
+            },
+        )
+
+    def notify(self, changed: Mapping[views.ViewKey, set[str]]) -> None:
+        """Wake the streams whose view changed."""
+        if not changed:
+            return
+        for stream in self.streams.values():
+            if stream.view is not None and stream.view.key in changed:
+                stream.mark(changed[stream.view.key])
+
+    def rekey(self) -> None:
+        """After a policy change, move streams whose view key changed (e.g. new label keys)."""
+        for stream in self.streams.values():
+            if stream.node is None or stream.view is None:
+                continue
+            key = self._view_key(stream.node)
+            if key != stream.view.key:
+                self._cache.release(stream.view.key)
+                stream.view = self._cache.acquire(key)
+                stream.mark(set(types.PUSH_ORDER))
+
+    async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        stream = Stream(next(self._ids), context.peer())
+        self.streams[stream.id] = stream
+        reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
+        try:
+            while not reader.done():
+                waiter = asyncio.create_task(stream.wake.wait())
+                done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter not in done:
+                    waiter.cancel()
+                    break
+                stream.wake.clear()
+                for message in self._compose(stream):
+                    await context.write(message)
+            reader.result()  # surface a protocol error from the reader
+        finally:
+            reader.cancel()
+            self.streams.pop(stream.id, None)
+            if stream.view is not None:
+                self._cache.release(stream.view.key)
+                self._callbacks.stream_closed(stream)
+
+    async def _read(self, stream: Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async for request in requests:
+            error = self._on_request(stream, request)
+            if error is not None:
+                log.warning("bad xDS request", stream=stream.id, peer=stream.peer, error=error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+
+    def _on_request(self, stream: Stream, req: discovery_pb2.DiscoveryRequest) -> str | None:
+        if stream.node is None:
+            if not req.HasField("node") or not req.node.id:
+                return "the first DiscoveryRequest on a stream must carry node (with an id)"
+            stream.node = req.node
+            stream.view = self._cache.acquire(self._view_key(req.node))
+            self._callbacks.stream_opened(stream)
+        type_url = req.type_url
+        if type_url not in types.PUSH_ORDER:
+            if not type_url:
+                return "DiscoveryRequest without type_url (ADS needs it)"
+            log.info("unsupported type requested, ignoring", type_url=type_url, node=stream.node_id)
+            return None
+        sub = stream.subs.get(type_url)
+        if req.response_nonce:
+            if sub is None or req.response_nonce != sub.nonce:
+                self._callbacks.stale_nonce(stream, type_url)
+                return None  # xds_protocol: ignore requests with a stale nonce
+            self._on_reply(stream, sub, req)
+        first = sub is None
+        if sub is None:
+            sub = stream.subs[type_url] = Subscription()
+        _resubscribe(sub, req.resource_names, first=first)
+        if first and req.version_info and stream.view is not None:
+            # Reconnect: the proxy says which version it holds; if that is what
+            # we would send, it has it all already.
+            wanted = sub.wanted(stream.view.resources.get(type_url, {}))
+            if resources.type_version(wanted.values()) == req.version_info:
+                sub.sent = wanted
+                sub.answered = True
+                sub.acked_version = req.version_info
+        stream.mark({type_url})
+        return None
+
+    def _on_reply(self, stream: Stream, sub: Subscription, req: discovery_pb2.DiscoveryRequest) -> None:
+        if req.HasField("error_detail"):
+            sub.inflight.clear()
+            self._callbacks.nacked(
+                stream, req.type_url, version=req.version_info, detail=req.error_detail.message
+            )
+            return
+        sub.acked_version = req.version_info
+        earliest: float | None = None
+        for nonce in list(sub.inflight):
+            seen = sub.inflight.pop(nonce)
+            if seen is not None and (earliest is None or seen < earliest):
+                earliest = seen
+            if nonce == req.response_nonce:
+                break
+        latency = None if earliest is None else time.monotonic() - earliest
+        self._callbacks.acked(stream, req.type_url, latency=latency)
+
+    def _view_key(self, node: base_pb2.Node) -> views.ViewKey:
+        meta = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+        labels = meta.get("labels") or {}
+        return self._cache.view_key(
+            role=str(meta.get("role", "sidecar")),
+            locality=model.Locality(
+                region=node.locality.region, zone=node.locality.zone, cluster=node.locality.sub_zone
+            ),
+            namespace=str(meta.get("namespace", "default")),
+            listener_address=str(meta.get("listener_address", "0.0.0.0")),
+            listener_port=int(meta.get("listener_port", 15001)),
+            labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+        )
+
+    # composing responses
+
+    def _compose(self, stream: Stream) -> list[bytes]:
+        if stream.view is None:
+            return []
+        dirty, stream.dirty = stream.dirty, set()
+        out: list[bytes] = []
+        available = stream.view.resources
+        cds = stream.subs.get(types.CLUSTER)
+        removed: dict[str, resources.Resource] = {}
+        changed_clusters: set[str] = set()
+        if cds is not None and types.CLUSTER in dirty:
+            wanted = cds.wanted(available.get(types.CLUSTER, {}))
+            removed = {n: r for n, r in cds.sent.items() if n not in wanted}
+            changed_clusters = {n for n, r in wanted.items() if n in cds.sent and cds.sent[n].version != r.version}
+            # Make before break: keep removed clusters until routes stop naming them.
+            self._respond(stream, types.CLUSTER, cds, {**wanted, **removed}, out)
+        eds = stream.subs.get(types.ENDPOINT)
+        if eds is not None and changed_clusters:
+            # An updated cluster warms again and waits for its endpoints.
+            for name in changed_clusters:
+                eds.sent.pop(name, None)
+            dirty.add(types.ENDPOINT)
+        for type_url in (types.ENDPOINT, types.LISTENER, types.ROUTE):
+            sub = stream.subs.get(type_url)
+            if sub is not None and type_url in dirty:
+                self._respond(stream, type_url, sub, sub.wanted(available.get(type_url, {})), out)
+        if removed and cds is not None:
+            wanted = cds.wanted(available.get(types.CLUSTER, {}))
+            self._respond(stream, types.CLUSTER, cds, wanted, out)
+        return out
+
+    def _respond(
+        self,
+        stream: Stream,
+        type_url: str,
+        sub: Subscription,
+        wanted: dict[str, resources.Resource],
+        out: list[bytes],
+    ) -> None:
+        updates = {n: r for n, r in wanted.items() if (s := sub.sent.get(n)) is None or s.version != r.version}
+        if type_url in types.FULL_STATE:
+            if not updates and wanted.keys() == sub.sent.keys() and sub.answered:
+                return
+            payload = wanted
+        else:
+            if not updates:
+                return
+            payload = updates
+        seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in sub.sent]
+        nonce = stream.next_nonce()
+        version_info = resources.type_version(wanted.values())
+        message = resources.response(
+            version_info=version_info,
+            resources=payload.values(),
+            type_url=type_url,
+            nonce=nonce,
+            control_plane=self._control_plane,
+        )
+        sub.nonce = nonce
+        sub.answered = True
+        sub.inflight[nonce] = min(seen) if seen else None
+        if type_url in types.FULL_STATE:
+            sub.sent = dict(wanted)
+        else:
+            sub.sent.update(payload)
+        out.append(message)
+        self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
+
+
+def _resubscribe(sub: Subscription, names: Any, *, first: bool) -> None:
+    """Apply a request's resource_names (xds_protocol wildcard rules) to a subscription."""
+    requested = set(names)
+    if types.WILDCARD in requested:
+        sub.wildcard = True
+        requested.discard(types.WILDCARD)
+    elif requested:
+        sub.wildcard = False
+    elif first:
+        sub.wildcard = True  # legacy wildcard: a first request naming nothing
+    for name in requested ^ sub.names:
+        sub.sent.pop(name, None)  # (re)subscribed resources are sent even if unchanged
+    sub.names = requested
+
+
+def _identity(message: bytes) -> bytes:
+    return message

@@ -1,0 +1,70 @@
+"""Shared fixtures: a control plane on free ports, endpoint files, waiting for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshplane import app
+
+
+async def wait_for(
+    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]], *, timeout: float = 10.0, what: str
+) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy, or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def cluster_doc(cluster: str, region: str, services: dict[str, list[dict[str, Any]]],
+                port: int = 8000) -> dict[str, Any]:
+    """An endpoint file: services name -> endpoints (dicts with zone, port, health...)."""
+    return {
+        "cluster": cluster,
+        "region": region,
+        "services": [
+            {"name": name, "ports": [{"name": "http", "port": port, "protocol": "HTTP"}],
+             "endpoints": [{"address": "127.0.0.1", **ep} for ep in eps]}
+            for name, eps in services.items()
+        ],
+    }
+
+
+def write_yaml(path: Path, doc: Any) -> Path:
+    """Write atomically, as editors and config management do (a reader never sees half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+@pytest.fixture
+async def start_plane() -> AsyncIterator[Callable[..., Awaitable[app.ControlPlane]]]:
+    planes: list[app.ControlPlane] = []
+
+    async def start(**kwargs: Any) -> app.ControlPlane:
+        kwargs.setdefault("ads_port", 0)
+        kwargs.setdefault("http_port", 0)
+        kwargs.setdefault("poll_interval", 0.02)
+        plane = app.ControlPlane(app.Config(**kwargs))
+        await plane.start()
+        planes.append(plane)
+        return plane
+
+    yield start
+    for plane in planes:
+        await plane.stop()

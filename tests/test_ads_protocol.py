@@ -1,0 +1,213 @@
+"""xds_protocol discipline, checked with a real gRPC ADS client against a running control plane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+
+from meshplane import app
+from meshplane.xds import client as ads_client
+from meshplane.xds import types
+from tests.conftest import cluster_doc, wait_for, write_yaml
+
+MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
+MOCKC = "outbound|8000||mockc.default.svc.cluster.local"
+
+
+def _doc(mockb_health: str = "healthy", extra_mockb: int = 0) -> dict[str, Any]:
+    mockb = [{"zone": "z1", "port": 9001, "health": mockb_health}]
+    mockb += [{"zone": "z2", "port": 9100 + i} for i in range(extra_mockb)]
+    return cluster_doc("c1", "r1", {"mockb": mockb, "mockc": [{"zone": "z1", "port": 9002}]})
+
+
+@pytest.fixture
+def endpoints(tmp_path: Path) -> Path:
+    return write_yaml(tmp_path / "c1.yaml", _doc())
+
+
+def _client(plane: app.ControlPlane, node_id: str = "sidecar-1", **kw: Any) -> ads_client.AdsClient:
+    node = ads_client.node(node_id, region="r1", zone="z1", cluster="c1", metadata=kw or None)
+    return ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node)
+
+
+def _cla(response: Any) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    out = []
+    for res in response.resources:
+        cla = endpoint_pb2.ClusterLoadAssignment()
+        res.Unpack(cla)
+        out.append(cla)
+    return out
+
+
+def _metric(plane: app.ControlPlane, name: str, **labels: str) -> float:
+    value = plane.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def test_wildcard_cds_sends_every_cluster(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(types.CLUSTER)
+        cds = await c.recv()
+        assert cds.type_url == types.CLUSTER
+        assert sorted(ads_client.resource_names(cds)) == [MOCKB, MOCKC]
+        assert cds.nonce and cds.version_info
+        assert cds.control_plane.identifier == "meshplane"
+
+
+async def test_ack_then_quiet_and_only_subscribed_changes_pushed(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane, "watches-mockb") as b, _client(plane, "watches-mockc") as cc:
+        await b.request(types.ENDPOINT, [MOCKB])
+        await cc.request(types.ENDPOINT, [MOCKC])
+        first_b, first_c = await b.recv(), await cc.recv()
+        await b.ack(first_b)
+        await cc.ack(first_c)
+        await b.expect_nothing(0.3)  # an ACK is not answered
+
+        write_yaml(endpoints, _doc(mockb_health="unhealthy"))
+        update = await b.recv()
+        assert ads_client.resource_names(update) == [MOCKB]
+        assert update.version_info != first_b.version_info
+        [cla] = _cla(update)
+        assert cla.endpoints[0].lb_endpoints[0].health_status == health_check_pb2.UNHEALTHY
+        await cc.expect_nothing(0.3)  # mockc did not change: not pushed
+        await b.ack(update)
+        await wait_for(lambda: _metric(plane, "meshplane_push_latency_seconds_count", type="eds") >= 1,
+                       what="push latency observed on ACK")
+
+
+async def test_nack_is_counted_and_the_rejected_version_is_not_resent(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(types.ENDPOINT, [MOCKB])
+        good = await c.recv()
+        await c.ack(good)
+        write_yaml(endpoints, _doc(mockb_health="draining"))
+        bad = await c.recv()
+        await c.nack(bad, kept_version=good.version_info, message="we do not like it")
+        await wait_for(lambda: _metric(plane, "meshplane_xds_nacks_total", type="eds") == 1, what="NACK counted")
+        await c.expect_nothing(0.5)  # no resend loop
+        write_yaml(endpoints, _doc(mockb_health="healthy", extra_mockb=1))
+        newer = await c.recv()  # new content is sent again
+        assert newer.version_info not in (good.version_info, bad.version_info)
+
+
+async def test_stale_nonce_is_ignored(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(types.ENDPOINT, [MOCKB])
+        first = await c.recv()
+        await c.ack(first)
+        write_yaml(endpoints, _doc(mockb_health="unhealthy"))
+        second = await c.recv()
+        # A request carrying the older nonce (and a new subscription) is stale: ignored.
+        await c.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=first.version_info, nonce=first.nonce)
+        await c.expect_nothing(0.3)
+        assert _metric(plane, "meshplane_xds_stale_nonces_total", type="eds") == 1
+        await c.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=second.version_info, nonce=second.nonce)
+        third = await c.recv()
+        assert ads_client.resource_names(third) == [MOCKC]
+
+
+async def test_resubscribed_resource_is_sent_again_even_unchanged(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(types.ENDPOINT, [MOCKB, MOCKC])
+        both = await c.recv()
+        assert sorted(ads_client.resource_names(both)) == [MOCKB, MOCKC]
+        await c.ack(both, names=[MOCKB])  # drop mockc
+        await c.expect_nothing(0.2)
+        await c.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=both.version_info, nonce=both.nonce)
+        again = await c.recv()
+        assert ads_client.resource_names(again) == [MOCKC]
+
+
+async def test_reconnect_with_known_versions_gets_no_repush(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(types.CLUSTER)
+        cds = await c.recv()
+        await c.ack(cds)
+        await c.request(types.ENDPOINT, [MOCKB, MOCKC])
+        eds = await c.recv()
+        await c.ack(eds)
+    sent_before = _metric(plane, "meshplane_xds_responses_total", type="cds")
+    async with _client(plane) as again:
+        await again.request(types.CLUSTER, version_info=cds.version_info)
+        await again.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=eds.version_info)
+        await again.expect_nothing(0.4)
+    assert _metric(plane, "meshplane_xds_responses_total", type="cds") == sent_before
+    async with _client(plane) as stale:  # a proxy holding something else gets the current state
+        await stale.request(types.CLUSTER, version_info="some-other-version")
+        assert sorted(ads_client.resource_names(await stale.recv())) == [MOCKB, MOCKC]
+
+
+async def test_versions_are_content_hashes_identical_across_restarts(start_plane: Any, endpoints: Path) -> None:
+    versions = []
+    for _ in range(2):
+        plane = await start_plane(endpoint_files=(endpoints,))
+        async with _client(plane) as c:
+            await c.request(types.CLUSTER)
+            cds = await c.recv()
+            await c.request(types.ENDPOINT, [MOCKB], with_node=False)
+            eds = await c.recv()
+            versions.append((cds.version_info, eds.version_info, bytes(eds.resources[0].value)))
+        await plane.stop()
+    assert versions[0] == versions[1]
+
+
+async def test_streams_of_one_view_share_it(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane, "a") as a, _client(plane, "b") as b, _client(plane, "c", listener_port=15002) as c:
+        for client in (a, b, c):
+            await client.request(types.ENDPOINT, [MOCKB])
+            await client.recv()
+        assert plane.cache is not None
+        assert sorted(v.streams for v in plane.cache.views.values()) == [1, 2]
+
+
+async def test_first_request_without_node_is_rejected(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(types.CLUSTER, with_node=False)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.recv()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "node" in (err.value.details() or "")
+
+
+async def test_slow_proxy_gets_latest_state_not_a_backlog(start_plane: Any, tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "big.yaml", _big(0))
+    plane = await start_plane(endpoint_files=(path,))
+    async with _client(plane) as c:
+        await c.request(types.ENDPOINT, [MOCKB])
+        await c.ack(await c.recv())
+        # The client stops reading; 30 changes arrive, big enough to fill gRPC's window.
+        for generation in range(1, 31):
+            write_yaml(path, _big(generation))
+            await wait_for(lambda g=generation: _weight_of(plane) == g + 1, what=f"generation {generation} built")
+        received = []
+        while True:
+            try:
+                received.append(await c.recv(timeout=0.5))
+            except TimeoutError:
+                break
+        assert len(received) < 30, "every intermediate state was queued"
+        [last] = _cla(received[-1])
+        assert last.endpoints[0].lb_endpoints[0].load_balancing_weight.value == 31
+
+
+def _big(generation: int) -> dict[str, Any]:
+    eps = [{"zone": "z1", "port": 10000 + i, "weight": generation + 1} for i in range(3000)]
+    return cluster_doc("c1", "r1", {"mockb": eps})
+
+
+def _weight_of(plane: app.ControlPlane) -> int:
+    svc = plane.catalog.services.get("default/mockb")  # type: ignore[call-overload]
+    return svc.endpoints[0].weight if svc else 0

@@ -1,0 +1,66 @@
+"""`meshplane demo` as a user runs it: watch failover, then Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.envoy
+
+
+def _processes_under(workdir: Path) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", str(workdir)], capture_output=True, text=True, check=False)
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+
+
+async def _demo(workdir: Path, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshplane", "--log-level", "warning", "demo",
+        "--workdir", str(workdir), "--interval", "0.3", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def test_demo_script_shows_same_region_then_cross_region_failover(tmp_path: Path) -> None:
+    script = ("sleep 1; break mockb ap-northeast-1a; sleep 2.5; where mockb ap-northeast-1a; "
+              "break-region mockb ap-northeast-1; sleep 2.5; quit")
+    proc = await _demo(tmp_path, "--script", script)
+    stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    out = stdout.decode()
+    assert proc.returncode == 0, out
+    healthy, _, rest = out.partition("break: mockb in ap-northeast-1a")
+    same_region, _, cross_region = rest.partition("break-region: mockb in")
+    line = "  from ap-northeast-1a "
+    assert "mocka@ap-northeast-1a > mockb@ap-northeast-1a > mockc@ap-northeast-1a" in healthy, out
+    rounds = [ln for ln in same_region.splitlines() if line in ln]
+    assert "mocka@ap-northeast-1a > mockb@ap-northeast-1b" in rounds[-1], out
+    assert "priority 0  ap-northeast-1/ap-northeast-1a/cluster-2" in same_region, out
+    last = [ln for ln in cross_region.splitlines() if line in ln][-1]
+    assert "mocka@ap-northeast-1a > mockb@cn-hangzhou-" in last, out
+    assert not _processes_under(tmp_path), "the demo left processes behind"
+
+
+async def test_demo_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    proc = await _demo(tmp_path)
+    assert proc.stdout is not None
+    seen = []
+
+    async def first_round() -> bool:
+        line = (await proc.stdout.readline()).decode()  # type: ignore[union-attr]
+        seen.append(line)
+        return line.startswith("round 1")
+
+    await wait_for(first_round, timeout=90, what="the demo's first round of requests")
+    assert _processes_under(tmp_path), "expected Envoys running under the workdir"
+    os.kill(proc.pid, signal.SIGINT)
+    await asyncio.wait_for(proc.wait(), timeout=30)
+    assert proc.returncode == 0, "".join(seen)
+    await wait_for(lambda: not _processes_under(tmp_path), timeout=10, what="no process left")

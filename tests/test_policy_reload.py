@@ -1,0 +1,267 @@
+"""Hot reload: valid edits are applied, broken ones rejected with file:line, last good kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from meshplane.discovery import model
+from meshplane.policy import reload, types, validate
+from tests.conftest import wait_for
+
+MOCKB = model.service_key("default", "mockb")
+
+
+def policy_text(five_xx: int) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: meshplane.io/v1
+        services:
+          - name: mockb
+            outlierDetection:
+              consecutive5xxErrors: {five_xx}
+    """)
+
+
+BROKEN = textwrap.dedent("""\
+    apiVersion: meshplane.io/v1
+    services:
+      - name: mockb
+        outlierDetection:
+          consecutive5xxErrors: 1
+          interval: 30
+""")
+
+
+WARNS = textwrap.dedent("""\
+    apiVersion: meshplane.io/v1
+    services:
+      - name: mockb
+        outlierDetection: {consecutive5xxErrors: 0}
+        locality:
+          failover: [{from: a, to: b}]
+""")
+
+
+def write(path: Path, text: str) -> None:
+    """Replace atomically, as editors and ConfigMap updates do."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def five_xx(policy: types.Policy) -> int | None:
+    od = policy.for_service(MOCKB).outlier_detection
+    return None if od is None else od.consecutive_5xx_errors
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[types.Policy, float]] = []
+
+    def __call__(self, policy: types.Policy, seen_at: float) -> None:
+        self.calls.append((policy, seen_at))
+
+
+Start = Callable[..., Awaitable[reload.PolicyWatcher]]
+
+
+@pytest.fixture
+async def start_watcher() -> AsyncIterator[Start]:
+    watchers: list[reload.PolicyWatcher] = []
+
+    async def start(
+        path: Path | None, on_change: Any, interval: float = 0.01
+    ) -> reload.PolicyWatcher:
+        watcher = reload.PolicyWatcher(path, on_change=on_change, interval=interval)
+        await watcher.start()
+        watchers.append(watcher)
+        return watcher
+
+    yield start
+    for watcher in watchers:
+        await watcher.stop()
+
+
+async def test_valid_broken_fixed(tmp_path: Path, start_watcher: Start) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    calls = Recorder()
+    watcher = await start_watcher(path, calls)
+    assert five_xx(watcher.current) == 1
+    assert calls.calls == []  # the initial load is not a change
+
+    before = time.monotonic()
+    write(path, policy_text(2))
+    await wait_for(lambda: calls.calls, timeout=5, what="the valid edit to be applied")
+    [(policy, seen_at)] = calls.calls
+    assert five_xx(policy) == 2 and watcher.current is policy
+    assert before <= seen_at <= time.monotonic()
+
+    with structlog.testing.capture_logs() as logs:
+        write(path, BROKEN)
+        await wait_for(
+            lambda: watcher.last_errors, timeout=5, what="the broken edit to be rejected"
+        )
+    assert len(calls.calls) == 1
+    assert five_xx(watcher.current) == 2
+    [problem] = watcher.last_errors
+    expected = f"{path}:6: services[0].outlierDetection.interval: duration needs a unit"
+    assert str(problem).startswith(expected)
+    rejected = [e for e in logs if e["event"] == "policy rejected"]
+    assert [e["problem"] for e in rejected] == [str(problem)]
+    assert rejected[0]["log_level"] == "error"
+
+    write(path, policy_text(3))
+    await wait_for(lambda: len(calls.calls) == 2, timeout=5, what="the fixed file to be applied")
+    assert five_xx(calls.calls[1][0]) == 3 and five_xx(watcher.current) == 3
+    assert watcher.last_errors == ()
+
+
+async def test_touch_without_change_is_not_a_change(tmp_path: Path, start_watcher: Start) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    calls = Recorder()
+    # Polled by hand (the task would sleep for an hour), so each poll's outcome is known.
+    watcher = await start_watcher(path, calls, interval=3600)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10_000_000_000))
+    assert await watcher.poll() is False
+    path.write_text(policy_text(1))  # rewritten in place, same bytes
+    assert await watcher.poll() is False
+    assert calls.calls == []
+
+    path.write_text(policy_text(4))  # same size, same inode: only the content tells
+    assert await watcher.poll() is True
+    assert [five_xx(p) for p, _ in calls.calls] == [4]
+
+
+async def test_edit_within_the_timestamp_granularity_is_seen(
+    tmp_path: Path, start_watcher: Start
+) -> None:
+    """Coarse mtimes: a second same-size edit in place may leave the whole stat unchanged."""
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    calls = Recorder()
+    watcher = await start_watcher(path, calls, interval=3600)
+    frozen = time.time_ns()
+    os.utime(path, ns=(frozen, frozen))
+    assert await watcher.poll() is False
+    path.write_text(policy_text(6))
+    os.utime(path, ns=(frozen, frozen))
+    assert await watcher.poll() is True
+    assert five_xx(watcher.current) == 6
+
+
+async def test_broken_file_is_reported_once(tmp_path: Path, start_watcher: Start) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    watcher = await start_watcher(path, Recorder(), interval=3600)
+    with structlog.testing.capture_logs() as logs:
+        write(path, BROKEN)
+        assert await watcher.poll() is False
+        os.utime(path)
+        assert await watcher.poll() is False
+    assert [e["event"] for e in logs].count("policy rejected") == 1
+
+
+async def test_deleted_file_keeps_the_last_good(tmp_path: Path, start_watcher: Start) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    calls = Recorder()
+    watcher = await start_watcher(path, calls)
+    path.unlink()
+    await wait_for(lambda: watcher.last_errors, timeout=5, what="the missing file to be reported")
+    assert watcher.last_errors[0].line == 0 and "cannot read" in watcher.last_errors[0].reason
+    assert five_xx(watcher.current) == 1 and calls.calls == []
+    write(path, policy_text(5))
+    await wait_for(lambda: calls.calls, timeout=5, what="the restored file to be applied")
+    assert five_xx(watcher.current) == 5
+
+
+async def test_async_callback_and_warnings(tmp_path: Path, start_watcher: Start) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    seen: list[types.Policy] = []
+
+    async def on_change(policy: types.Policy, seen_at: float) -> None:
+        await asyncio.sleep(0)
+        seen.append(policy)
+
+    watcher = await start_watcher(path, on_change)
+    with structlog.testing.capture_logs() as logs:
+        write(path, WARNS)
+        await wait_for(lambda: seen, timeout=5, what="the edit with a warning to be applied")
+    [policy] = seen
+    assert policy.for_service(MOCKB).locality.failover == (types.FailoverRule("a", "b"),)
+    warnings = [e for e in logs if e["event"] == "policy warning"]
+    assert len(warnings) == 1 and "failover needs outlier detection" in warnings[0]["problem"]
+    assert watcher.last_warnings and watcher.last_errors == ()
+
+
+async def test_a_failing_callback_does_not_stop_the_watcher(
+    tmp_path: Path, start_watcher: Start
+) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    calls = Recorder()
+
+    def on_change(policy: types.Policy, seen_at: float) -> None:
+        calls(policy, seen_at)
+        if len(calls.calls) == 1:
+            raise RuntimeError("push failed")
+
+    watcher = await start_watcher(path, on_change)
+    with structlog.testing.capture_logs():
+        write(path, policy_text(2))
+        await wait_for(lambda: calls.calls, timeout=5, what="the first edit")
+    write(path, policy_text(3))
+    await wait_for(lambda: len(calls.calls) == 2, timeout=5, what="the second edit after a failure")
+    assert five_xx(watcher.current) == 3
+
+
+async def test_invalid_first_load_raises(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, BROKEN)
+    watcher = reload.PolicyWatcher(path, on_change=Recorder())
+    with pytest.raises(validate.PolicyError) as info:
+        await watcher.start()
+    assert str(info.value) == (
+        f"{path}:6: services[0].outlierDetection.interval: "
+        "duration needs a unit, e.g. 30s (got 30; units: ms, s, m, h)"
+    )
+    assert info.value.problems == watcher.last_errors
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("policy-watcher")]
+
+
+async def test_missing_file_at_start_raises(tmp_path: Path) -> None:
+    watcher = reload.PolicyWatcher(tmp_path / "nope.yaml", on_change=Recorder())
+    with pytest.raises(validate.PolicyError, match=r"nope\.yaml:0: \(file\): cannot read"):
+        await watcher.start()
+
+
+async def test_no_path_is_the_default_policy() -> None:
+    watcher = reload.PolicyWatcher(None, on_change=Recorder())
+    await watcher.start()
+    assert watcher.current == types.Policy()
+    assert await watcher.poll() is False
+    await watcher.stop()
+
+
+async def test_stop_leaves_no_task(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    watcher = reload.PolicyWatcher(path, on_change=Recorder(), interval=0.01)
+    await watcher.start()
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"policy-watcher:{path}"]
+    await watcher.stop()
+    assert task.done() and task.cancelled()
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("policy-watcher")]
+    await watcher.stop()  # idempotent
