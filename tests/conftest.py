@@ -68,3 +68,19 @@ async def start_plane() -> AsyncIterator[Callable[..., Awaitable[app.ControlPlan
     yield start
     for plane in planes:
         await plane.stop()
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running (an unstopped source, stream or server)."""
+    yield
+    current = asyncio.current_task()
+
+    def leftovers() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+
+    deadline = time.monotonic() + 2.0
+    while leftovers() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    leaked = leftovers()
+    assert not leaked, f"test leaked asyncio tasks: {[t.get_name() for t in leaked]}"

@@ -182,32 +182,49 @@ async def test_first_request_without_node_is_rejected(start_plane: Any, endpoint
         assert "node" in (err.value.details() or "")
 
 
-async def test_slow_proxy_gets_latest_state_not_a_backlog(start_plane: Any, tmp_path: Path) -> None:
-    path = write_yaml(tmp_path / "big.yaml", _big(0))
-    plane = await start_plane(endpoint_files=(path,))
+async def test_make_before_break_order(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(types.CLUSTER)
+        cds = await c.recv()
+        await c.ack(cds)
+        await c.request(types.LISTENER)
+        lds = await c.recv()
+        await c.ack(lds)
+        await c.request(types.ROUTE, ["outbound|http|default"])
+        rds = await c.recv()
+        await c.ack(rds)
+
+        # A new service: its cluster arrives before the route that names it.
+        doc = _doc()
+        doc["services"].append(cluster_doc("c1", "r1", {"mockd": [{"zone": "z1", "port": 9003}]})["services"][0])
+        write_yaml(endpoints, doc)
+        first, second = await c.recv(), await c.recv()
+        assert [first.type_url, second.type_url] == [types.CLUSTER, types.ROUTE]
+        assert "outbound|8000||mockd.default.svc.cluster.local" in ads_client.resource_names(first)
+        await c.ack(first)
+        await c.ack(second)
+
+        # mockd goes away: routes stop naming it before its cluster is removed.
+        write_yaml(endpoints, _doc())
+        first, second = await c.recv(), await c.recv()
+        assert [first.type_url, second.type_url] == [types.ROUTE, types.CLUSTER]
+        assert sorted(ads_client.resource_names(second)) == [MOCKB, MOCKC]
+
+
+async def test_a_burst_of_changes_is_one_push(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,), debounce=0.2, max_delay=1.0)
+    assert plane.push is not None
+    before = plane.push.pushes
     async with _client(plane) as c:
         await c.request(types.ENDPOINT, [MOCKB])
         await c.ack(await c.recv())
-        # The client stops reading; 30 changes arrive, big enough to fill gRPC's window.
-        for generation in range(1, 31):
-            write_yaml(path, _big(generation))
-            await wait_for(lambda g=generation: _weight_of(plane) == g + 1, what=f"generation {generation} built")
-        received = []
-        while True:
-            try:
-                received.append(await c.recv(timeout=0.5))
-            except TimeoutError:
-                break
-        assert len(received) < 30, "every intermediate state was queued"
-        [last] = _cla(received[-1])
-        assert last.endpoints[0].lb_endpoints[0].load_balancing_weight.value == 31
-
-
-def _big(generation: int) -> dict[str, Any]:
-    eps = [{"zone": "z1", "port": 10000 + i, "weight": generation + 1} for i in range(3000)]
-    return cluster_doc("c1", "r1", {"mockb": eps})
-
-
-def _weight_of(plane: app.ControlPlane) -> int:
-    svc = plane.catalog.services.get("default/mockb")  # type: ignore[call-overload]
-    return svc.endpoints[0].weight if svc else 0
+        for extra in range(1, 6):  # five edits within the debounce window
+            write_yaml(endpoints, _doc(extra_mockb=extra))
+            await wait_for(lambda e=extra: len(plane.catalog.services["default/mockb"].endpoints) == e + 1,  # type: ignore[index]
+                           what=f"edit {extra} seen")
+        update = await c.recv()
+        [cla] = _cla(update)
+        assert sum(len(g.lb_endpoints) for g in cla.endpoints) == 6
+        await c.expect_nothing(0.4)
+    assert plane.push.pushes - before == 1

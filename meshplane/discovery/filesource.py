@@ -43,13 +43,16 @@ from meshplane.discovery import model
 log = structlog.get_logger(__name__)
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class EndpointFileError(ValueError):
     """A broken endpoint file: the message names the file and the field."""
 
 
 def parse(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"{mark.line + 1}" if mark is not None else "0"

@@ -139,19 +139,21 @@ class AdsServer:
         stream = Stream(next(self._ids), context.peer())
         self.streams[stream.id] = stream
         reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
+        waiter: asyncio.Task[bool] | None = None
         try:
             while not reader.done():
-                waiter = asyncio.create_task(stream.wake.wait())
+                waiter = asyncio.create_task(stream.wake.wait(), name=f"ads-wake-{stream.id}")
                 done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter not in done:
-                    waiter.cancel()
                     break
                 stream.wake.clear()
                 for message in self._compose(stream):
                     await context.write(message)
             reader.result()  # surface a protocol error from the reader
         finally:
-            reader.cancel()
+            for task in (reader, waiter):
+                if task is not None:
+                    task.cancel()
             self.streams.pop(stream.id, None)
             if stream.view is not None:
                 self._cache.release(stream.view.key)

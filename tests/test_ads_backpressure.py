@@ -1,0 +1,89 @@
+"""Latest wins: a proxy that reads slowly gets the newest state, not a backlog (in-memory streams)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from meshplane.discovery import catalog as catalog_mod
+from meshplane.discovery import model
+from meshplane.policy import types as policy_types
+from meshplane.xds import client as ads_client
+from meshplane.xds import metrics, push, server, types, views
+from tests.conftest import wait_for
+
+MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
+
+
+class SlowProxy:
+    """A fake ServicerContext whose writes wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        self.written: list[discovery_pb2.DiscoveryResponse] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+
+    def peer(self) -> str:
+        return "in-memory"
+
+    async def write(self, message: bytes) -> None:
+        await self.gate.wait()
+        self.written.append(discovery_pb2.DiscoveryResponse.FromString(message))
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise AssertionError(f"aborted: {details}")
+
+    async def request_stream(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        while (req := await self.requests.get()) is not None:
+            yield req
+
+
+def _cluster(weight: int) -> dict[model.ServiceKey, model.ServiceInCluster]:
+    endpoint = model.Endpoint(
+        address="10.0.0.1", ports=(("http", 8080),), locality=model.Locality("r1", "z1", "c1"), weight=weight
+    )
+    svc = model.ServiceInCluster(
+        name="mockb", namespace="default", ports=(model.ServicePort("http", 8000),), endpoints=(endpoint,)
+    )
+    return {svc.key: svc}
+
+
+async def test_slow_stream_gets_latest_state_merged() -> None:
+    catalog = catalog_mod.Catalog()
+    catalog.apply(model.ClusterId("c1"), _cluster(1), seen_at=0.0)
+    cache = views.ViewCache(services=catalog.services, policy=policy_types.Policy())
+    m = metrics.Metrics()
+    ads = server.AdsServer(cache, callbacks=m)
+    loop = push.PushLoop(cache=cache, server=ads, services=lambda: catalog.services, metrics=m)
+    catalog.subscribe(loop.on_catalog_change)
+
+    proxy = SlowProxy()
+    serving = asyncio.create_task(ads._serve(proxy.request_stream(), proxy))  # type: ignore[arg-type]
+    req = discovery_pb2.DiscoveryRequest(type_url=types.ENDPOINT, resource_names=[MOCKB])
+    req.node.CopyFrom(ads_client.node("slow", region="r1", zone="z1", cluster="c1"))
+    await proxy.requests.put(req)
+    await wait_for(lambda: len(proxy.written) == 1, what="the first response")
+
+    proxy.gate.clear()  # the proxy stops reading
+    for weight in range(2, 32):  # thirty changes, each built and pushed
+        catalog.apply(model.ClusterId("c1"), _cluster(weight), seen_at=0.0)
+        loop.flush()
+        await asyncio.sleep(0)  # let the stream's writer run between changes
+    proxy.gate.set()
+    await wait_for(lambda: _weight(proxy.written[-1]) == 31, what="the newest state delivered")
+    # At most: the response blocked when the proxy stopped reading, plus the newest one.
+    assert len(proxy.written) <= 3, [_weight(r) for r in proxy.written]
+
+    await proxy.requests.put(None)
+    await serving
+
+
+def _weight(response: discovery_pb2.DiscoveryResponse) -> int:
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    response.resources[0].Unpack(cla)
+    return int(cla.endpoints[0].lb_endpoints[0].load_balancing_weight.value)
