@@ -163,6 +163,7 @@ class _Builder:
         line = node.start_mark.line + 1
         key = self.build(node, loc) if isinstance(node, yaml.ScalarNode) else None
         if not isinstance(key, str):
-            shown = repr(key) if isinstance(node, yaml.ScalarNode) else f"a {type(node).__name__.removesuffix('Node').lower()}"
+            kind = type(node).__name__.removesuffix("Node").lower()
+            shown = repr(key) if isinstance(node, yaml.ScalarNode) else f"a {kind}"
             raise YamlError(line, loc, f"keys must be strings, got {shown}")
         return key, line
