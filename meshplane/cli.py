@@ -17,7 +17,8 @@ from meshplane import app
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshplane", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="default: info (warning for the demo, whose screen is the traffic)")
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--script", help="commands to run instead of reading the keyboard, ';'-separated")
 
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level, args.log_format)
+    _configure_logging(args.log_level or ("warning" if args.command == "demo" else "info"), args.log_format)
     if args.command == "validate":
         return _validate(args.policy)
     if args.command == "serve":
