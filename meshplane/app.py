@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import structlog
 from prometheus_client import exposition
 
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import filesource, model
+from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import locality as locality_mod
 from meshplane.policy import reload
 from meshplane.policy import types as policy_types
@@ -42,7 +44,14 @@ class Config:
     max_delay: float = 0.1
     poll_interval: float = 0.1
     identifier: str = "meshplane"
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Kubernetes clusters (docs/kubernetes.md)
+    local_cluster: str | None = None  # ID[=KUBECONFIG[#CONTEXT]]: also where remote secrets live
+    kubeconfigs: tuple[str, ...] = ()  # [ID=]PATH[#CONTEXT]
+    kubeconfig_dirs: tuple[Path, ...] = ()
+    remote_secrets_namespace: str | None = None
+    kube: kubesource.KubeOptions = field(default_factory=kubesource.KubeOptions)
+    sync_timeout: float = 30.0
+    kubeconfig_dir_interval: float = 1.0
 
 
 class ControlPlane:
@@ -54,6 +63,13 @@ class ControlPlane:
         self.policy_watcher = reload.PolicyWatcher(
             config.policy_file, on_change=self._on_policy, interval=config.poll_interval
         )
+        self.clusters = clusters.ClusterRegistry(self.catalog, self._kube_source, sync_timeout=config.sync_timeout)
+        self.kubeconfig_dirs = [
+            clusters.KubeconfigDir(d, self.clusters, interval=config.kubeconfig_dir_interval)
+            for d in config.kubeconfig_dirs
+        ]
+        self.remote_secrets: remotesecrets.RemoteSecrets | None = None
+        self._started_at = 0.0
         self.cache: views.ViewCache | None = None
         self.ads: server.AdsServer | None = None
         self.push: push.PushLoop | None = None
@@ -75,6 +91,8 @@ class ControlPlane:
         )
         self.catalog.subscribe(self.push.on_catalog_change)
         self.push.start()
+        self._started_at = time.monotonic()
+        await self._start_kubernetes()
         self._grpc = grpc.aio.server(
             options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
         )
@@ -89,7 +107,47 @@ class ControlPlane:
         log.info("control plane serving", ads=f"{self.config.ads_host}:{self.ads_port}",
                  http=f"{self.config.http_host}:{self.http_port}", services=len(self.catalog.services))
 
+    async def _start_kubernetes(self) -> None:
+        """Clusters from the command line first (errors stop start-up), then the run-time origins."""
+        specs = [clusters.spec_from_file(arg) for arg in self.config.kubeconfigs]
+        local = self._local_spec()
+        if local is not None:
+            specs.insert(0, local)
+        await self.clusters.set_origin("command line", {s.id: s for s in specs})
+        for directory in self.kubeconfig_dirs:
+            await directory.start()
+        if self.config.remote_secrets_namespace:
+            if local is None:
+                raise ValueError("--remote-secrets needs --local-cluster: the Secrets are read from the local cluster")
+            self.remote_secrets = remotesecrets.RemoteSecrets(
+                api_client=self._client(local), namespace=self.config.remote_secrets_namespace, registry=self.clusters,
+                options=self.config.kube.reflector_options(),
+            )
+            await self.remote_secrets.start()
+
+    def _local_spec(self) -> clusters.ClusterSpec | None:
+        if not self.config.local_cluster:
+            return None
+        cluster, _, where = self.config.local_cluster.partition("=")
+        if where:
+            spec = clusters.spec_from_file(f"{cluster}={where}")
+            return clusters.ClusterSpec(id=spec.id, kubeconfig=spec.kubeconfig, context=spec.context, origin="local")
+        return clusters.ClusterSpec(id=model.ClusterId(cluster), kubeconfig=None, origin="local")
+
+    def _client(self, spec: clusters.ClusterSpec) -> Any:
+        if spec.kubeconfig is None:
+            return kube.local_client(in_cluster=bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
+        return kube.client_from_kubeconfig(spec.kubeconfig, context=spec.context)
+
+    def _kube_source(self, spec: clusters.ClusterSpec) -> clusters.Source:
+        return _OwnedSource(kubesource.KubeSource(spec.id, self._client(spec), options=self.config.kube))
+
     async def stop(self) -> None:
+        if self.remote_secrets is not None:
+            await self.remote_secrets.stop()
+        for directory in self.kubeconfig_dirs:
+            await directory.stop()
+        await self.clusters.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
             self._grpc = None
@@ -116,7 +174,11 @@ class ControlPlane:
             self.push.on_policy(policy, seen_at)
 
     def ready(self) -> bool:
-        return self._grpc is not None and self.catalog.ready()
+        if self._grpc is None or not self.clusters.ready():
+            return False
+        secrets = self.remote_secrets
+        waited = time.monotonic() - self._started_at >= self.config.sync_timeout
+        return secrets is None or secrets.synced.is_set() or waited
 
     # HTTP: metrics, readiness, debug
 
@@ -181,12 +243,44 @@ class ControlPlane:
         })
 
     def _cluster_status(self) -> dict[str, Any]:
-        return {c: {"synced": s.synced, "stale": s.stale, "error": s.error} for c, s in self.catalog.status().items()}
+        status: dict[str, Any] = {
+            c: {"synced": s.synced, "stale": s.stale, "error": s.error} for c, s in self.catalog.status().items()
+        }
+        for cluster, kube_status in self.clusters.status().items():
+            status[cluster] = kube_status
+        return status
 
     def _refresh_gauges(self) -> None:
         for cluster, status in self.catalog.status().items():
             self.metrics.cluster_synced.labels(cluster).set(1 if status.synced else 0)
             self.metrics.cluster_stale.labels(cluster).set(1 if status.stale else 0)
+
+
+class _OwnedSource:
+    """A Kubernetes source that owns its API client (closed with the source)."""
+
+    def __init__(self, source: kubesource.KubeSource) -> None:
+        self._source = source
+
+    @property
+    def synced(self) -> bool:
+        return self._source.synced
+
+    @property
+    def stale(self) -> bool:
+        return self._source.stale
+
+    @property
+    def error(self) -> str:
+        return self._source.error
+
+    async def start(self, catalog: catalog_mod.Catalog) -> None:
+        await self._source.start(catalog)
+
+    async def stop(self) -> None:
+        await self._source.stop()
+        client: Any = self._source.api_client
+        client.close()
 
 
 def _json(value: Any) -> bytes:

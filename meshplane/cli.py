@@ -33,6 +33,23 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds of quiet before a burst of changes is pushed")
     serve.add_argument("--max-delay", type=float, default=0.1,
                        help="longest a change waits for a burst to end")
+    kube = serve.add_argument_group("Kubernetes clusters (docs/kubernetes.md)")
+    kube.add_argument("--local-cluster", metavar="ID[=KUBECONFIG[#CONTEXT]]",
+                      help="the cluster meshplane runs in (service account in a pod, else the current context)")
+    kube.add_argument("--kubeconfig", action="append", default=[], metavar="[ID=]PATH[#CONTEXT]",
+                      help="a cluster to discover (repeatable); the id defaults to the context name")
+    kube.add_argument("--kubeconfig-dir", type=Path, action="append", default=[], metavar="DIR",
+                      help="one kubeconfig per file, cluster id = file name; files may come and go")
+    kube.add_argument("--remote-secrets", metavar="NAMESPACE",
+                      help='discover clusters from Secrets labelled meshplane.io/multicluster="true" there')
+    kube.add_argument("--sync-timeout", type=float, default=30.0,
+                      help="seconds a cluster may take to list before readiness goes on without it")
+    kube.add_argument("--stale-ttl", type=float, default=None,
+                      help="drop an unreachable cluster's endpoints after this many seconds (default: keep)")
+    kube.add_argument("--default-region", default="",
+                      help="region of endpoints whose node has no topology.kubernetes.io/region label")
+    kube.add_argument("--no-pod-labels", action="store_true",
+                      help="do not watch pods (endpoints then carry no labels)")
 
     val = sub.add_parser("validate", help="check a policy file; prints file:line: field: reason")
     val.add_argument("policy", type=Path)
@@ -80,15 +97,23 @@ async def _serve(args: argparse.Namespace) -> int:
 
     ads_host, ads_port = _split(args.ads)
     http_host, http_port = _split(args.http)
+    from meshplane.discovery import kubesource
+
     config = app.Config(
         endpoint_files=tuple(args.endpoints), policy_file=args.policy,
         ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
         debounce=args.debounce, max_delay=args.max_delay,
+        local_cluster=args.local_cluster, kubeconfigs=tuple(args.kubeconfig),
+        kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
+        sync_timeout=args.sync_timeout,
+        kube=kubesource.KubeOptions(
+            default_region=args.default_region, watch_pods=not args.no_pod_labels, stale_ttl=args.stale_ttl
+        ),
     )
     plane = app.ControlPlane(config)
     try:
         await plane.start()
-    except (validate.PolicyError, filesource.EndpointFileError, OSError) as exc:
+    except (validate.PolicyError, filesource.EndpointFileError, OSError, ValueError) as exc:
         print(f"meshplane: {exc}", file=sys.stderr)
         await plane.stop()
         return 1

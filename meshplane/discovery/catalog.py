@@ -64,6 +64,10 @@ class Catalog:
     def ready(self) -> bool:
         return all(s.synced for s in self._clusters.values())
 
+    def expect(self, cluster: model.ClusterId) -> None:
+        """Know of a cluster before its source has listed (status shows it unsynced)."""
+        self._clusters.setdefault(cluster, ClusterStatus())
+
     def apply(
         self,
         cluster: model.ClusterId,

@@ -1,0 +1,451 @@
+"""KubeSource end to end: the real `kubernetes` client against the wire-protocol fake API server.
+
+Each test breaks the API server in one way and checks what the catalog saw, change by change:
+the invariant under test is "never push emptiness out of ignorance".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any
+
+import kubernetes
+import pytest
+import structlog
+
+from meshplane.discovery import catalog as catalog_mod
+from meshplane.discovery import kube, kubemodel, kubesource, model
+from tests.conftest import wait_for
+from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, pod, service
+
+C1 = model.ClusterId("c1")
+WEB, API = model.service_key("shop", "web"), model.service_key("shop", "api")
+FAST = {"watch_timeout": 5.0, "backoff_initial": 0.05, "backoff_max": 0.2, "request_timeout": 2.0,
+        "default_region": "eu"}
+HTTP = [{"name": "http", "port": 80}]
+
+StartSource = Callable[..., Awaitable[kubesource.KubeSource]]
+
+
+class Recorder:
+    """Every Change the catalog publishes, with the snapshot right after it."""
+
+    def __init__(self, catalog: catalog_mod.Catalog) -> None:
+        self.catalog = catalog
+        self.seen: list[tuple[catalog_mod.Change, Mapping[model.ServiceKey, model.Service]]] = []
+        catalog.subscribe(self)
+
+    def __call__(self, change: catalog_mod.Change) -> None:
+        self.seen.append((change, self.catalog.services))
+
+    def since(self, n: int) -> list[tuple[catalog_mod.Change, Mapping[model.ServiceKey, model.Service]]]:
+        return self.seen[n:]
+
+
+def addresses(catalog: catalog_mod.Catalog, key: model.ServiceKey) -> dict[str, model.Health] | None:
+    svc = catalog.services.get(key)
+    return None if svc is None else {e.address: e.health for e in svc.endpoints}
+
+
+def web_slice(*eps: dict[str, Any], name: str = "web-a") -> dict[str, Any]:
+    return endpoint_slice(name, "shop", "web", list(eps), ports=[{"name": "http", "port": 8080}])
+
+
+def populate(fake: FakeKubeAPI) -> None:
+    fake.put("nodes", node("n1", "eu", "eu-a"))
+    fake.put("nodes", node("n2", "us", "us-b"))
+    fake.put("pods", pod("web-1", "shop", {"app": "web", "version": "v1"}))
+    fake.put("pods", pod("web-2", "shop", {"app": "web", "version": "v2"}))
+    fake.put("services", service("web", "shop", ports=HTTP))
+    fake.put("services", service("api", "shop", ports=[{"name": "grpc", "port": 9090}]))
+    fake.put("endpointslices", web_slice(
+        endpoint("10.0.0.1", node_name="n1", pod="web-1", ns="shop"),
+        endpoint("10.0.0.2", node_name="n2", pod="web-2", ns="shop"),
+    ))
+    fake.put("endpointslices", web_slice(endpoint("10.0.0.3", node_name="n-unknown", zone="eu-c"), name="web-b"))
+    fake.put("endpointslices", endpoint_slice("api-a", "shop", "api", [endpoint("10.0.1.1", node_name="n1")],
+                                              ports=[{"name": "grpc", "port": 9091}]))
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI("c1") as api:
+        yield api
+
+
+@pytest.fixture
+async def start_source(fake: FakeKubeAPI) -> AsyncIterator[StartSource]:
+    started: list[tuple[kubesource.KubeSource, Any]] = []
+
+    async def start(catalog: catalog_mod.Catalog, **options: Any) -> kubesource.KubeSource:
+        api = kubernetes.config.new_client_from_config_dict(fake.kubeconfig(cluster="c1"))
+        source = kubesource.KubeSource(C1, api, options=kubesource.KubeOptions(**{**FAST, **options}))
+        await source.start(catalog)
+        started.append((source, api))
+        return source
+
+    yield start
+    for source, api in started:
+        began = time.monotonic()
+        await source.stop()
+        assert time.monotonic() - began < 1.0, "stop() must be prompt"
+        api.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("kube:")], "reflector threads left"
+
+
+async def synced(start_source: StartSource, catalog: catalog_mod.Catalog, **options: Any) -> kubesource.KubeSource:
+    source = await start_source(catalog, **options)
+    assert await source.wait_synced(10), "no first sync"
+    return source
+
+
+async def test_initial_sync_gives_service_values_with_localities_from_nodes(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    recorder = Recorder(catalog)
+    source = await synced(start_source, catalog)
+    assert source.synced and catalog.ready() and not source.stale
+    assert len(recorder.seen) == 1 and recorder.seen[0][0].services == {WEB, API}  # one apply, everything in it
+    web = catalog.services[WEB]
+    assert web.ports == (model.ServicePort("http", 80, model.Protocol.HTTP),)
+    assert web.clusters == (C1,)
+    assert sorted(web.endpoints, key=lambda e: e.address) == [
+        model.Endpoint("10.0.0.1", (("http", 8080),), model.Locality("eu", "eu-a", "c1"),
+                       (("app", "web"), ("version", "v1"))),
+        model.Endpoint("10.0.0.2", (("http", 8080),), model.Locality("us", "us-b", "c1"),
+                       (("app", "web"), ("version", "v2"))),
+        # node unknown: the slice's zone, the configured default region
+        model.Endpoint("10.0.0.3", (("http", 8080),), model.Locality("eu", "eu-c", "c1")),
+    ]
+    api = catalog.services[API]
+    assert api.ports == (model.ServicePort("grpc", 9090, model.Protocol.GRPC),)
+    assert [(e.address, e.ports, e.locality) for e in api.endpoints] == [
+        ("10.0.1.1", (("grpc", 9091),), model.Locality("eu", "eu-a", "c1"))
+    ]
+
+
+async def test_health_and_node_changes_reach_the_catalog(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    recorder = Recorder(catalog)
+    await synced(start_source, catalog)
+    fake.put("endpointslices", web_slice(
+        endpoint("10.0.0.1", node_name="n1", pod="web-1", ns="shop", ready=False),
+        endpoint("10.0.0.2", node_name="n2", pod="web-2", ns="shop", ready=False, serving=True, terminating=True),
+    ))
+    await wait_for(lambda: addresses(catalog, WEB) == {"10.0.0.1": model.Health.UNHEALTHY,
+                                                       "10.0.0.2": model.Health.DRAINING,
+                                                       "10.0.0.3": model.Health.HEALTHY}, what="health change")
+    assert recorder.seen[-1][0].services == {WEB}  # only the service that changed
+    fake.put("nodes", node("n1", "eu", "eu-z"))  # relabelled: web and api have endpoints there
+    await wait_for(lambda: catalog.services[API].endpoints[0].locality.zone == "eu-z", what="node relabel")
+    assert recorder.seen[-1][0].services == {WEB, API}
+    n = len(recorder.seen)
+    fake.put("pods", {**pod("web-1", "shop", {"app": "web", "version": "v1"}), "status": {"phase": "Succeeded"}})
+    fake.put("pods", pod("web-2", "shop", {"app": "web", "version": "v3"}))
+    v3 = (("app", "web"), ("version", "v3"))
+    await wait_for(lambda: any(e.labels == v3 for e in catalog.services[WEB].endpoints), what="pod relabel")
+    assert len(recorder.seen) == n + 1  # the pod's status change was no change to us
+
+
+async def test_watch_410_relists_and_applies_only_real_changes(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    fake.put("services", service("steady", "shop", ports=HTTP))
+    fake.put("endpointslices", endpoint_slice("steady-a", "shop", "steady", [endpoint("10.0.2.1")],
+                                              ports=[{"name": "http", "port": 8080}]))
+    catalog = catalog_mod.Catalog([C1])
+    recorder = Recorder(catalog)
+    await synced(start_source, catalog, page_size=1)  # a re-list in many pages
+    await wait_for(lambda: fake.open_watches() == 4, what="four watches open")
+    lists_before = sum(1 for r in fake.requests if not r.watch)
+    before = len(recorder.seen)
+    # While the server holds everything back, the watches drop, things change, and history is compacted:
+    # the re-watch from the old resourceVersion gets 410 Gone and the reflectors must list again.
+    fake.stall(True)
+    fake.drop_watches()
+    fake.put("endpointslices", web_slice(endpoint("10.0.0.1", node_name="n1", pod="web-1", ns="shop", ready=False),
+                                         endpoint("10.0.0.2", node_name="n2", pod="web-2", ns="shop")))
+    fake.delete("endpointslices", "shop", "api-a")
+    fake.put("services", service("new", "shop", ports=HTTP))
+    fake.put("endpointslices", endpoint_slice("new-a", "shop", "new", [endpoint("10.0.3.1")],
+                                              ports=[{"name": "http", "port": 8080}]))
+    fake.put("services", service("steady", "shop", ports=HTTP))  # stored again, unchanged: no real change
+    fake.expire()
+    fake.stall(False)
+    new = model.service_key("shop", "new")
+    await wait_for(lambda: addresses(catalog, new) == {"10.0.3.1": model.Health.HEALTHY}
+                   and addresses(catalog, API) == {}
+                   and addresses(catalog, WEB) == {"10.0.0.1": model.Health.UNHEALTHY,
+                                                   "10.0.0.2": model.Health.HEALTHY,
+                                                   "10.0.0.3": model.Health.HEALTHY}, what="converged after 410")
+    assert sum(1 for r in fake.requests if not r.watch) >= lists_before + 4, "every reflector listed again"
+    changes = recorder.since(before)
+    steady = model.service_key("shop", "steady")
+    assert all(steady not in change.services for change, _ in changes), "an unchanged service was re-published"
+    for change, snapshot in changes:
+        assert change.services, "a change with nothing in it"
+        # web and steady have endpoints all along: never empty, never gone, in any published snapshot
+        assert len(snapshot[WEB].endpoints) == 3 and len(snapshot[steady].endpoints) == 1
+    assert {k for change, _ in changes for k in change.services} == {WEB, API, new}
+
+
+async def test_dropped_watches_rewatch_from_last_version_and_converge(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    source = await synced(start_source, catalog)
+    await wait_for(lambda: fake.open_watches() == 4, what="four watches open")
+    lists_before = sum(1 for r in fake.requests if not r.watch)
+    for round_ in range(3):
+        fake.drop_watches()
+        fake.put("endpointslices", web_slice(endpoint(f"10.0.9.{round_}", node_name="n1")))
+        await wait_for(lambda r=round_: f"10.0.9.{r}" in (addresses(catalog, WEB) or {}), what="change after drop")
+    assert sum(1 for r in fake.requests if not r.watch) == lists_before, "a dropped watch is re-opened, not re-listed"
+    rewatches = [r for r in fake.requests if r.watch and r.path.endswith("/endpointslices")]
+    assert all(r.query.get("resourceVersion") not in (None, "", "0") for r in rewatches)
+    assert not source.stale
+
+
+async def test_bookmarks_advance_the_watch(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    await synced(start_source, catalog, watch_timeout=1.0)
+    await wait_for(lambda: fake.open_watches() == 4, what="four watches open")
+    fake.put("namespaces", {"metadata": {"name": "elsewhere"}})  # moves the resourceVersion, no event for us
+    fake.send_bookmarks()
+    current = fake.resource_version
+    # the watch ends after its timeoutSeconds and is re-opened from the newest version it saw: the bookmark's
+    await wait_for(lambda: any(r.watch and r.path.endswith("/services") and r.query.get("resourceVersion") == current
+                               for r in fake.requests), what="re-watch from the bookmark's version")
+
+
+async def test_unreachable_marks_stale_keeps_endpoints_and_recovers_without_gap(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    recorder = Recorder(catalog)
+    source = await synced(start_source, catalog, page_size=1)
+    before = len(recorder.seen)
+    known = dict(catalog.services)
+    with structlog.testing.capture_logs() as logs:
+        fake.set_unreachable(True)
+        await wait_for(lambda: source.stale and catalog.status()[C1].stale, what="stale")
+        assert source.error and catalog.status()[C1].error == source.error
+        assert catalog.services == known and catalog.ready(), "endpoints kept, readiness kept"
+        fake.put("endpointslices", web_slice(endpoint("10.0.0.1", node_name="n1", pod="web-1", ns="shop"),
+                                             endpoint("10.0.0.5", node_name="n2")))  # changed while we are away
+        await wait_for(lambda: sum(1 for e in logs if e["event"] == "kubernetes API request failed") >= 3,
+                       what="retries")
+        fake.set_unreachable(False)
+        await wait_for(lambda: not source.stale and not catalog.status()[C1].stale, what="recovered")
+        await wait_for(lambda: set(addresses(catalog, WEB) or ()) == {"10.0.0.1", "10.0.0.5", "10.0.0.3"},
+                       what="converged")
+    failures = [e for e in logs if e["event"] == "kubernetes API request failed"]
+    assert all(e["cluster"] == "c1" for e in failures)
+    assert recorder.since(before), "the change made during the outage arrived"
+    for change, snapshot in recorder.since(before):
+        assert WEB in change.services and snapshot[WEB].endpoints and snapshot[API].endpoints  # no gap
+
+
+async def test_stale_ttl_drops_endpoints_and_recovery_restores_them(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    source = await synced(start_source, catalog, stale_ttl=0.3)
+    with structlog.testing.capture_logs() as logs:
+        fake.set_unreachable(True)
+        await wait_for(lambda: not catalog.services, what="stale endpoints dropped after the ttl")
+    assert source.stale
+    assert [e for e in logs if "stale_ttl" in e["event"]], "the drop is logged"
+    fake.set_unreachable(False)
+    await wait_for(lambda: set(catalog.services) == {WEB, API} and not source.stale, what="restored")
+
+
+async def test_stalled_server_is_detected(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    source = await synced(start_source, catalog, watch_timeout=1.0, request_timeout=1.0)
+    fake.stall(True)  # requests hang, open watches go silent
+    began = time.monotonic()
+    await wait_for(lambda: source.stale, timeout=8, what="a stalled server noticed")
+    assert time.monotonic() - began < 5  # within watch timeout + read timeout (+ one timed-out request)
+    assert "timed out" in source.error
+    assert set(catalog.services) == {WEB, API}
+    fake.stall(False)
+    await wait_for(lambda: not source.stale and not catalog.status()[C1].stale, timeout=8, what="recovered")
+
+
+async def test_nothing_applied_before_the_first_list(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    fake.set_unreachable(True)
+    catalog = catalog_mod.Catalog([C1])
+    recorder = Recorder(catalog)
+    source = await start_source(catalog)
+    await wait_for(lambda: source.stale, what="unreachable from the start")
+    assert not await source.wait_synced(0.3)
+    assert not source.synced and not catalog.ready() and recorder.seen == [] and catalog.services == {}
+    fake.set_unreachable(False)
+    assert await source.wait_synced(10)
+    assert set(catalog.services) == {WEB, API} and catalog.ready() and not catalog.status()[C1].stale
+
+
+async def test_pagination_with_a_thousand_services(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    fake.put("nodes", node("n1", "eu", "eu-a"))
+    for i in range(1000):
+        fake.put("services", service(f"s{i}", "big", ports=HTTP))
+        fake.put("endpointslices", endpoint_slice(f"s{i}-a", "big", f"s{i}", [endpoint(f"10.1.{i // 250}.{i % 250}",
+                                                                                       node_name="n1")],
+                                                  ports=[{"name": "http", "port": 8080}]))
+    catalog = catalog_mod.Catalog([C1])
+    await synced(start_source, catalog, page_size=100, watch_pods=False)
+    assert len(catalog.services) == 1000
+    assert all(len(s.endpoints) == 1 for s in catalog.services.values())
+    pages = [r for r in fake.requests if r.path == "/api/v1/services" and not r.watch]
+    assert len(pages) == 10 and all(r.query["limit"] == "100" for r in pages)
+    assert "continue" not in pages[0].query and all(r.query.get("continue") for r in pages[1:])
+    assert not any(r.path == "/api/v1/pods" for r in fake.requests)  # watch_pods=False
+
+
+async def test_service_deleted_before_its_slices(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    recorder = Recorder(catalog)
+    await synced(start_source, catalog)
+    with structlog.testing.capture_logs() as logs:
+        fake.delete("services", "shop", "web")
+        await wait_for(lambda: WEB not in catalog.services, what="service dropped")
+        for i in range(3):  # the slices live on for a while, and change
+            fake.put("endpointslices", web_slice(endpoint(f"10.0.0.{i}", node_name="n1")))
+        n = len(recorder.seen)
+        fake.delete("endpointslices", "shop", "web-a")
+        fake.delete("endpointslices", "shop", "web-b")
+        fake.put("endpointslices", endpoint_slice("api-a", "shop", "api", [endpoint("10.0.1.2", node_name="n1")],
+                                                  ports=[{"name": "grpc", "port": 9091}]))
+        await wait_for(lambda: addresses(catalog, API) == {"10.0.1.2": model.Health.HEALTHY}, what="api still works")
+    assert [c.services for c, _ in recorder.seen[n:]] == [{API}]  # the orphan slices published nothing
+    orphans = [e for e in logs if e["event"].startswith("endpoint slices without their service")]
+    assert len(orphans) == 1 and orphans[0]["object"] == "Service shop/web"
+
+
+async def test_bad_data_is_skipped_and_logged_once_not_per_event(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    with structlog.testing.capture_logs() as logs:
+        await synced(start_source, catalog)
+        for i in range(3):  # three events about each broken object
+            fake.put("endpointslices", endpoint_slice("web-fqdn", "shop", "web", [endpoint(f"web{i}.example.com")],
+                                                      address_type="FQDN"))
+            fake.put("endpointslices", {**web_slice(name="web-broken"), "endpoints": f"not a list {i}"})
+            fake.put("nodes", {"metadata": {"name": "n3", "labels": {"tick": str(i)}}})  # no topology labels
+            fake.put("endpointslices", web_slice(endpoint("10.0.0.1", node_name="n1"), {"addresses": []},
+                                                 endpoint(f"10.0.7.{i}", node_name="n3")))
+        await wait_for(lambda: "10.0.7.2" in (addresses(catalog, WEB) or {}), what="the last good event")
+    problems = sorted((e["event"], e["object"]) for e in logs if e.get("log_level") == "warning"
+                      and e["event"] not in ("cluster stale, keeping last known endpoints",))
+    assert problems == [
+        ("FQDN endpoint slice skipped", "EndpointSlice shop/web-fqdn"),
+        ("node without topology labels", "Node n3"),
+        ("object could not be read, skipped", "EndpointSlice shop/web-broken"),
+        ("slice endpoint without addresses skipped", "EndpointSlice shop/web-a"),
+    ]
+    web = catalog.services[WEB]  # the good parts of the same objects still count
+    assert {e.address for e in web.endpoints} == {"10.0.0.1", "10.0.7.2", "10.0.0.3"}
+    assert next(e for e in web.endpoints if e.address == "10.0.7.2").locality == model.Locality("eu", "", "c1")
+
+
+async def test_namespaces_option_watches_only_those(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    fake.put("services", service("other", "elsewhere", ports=HTTP))
+    catalog = catalog_mod.Catalog([C1])
+    await synced(start_source, catalog, namespaces=("shop",))
+    assert set(catalog.services) == {WEB, API}
+    assert any(r.path == "/api/v1/namespaces/shop/services" for r in fake.requests)
+
+
+class _SilentWatchHandler(http.server.BaseHTTPRequestHandler):
+    """Lists answer (empty); a watch gets its headers and then nothing, ever: a server that hangs mid-stream."""
+
+    protocol_version = "HTTP/1.1"
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        if "watch=true" not in self.path:
+            body = b'{"kind":"ServiceList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[]}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self.release.wait(30)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.reachable: list[bool] = []
+        self.listed = 0
+
+    def on_change(self, *args: Any) -> None:
+        pass
+
+    def on_listed(self, *args: Any) -> None:
+        self.listed += 1
+
+    def on_reachable(self, reflector: Any, reachable: bool, error: str) -> None:
+        self.reachable.append(reachable)
+
+
+async def test_a_watch_gone_silent_is_detected_and_stop_is_prompt() -> None:
+    """The body read timeout (watch timeout + request timeout) catches a stream that stops mid-way."""
+    release = threading.Event()
+    handler = type("Handler", (_SilentWatchHandler,), {"release": release})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    serving.start()
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "x",
+              "clusters": [{"name": "x", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+              "users": [{"name": "x", "user": {"token": "t"}}],
+              "contexts": [{"name": "x", "context": {"cluster": "x", "user": "x"}}]}
+    api = kubernetes.config.new_client_from_config_dict(config)
+    client = kube.private_client(api)
+    owner = _Owner()
+    reflector: kube.Reflector[Any] = kube.Reflector(
+        api_client=client, resource="services", decode=kubemodel.service_record, owner=owner,
+        problems=kubemodel.Problems(), options=kube.ReflectorOptions(watch_timeout=1, request_timeout=0.5,
+                                                                    backoff_initial=0.05, backoff_max=0.1))
+    try:
+        reflector.start(asyncio.get_running_loop())
+        began = time.monotonic()
+        await wait_for(lambda: owner.reachable == [False], timeout=5, what="silent watch noticed")
+        assert 1.4 < time.monotonic() - began < 3  # not before the watch could have ended by itself
+        await wait_for(lambda: owner.reachable == [False, True] and owner.listed == 2, what="listed again")
+    finally:
+        began = time.monotonic()
+        reflector.stop()  # blocked in the silent watch again: shutting the socket wakes it
+        await reflector.join()
+        assert time.monotonic() - began < 0.5
+        release.set()
+        server.shutdown()
+        server.server_close()
+        serving.join()
+        client.close()
+        api.close()
