@@ -61,8 +61,8 @@ async def start_plane() -> AsyncIterator[Callable[..., Awaitable[app.ControlPlan
         kwargs.setdefault("http_port", 0)
         kwargs.setdefault("poll_interval", 0.02)
         plane = app.ControlPlane(app.Config(**kwargs))
+        planes.append(plane)  # stopped at teardown even if start() fails half way
         await plane.start()
-        planes.append(plane)
         return plane
 
     yield start

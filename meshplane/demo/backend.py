@@ -37,6 +37,7 @@ class Replica:
     # The outbound listener of the Envoy sidecar in this replica's zone, through which it
     # calls next_service (with Host: next_service).
     sidecar_port: int | None
+    host: str = "127.0.0.1"  # any loopback address: distinct "pod IPs" on one machine
 
     @property
     def name(self) -> str:
@@ -167,7 +168,7 @@ class ReplicaServer:
             return
         # reuse_address: restarting right after stop() must not fail on TIME_WAIT sockets.
         self._server = await asyncio.start_server(
-            self._serve_connection, "127.0.0.1", self.replica.port, reuse_address=True)
+            self._serve_connection, self.replica.host, self.replica.port, reuse_address=True)
 
     async def stop(self) -> None:
         """Close the listening socket and every open connection. Idempotent."""
