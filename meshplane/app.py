@@ -9,6 +9,7 @@ send, and why).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -70,6 +71,7 @@ class ControlPlane:
         ]
         self.remote_secrets: remotesecrets.RemoteSecrets | None = None
         self._started_at = 0.0
+        self._readiness: asyncio.Task[None] | None = None
         self.cache: views.ViewCache | None = None
         self.ads: server.AdsServer | None = None
         self.push: push.PushLoop | None = None
@@ -93,6 +95,7 @@ class ControlPlane:
         self.push.start()
         self._started_at = time.monotonic()
         await self._start_kubernetes()
+        self._readiness = asyncio.create_task(self._announce_ready(), name="readiness")
         self._grpc = grpc.aio.server(
             options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
         )
@@ -142,7 +145,18 @@ class ControlPlane:
     def _kube_source(self, spec: clusters.ClusterSpec) -> clusters.Source:
         return _OwnedSource(kubesource.KubeSource(spec.id, self._client(spec), options=self.config.kube))
 
+    async def _announce_ready(self) -> None:
+        """Say once, in the log, when the control plane is ready and how each cluster stands."""
+        while not self.ready():
+            await asyncio.sleep(0.1)
+        log.info("ready", clusters=self._cluster_status())
+
     async def stop(self) -> None:
+        if self._readiness is not None:
+            self._readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness
+            self._readiness = None
         if self.remote_secrets is not None:
             await self.remote_secrets.stop()
         for directory in self.kubeconfig_dirs:
