@@ -9,7 +9,6 @@ send, and why).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import grpc
 import structlog
 from prometheus_client import exposition
 
+from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import locality as locality_mod
@@ -152,11 +152,8 @@ class ControlPlane:
         log.info("ready", clusters=self._cluster_status())
 
     async def stop(self) -> None:
-        if self._readiness is not None:
-            self._readiness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness
-            self._readiness = None
+        await aio.cancel(self._readiness)
+        self._readiness = None
         if self.remote_secrets is not None:
             await self.remote_secrets.stop()
         for directory in self.kubeconfig_dirs:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import time
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 import structlog
 import yaml
 
+from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
 
@@ -218,11 +218,8 @@ class KubeconfigDir:
         self._task = asyncio.create_task(self._run(), name=f"kubeconfig-dir:{self.directory}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await aio.cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

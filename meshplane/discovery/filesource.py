@@ -26,7 +26,6 @@ Format::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import time
@@ -37,6 +36,7 @@ from typing import Any
 import structlog
 import yaml
 
+from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
 
@@ -190,11 +190,8 @@ class FileSource:
         self._task = asyncio.create_task(self._run(catalog), name=f"file-source:{self.path}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await aio.cancel(self._task)
+        self._task = None
 
     async def _run(self, catalog: catalog_mod.Catalog) -> None:
         while True:

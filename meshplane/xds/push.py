@@ -11,12 +11,12 @@ a thousand endpoint edits costs one rebuild per view, not a thousand.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 
 import structlog
 
+from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
 from meshplane.policy import types as policy_types
@@ -70,11 +70,8 @@ class PushLoop:
         self._task = asyncio.create_task(self._run(), name="push-loop")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await aio.cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
