@@ -46,7 +46,8 @@ def test_a_change_rebuilds_only_that_service_for_live_views() -> None:
     assert change is not None and change.services == {"default/mockb"}
     changed = cache.update(services=catalog.services, policy=cache.policy, changed=change.services, seen_at=1.0)
 
-    assert changed == {k: {types.ENDPOINT} for k in (_key("z1"), _key("z2"), _key("z1", 15002))}
+    # Only mockb's assignment changed, in every live view; nothing else is reported.
+    assert changed == {k: {types.ENDPOINT: {MOCKB}} for k in (_key("z1"), _key("z2"), _key("z1", 15002))}
     assert z1.resources[types.ENDPOINT][MOCKC] is before_z1[MOCKC]  # untouched service: not rebuilt
     assert z1.resources[types.ENDPOINT][MOCKB].version != before_z1[MOCKB].version
     assert z1.resources[types.ENDPOINT][MOCKB].seen_at == 1.0

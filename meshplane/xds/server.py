@@ -61,6 +61,9 @@ class Subscription:
     inflight: dict[str, float | None] = field(default_factory=dict)
     acked_version: str = ""
 
+    def wants(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
     def wanted(self, available: Mapping[str, resources.Resource]) -> dict[str, resources.Resource]:
         if self.wildcard:
             return dict(available)
@@ -76,7 +79,7 @@ class Stream:
         self.node: base_pb2.Node | None = None
         self.view: views.View | None = None
         self.subs: dict[str, Subscription] = {}
-        self.dirty: set[str] = set()
+        self.dirty: dict[str, set[str] | None] = {}  # type -> names to look at (None: all)
         self.wake = asyncio.Event()
         self._nonces = itertools.count(1)
 
@@ -84,8 +87,9 @@ class Stream:
     def node_id(self) -> str:
         return self.node.id if self.node is not None else ""
 
-    def mark(self, type_urls: set[str] | frozenset[str]) -> None:
-        self.dirty |= type_urls
+    def mark(self, changes: Mapping[str, set[str] | None]) -> None:
+        for type_url, names in changes.items():
+            _merge_dirty(self.dirty, type_url, names)
         self.wake.set()
 
     def next_nonce(self) -> str:
@@ -116,7 +120,7 @@ class AdsServer:
             },
         )
 
-    def notify(self, changed: Mapping[views.ViewKey, set[str]]) -> None:
+    def notify(self, changed: Mapping[views.ViewKey, views.Changes]) -> None:
         """Wake the streams whose view changed."""
         if not changed:
             return
@@ -133,7 +137,7 @@ class AdsServer:
             if key != stream.view.key:
                 self._cache.release(stream.view.key)
                 stream.view = self._cache.acquire(key)
-                stream.mark(set(types.PUSH_ORDER))
+                stream.mark(dict.fromkeys(types.PUSH_ORDER))
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         stream = Stream(next(self._ids), context.peer())
@@ -193,11 +197,11 @@ class AdsServer:
             # Reconnect: the proxy says which version it holds; if that is what
             # we would send, it has it all already.
             wanted = sub.wanted(stream.view.resources.get(type_url, {}))
-            if resources.type_version(wanted.values()) == req.version_info:
+            if req.version_info in (stream.view.version(type_url), resources.type_version(wanted.values())):
                 sub.sent = wanted
                 sub.answered = True
                 sub.acked_version = req.version_info
-        stream.mark({type_url})
+        stream.mark({type_url: None})
         return None
 
     def _on_reply(self, stream: Stream, sub: Subscription, req: discovery_pb2.DiscoveryRequest) -> None:
@@ -235,11 +239,13 @@ class AdsServer:
     # composing responses
 
     def _compose(self, stream: Stream) -> list[bytes]:
-        if stream.view is None:
+        """Responses that bring the stream up to its view now; only dirty names are looked at."""
+        view = stream.view
+        if view is None:
             return []
-        dirty, stream.dirty = stream.dirty, set()
+        dirty, stream.dirty = stream.dirty, {}
         out: list[bytes] = []
-        available = stream.view.resources
+        available = view.resources
         cds = stream.subs.get(types.CLUSTER)
         removed: dict[str, resources.Resource] = {}
         changed_clusters: set[str] = set()
@@ -248,42 +254,60 @@ class AdsServer:
             removed = {n: r for n, r in cds.sent.items() if n not in wanted}
             changed_clusters = {n for n, r in wanted.items() if n in cds.sent and cds.sent[n].version != r.version}
             # Make before break: keep removed clusters until routes stop naming them.
-            self._respond(stream, types.CLUSTER, cds, {**wanted, **removed}, out)
+            union = {**wanted, **removed}
+            self._respond(stream, view, types.CLUSTER, cds, union, out, whole=not removed)
         eds = stream.subs.get(types.ENDPOINT)
         if eds is not None and changed_clusters:
             # An updated cluster warms again and waits for its endpoints.
             for name in changed_clusters:
                 eds.sent.pop(name, None)
-            dirty.add(types.ENDPOINT)
+            _merge_dirty(dirty, types.ENDPOINT, changed_clusters)
         for type_url in (types.ENDPOINT, types.LISTENER, types.ROUTE):
             sub = stream.subs.get(type_url)
-            if sub is not None and type_url in dirty:
-                self._respond(stream, type_url, sub, sub.wanted(available.get(type_url, {})), out)
+            if sub is None or type_url not in dirty:
+                continue
+            have = available.get(type_url, {})
+            names = dirty[type_url]
+            if names is None or type_url in types.FULL_STATE:
+                candidates = sub.wanted(have)
+            else:  # only what changed (or was re-subscribed) can need sending: O(changes), not O(subscribed)
+                candidates = {n: have[n] for n in names if n in have and sub.wants(n)}
+            self._respond(stream, view, type_url, sub, candidates, out, whole=True)
         if removed and cds is not None:
             wanted = cds.wanted(available.get(types.CLUSTER, {}))
-            self._respond(stream, types.CLUSTER, cds, wanted, out)
+            self._respond(stream, view, types.CLUSTER, cds, wanted, out, whole=True)
         return out
 
     def _respond(
         self,
         stream: Stream,
+        view: views.View,
         type_url: str,
         sub: Subscription,
-        wanted: dict[str, resources.Resource],
+        candidates: dict[str, resources.Resource],
         out: list[bytes],
+        *,
+        whole: bool,
     ) -> None:
-        updates = {n: r for n, r in wanted.items() if (s := sub.sent.get(n)) is None or s.version != r.version}
+        """Send what of `candidates` the stream lacks (all of it for CDS/LDS, if anything differs).
+
+        `whole`: the candidates are the view's current state (not a transitional set), so the
+        view's cached version_info applies.
+        """
+        updates = {n: r for n, r in candidates.items() if (s := sub.sent.get(n)) is None or s.version != r.version}
         if type_url in types.FULL_STATE:
-            if not updates and wanted.keys() == sub.sent.keys() and sub.answered:
+            if not updates and candidates.keys() == sub.sent.keys() and sub.answered:
                 return
-            payload = wanted
+            payload = candidates
         else:
             if not updates:
                 return
             payload = updates
         seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in sub.sent]
         nonce = stream.next_nonce()
-        version_info = resources.type_version(wanted.values())
+        full_view = whole and (type_url not in types.FULL_STATE or sub.wildcard
+                               or len(candidates) == len(view.resources.get(type_url, {})))
+        version_info = view.version(type_url) if full_view else resources.type_version(candidates.values())
         message = resources.response(
             version_info=version_info,
             resources=payload.values(),
@@ -295,11 +319,22 @@ class AdsServer:
         sub.answered = True
         sub.inflight[nonce] = min(seen) if seen else None
         if type_url in types.FULL_STATE:
-            sub.sent = dict(wanted)
+            sub.sent = dict(candidates)
         else:
             sub.sent.update(payload)
         out.append(message)
         self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
+
+
+def _merge_dirty(dirty: dict[str, set[str] | None], type_url: str, names: set[str] | None) -> None:
+    """Record names to look at; None means "look at everything of this type"."""
+    if type_url in dirty and dirty[type_url] is None:
+        return
+    if names is None:
+        dirty[type_url] = None
+    else:
+        current = dirty.get(type_url)
+        dirty[type_url] = names if current is None else current | names
 
 
 def _resubscribe(sub: Subscription, names: Any, *, first: bool) -> None:

@@ -41,6 +41,18 @@ class View:
     key: ViewKey
     resources: dict[str, Resources] = field(default_factory=dict)
     streams: int = 0
+    _versions: dict[str, str] = field(default_factory=dict)
+
+    def version(self, type_url: str) -> str:
+        """The version_info of this view's whole set of `type_url` resources (hashed once per change)."""
+        version = self._versions.get(type_url)
+        if version is None:
+            version = self._versions[type_url] = resources.type_version(self.resources.get(type_url, {}).values())
+        return version
+
+
+Changes = dict[str, set[str]]
+"""type URL -> names of the resources of that type that changed (added, updated or removed)."""
 
 
 _LocalityKey = tuple[model.Locality, tuple[tuple[str, str], ...]]
@@ -110,8 +122,8 @@ class ViewCache:
         policy: policy_types.Policy,
         changed: frozenset[model.ServiceKey],
         seen_at: float,
-    ) -> dict[ViewKey, set[str]]:
-        """Rebuild what `changed` services (or a new policy) touch; return changed types per view."""
+    ) -> dict[ViewKey, Changes]:
+        """Rebuild what `changed` services (or a new policy) touch; return what changed, per view."""
         policy_changed = policy != self._policy
         old_services = self._services
         self._services = services
@@ -119,37 +131,48 @@ class ViewCache:
         if policy_changed:
             changed = frozenset(old_services.keys() | services.keys())
 
-        cds_changed = False
+        cds_changes: set[str] = set()
+        old_names: dict[model.ServiceKey, set[str]] = {}
         for key in changed:
             self._assignments.pop(key, None)
             old = self._clusters_by_service.pop(key, {})
+            old_names[key] = set(old)
             new = self._build_clusters(key, seen_at=seen_at) if key in services else {}
             new = {name: old[name] if name in old and old[name].version == r.version else r for name, r in new.items()}
             if new:
                 self._clusters_by_service[key] = new
-            if new != old:
-                cds_changed = True
-        if cds_changed:
+            cds_changes |= {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n)}
+        if cds_changes:
             self._clusters = self._merge_clusters()
-        routes_changed = any(_shape(old_services.get(k)) != _shape(services.get(k)) for k in changed)
-        if routes_changed:
+        if any(_shape(old_services.get(k)) != _shape(services.get(k)) for k in changed):
             self._routes.clear()
 
-        result: dict[ViewKey, set[str]] = {}
+        # The only EDS entries that can differ: those of the changed services, before and after.
+        eds_candidates = set().union(*old_names.values(), *(self._clusters_by_service.get(k, {}) for k in changed))
+        result: dict[ViewKey, Changes] = {}
         for view in self._views.values():
             before = view.resources
-            self._build_view(view, seen_at=seen_at, changed=changed)
-            types_changed = {t for t in types.PUSH_ORDER if before.get(t) != view.resources.get(t)}
-            if types_changed:
-                result[view.key] = types_changed
+            self._build_view(view, seen_at=seen_at, changed=old_names)
+            changes: Changes = {}
+            if cds_changes:
+                changes[types.CLUSTER] = cds_changes
+            for type_url in (types.ENDPOINT, types.LISTENER, types.ROUTE):
+                old_set, new_set = before.get(type_url, {}), view.resources[type_url]
+                candidates = eds_candidates if type_url == types.ENDPOINT else old_set.keys() | new_set.keys()
+                names = {n for n in candidates if old_set.get(n) is not new_set.get(n)}
+                if names:
+                    changes[type_url] = names
+            if changes:
+                result[view.key] = changes
         return result
 
     # building
 
     def _build_view(
         self, view: View, *, seen_at: float | None,
-        changed: frozenset[model.ServiceKey] | None = None,
+        changed: Mapping[model.ServiceKey, set[str]] | None = None,
     ) -> None:
+        """(Re)build a view; with `changed` (service -> its cluster names before), only those services."""
         key = view.key
         route_name = translate.route_config_name(key.namespace)
         route = self._routes.get(key.namespace)
@@ -168,12 +191,15 @@ class ViewCache:
             for service_key in self._services:
                 eds.update(self._assignments_for(service_key, key, seen_at))
         else:
-            eds = {n: r for n, r in old_eds.items() if _service_of(n) not in changed}
-            for service_key in changed:
+            eds = dict(old_eds)  # a C-speed copy; then only the changed services' entries are touched
+            for service_key, names in changed.items():
+                for name in names:
+                    eds.pop(name, None)
                 if service_key in self._services:
                     for name, r in self._assignments_for(service_key, key, seen_at).items():
                         previous = old_eds.get(name)
                         eds[name] = previous if previous is not None and previous.version == r.version else r
+        view._versions = {}
         view.resources = {
             types.CLUSTER: self._clusters,
             types.ENDPOINT: eds,
@@ -237,8 +263,3 @@ def _shape(service: model.Service | None) -> object:
     return None if service is None else (service.name, service.namespace, service.ports)
 
 
-def _service_of(cluster: str) -> model.ServiceKey:
-    """`outbound|PORT||name.namespace.svc.cluster.local` -> `namespace/name`."""
-    host = cluster.rsplit("|", 1)[-1]
-    name, namespace = host.split(".")[:2]
-    return model.service_key(namespace, name)
