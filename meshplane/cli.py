@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds of quiet before a burst of changes is pushed")
     serve.add_argument("--max-delay", type=float, default=0.1,
                        help="longest a change waits for a burst to end")
+    serve.add_argument("--poll-interval", type=float, default=0.1,
+                       help="seconds between checks of the endpoint and policy files for edits")
     kube = serve.add_argument_group("Kubernetes clusters (docs/kubernetes.md)")
     kube.add_argument("--local-cluster", metavar="ID[=KUBECONFIG[#CONTEXT]]",
                       help="the cluster meshplane runs in (service account in a pod, else the current context)")
@@ -102,7 +104,7 @@ async def _serve(args: argparse.Namespace) -> int:
     config = app.Config(
         endpoint_files=tuple(args.endpoints), policy_file=args.policy,
         ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
-        debounce=args.debounce, max_delay=args.max_delay,
+        debounce=args.debounce, max_delay=args.max_delay, poll_interval=args.poll_interval,
         local_cluster=args.local_cluster, kubeconfigs=tuple(args.kubeconfig),
         kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
         sync_timeout=args.sync_timeout,
