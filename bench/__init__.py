@@ -1,0 +1,5 @@
+"""meshplane's benchmark suite: convergence, connection storms, scale, against the physical floor.
+
+Run from the repository root, e.g. `.venv/bin/python -m bench.run_all`; docs/benchmarks.md says
+what each module measures and how.
+"""

@@ -1,0 +1,114 @@
+"""Connection storm: N proxies connect at once, as after a control-plane restart.
+
+Each repetition starts a fresh `meshplane serve` (no views built yet, as after a restart),
+waits for /ready, spawns the load generator's workers (imports done before any clock
+starts), then opens all N streams at once. Reported: the time from the first stream opened
+until every proxy holds a full ACKed configuration (CDS, and EDS for every cluster), the
+per-proxy p50/p99 of that, the server's CPU seconds over the storm, and its RSS after and
+peak RSS (VmHWM, which includes start-up; start-up's own peak is reported beside it).
+The floor (bench.floor) takes the same storm, the same way.
+
+The simulated proxies connect without a version (like a proxy that restarted too);
+reconnecting Envoys that report the version they hold get no re-push from meshplane, so
+this is the heavier case.
+
+    .venv/bin/python -m bench.storm                     # 1,000 proxies, 8 localities, 100 services, 3 runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import common, convergence, floor, loadgen
+
+
+def storm_once(mesh: common.Mesh, proxies: int, localities: int, processes: int, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
+        workdir = Path(tmp)
+        files = mesh.write(workdir)
+        policy = common.write_policy(workdir / "policy.yaml")
+        with common.Meshplane(workdir, files, policy) as server:
+            startup = server.wait_ready()
+            before = common.memory_mib(server.pid)
+            with loadgen.LoadGen(server.target, proxies, mesh.localities(localities), processes=processes) as gen:
+                cpu0 = common.cpu_seconds(server.pid)
+                result = loadgen.connect_summary(gen.connect(timeout))
+                result["server_cpu_s"] = round(common.cpu_seconds(server.pid) - cpu0, 3)
+                after = common.memory_mib(server.pid)
+                result.update(startup_s=round(startup, 2), rss_before_mib=before["rss_mib"],
+                              hwm_startup_mib=before["hwm_mib"], rss_mib=after["rss_mib"], hwm_mib=after["hwm_mib"])
+    return result
+
+
+def run(*, proxies: int, localities: int, services: int, endpoints: int, clusters: int, zones: int, repeat: int,
+        processes: int, timeout: float = 300.0, with_floor: bool = True) -> dict[str, Any]:
+    mesh = common.Mesh(services=services, endpoints=endpoints, clusters=clusters, zones=zones)
+    runs = [storm_once(mesh, proxies, localities, processes, timeout) for _ in range(repeat)]
+    result: dict[str, Any] = {
+        "params": {"proxies": proxies, "localities": localities, "services": services, "endpoints": endpoints,
+                   "clusters": clusters, "zones": zones, "repeat": repeat, "loadgen_processes": processes},
+        "meshplane": {"runs": runs, **_spread(runs, cpu="server_cpu_s")},
+        "floor": None,
+        "ratio": None,
+    }
+    if with_floor:
+        floor_runs = []
+        for _ in range(repeat):
+            measured = floor.measure(proxies=proxies, localities=localities, mesh=mesh, repeat=0,
+                                     processes=processes, timeout=timeout)
+            floor_runs.append(measured["storm"])
+        result["floor"] = {"runs": floor_runs, **_spread(floor_runs, cpu="cpu_s")}
+        m, f = result["meshplane"]["all_ms"]["median"], result["floor"]["all_ms"]["median"]
+        result["ratio"] = round(m / f, 2) if m and f else None
+    return result
+
+
+def _spread(runs: list[dict[str, Any]], *, cpu: str) -> dict[str, Any]:
+    out = floor.over_runs(runs)
+    out["cpu_s"] = common.spread(r[cpu] for r in runs)
+    out["hwm_mib"] = common.spread(r.get("hwm_mib") for r in runs)
+    out["rss_mib"] = common.spread(r.get("rss_mib") for r in runs)
+    return out
+
+
+def print_result(result: dict[str, Any]) -> None:
+    p = result["params"]
+    rows = []
+    for label, d in (("meshplane", result["meshplane"]), ("floor", result.get("floor"))):
+        if d:
+            rows.append([label, d["all_ms"]["median"], f"{common.fmt(d['all_ms']['min'])}-"
+                         f"{common.fmt(d['all_ms']['max'])}", d["p50"]["median"], d["p99"]["median"],
+                         d["cpu_s"]["median"], d["rss_mib"]["median"], d["hwm_mib"]["median"]])
+    common.print_table(["server", "all full ms", "range", "p50 ms", "p99 ms", "CPU s", "RSS MiB", "peak MiB"], rows,
+                       title=f"storm: {p['proxies']} proxies connect at once, {p['localities']} localities, "
+                             f"{p['services']} services x {p['endpoints']} endpoints, median of {p['repeat']}")
+    if result.get("ratio"):
+        print(f"meshplane/floor (all full, medians): {result['ratio']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.storm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--proxies", type=int, default=1000)
+    parser.add_argument("--localities", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    convergence.add_mesh_args(parser)
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/storm.json)")
+    args = parser.parse_args(argv)
+    common.stop_on_sigterm()
+    quiet = common.wait_quiet(max_wait=0)
+    result = run(proxies=args.proxies, localities=args.localities, services=args.services, endpoints=args.endpoints,
+                 clusters=args.clusters, zones=args.zones, repeat=args.repeat, processes=args.processes,
+                 timeout=max(args.timeout, 300.0), with_floor=not args.no_floor)
+    path = common.write_results("storm", {"machine": common.machine(), "quiet": quiet, "storm": result}, args.out)
+    print_result(result)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
