@@ -5,6 +5,7 @@ Everything here runs in the coordinating process, never on a measured hot path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -514,6 +515,40 @@ def _frame(frame: str) -> str:
     """'func (path/file.py:12)' -> 'func (file.py)': aggregate over line numbers."""
     name, _, where = frame.partition(" (")
     return f"{name} ({where.rsplit(':', 1)[0].rsplit('/', 1)[-1].rstrip(')')})" if where else name
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (/proc/stat)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / _TICK  # all but idle and iowait (guest is in user)
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Others:
+    """CPU that processes other than ours used over a window: whether a run shared the machine.
+
+    `ours` are the pids measured (server, load generator workers); this process counts too.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, float]:
+        ours = own_cpu_seconds()
+        for pid in self.pids:
+            with contextlib.suppress(OSError):  # a worker that already exited
+                ours += cpu_seconds(pid)
+        return machine_busy_seconds(), ours
+
+    def seconds(self) -> float:
+        busy1, ours1 = self._sample()
+        busy0, ours0 = self.start
+        return round(max(0.0, (busy1 - busy0) - (ours1 - ours0)), 3)
 
 
 def background_cpu(seconds: float = 1.0) -> float:

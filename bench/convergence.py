@@ -65,15 +65,17 @@ class Target:
         self.idle_cpu_rate = (common.cpu_seconds(self.server.pid) - cpu0) / (time.monotonic() - t)
         return self.idle_cpu_rate
 
-    def _begin(self) -> tuple[common.Samples, float, float]:
+    def _begin(self) -> tuple[common.Samples, float, float, common.Others]:
         time.sleep(SETTLE)
         self.gen.mark()
         samples = self.server.metrics()  # scraped before the CPU window opens: /metrics costs CPU too
-        return samples, common.cpu_seconds(self.server.pid), sum(_cpu(p) for p in self.gen.pids)
+        others = common.Others([self.server.pid, *self.gen.pids])
+        return samples, common.cpu_seconds(self.server.pid), sum(_cpu(p) for p in self.gen.pids), others
 
-    def _end(self, began: tuple[common.Samples, float, float], t0: float, **min_acks: int) -> dict[str, Any]:
+    def _end(self, began: tuple[common.Samples, float, float, common.Others], t0: float,
+             **min_acks: int) -> dict[str, Any]:
         """Close the window once the server has read the ACKs too (it lags the proxies under load)."""
-        before, cpu0, gen_cpu0 = began
+        before, cpu0, gen_cpu0, others = began
         after, deadline, last = self.server.metrics(), time.monotonic() + 10, -1.0
         while time.monotonic() < deadline:
             total = sum(common.counter_delta(before, after, "meshplane_xds_acks_total", type=k) for k in ("cds", "eds"))
@@ -88,7 +90,9 @@ class Target:
         cpu = common.cpu_seconds(self.server.pid) - cpu0
         gen_cpu = sum(_cpu(p) for p in self.gen.pids) - gen_cpu0
         return {"server_cpu_s": round(cpu - self.idle_cpu_rate * window, 4), "server_cpu_raw_s": round(cpu, 4),
-                "loadgen_cpu_s": round(gen_cpu, 3),
+                "loadgen_cpu_s": round(gen_cpu, 3), "window_s": round(window, 3),
+                # CPU that other processes on the machine used meanwhile: > ~5% of the window = a shared run
+                "others_cpu_s": others.seconds(),
                 "server_histogram": {k: common.histogram_delta(before, after, "meshplane_push_latency_seconds",
                                                                type=k) for k in ("cds", "eds")},
                 "builds": int(common.counter_delta(before, after, "meshplane_push_build_seconds_count")),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -194,7 +195,7 @@ class Floor:
 
 
 def measure(*, proxies: int, localities: int, mesh: common.Mesh, repeat: int, processes: int,
-            settle: float = 0.3, timeout: float = 60.0) -> dict[str, Any]:
+            settle: float = 0.3, timeout: float = 60.0, profile: bool = False) -> dict[str, Any]:
     """Storm (all connect at once) and `repeat` EDS pushes against the floor: the same numbers meshplane gets."""
     from bench import loadgen
 
@@ -206,15 +207,18 @@ def measure(*, proxies: int, localities: int, mesh: common.Mesh, repeat: int, pr
             storm["cpu_s"] = round(common.cpu_seconds(floor.pid) - cpu0, 3)
             storm.update(common.memory_mib(floor.pid))
             runs = []
-            for _ in range(repeat):
-                time.sleep(settle)
-                gen.mark()
-                cpu0 = common.cpu_seconds(floor.pid)
-                t0 = floor.push()
-                acked = gen.collect("eds", t0, timeout=timeout)
-                run = push_summary(acked, t0)
-                run["cpu_s"] = round(common.cpu_seconds(floor.pid) - cpu0, 4)
-                runs.append(run)
+            with common.Profile(floor.pid, "floor-push") if profile else contextlib.nullcontext():
+                for _ in range(repeat):
+                    time.sleep(settle)
+                    gen.mark()
+                    others = common.Others([floor.pid, *gen.pids])
+                    cpu0 = common.cpu_seconds(floor.pid)
+                    t0 = floor.push()
+                    acked = gen.collect("eds", t0, timeout=timeout)
+                    run = push_summary(acked, t0)
+                    run["cpu_s"] = round(common.cpu_seconds(floor.pid) - cpu0, 4)
+                    run["others_cpu_s"] = others.seconds()
+                    runs.append(run)
         return {"proxies": proxies, "banner": floor.banner, "memory_before": mem_before, "storm": storm,
                 "push": {"runs": runs, **over_runs(runs)}}
 
@@ -252,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--localities", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--processes", type=int, default=loadgen.default_processes())
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the floor with py-spy during the pushes (bench/results/profiles/floor-push.*)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/floor.json)")
     args = parser.parse_args(argv)
     common.stop_on_sigterm()
     quiet = common.wait_quiet(max_wait=0)
     mesh = common.Mesh(services=args.services, endpoints=args.endpoints, clusters=args.clusters, zones=args.zones)
     result = measure(proxies=args.proxies, localities=args.localities, mesh=mesh, repeat=args.repeat,
-                     processes=args.processes)
+                     processes=args.processes, profile=args.profile)
     params = {k: v for k, v in vars(args).items() if k != "out"}
     path = common.write_results("floor", {"machine": common.machine(), "quiet": quiet, "params": params,
                                           "floor": result}, args.out)

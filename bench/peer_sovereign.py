@@ -11,19 +11,24 @@ two cores): meshplane, then each sovereign setup (--sovereign: EDS clusters like
 endpoints inline in CDS; Envoy's REST refresh_delay; gunicorn workers; configs in bench/peer/).
 Start it with S services x E endpoints, start N real Envoys on it (ADS for meshplane; REST
 polling every refresh_delay for sovereign, which has no push), wait until every Envoy holds
-every cluster with all its endpoints, then `--repeat` times, `--period`
-seconds apart: mark one endpoint of a different service unhealthy in the source file (written
-atomically: temp file + os.replace) and time until every Envoy shows it. "Shows it" is the
-cluster's `membership_healthy` gauge dropping to E-1 on the Envoy's admin /stats (a cheap
-request, polled per Envoy every 5 ms for 0.5 s, then every 20 ms); Envoy updates that gauge in the same main-thread step
-that changes the host set /clusters reports, and after each repeat /clusters?format=json is
-checked on every Envoy to show the endpoint's eds_health_status UNHEALTHY.
+every cluster with all its endpoints, then `--repeat` times, `--period` seconds apart (plus an
+offset under 1 s that spreads the changes over the phases of the pollers' cycles): mark one
+endpoint of a different service unhealthy in the source file (written atomically: temp file +
+os.replace) and time until every Envoy shows it. "Shows it" is the cluster's
+`membership_healthy` gauge dropping to E-1 on the Envoy's admin /stats (a cheap request, polled
+per Envoy every 5 ms for 0.5 s, then every 20 ms); Envoy updates that gauge in the same
+main-thread step that changes the host set /clusters reports, and after each repeat
+/clusters?format=json is checked on every Envoy to show the endpoint's eds_health_status
+UNHEALTHY.
 
 Cost: utime+stime of the control plane's process tree (sovereign's gunicorn master and its
 workers) from /proc, over the whole phase and over the fixed measured window (repeat x
 period, the same length for every phase, so the numbers compare); RSS and PSS of the tree at
 the end and its peak (VmHWM); the Envoys' CPU in the window and how many xDS updates they
-requested (their update_attempt counters: for REST, one per poll, 304 "not modified" included).
+requested (their update_attempt counters: for REST, one per poll, 304 "not modified" included)
+and the bytes they exchanged with the control plane. Other load on the machine spoils all of
+it: each phase first waits (--quiet-wait) until other processes use under --quiet-below cores,
+and the `others` column is what the rest of the machine used during the window (~0 when clean).
 
 Results: a table on stdout and bench/results/peer_sovereign.json (machine, date, commit,
 versions, the exact configs used); docs/benchmarks-peer.md reads them.
@@ -569,7 +574,12 @@ def run_phase(cp: ControlPlane, mesh: Mesh, opts: Options, workdir: Path) -> dic
         window_start = time.monotonic()
         repeats = []
         for r in range(opts.repeat):
-            time.sleep(max(0.0, window_start + r * opts.period - time.monotonic()))
+            # Changes land at evenly spread phases of a 1 s cycle (golden-ratio offsets): with a
+            # period that is a whole number of seconds, they would otherwise all hit sovereign's
+            # 1 s source refresh (and meshplane's 100 ms file poll) at nearly the same phase, and
+            # the repeats would sample one waiting time instead of the distribution.
+            offset = (r * 0.6180339887) % 1.0
+            time.sleep(max(0.0, window_start + r * opts.period + offset - time.monotonic()))
             s = (r * 7 + 3) % mesh.services  # a different service each time
             cluster, address = mesh.cluster_name(s), mesh.address(s, 0)
             mesh.unhealthy.add((s, 0))
@@ -715,7 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--endpoints", type=int, default=10, help="endpoints per service")
     parser.add_argument("--repeat", type=int, default=5, help="endpoint changes per control plane (>= 3)")
     parser.add_argument("--period", type=float, default=5.0,
-                        help="seconds between changes (the measured window is repeat x period)")
+                        help="seconds between changes, plus an offset under 1 s that spreads their phase "
+                             "(the measured window is repeat x period)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after full configuration before the window")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a change may take to reach every Envoy")
     parser.add_argument("--sovereign", default=DEFAULT_SOVEREIGN_PHASES, metavar="MODE@SECONDS[xWORKERS],...",

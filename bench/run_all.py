@@ -34,8 +34,8 @@ TARGET_RSS_MIB = 750 / 1.048576  # 750 MB
 
 
 def run(*, repeat: int, quick: bool, processes: int, with_peer: bool) -> dict[str, Any]:
-    size = {"proxies": 200, "services": 30} if quick else {"proxies": 1000, "services": 100}
-    mesh = {"endpoints": 10, "clusters": 4, "zones": 8}
+    size: dict[str, Any] = {"proxies": 200, "services": 30} if quick else {"proxies": 1000, "services": 100}
+    mesh: dict[str, Any] = {"endpoints": 10, "clusters": 4, "zones": 8}
     began = time.monotonic()
     out: dict[str, Any] = {"machine": common.machine(), "repeat": repeat, "quick": quick}
     quiet = out["quiet"] = {}

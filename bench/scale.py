@@ -87,8 +87,8 @@ def run(*, sweeps: tuple[str, ...] = SWEEPS, proxies_list: tuple[int, ...] = (10
         changes: int = 3, processes: int = 1, poll_interval: float | None = 0.005, timeout: float = 300.0,
         clusters: int = 4, zones: int = 8, wait: float = 0.0, views_proxies: int = 1000,
         services_proxies: int = 100) -> dict[str, Any]:
-    base = {"endpoints": 10, "clusters": clusters, "zones": zones, "changes": changes, "processes": processes,
-            "poll_interval": poll_interval, "timeout": timeout}
+    base: dict[str, Any] = {"endpoints": 10, "clusters": clusters, "zones": zones, "changes": changes,
+                            "processes": processes, "poll_interval": poll_interval, "timeout": timeout}
     plan: dict[str, list[dict[str, int]]] = {
         "proxies": [{"proxies": n, "localities": 8, "services": 100} for n in proxies_list],
         "views": [{"proxies": views_proxies, "localities": v, "services": 100} for v in views_list],
