@@ -61,8 +61,9 @@ from typing import Any
 
 import yaml
 
-from meshplane.demo.envoy import EnvoyNode, envoy_binary, free_port
+from meshplane.demo.envoy import EnvoyNode, envoy_binary
 from meshplane.demo.envoy import bootstrap as ads_bootstrap
+from meshplane.demo.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_DIR = ROOT / "bench" / "peer"

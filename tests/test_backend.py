@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from meshplane.demo.backend import Replica, ReplicaServer, http_get, http_request
-from meshplane.demo.envoy import free_port
+from meshplane.demo.ports import free_port
 
 
 class FakeSidecar:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from meshplane.demo import backend, topology
+from meshplane.demo.ports import free_port
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
 
@@ -53,7 +54,7 @@ async def test_serve_refuses_a_broken_endpoint_file(tmp_path: Path) -> None:
 
 async def test_serve_becomes_ready_and_stops_on_sigint(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"svc": [{"zone": "z1", "port": 9009}]}))
-    http_port = topology.free_port()
+    http_port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshplane", "serve", "--endpoints", str(path),
         "--ads", "127.0.0.1:0", "--http", f"127.0.0.1:{http_port}",

