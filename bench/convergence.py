@@ -23,9 +23,11 @@ server reads ACKs well after the proxies sent them, so it overstates what proxie
 Then the floor (bench.floor) serves the same N proxies the same way and pushes one EDS
 response to all; meshplane's (a) divided by the floor's is the efficiency figure.
 
-Server CPU seconds (utime+stime from /proc/PID/stat) are taken over each change, from just
-before the write to 100 ms after the last ACK, less the idle rate measured with every proxy
-connected; RSS and peak RSS (VmRSS, VmHWM) before and after.
+Server CPU seconds (every thread's, from /proc: common.cpu_seconds) are taken over each change,
+from just before the write until the server has read every ACK (its ACK counters stop
+moving), less the idle rate measured with every proxy connected; RSS and peak RSS (VmRSS,
+VmHWM) before and after. `others_cpu_s` is what other processes on the machine used in the
+same window: a run that shared the machine shows it there.
 
     .venv/bin/python -m bench.convergence                        # 1,000 proxies, 8 localities, 100 services
     .venv/bin/python -m bench.convergence --proxies 50 --services 20 --repeat 1   # smoke check

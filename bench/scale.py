@@ -12,8 +12,9 @@ Three sweeps, one variable each, the others fixed; then the memory target:
 Each point starts a fresh `meshplane serve`, connects the proxies, then flips one endpoint's
 health K times (bench.convergence's endpoint change). Per change: server CPU seconds (less
 the idle rate), the push's p99 and all-ACKed times, the build time meshplane reports. Every
-change pushes one assignment to every proxy, so some cost per proxy is inherent (the
-floor's is measured in bench.convergence); what matters is how the rest grows.
+change pushes one assignment to every proxy, and every proxy's ACK names all its clusters, so
+some cost per proxy and per service is inherent: the floor (bench.floor) takes the same
+proxies and K pushes at every point (--no-floor skips it), and what matters is how the rest grows.
 
 The endpoint files are re-read whole on every edit: at 10,000 services a cluster's file holds
 25,000 endpoints. That parse is the file source's cost, not the push path's, so it is
@@ -35,13 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common, convergence, loadgen
+from bench import common, convergence, floor, loadgen
 
 SWEEPS = ("proxies", "views", "services", "memory")
 
 
 def point(*, proxies: int, localities: int, services: int, endpoints: int, clusters: int, zones: int, changes: int,
-          processes: int, poll_interval: float | None, timeout: float) -> dict[str, Any]:
+          processes: int, poll_interval: float | None, timeout: float, with_floor: bool) -> dict[str, Any]:
     mesh = common.Mesh(services=services, endpoints=endpoints, clusters=clusters, zones=zones)
     with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
         workdir = Path(tmp)
@@ -54,6 +55,15 @@ def point(*, proxies: int, localities: int, services: int, endpoints: int, clust
         finally:
             convergence.stop_target(target)
         parse = parse_ms(mesh, workdir)
+    base = None
+    if with_floor:  # the same proxies and pushes against the floor: the part of the cost no server avoids
+        measured = floor.measure(proxies=proxies, localities=localities, mesh=mesh, repeat=changes,
+                                 processes=processes, timeout=timeout)
+        runs_f = measured["push"]["runs"]
+        base = {"cpu_per_push_s": common.spread(r["cpu_s"] for r in runs_f),
+                "p99_ms": common.spread(r["p99"] for r in runs_f),
+                "connect_all_ms": measured["storm"]["all_ms"], "rss_mib": measured["storm"]["rss_mib"],
+                "hwm_mib": measured["storm"]["hwm_mib"]}
     return {
         "proxies": proxies, "views": setup["views"], "services": services, "endpoints": endpoints,
         "connect_all_ms": setup["connect"]["all_ms"], "connect_cpu_s": setup["connect"]["server_cpu_s"],
@@ -64,6 +74,7 @@ def point(*, proxies: int, localities: int, services: int, endpoints: int, clust
         "all_ms": common.spread(r["all_ms"] for r in runs),
         "build_ms": common.spread(r["build_ms"] for r in runs),
         "file_parse_ms": parse,
+        "floor": base,
         "runs": runs,
     }
 
@@ -86,10 +97,11 @@ def run(*, sweeps: tuple[str, ...] = SWEEPS, proxies_list: tuple[int, ...] = (10
         views_list: tuple[int, ...] = (1, 8, 32), services_list: tuple[int, ...] = (100, 1000, 10000),
         changes: int = 3, processes: int = 1, poll_interval: float | None = 0.005, timeout: float = 300.0,
         clusters: int = 4, zones: int = 8, wait: float = 0.0, views_proxies: int = 1000,
-        services_proxies: int = 100) -> dict[str, Any]:
+        services_proxies: int = 100, with_floor: bool = True) -> dict[str, Any]:
     base: dict[str, Any] = {"endpoints": 10, "clusters": clusters, "zones": zones, "changes": changes,
-                            "processes": processes, "poll_interval": poll_interval, "timeout": timeout}
-    plan: dict[str, list[dict[str, int]]] = {
+                            "processes": processes, "poll_interval": poll_interval, "timeout": timeout,
+                            "with_floor": with_floor}
+    plan: dict[str, list[dict[str, Any]]] = {
         "proxies": [{"proxies": n, "localities": 8, "services": 100} for n in proxies_list],
         "views": [{"proxies": views_proxies, "localities": v, "services": 100} for v in views_list],
         "services": [{"proxies": services_proxies, "localities": 8, "services": s} for s in services_list],
@@ -116,9 +128,13 @@ def growth(points: list[dict[str, Any]], sweep: str) -> dict[str, Any]:
     key = {"proxies": "proxies", "views": "views", "services": "services"}[sweep]
     first, last = points[0], points[-1]
     c0, c1 = first["cpu_per_change_s"]["median"], last["cpu_per_change_s"]["median"]
-    return {"quantity": key, "x": round(last[key] / first[key], 2) if first[key] else None,
-            "cpu_per_change_x": round(c1 / c0, 2) if c0 and c1 else None,
-            "rss_x": round(last["rss_mib"] / first["rss_mib"], 2)}
+    out = {"quantity": key, "x": round(last[key] / first[key], 2) if first[key] else None,
+           "cpu_per_change_x": round(c1 / c0, 2) if c0 and c1 else None,
+           "rss_x": round(last["rss_mib"] / first["rss_mib"], 2), "floor_cpu_per_push_x": None}
+    if first.get("floor") and last.get("floor"):
+        f0, f1 = first["floor"]["cpu_per_push_s"]["median"], last["floor"]["cpu_per_push_s"]["median"]
+        out["floor_cpu_per_push_x"] = round(f1 / f0, 2) if f0 and f1 else None
+    return out
 
 
 def print_result(result: dict[str, Any]) -> None:
@@ -128,19 +144,23 @@ def print_result(result: dict[str, Any]) -> None:
             continue
         for p in result[sweep]["points"]:
             cpu = p["cpu_per_change_s"]
+            f = p.get("floor") or {}
             rows.append([sweep, p["proxies"], p["views"], p["services"], cpu["median"],
                          f"{common.fmt(cpu['min'])}-{common.fmt(cpu['max'])}", p["file_parse_ms"],
                          p["build_ms"]["median"], p["p99_ms"]["median"], p["all_ms"]["median"], p["connect_all_ms"],
-                         p["rss_mib"], p["hwm_mib"]])
+                         p["rss_mib"], p["hwm_mib"], (f.get("cpu_per_push_s") or {}).get("median"),
+                         (f.get("p99_ms") or {}).get("median"), f.get("hwm_mib")])
     poll = result["params"]["file_poll_interval_s"] * 1000
     common.print_table(["sweep", "proxies", "views", "services", "CPU/change s", "range", "parse ms", "build ms",
-                        "p99 ms", "all ms", "connect ms", "RSS MiB", "peak MiB"], rows,
+                        "p99 ms", "all ms", "connect ms", "RSS MiB", "peak MiB", "floor CPU s", "floor p99",
+                        "floor peak"], rows,
                        title=f"scale: one endpoint change, median of {result['params']['changes']} per point, "
                              f"file poll {poll:g} ms")
     for sweep in ("proxies", "views", "services"):
         g = result.get(sweep, {}).get("growth")
         if g:
-            print(f"{sweep} x{g['x']}: CPU per change x{g['cpu_per_change_x']}, RSS x{g['rss_x']}")
+            print(f"{sweep} x{g['x']}: CPU per change x{g['cpu_per_change_x']} (floor's per push "
+                  f"x{g['floor_cpu_per_push_x']}), RSS x{g['rss_x']}")
     if "memory" in result:
         m = result["memory"]
         print(f"memory: 1,000 services x 10 endpoints, 2,000 proxies: peak {m['points'][0]['hwm_mib']} MiB "
@@ -163,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="load generator worker processes")
     parser.add_argument("--poll-interval", type=float, default=0.005, help="serve's file poll (0.1 = shipped)")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor at each point")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/scale.json)")
     args = parser.parse_args(argv)
     common.stop_on_sigterm()
     result = run(sweeps=tuple(args.sweep or SWEEPS), proxies_list=args.proxies_list, views_list=args.views_list,
                  services_list=args.services_list, changes=args.changes, processes=args.processes,
-                 poll_interval=args.poll_interval, timeout=args.timeout)
+                 poll_interval=args.poll_interval, timeout=args.timeout, with_floor=not args.no_floor)
     path = common.write_results("scale", {"machine": common.machine(), "scale": result}, args.out)
     print_result(result)
     print(f"\nwrote {path}")
