@@ -44,6 +44,7 @@ class Config:
     debounce: float = 0.005
     max_delay: float = 0.1
     poll_interval: float = 0.1
+    max_concurrent_pushes: int = 100
     identifier: str = "meshplane"
     # Kubernetes clusters (docs/kubernetes.md)
     local_cluster: str | None = None  # ID[=KUBECONFIG[#CONTEXT]]: also where remote secrets live
@@ -86,7 +87,10 @@ class ControlPlane:
         for source in self.sources:
             await source.start(self.catalog)
         self.cache = views.ViewCache(services=self.catalog.services, policy=self.policy_watcher.current)
-        self.ads = server.AdsServer(self.cache, callbacks=self.metrics, identifier=self.config.identifier)
+        self.ads = server.AdsServer(
+            self.cache, callbacks=self.metrics, identifier=self.config.identifier,
+            max_concurrent_pushes=self.config.max_concurrent_pushes,
+        )
         self.push = push.PushLoop(
             cache=self.cache, server=self.ads, services=lambda: self.catalog.services,
             metrics=self.metrics, debounce=self.config.debounce, max_delay=self.config.max_delay,

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="longest a change waits for a burst to end")
     serve.add_argument("--poll-interval", type=float, default=0.1,
                        help="seconds between checks of the endpoint and policy files for edits")
+    serve.add_argument("--max-concurrent-pushes", type=_positive_int, default=100,
+                       help="streams composing and writing at once; bounds memory in a reconnect storm")
     kube = serve.add_argument_group("Kubernetes clusters (docs/kubernetes.md)")
     kube.add_argument("--local-cluster", metavar="ID[=KUBECONFIG[#CONTEXT]]",
                       help="the cluster meshplane runs in (service account in a pod, else the current context)")
@@ -88,6 +90,13 @@ def _validate(path: Path) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host or "127.0.0.1", int(port)
@@ -105,6 +114,7 @@ async def _serve(args: argparse.Namespace) -> int:
         endpoint_files=tuple(args.endpoints), policy_file=args.policy,
         ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
         debounce=args.debounce, max_delay=args.max_delay, poll_interval=args.poll_interval,
+        max_concurrent_pushes=args.max_concurrent_pushes,
         local_cluster=args.local_cluster, kubeconfigs=tuple(args.kubeconfig),
         kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
         sync_timeout=args.sync_timeout,

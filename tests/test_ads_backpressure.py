@@ -22,6 +22,9 @@ MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
 class SlowProxy:
     """A fake ServicerContext whose writes wait until the test lets them through."""
 
+    active = 0  # writes under way, over every proxy
+    most_active = 0
+
     def __init__(self) -> None:
         self.written: list[discovery_pb2.DiscoveryResponse] = []
         self.gate = asyncio.Event()
@@ -32,7 +35,12 @@ class SlowProxy:
         return "in-memory"
 
     async def write(self, message: bytes) -> None:
-        await self.gate.wait()
+        SlowProxy.active += 1
+        SlowProxy.most_active = max(SlowProxy.most_active, SlowProxy.active)
+        try:
+            await self.gate.wait()
+        finally:
+            SlowProxy.active -= 1
         self.written.append(discovery_pb2.DiscoveryResponse.FromString(message))
 
     async def abort(self, code: Any, details: str) -> None:
@@ -53,20 +61,29 @@ def _cluster(weight: int) -> dict[model.ServiceKey, model.ServiceInCluster]:
     return {svc.key: svc}
 
 
-async def test_slow_stream_gets_latest_state_merged() -> None:
+def _plane(**server_options: Any) -> tuple[catalog_mod.Catalog, server.AdsServer, push.PushLoop]:
     catalog = catalog_mod.Catalog()
     catalog.apply(model.ClusterId("c1"), _cluster(1), seen_at=0.0)
     cache = views.ViewCache(services=catalog.services, policy=policy_types.Policy())
     m = metrics.Metrics()
-    ads = server.AdsServer(cache, callbacks=m)
+    ads = server.AdsServer(cache, callbacks=m, **server_options)
     loop = push.PushLoop(cache=cache, server=ads, services=lambda: catalog.services, metrics=m)
     catalog.subscribe(loop.on_catalog_change)
+    return catalog, ads, loop
 
-    proxy = SlowProxy()
+
+async def _connect(ads: server.AdsServer, proxy: SlowProxy, name: str) -> asyncio.Task[None]:
     serving = asyncio.create_task(ads._serve(proxy.request_stream(), proxy))  # type: ignore[arg-type]
     req = discovery_pb2.DiscoveryRequest(type_url=types.ENDPOINT, resource_names=[MOCKB])
-    req.node.CopyFrom(ads_client.node("slow", region="r1", zone="z1", cluster="c1"))
+    req.node.CopyFrom(ads_client.node(name, region="r1", zone="z1", cluster="c1"))
     await proxy.requests.put(req)
+    return serving
+
+
+async def test_slow_stream_gets_latest_state_merged() -> None:
+    catalog, ads, loop = _plane()
+    proxy = SlowProxy()
+    serving = await _connect(ads, proxy, "slow")
     await wait_for(lambda: len(proxy.written) == 1, what="the first response")
 
     proxy.gate.clear()  # the proxy stops reading
@@ -81,6 +98,40 @@ async def test_slow_stream_gets_latest_state_merged() -> None:
 
     await proxy.requests.put(None)
     await serving
+
+
+async def test_a_storm_is_written_a_few_streams_at_a_time() -> None:
+    """After a restart every proxy wants its whole configuration at once; only
+    `max_concurrent_pushes` streams compose and write at a time, the rest queue."""
+    _, ads, _ = _plane(max_concurrent_pushes=2, push_slot_hold=60.0)
+    SlowProxy.active = SlowProxy.most_active = 0
+    proxies = [SlowProxy() for _ in range(5)]
+    for proxy in proxies:
+        proxy.gate.clear()
+    servings = [await _connect(ads, proxy, f"storm-{i}") for i, proxy in enumerate(proxies)]
+    await wait_for(lambda: SlowProxy.active == 2, what="two writes under way")
+    for proxy in proxies:  # the proxies read, one after another
+        proxy.gate.set()
+        await wait_for(lambda p=proxy: len(p.written) == 1, what="a stored-up response delivered")  # type: ignore[misc]
+    assert SlowProxy.most_active == 2
+    for proxy, serving in zip(proxies, servings, strict=True):
+        await proxy.requests.put(None)
+        await serving
+
+
+async def test_a_proxy_that_does_not_read_gives_its_push_slot_back() -> None:
+    _, ads, _ = _plane(max_concurrent_pushes=1, push_slot_hold=0.1)
+    stuck, fine = SlowProxy(), SlowProxy()
+    stuck.gate.clear()
+    serving_stuck = await _connect(ads, stuck, "stuck")
+    await wait_for(lambda: SlowProxy.active >= 1, what="the stuck proxy's write under way")
+    serving_fine = await _connect(ads, fine, "fine")
+    await wait_for(lambda: len(fine.written) == 1, timeout=5, what="the reading proxy served despite the stuck one")
+    assert not stuck.written
+    stuck.gate.set()
+    for proxy, serving in ((stuck, serving_stuck), (fine, serving_fine)):
+        await proxy.requests.put(None)
+        await serving
 
 
 def _weight(response: discovery_pb2.DiscoveryResponse) -> int:

@@ -60,6 +60,11 @@ class Metrics:
         self.policy_reloads = Counter(
             "meshplane_policy_reloads", "Policy file reloads by result", ["result"], registry=r
         )
+        # Labelled children looked up once: every ACK and response passes through here.
+        self._responses = {t: self.responses.labels(s) for t, s in types.SHORT_NAMES.items()}
+        self._response_bytes = {t: self.response_bytes.labels(s) for t, s in types.SHORT_NAMES.items()}
+        self._acks = {t: self.acks.labels(s) for t, s in types.SHORT_NAMES.items()}
+        self._push_latency = {t: self.push_latency.labels(s) for t, s in types.SHORT_NAMES.items()}
 
     # server.Callbacks
 
@@ -73,15 +78,13 @@ class Metrics:
         log.info("proxy disconnected", node=stream.node_id, peer=stream.peer)
 
     def response_sent(self, stream: server.Stream, type_url: str, *, resources: int, size: int) -> None:
-        short = types.SHORT_NAMES[type_url]
-        self.responses.labels(short).inc()
-        self.response_bytes.labels(short).inc(size)
+        self._responses[type_url].inc()
+        self._response_bytes[type_url].inc(size)
 
     def acked(self, stream: server.Stream, type_url: str, *, latency: float | None) -> None:
-        short = types.SHORT_NAMES[type_url]
-        self.acks.labels(short).inc()
+        self._acks[type_url].inc()
         if latency is not None:
-            self.push_latency.labels(short).observe(latency)
+            self._push_latency[type_url].observe(latency)
 
     def nacked(self, stream: server.Stream, type_url: str, *, version: str, detail: str) -> None:
         self.nacks.labels(types.SHORT_NAMES[type_url]).inc()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,19 +55,42 @@ class Subscription:
 
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
-    sent: dict[str, resources.Resource] = field(default_factory=dict)
+    # May be the view's own map, shared by every wildcard stream of the view (which keeps
+    # 2,000 proxies' CDS bookkeeping at one copy): changed only through the methods below,
+    # which copy a shared map before the first change.
+    sent: Mapping[str, resources.Resource] = field(default_factory=dict)
+    owned: bool = True
     nonce: str = ""
     answered: bool = False
     # nonce -> earliest change time carried (None: nothing new to time)
     inflight: dict[str, float | None] = field(default_factory=dict)
     acked_version: str = ""
 
+    def share(self, sent: Mapping[str, resources.Resource]) -> None:
+        self.sent, self.owned = sent, False
+
+    def record(self, payload: Mapping[str, resources.Resource]) -> None:
+        self._own().update(payload)
+
+    def forget(self, names: set[str]) -> None:
+        if not names.isdisjoint(self.sent):
+            own = self._own()
+            for name in names:
+                own.pop(name, None)
+
+    def _own(self) -> dict[str, resources.Resource]:
+        if not self.owned or not isinstance(self.sent, dict):
+            self.sent, self.owned = dict(self.sent), True
+        assert isinstance(self.sent, dict)
+        return self.sent
+
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
 
-    def wanted(self, available: Mapping[str, resources.Resource]) -> dict[str, resources.Resource]:
+    def wanted(self, available: Mapping[str, resources.Resource]) -> Mapping[str, resources.Resource]:
+        """What of `available` this subscription covers; for a wildcard, the view's own (never mutated) map."""
         if self.wildcard:
-            return dict(available)
+            return available
         return {n: available[n] for n in self.names if n in available}
 
 
@@ -100,13 +124,25 @@ class AdsServer:
     """Serves views from the cache to ADS streams; told by the push loop what changed."""
 
     def __init__(
-        self, cache: views.ViewCache, *, callbacks: Callbacks, identifier: str = "meshplane"
+        self,
+        cache: views.ViewCache,
+        *,
+        callbacks: Callbacks,
+        identifier: str = "meshplane",
+        max_concurrent_pushes: int = 100,
+        push_slot_hold: float = 5.0,
     ) -> None:
         self._cache = cache
         self._callbacks = callbacks
         self._control_plane = resources.control_plane_field(identifier)
         self._ids = itertools.count(1)
         self.streams: dict[int, Stream] = {}
+        # At most this many streams compose and write at once (Istio's PILOT_PUSH_THROTTLE is
+        # 100 too): after a restart, a storm's full configurations exist a batch at a time
+        # instead of all at once. A proxy that does not read gives its slot back after
+        # `push_slot_hold` seconds, so it cannot hold up the others.
+        self._push_slots = asyncio.Semaphore(max_concurrent_pushes)
+        self._push_slot_hold = push_slot_hold
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -143,25 +179,40 @@ class AdsServer:
         stream = Stream(next(self._ids), context.peer())
         self.streams[stream.id] = stream
         reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
-        waiter: asyncio.Task[bool] | None = None
+        reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
         try:
-            while not reader.done():
-                waiter = asyncio.create_task(stream.wake.wait(), name=f"ads-wake-{stream.id}")
-                done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter not in done:
+            while True:
+                await stream.wake.wait()
+                if reader.done():
                     break
                 stream.wake.clear()
-                for message in self._compose(stream):
-                    await context.write(message)
+                await self._push(stream, context)
             reader.result()  # surface a protocol error from the reader
         finally:
-            for task in (reader, waiter):
-                if task is not None:
-                    task.cancel()
+            reader.cancel()
             self.streams.pop(stream.id, None)
             if stream.view is not None:
                 self._cache.release(stream.view.key)
                 self._callbacks.stream_closed(stream)
+
+    async def _push(self, stream: Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Compose and write under a push slot (composing inside it bounds the bytes alive at once)."""
+        await self._push_slots.acquire()
+        held = True
+
+        def give_back() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._push_slots.release()
+
+        timer = asyncio.get_running_loop().call_later(self._push_slot_hold, give_back)
+        try:
+            for message in self._compose(stream):
+                await context.write(message)
+        finally:
+            timer.cancel()
+            give_back()
 
     async def _read(self, stream: Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         async for request in requests:
@@ -198,7 +249,7 @@ class AdsServer:
             # we would send, it has it all already.
             wanted = sub.wanted(stream.view.resources.get(type_url, {}))
             if req.version_info in (stream.view.version(type_url), resources.type_version(wanted.values())):
-                sub.sent = wanted
+                sub.share(wanted)
                 sub.answered = True
                 sub.acked_version = req.version_info
         stream.mark({type_url: None})
@@ -259,8 +310,7 @@ class AdsServer:
         eds = stream.subs.get(types.ENDPOINT)
         if eds is not None and changed_clusters:
             # An updated cluster warms again and waits for its endpoints.
-            for name in changed_clusters:
-                eds.sent.pop(name, None)
+            eds.forget(changed_clusters)
             _merge_dirty(dirty, types.ENDPOINT, changed_clusters)
         for type_url in (types.ENDPOINT, types.LISTENER, types.ROUTE):
             sub = stream.subs.get(type_url)
@@ -284,7 +334,7 @@ class AdsServer:
         view: views.View,
         type_url: str,
         sub: Subscription,
-        candidates: dict[str, resources.Resource],
+        candidates: Mapping[str, resources.Resource],
         out: list[bytes],
         *,
         whole: bool,
@@ -319,9 +369,9 @@ class AdsServer:
         sub.answered = True
         sub.inflight[nonce] = min(seen) if seen else None
         if type_url in types.FULL_STATE:
-            sub.sent = dict(candidates)
+            sub.share(candidates)
         else:
-            sub.sent.update(payload)
+            sub.record(payload)
         out.append(message)
         self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
 
@@ -339,7 +389,7 @@ def _merge_dirty(dirty: dict[str, set[str] | None], type_url: str, names: set[st
 
 def _resubscribe(sub: Subscription, names: Any, *, first: bool) -> None:
     """Apply a request's resource_names (xds_protocol wildcard rules) to a subscription."""
-    requested = set(names)
+    requested = {sys.intern(n) for n in names}  # one string per name, not one per stream
     if types.WILDCARD in requested:
         sub.wildcard = True
         requested.discard(types.WILDCARD)
@@ -347,8 +397,7 @@ def _resubscribe(sub: Subscription, names: Any, *, first: bool) -> None:
         sub.wildcard = False
     elif first:
         sub.wildcard = True  # legacy wildcard: a first request naming nothing
-    for name in requested ^ sub.names:
-        sub.sent.pop(name, None)  # (re)subscribed resources are sent even if unchanged
+    sub.forget(requested ^ sub.names)  # (re)subscribed resources are sent even if unchanged
     sub.names = requested
 
 
