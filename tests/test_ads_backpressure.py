@@ -46,9 +46,9 @@ class SlowProxy:
     async def abort(self, code: Any, details: str) -> None:
         raise AssertionError(f"aborted: {details}")
 
-    async def request_stream(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+    async def request_stream(self) -> AsyncIterator[server.Request]:
         while (req := await self.requests.get()) is not None:
-            yield req
+            yield server.parse_request(req.SerializeToString())  # as gRPC's deserializer does
 
 
 def _cluster(weight: int) -> dict[model.ServiceKey, model.ServiceInCluster]:
