@@ -92,7 +92,7 @@ class Subscription:
     """One type on one stream: what the proxy asked for and what it was sent."""
 
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    names: frozenset[str] = frozenset()  # shared by the streams that ask for the same names
     # May be the view's own map, shared by every wildcard stream of the view (which keeps
     # 2,000 proxies' CDS bookkeeping at one copy): changed only through the methods below,
     # which copy a shared map before the first change.
@@ -180,6 +180,9 @@ class AdsServer:
         # 100 too): after a restart, a storm's full configurations exist a batch at a time
         # instead of all at once. A proxy that does not read gives its slot back after
         # `push_slot_hold` seconds, so it cannot hold up the others.
+        # names key -> (that key, the names): streams asking for the same names share one key
+        # and one set (a thousand names cost some 80 KB; two thousand proxies need one copy).
+        self._name_sets: dict[bytes, tuple[bytes, frozenset[str], bool]] = {}
         self._push_slots = asyncio.Semaphore(max_concurrent_pushes)
         self._push_slot_hold = push_slot_hold
 
@@ -235,7 +238,11 @@ class AdsServer:
                 self._callbacks.stream_closed(stream)
 
     async def _push(self, stream: Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Compose and write under a push slot (composing inside it bounds the bytes alive at once)."""
+        """Compose and write; a heavy push under a push slot (composing inside it bounds the bytes alive at once)."""
+        if not _heavy(stream.dirty):
+            for message in self._compose(stream):
+                await context.write(message)
+            return
         await self._push_slots.acquire()
         held = True
 
@@ -256,6 +263,7 @@ class AdsServer:
     async def _read(self, stream: Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         async for request in requests:
             error = self._on_request(stream, request)
+            del request  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
             if error is not None:
                 log.warning("bad xDS request", stream=stream.id, peer=stream.peer, error=error)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
@@ -285,8 +293,8 @@ class AdsServer:
             sub = stream.subs[type_url] = Subscription()
         if sub.names_key == request.names_key:
             return None  # the same names as before (an ACK or NACK): nothing new to look at
-        sub.names_key = request.names_key
-        look_at = _resubscribe(sub, req.resource_names, first=first)
+        sub.names_key, requested, explicit_wildcard = self._shared_names(request)
+        look_at = _resubscribe(sub, requested, explicit_wildcard, first=first)
         if first and req.version_info and stream.view is not None:
             # Reconnect: the proxy says which version it holds; if that is what
             # we would send, it has it all already.
@@ -298,6 +306,22 @@ class AdsServer:
         if look_at is None or look_at:
             stream.mark({type_url: look_at})
         return None
+
+    def _shared_names(self, request: Request) -> tuple[bytes, frozenset[str], bool]:
+        entry = self._name_sets.get(request.names_key)
+        if entry is None:
+            names = {sys.intern(n) for n in request.message.resource_names}
+            explicit_wildcard = types.WILDCARD in names
+            names.discard(types.WILDCARD)
+            entry = (request.names_key, frozenset(names), explicit_wildcard)
+            if len(self._name_sets) > 2 * len(self.streams) + 64:
+                self._name_sets = {  # keep the sets still in use
+                    sub.names_key: self._name_sets[sub.names_key]
+                    for stream in self.streams.values() for sub in stream.subs.values()
+                    if sub.names_key is not None and sub.names_key in self._name_sets
+                }
+            self._name_sets[request.names_key] = entry
+        return entry
 
     def _on_reply(self, stream: Stream, sub: Subscription, req: discovery_pb2.DiscoveryRequest) -> None:
         if req.HasField("error_detail"):
@@ -349,7 +373,7 @@ class AdsServer:
             removed = {n: r for n, r in cds.sent.items() if n not in wanted}
             changed_clusters = {n for n, r in wanted.items() if n in cds.sent and cds.sent[n].version != r.version}
             # Make before break: keep removed clusters until routes stop naming them.
-            union = {**wanted, **removed}
+            union = {**wanted, **removed} if removed else wanted
             self._respond(stream, view, types.CLUSTER, cds, union, out, whole=not removed)
         eds = stream.subs.get(types.ENDPOINT)
         if eds is not None and changed_clusters:
@@ -364,9 +388,13 @@ class AdsServer:
             names = dirty[type_url]
             if names is None or type_url in types.FULL_STATE:
                 candidates = sub.wanted(have)
+                current = len(candidates) == len(have)
             else:  # only what changed (or was re-subscribed) can need sending: O(changes), not O(subscribed)
                 candidates = {n: have[n] for n in names if n in have and sub.wants(n)}
-            self._respond(stream, view, type_url, sub, candidates, out, whole=True)
+                # Current with the view's previous build, and every name that changed since is wanted.
+                current = sub.sent is view.previous.get(type_url) and all(n in candidates for n in names if n in have)
+            # After this push such a stream holds exactly the view's map: it shares it instead of a copy.
+            self._respond(stream, view, type_url, sub, candidates, out, whole=True, now=have if current else None)
         if removed and cds is not None:
             wanted = cds.wanted(available.get(types.CLUSTER, {}))
             self._respond(stream, view, types.CLUSTER, cds, wanted, out, whole=True)
@@ -382,6 +410,7 @@ class AdsServer:
         out: list[bytes],
         *,
         whole: bool,
+        now: Mapping[str, resources.Resource] | None = None,
     ) -> None:
         """Send what of `candidates` the stream lacks (all of it for CDS/LDS, if anything differs).
 
@@ -414,10 +443,29 @@ class AdsServer:
         sub.inflight[nonce] = min(seen) if seen else None
         if type_url in types.FULL_STATE:
             sub.share(candidates)
+        elif now is not None:
+            sub.share(now)
         else:
             sub.record(payload)
         out.append(message)
         self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
+
+
+LIGHT_NAMES = 64
+"""A push naming at most this many endpoint assignments (or routes) is light: it skips the
+push slots. One changed endpoint's push to a thousand proxies is a thousand small writes,
+which go out as fast as the floor's; waiting in line for slots would double its time."""
+
+
+def _heavy(dirty: Mapping[str, set[str] | None]) -> bool:
+    """Whether a push may be large: everything of a type, any full-state type (CDS and LDS
+    responses carry every resource), or many names."""
+    names = 0
+    for type_url, changed in dirty.items():
+        if changed is None or type_url in types.FULL_STATE:
+            return True
+        names += len(changed)
+    return names > LIGHT_NAMES
 
 
 def _merge_dirty(dirty: dict[str, set[str] | None], type_url: str, names: set[str] | None) -> None:
@@ -431,26 +479,22 @@ def _merge_dirty(dirty: dict[str, set[str] | None], type_url: str, names: set[st
         dirty[type_url] = names if current is None else current | names
 
 
-def _resubscribe(sub: Subscription, names: Any, *, first: bool) -> set[str] | None:
+def _resubscribe(
+    sub: Subscription, requested: frozenset[str], explicit_wildcard: bool, *, first: bool
+) -> set[str] | None:
     """Apply a request's resource_names (xds_protocol wildcard rules) to a subscription.
 
     Returns the names to look at again: None for all of them (the first request, or a switch
-    into or out of wildcard), else the names newly subscribed or dropped (usually none: an
-    ACK repeats what the proxy already has, and costs no work beyond this comparison).
+    into or out of wildcard), else the names newly subscribed or dropped.
     """
-    requested = set(names)
     wildcard = sub.wildcard
-    if types.WILDCARD in requested:
+    if explicit_wildcard:
         wildcard = True
-        requested.discard(types.WILDCARD)
     elif requested:
         wildcard = False
     elif first:
         wildcard = True  # legacy wildcard: a first request naming nothing
-    if not first and wildcard == sub.wildcard and requested == sub.names:
-        return set()
-    requested = {sys.intern(n) for n in requested}  # one string per name, not one per stream
-    changed = requested ^ sub.names
+    changed = set(requested ^ sub.names)
     sub.forget(changed)  # (re)subscribed resources are sent even if unchanged
     whole = first or wildcard != sub.wildcard
     sub.wildcard = wildcard

@@ -40,6 +40,7 @@ class ViewKey:
 class View:
     key: ViewKey
     resources: dict[str, Resources] = field(default_factory=dict)
+    previous: dict[str, Resources] = field(default_factory=dict)  # resources before the last build
     streams: int = 0
     _versions: dict[str, str] = field(default_factory=dict)
 
@@ -200,6 +201,7 @@ class ViewCache:
                         previous = old_eds.get(name)
                         eds[name] = previous if previous is not None and previous.version == r.version else r
         view._versions = {}
+        view.previous = view.resources
         view.resources = {
             types.CLUSTER: self._clusters,
             types.ENDPOINT: eds,
