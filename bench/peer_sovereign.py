@@ -31,7 +31,7 @@ it: each phase first waits (--quiet-wait) until other processes use under --quie
 and the `others` column is what the rest of the machine used during the window (~0 when clean).
 
 Results: a table on stdout and bench/results/peer_sovereign.json (machine, date, commit,
-versions, the exact configs used); docs/benchmarks-peer.md reads them.
+versions, the exact configs used); docs/benchmarks.md quotes them.
 """
 
 from __future__ import annotations
