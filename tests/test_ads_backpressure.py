@@ -134,6 +134,25 @@ async def test_a_proxy_that_does_not_read_gives_its_push_slot_back() -> None:
         await serving
 
 
+async def test_a_one_endpoint_push_does_not_wait_for_a_push_slot() -> None:
+    """Every slot is held by a proxy that does not read; a small EDS change still reaches the others."""
+    catalog, ads, loop = _plane(max_concurrent_pushes=1, push_slot_hold=60.0)
+    fine, stuck = SlowProxy(), SlowProxy()
+    serving_fine = await _connect(ads, fine, "fine")
+    await wait_for(lambda: len(fine.written) == 1, what="the first response")
+    stuck.gate.clear()
+    serving_stuck = await _connect(ads, stuck, "stuck")
+    await wait_for(lambda: ads._push_slots.locked(), what="the stuck proxy holding the only slot")
+    catalog.apply(model.ClusterId("c1"), _cluster(7), seen_at=0.0)
+    loop.flush()
+    await wait_for(lambda: len(fine.written) == 2, timeout=5, what="the endpoint change delivered")
+    assert _weight(fine.written[-1]) == 7
+    stuck.gate.set()
+    for proxy, serving in ((stuck, serving_stuck), (fine, serving_fine)):
+        await proxy.requests.put(None)
+        await serving
+
+
 def _weight(response: discovery_pb2.DiscoveryResponse) -> int:
     cla = endpoint_pb2.ClusterLoadAssignment()
     response.resources[0].Unpack(cla)

@@ -17,10 +17,11 @@ reconnects reporting the version it already has gets no re-push.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -239,10 +240,13 @@ class AdsServer:
 
     async def _push(self, stream: Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Compose and write; a heavy push under a push slot (composing inside it bounds the bytes alive at once)."""
-        if not _heavy(stream.dirty):
+        async with self._push_slot() if _heavy(stream.dirty) else contextlib.nullcontext():
             for message in self._compose(stream):
                 await context.write(message)
-            return
+
+    @contextlib.asynccontextmanager
+    async def _push_slot(self) -> AsyncIterator[None]:
+        """Hold a push slot until the block ends, or `push_slot_hold` seconds, whichever comes first."""
         await self._push_slots.acquire()
         held = True
 
@@ -254,8 +258,7 @@ class AdsServer:
 
         timer = asyncio.get_running_loop().call_later(self._push_slot_hold, give_back)
         try:
-            for message in self._compose(stream):
-                await context.write(message)
+            yield
         finally:
             timer.cancel()
             give_back()
