@@ -348,7 +348,14 @@ async def test_bad_data_is_skipped_and_logged_once_not_per_event(fake: FakeKubeA
             fake.put("nodes", {"metadata": {"name": "n3", "labels": {"tick": str(i)}}})  # no topology labels
             fake.put("endpointslices", web_slice(endpoint("10.0.0.1", node_name="n1"), {"addresses": []},
                                                  endpoint(f"10.0.7.{i}", node_name="n3")))
-        await wait_for(lambda: "10.0.7.2" in (addresses(catalog, WEB) or {}), what="the last good event")
+        # Nodes come on their own watch stream: a sentinel node after the three n3 events tells when the
+        # node reflector has handled all of them (api's endpoint on n4 gets n4's zone only then).
+        fake.put("endpointslices", endpoint_slice("api-a", "shop", "api", [endpoint("10.0.1.9", node_name="n4")],
+                                                  ports=[{"name": "grpc", "port": 9091}]))
+        fake.put("nodes", node("n4", "eu", "eu-d"))
+        await wait_for(lambda: "10.0.7.2" in (addresses(catalog, WEB) or {}), what="the last good slice event")
+        await wait_for(lambda: [e.locality.zone for e in catalog.services[API].endpoints] == ["eu-d"],
+                       what="the last node event")
     problems = sorted((e["event"], e["object"]) for e in logs if e.get("log_level") == "warning"
                       and e["event"] not in ("cluster stale, keeping last known endpoints",))
     assert problems == [
