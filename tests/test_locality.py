@@ -178,6 +178,30 @@ FAILOVER_ORDER = [
         id="failover-first-rule-for-region-wins",
     ),
     pytest.param(
+        (
+            ep("10.0.0.1", "us-east/a/c1"),
+            ep("10.0.0.2", "us-east/a/c2"),
+            ep("10.0.0.3", "us-east/b/c1"),
+            ep("10.0.0.4", "us-east/b/c2"),
+            ep("10.0.1.1", "us-west/a/c3"),
+            ep("10.0.2.1", "eu-west/a/c4"),
+            ep("10.0.3.1", "ap-south/a/c5"),
+        ),
+        "us-east/a/c1", failover(("us-east", "eu-west")),
+        # Every level at once: same region/zone/cluster, same zone other cluster, same region
+        # (any cluster), the failover rule's region, then every other region together.
+        [
+            ("us-east/a/c1", 0, 1, ("10.0.0.1:8000",)),
+            ("us-east/a/c2", 1, 1, ("10.0.0.2:8000",)),
+            ("us-east/b/c1", 2, 1, ("10.0.0.3:8000",)),
+            ("us-east/b/c2", 2, 1, ("10.0.0.4:8000",)),
+            ("eu-west/a/c4", 3, 1, ("10.0.2.1:8000",)),
+            ("ap-south/a/c5", 4, 1, ("10.0.3.1:8000",)),
+            ("us-west/a/c3", 4, 1, ("10.0.1.1:8000",)),
+        ],
+        id="all-five-levels-cluster-zone-region-failover-rest",
+    ),
+    pytest.param(
         (ep("10.1.0.1", "cn-hangzhou/h/c1"), ep("10.2.0.1", "cn-shanghai/a/c2")),
         "cn-hangzhou/h/c1",
         failover(("cn-hangzhou", "cn-shanghai"), ("cn-shanghai", "cn-hangzhou")),
