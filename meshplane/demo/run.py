@@ -1,7 +1,10 @@
 """`meshplane demo`: the S1 mesh, live. Break replicas and watch traffic move.
 
-Every round sends one request into each zone's sidecar and prints where
-each hop landed. Commands (typed, or given with --script, ';'-separated):
+Every round sends one request straight to mocka in each zone (as a client
+next to it would: no sidecar on that first hop); mocka calls mockb, and
+mockb calls mockc, each through the Envoy sidecar of its own zone. Each line
+shows where every hop landed. Commands (typed, or given with --script,
+';'-separated):
 
   break SERVICE ZONE       the replica refuses connections (outlier detection moves traffic)
   fix SERVICE ZONE         it listens again (back after the ejection time)
