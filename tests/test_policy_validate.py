@@ -7,7 +7,9 @@ import re
 import textwrap
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 
 from meshplane.discovery import model
 from meshplane.policy import schema, types, validate
@@ -644,6 +646,50 @@ def test_committed_schema_is_current() -> None:
     assert expected["$schema"].startswith("https://json-schema.org/")
     assert expected["required"] == ["apiVersion"]
     assert expected["additionalProperties"] is False
+
+
+def _docs_examples() -> list[str]:
+    text = (ROOT / "docs/policy.md").read_text()
+    fences = re.findall(r"^```(yaml[^\n]*)\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    return [body for info, body in fences if info == "yaml"]
+
+
+def _editor_schema() -> jsonschema.Draft202012Validator:
+    """The published schema, as an editor's YAML language server applies it."""
+    return jsonschema.Draft202012Validator(json.loads((ROOT / "docs/policy.schema.json").read_text()))
+
+
+SHAPES = [
+    pytest.param("", True, id="empty-file"),
+    pytest.param("# nothing yet\n", True, id="comments-only"),
+    pytest.param("---\n", True, id="empty-document"),
+    pytest.param(HEAD, True, id="api-version-only"),
+    pytest.param(HEAD + "defaults:\nservices:\n", True, id="null-sections"),
+    pytest.param("{}\n", False, id="empty-mapping-lacks-api-version"),
+    pytest.param("apiVersion: meshplane.io/v2\n", False, id="other-api-version"),
+    pytest.param(HEAD + "bogus: 1\n", False, id="unknown-key"),
+    pytest.param(HEAD + "routes: [{}]\n", False, id="reserved-key"),
+    pytest.param(HEAD + "defaults: {outlierDetection: {maxEjectionPercent: 101}}\n", False, id="out-of-range"),
+    pytest.param("- apiVersion: meshplane.io/v1\n", False, id="a-list"),
+    pytest.param("42\n", False, id="a-number"),
+]
+
+
+@pytest.mark.parametrize(("text", "valid"), SHAPES)
+def test_schema_and_validator_agree_on_shape(text: str, valid: bool) -> None:
+    """What an editor flags with the published schema is what `meshplane validate` rejects."""
+    schema_errors = [e.message for e in _editor_schema().iter_errors(yaml.safe_load(text))]
+    assert (schema_errors == []) is valid, schema_errors
+    result = validate.load_policy_text(text, path="policy.yaml")
+    assert (result.errors == ()) is valid, result.errors
+
+
+def test_schema_accepts_every_docs_example() -> None:
+    checker = _editor_schema()
+    examples = _docs_examples()
+    assert len(examples) >= 7
+    for body in examples:
+        assert [e.message for e in checker.iter_errors(yaml.safe_load(body))] == [], body
 
 
 def test_docs_examples_validate() -> None:

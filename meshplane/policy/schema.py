@@ -28,6 +28,9 @@ def json_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
         **body,
+        # An empty file (or one of comments only) is YAML null, and meshplane reads it as the
+        # default policy; an editor must not flag it. (`required` applies to mappings only.)
+        "type": ["object", "null"],
         "title": f"meshplane policy ({document.API_VERSION})",
     }
 
