@@ -109,15 +109,32 @@ async def test_remote_secrets_add_rotate_and_remove_clusters(
     await wait_for(lambda: localities(plane) == {"10.1.0.1": "r1/z1/home"}, what="east removed with its secret")
 
 
-async def test_ready_waits_for_first_sync_or_the_timeout(
+async def test_ready_waits_for_every_cluster_to_list_once(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    good = fakes[0].write_kubeconfig(tmp_path / "good.yaml", cluster="c1")
+    slow = fakes[1].write_kubeconfig(tmp_path / "slow.yaml", cluster="c2")
+    fakes[1].stall(True)  # accepts requests and answers none until released: its first list cannot end
+    plane = await start_plane(kubeconfigs=(f"good={good}", f"slow={slow}"), kube=FAST, sync_timeout=60)
+    await wait_for(lambda: "10.1.0.1" in localities(plane), what="the good cluster synced")
+    assert not plane.ready()  # certain: the slow cluster has not listed, and its timeout is a minute away
+    status = plane._cluster_status()
+    assert status["slow"]["synced"] is False and status["slow"]["sync_timed_out"] is False
+    assert status["good"]["synced"] is True
+
+    fakes[1].stall(False)  # its list is answered: ready without waiting for the timeout
+    await wait_for(plane.ready, what="ready once every cluster listed")
+    assert "10.2.0.1" in localities(plane) and plane._cluster_status()["slow"]["synced"] is True
+
+
+async def test_ready_after_the_sync_timeout_without_a_cluster_that_cannot_list(
     fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
 ) -> None:
     good = fakes[0].write_kubeconfig(tmp_path / "good.yaml", cluster="c1")
     down = fakes[1].write_kubeconfig(tmp_path / "down.yaml", cluster="c2")
     fakes[1].set_unreachable(True)
-    plane = await start_plane(kubeconfigs=(f"good={good}", f"down={down}"), kube=FAST, sync_timeout=0.6)
+    plane = await start_plane(kubeconfigs=(f"good={good}", f"down={down}"), kube=FAST, sync_timeout=0.3)
     await wait_for(lambda: "10.1.0.1" in localities(plane), what="the good cluster synced")
-    assert not plane.ready()  # the other cluster has neither listed nor timed out yet
     await wait_for(plane.ready, what="ready after the sync timeout")
     status = plane._cluster_status()
     assert status["down"]["synced"] is False and status["down"]["sync_timed_out"] is True
