@@ -10,6 +10,7 @@ In order (never two at once: they would share the cores):
   convergence, 5 ms poll the same with `serve --poll-interval 0.005`: times from the file write are
                          then nearly times from meshplane seeing the change
   storm                  1,000 proxies connect at once, R fresh servers, and the floor
+  real Envoys            12 real Envoys beside 1,000 simulated proxies, the same changes timed on both
   scale                  proxies 100/1,000/5,000; views 1/8/32; services 100/1,000/10,000; memory point
 
 The peer (sovereign, bench/peer_sovereign.py, with real Envoys) needs its own virtualenv and
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common, convergence, loadgen, scale, storm
+from bench import common, convergence, loadgen, real_envoys, scale, storm
 
 TARGET_P99_MS = 100.0
 TARGET_FLOOR_RATIO = 2.0
@@ -52,6 +53,11 @@ def run(*, repeat: int, quick: bool, processes: int, with_peer: bool) -> dict[st
     quiet["storm"] = common.wait_quiet()
     out["storm"] = storm.run(localities=8, repeat=repeat, processes=processes, **size, **mesh)
     storm.print_result(out["storm"])
+    print("\nreal Envoys beside the simulated proxies ...", flush=True)
+    quiet["real_envoys"] = common.wait_quiet()
+    out["real_envoys"] = real_envoys.run(envoys=4 if quick else 12, localities=8, repeat=repeat, processes=processes,
+                                         **size, **mesh)
+    real_envoys.print_result(out["real_envoys"])
     print("\nscale ...", flush=True)
     quiet["scale"] = common.wait_quiet()
     lists: dict[str, Any] = ({"proxies_list": (50, 200), "views_list": (1, 8), "services_list": (30, 300),
@@ -130,6 +136,7 @@ def print_summary(out: dict[str, Any]) -> None:
     common.print_table(["benchmark", "p50 ms", "p99 ms", "p99 range", "all ms", "server CPU s"], rows,
                        title=f"meshplane {m['commit']} on {m['nproc']} cores ({m['cpu']}), {m['date']}: "
                              f"{p['proxies']} proxies, {p['services']} services, medians of {out['repeat']}")
+    real_envoys.print_result(out["real_envoys"])
     scale.print_result(out["scale"])
     common.print_table(["target", "value", "spread", "goal", "met"],
                        [[t["target"], t["value"], t["spread"], t["goal"],
