@@ -120,7 +120,7 @@ class ControlPlane:
         local = self._local_spec()
         if local is not None:
             specs.insert(0, local)
-        await self.clusters.set_origin("command line", {s.id: s for s in specs})
+        await self.clusters.set_origin("command line", {s.id: s for s in specs}, strict=True)
         for directory in self.kubeconfig_dirs:
             await directory.start()
         if self.config.remote_secrets_namespace:

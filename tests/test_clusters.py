@@ -5,11 +5,13 @@ Every cluster is a wire-protocol fake API server read by the real `kubernetes` c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from meshplane import app
@@ -47,6 +49,17 @@ def fakes() -> Iterator[list[FakeKubeAPI]]:
 def localities(plane: app.ControlPlane) -> dict[str, str]:
     service = plane.catalog.services.get(MOCKB)
     return {ep.address: str(ep.locality) for ep in service.endpoints} if service else {}
+
+
+def published(plane: app.ControlPlane) -> list[dict[str, str]]:
+    """mockb's endpoints after every change the catalog publishes from now on (what would be pushed)."""
+    seen: list[dict[str, str]] = []
+    plane.catalog.subscribe(lambda change: seen.append(localities(plane)) if MOCKB in change.services else None)
+    return seen
+
+
+def unreadable(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"].startswith("cluster configuration unreadable")]
 
 
 async def test_kubeconfig_files_merge_clusters_with_their_localities(
@@ -150,6 +163,115 @@ async def test_a_broken_kubeconfig_stops_start_up_naming_it(start_plane: Any, tm
     bad.write_text("apiVersion: v1\nkind: Config\n")
     with pytest.raises(ValueError, match=f"{bad}: not a kubeconfig"):
         await start_plane(kubeconfigs=(f"x={bad}",))
+
+
+BROKEN_KUBECONFIGS = {
+    "half-written": "apiVersion: v1\nkind: Config\n",
+    "not YAML": "clusters: [{name: c1\n",
+    "unusable": yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "c1",
+                                "clusters": [{"name": "c1", "cluster": {"server": "http://127.0.0.1:1"}}],
+                                "contexts": [{"name": "c1", "context": {"cluster": "elsewhere", "user": "u"}}],
+                                "users": [{"name": "u", "user": {"token": "t"}}]}),
+}
+
+
+@pytest.mark.parametrize("content", BROKEN_KUBECONFIGS.values(), ids=BROKEN_KUBECONFIGS.keys())
+async def test_a_broken_kubeconfig_file_keeps_the_running_cluster_until_fixed(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path, content: str
+) -> None:
+    directory = tmp_path / "clusters"
+    directory.mkdir()
+    path = fakes[0].write_kubeconfig(directory / "c1.yaml", cluster="c1")
+    good = path.read_text()
+    plane = await start_plane(kubeconfig_dirs=(directory,), kube=FAST, kubeconfig_dir_interval=0.02)
+    await wait_for(lambda: localities(plane) == {"10.1.0.1": "r1/z1/c1"}, what="c1 from the directory")
+    pushed = published(plane)
+    with structlog.testing.capture_logs() as logs:
+        path.write_text(content)  # an edit in progress, or a bad one
+        fakes[1].write_kubeconfig(directory / "c2.yaml", cluster="c2")  # the directory changes again
+        await wait_for(lambda: "10.2.0.1" in localities(plane), what="c2 added: the broken file was read")
+        assert "10.1.0.1" in localities(plane), "a broken file removed its running cluster"
+        # c1's source still runs: a change in the cluster still arrives
+        fakes[0].put("endpointslices", endpoint_slice(
+            "mockb-abc", "default", "mockb", [endpoint("10.1.0.2", node_name="node-z1")],
+            [{"name": "http", "port": 9000}]))
+        await wait_for(lambda: localities(plane).get("10.1.0.2") == "r1/z1/c1", what="c1 still watched")
+        fakes[2].write_kubeconfig(directory / "c3.yaml", cluster="c3")  # another scan, c1's file still broken
+        await wait_for(lambda: "10.3.0.1" in localities(plane), what="c3 added")
+        path.write_text(good)  # fixed
+        await wait_for(lambda: any(e["event"] == "cluster configuration readable again" for e in logs),
+                       what="the repair logged")
+    [error] = unreadable(logs)  # once, though the directory was scanned again with the file still broken
+    assert error["cluster"] == "c1" and str(path) in error["error"]
+    assert error["event"] == "cluster configuration unreadable; the cluster keeps running on its last good one"
+    assert not [e for e in logs if e["event"] in ("cluster removed", "cluster credentials changed, reconnecting")]
+    assert pushed and all("10.1.0.2" in p or "10.1.0.1" in p for p in pushed), f"c1 went away: {pushed}"
+    assert plane.clusters.clusters["c1"].kubeconfig == yaml.safe_load(good)
+
+
+async def test_a_broken_remote_secret_keeps_the_running_cluster_until_fixed(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    local, remote, other = fakes
+    labels = {"meshplane.io/multicluster": "true"}
+    good = kubeconfig_secret("remote-east", "meshplane-system", "east", remote.kubeconfig(cluster="c2"), labels=labels)
+    local.put("secrets", good)
+    path = local.write_kubeconfig(tmp_path / "local.yaml", cluster="c1")
+    plane = await start_plane(local_cluster=f"home={path}", remote_secrets_namespace="meshplane-system", kube=FAST)
+    await wait_for(lambda: localities(plane).get("10.2.0.1") == "r2/z2/east", what="east from its secret")
+    pushed = published(plane)
+    with structlog.testing.capture_logs() as logs:
+        local.put("secrets", kubeconfig_secret("remote-east", "meshplane-system", "east", "clusters: [oops",
+                                               labels=labels))
+        local.put("secrets", kubeconfig_secret("remote-west", "meshplane-system", "west",
+                                               other.kubeconfig(cluster="c3"), labels=labels))
+        await wait_for(lambda: "10.3.0.1" in localities(plane), what="west added: the broken secret was read")
+        assert "10.2.0.1" in localities(plane), "a broken secret removed its running cluster"
+        remote.put("endpointslices", endpoint_slice(
+            "mockb-abc", "default", "mockb", [endpoint("10.2.0.2", node_name="node-z2")],
+            [{"name": "http", "port": 9000}]))
+        await wait_for(lambda: localities(plane).get("10.2.0.2") == "r2/z2/east", what="east still watched")
+        local.put("secrets", kubeconfig_secret("unrelated", "meshplane-system", "north",
+                                               other.kubeconfig(cluster="c3", context="north"), labels=labels))
+        await wait_for(lambda: "north" in plane.clusters.clusters, what="another sync, east's secret still broken")
+        local.put("secrets", good)
+        await wait_for(lambda: any(e["event"] == "cluster configuration readable again" for e in logs),
+                       what="the repair logged")
+    [error] = unreadable(logs)
+    assert error["cluster"] == "east"
+    assert error["error"].startswith("secret meshplane-system/remote-east key east: ")
+    assert not [e for e in logs if e["event"] in ("cluster removed", "cluster credentials changed, reconnecting")]
+    assert pushed and all("10.2.0.1" in p or "10.2.0.2" in p for p in pushed), f"east went away: {pushed}"
+
+
+@pytest.mark.parametrize("vanishes", ["before its stat", "after its stat"])
+async def test_a_file_deleted_mid_scan_does_not_stop_the_directory_polling(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vanishes: str
+) -> None:
+    directory = tmp_path / "clusters"
+    directory.mkdir()
+    fakes[0].write_kubeconfig(directory / "c1.yaml", cluster="c1")
+    plane = await start_plane(kubeconfig_dirs=(directory,), kube=FAST, kubeconfig_dir_interval=0.02)
+    await wait_for(lambda: "10.1.0.1" in localities(plane), what="c1")
+    real_stat = Path.stat
+
+    def racing_stat(self: Path, **kwargs: Any) -> os.stat_result:
+        """The file is deleted by someone else right when the scan looks at it."""
+        if self.name != "vanishing.yaml":
+            return real_stat(self, **kwargs)
+        if vanishes == "before its stat":
+            self.unlink(missing_ok=True)
+            return real_stat(self, **kwargs)
+        result = real_stat(self, **kwargs)
+        self.unlink(missing_ok=True)
+        return result
+
+    monkeypatch.setattr(Path, "stat", racing_stat)
+    fakes[1].write_kubeconfig(directory / "vanishing.yaml", cluster="c2")
+    await wait_for(lambda: not os.path.exists(directory / "vanishing.yaml"), what="the file seen and gone")
+    fakes[2].write_kubeconfig(directory / "c3.yaml", cluster="c3")
+    await wait_for(lambda: "10.3.0.1" in localities(plane), what="the directory still polled")
+    assert set(plane.clusters.clusters) == {"c1", "c3"}
 
 
 def _write_atomically(path: Path, doc: Any) -> None:

@@ -8,6 +8,12 @@ whenever it changes; the registry starts a source for a new cluster,
 reconnects one whose credentials changed (keeping its endpoints until the
 new connection has listed), and removes one that is gone.
 
+A configuration that cannot be read (a half-written file, a Secret with a
+broken kubeconfig) is not a cluster that is gone: the origin names it as
+broken, and a cluster that runs keeps running on its last good spec (its
+source, its endpoints) until the configuration is fixed or removed. Each
+problem is logged once, naming the file or Secret and the reason.
+
 meshplane only ever reads a cluster (list and watch); "discovery only" is
 the only mode there is.
 """
@@ -18,6 +24,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -84,12 +91,23 @@ class ClusterRegistry:
     _entries: dict[model.ClusterId, _Entry] = field(default_factory=dict)
     _by_origin: dict[str, set[model.ClusterId]] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _problems: dict[tuple[str, model.ClusterId], str] = field(default_factory=dict)  # (origin, cluster) -> error
 
-    async def set_origin(self, origin: str, specs: Mapping[model.ClusterId, ClusterSpec]) -> None:
-        """Make the clusters of `origin` exactly `specs`: add, reconnect, remove."""
+    async def set_origin(
+        self, origin: str, specs: Mapping[model.ClusterId, ClusterSpec], *,
+        broken: Mapping[model.ClusterId, str] | None = None, strict: bool = False,
+    ) -> None:
+        """Make the clusters of `origin` exactly `specs`: add, reconnect, remove.
+
+        `broken` names clusters of `origin` whose configuration could not be read (id -> what and
+        where): one that runs keeps its last good spec and source, one that does not is not added.
+        A spec the source factory rejects (an unusable kubeconfig) counts as broken too, unless
+        `strict` (the command line), where it raises ValueError.
+        """
+        problems = dict(broken or {})
         async with self._lock:
             previous = self._by_origin.get(origin, set())
-            for cluster in sorted(previous - specs.keys()):
+            for cluster in sorted(previous - specs.keys() - problems.keys()):
                 await self._remove(cluster)
             for cluster, spec in sorted(specs.items()):
                 owner = self._owner(cluster)
@@ -98,23 +116,48 @@ class ClusterRegistry:
                               first=owner, ignored=origin)
                     continue
                 entry = self._entries.get(cluster)
-                if entry is None:
-                    await self._add(spec)
-                elif entry.spec.fingerprint != spec.fingerprint:
-                    log.info("cluster credentials changed, reconnecting", cluster=cluster, origin=spec.origin)
-                    await entry.source.stop()  # its endpoints stay in the catalog until the new source lists
-                    await self._add(spec)
-            self._by_origin[origin] = {c for c in specs if self._owner(c) in (None, origin) and c in self._entries}
+                if entry is None or entry.spec.fingerprint != spec.fingerprint:
+                    try:
+                        await self._connect(spec, replacing=entry)
+                    except ValueError as exc:
+                        if strict:
+                            raise
+                        problems[cluster] = f"{spec.origin}: {exc}"
+            mine = specs.keys() | problems.keys()
+            self._by_origin[origin] = {c for c in mine if self._owner(c) in (None, origin) and c in self._entries}
+            self._report(origin, specs, problems)
+
+    def _report(self, origin: str, specs: Mapping[model.ClusterId, ClusterSpec],
+                problems: Mapping[model.ClusterId, str]) -> None:
+        """Log each broken configuration once, and its repair."""
+        for cluster, error in sorted(problems.items()):
+            if self._problems.get((origin, cluster)) == error:
+                continue
+            self._problems[(origin, cluster)] = error
+            if cluster in self._by_origin[origin]:
+                log.error("cluster configuration unreadable; the cluster keeps running on its last good one",
+                          cluster=cluster, error=error)
+            else:
+                log.error("cluster configuration unreadable; cluster not added", cluster=cluster, error=error)
+        for key in [k for k in self._problems if k[0] == origin and k[1] not in problems]:
+            del self._problems[key]
+            if key[1] in specs:
+                log.info("cluster configuration readable again", cluster=key[1], origin=specs[key[1]].origin)
 
     def _owner(self, cluster: model.ClusterId) -> str | None:
         return next((o for o, cs in self._by_origin.items() if cluster in cs), None)
 
-    async def _add(self, spec: ClusterSpec) -> None:
+    async def _connect(self, spec: ClusterSpec, *, replacing: _Entry | None) -> None:
+        """Start a source for `spec` (ValueError if its kubeconfig is unusable: then nothing changes)."""
         source = self.make_source(spec)
+        if replacing is not None:
+            log.info("cluster credentials changed, reconnecting", cluster=spec.id, origin=spec.origin)
+            await replacing.source.stop()  # its endpoints stay in the catalog until the new source lists
         self._entries[spec.id] = _Entry(spec=spec, source=source, added_at=time.monotonic())
         self.catalog.expect(spec.id)
         await source.start(self.catalog)
-        log.info("cluster added", cluster=spec.id, origin=spec.origin)
+        if replacing is None:
+            log.info("cluster added", cluster=spec.id, origin=spec.origin)
 
     async def _remove(self, cluster: model.ClusterId) -> None:
         entry = self._entries.pop(cluster, None)
@@ -208,8 +251,8 @@ class KubeconfigDir:
         self.registry = registry
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
-        self._seen: dict[Path, tuple[int, int]] = {}
-        self._errors: set[str] = set()
+        self._seen: dict[Path, tuple[int, int]] | None = None
+        self._dir_error = ""
 
     async def start(self) -> None:
         if not self.directory.is_dir():
@@ -224,49 +267,73 @@ class KubeconfigDir:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.scan()
+            try:
+                await self.scan()
+            except Exception:  # a polling task that dies would freeze this directory's clusters unseen
+                log.exception("kubeconfig directory scan failed; trying again", directory=str(self.directory))
+
+    def _files(self) -> dict[Path, tuple[int, int]] | None:
+        """Candidate files -> (mtime, size); None if the directory cannot be read (then nothing changes)."""
+        try:
+            paths = sorted(self.directory.iterdir())
+        except OSError as exc:
+            if str(exc) != self._dir_error:
+                log.error("kubeconfig directory unreadable; keeping its clusters", directory=str(self.directory),
+                          error=str(exc))
+            self._dir_error = str(exc)
+            return None
+        self._dir_error = ""
+        files = {}
+        for path in paths:
+            if path.name.startswith(".") or path.suffix not in ("", ".yaml", ".yml", ".conf"):
+                continue
+            try:
+                st = path.stat()  # one stat: the file may go between the listing and here
+            except OSError:
+                continue  # gone: the next scan sees the directory without it
+            if stat.S_ISREG(st.st_mode):
+                files[path] = (st.st_mtime_ns, st.st_size)
+        return files
 
     async def scan(self) -> None:
-        files = sorted(p for p in self.directory.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix in ("", ".yaml", ".yml", ".conf"))
-        stats = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in files}
-        if stats == self._seen:
+        files = self._files()
+        if files is None or files == self._seen:
             return
-        self._seen = stats
         specs: dict[model.ClusterId, ClusterSpec] = {}
-        errors = set()
+        broken: dict[model.ClusterId, str] = {}
         for path in files:
+            cluster = model.ClusterId(path.stem)
             try:
                 doc = load_kubeconfig(path)
-            except ValueError as exc:
-                errors.add(str(exc))
+            except ValueError as exc:  # half written, or broken: the cluster keeps its last good file
+                broken[cluster] = str(exc)
                 continue
-            cluster = model.ClusterId(path.stem)
             specs[cluster] = ClusterSpec(id=cluster, kubeconfig=doc, context=doc.get("current-context"),
-                                         origin=f"kubeconfig dir {self.directory}")
-        for error in sorted(errors - self._errors):
-            log.error("kubeconfig skipped", error=error)
-        self._errors = errors
-        await self.registry.set_origin(f"dir:{self.directory}", specs)
+                                         origin=f"kubeconfig {path}")
+        await self.registry.set_origin(f"dir:{self.directory}", specs, broken=broken)
+        self._seen = files  # only now: a scan that failed half way is tried again
 
 
 def specs_from_secrets(
     secrets: Mapping[str, Mapping[str, Any]], *, namespace: str
-) -> dict[model.ClusterId, ClusterSpec]:
-    """Remote secrets -> cluster specs. Each data key of a labelled Secret is a cluster id, its value a kubeconfig."""
+) -> tuple[dict[model.ClusterId, ClusterSpec], dict[model.ClusterId, str]]:
+    """Remote secrets -> (cluster specs, broken cluster id -> why). Each data key of a labelled Secret is a
+    cluster id, its value a kubeconfig."""
     specs: dict[model.ClusterId, ClusterSpec] = {}
+    broken: dict[model.ClusterId, str] = {}
     for name, data in sorted(secrets.items()):
         for key, encoded in sorted(data.items()):
             where = f"secret {namespace}/{name} key {key}"
-            try:
-                doc = check_kubeconfig(yaml.safe_load(base64.b64decode(encoded)), where=where)
-            except (ValueError, yaml.YAMLError, TypeError) as exc:
-                log.error("remote secret skipped", error=str(exc))
-                continue
             cluster = model.ClusterId(key)
+            try:
+                doc = check_kubeconfig(yaml.safe_load(base64.b64decode(encoded, validate=True)), where=where)
+            except (ValueError, yaml.YAMLError, TypeError) as exc:
+                broken.setdefault(cluster, str(exc) if str(exc).startswith(where) else f"{where}: {exc}")
+                continue
             if cluster in specs:
                 log.error("cluster id in two remote secrets; keeping the first", cluster=cluster, ignored=where)
                 continue
+            broken.pop(cluster, None)
             specs[cluster] = ClusterSpec(id=cluster, kubeconfig=doc, context=doc.get("current-context"),
-                                         origin=f"secret {namespace}/{name}")
-    return specs
+                                         origin=where)
+    return specs, broken

@@ -77,7 +77,7 @@ def client_from_kubeconfig(config: Mapping[str, Any], *, context: str | None = N
     """An API client for a kubeconfig (a dict, as loaded from a file or a remote secret)."""
     try:
         return _config.new_client_from_config_dict(dict(config), context=context)
-    except (kubernetes.config.ConfigException, KeyError, TypeError, ValueError) as exc:
+    except (kubernetes.config.ConfigException, AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"unusable kubeconfig (context {context!r}): {exc}") from exc
 
 

@@ -94,13 +94,13 @@ class RemoteSecrets:
 
     def _sync(self) -> None:
         secrets = {r.name: dict(r.data) for r in self._reflector.store.values()}
-        specs = clusters.specs_from_secrets(secrets, namespace=self.namespace)
+        specs, broken = clusters.specs_from_secrets(secrets, namespace=self.namespace)
         previous = self._pending
 
         async def apply() -> None:
             if previous is not None:
                 await previous  # keep the order of successive updates
-            await self.registry.set_origin(self.origin, specs)
+            await self.registry.set_origin(self.origin, specs, broken=broken)
             self.synced.set()
 
         self._pending = asyncio.get_running_loop().create_task(apply(), name=f"remote-secrets:{self.namespace}")
