@@ -72,6 +72,7 @@ class ControlPlane:
         ]
         self.remote_secrets: remotesecrets.RemoteSecrets | None = None
         self._started_at = 0.0
+        self._ready = False  # latched by ready()
         self._readiness: asyncio.Task[None] | None = None
         self.cache: views.ViewCache | None = None
         self.ads: server.AdsServer | None = None
@@ -189,11 +190,18 @@ class ControlPlane:
             self.push.on_policy(policy, seen_at)
 
     def ready(self) -> bool:
-        if self._grpc is None or not self.clusters.ready():
+        """Serving, and start-up is over: every cluster listed once or timed out, the remote secrets listed.
+
+        Latched, as Istio does: readiness gates start-up only, so a cluster added or reconnected at run
+        time (or one that goes stale) never turns it off. /ready's body and the log say how each cluster stands.
+        """
+        if self._grpc is None:
             return False
-        secrets = self.remote_secrets
-        waited = time.monotonic() - self._started_at >= self.config.sync_timeout
-        return secrets is None or secrets.synced.is_set() or waited
+        if not self._ready:
+            secrets = self.remote_secrets
+            waited = time.monotonic() - self._started_at >= self.config.sync_timeout
+            self._ready = self.clusters.ready() and (secrets is None or secrets.synced.is_set() or waited)
+        return self._ready
 
     # HTTP: metrics, readiness, debug
 

@@ -5,6 +5,7 @@ Every cluster is a wire-protocol fake API server read by the real `kubernetes` c
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import structlog
 import yaml
 
 from meshplane import app
+from meshplane.demo import backend
 from meshplane.discovery import kubesource, model
 from tests.conftest import wait_for
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, kubeconfig_secret, node, service
@@ -156,6 +158,44 @@ async def test_ready_after_the_sync_timeout_without_a_cluster_that_cannot_list(
     fakes[1].set_unreachable(False)  # it comes back: it syncs and its endpoints arrive
     await wait_for(lambda: "10.2.0.1" in localities(plane), what="the late cluster's endpoints")
     assert plane._cluster_status()["down"]["synced"] is True
+
+
+async def ready_body(plane: app.ControlPlane) -> tuple[int, dict[str, Any]]:
+    """GET /ready from the running plane's HTTP port: (status, JSON body)."""
+    status, body = await backend.http_get(plane.http_port, "localhost", "/ready")
+    return status, json.loads(body)
+
+
+async def test_ready_stays_ready_when_a_cluster_is_added_or_reconnected_at_run_time(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    directory = tmp_path / "clusters"
+    directory.mkdir()
+    fakes[0].write_kubeconfig(directory / "c1.yaml", cluster="c1")
+    plane = await start_plane(kubeconfig_dirs=(directory,), kube=FAST, kubeconfig_dir_interval=0.02, sync_timeout=60)
+    await wait_for(plane.ready, what="ready at start-up")
+    fakes[1].stall(True)  # the clusters that follow cannot list, and their sync timeout is a minute away
+
+    fakes[1].write_kubeconfig(directory / "c2.yaml", cluster="c2")  # added at run time
+    await wait_for(lambda: "c2" in plane.clusters.clusters, what="c2 added")
+    assert plane.ready(), "a cluster added at run time made the control plane unready"
+    status, body = await ready_body(plane)
+    assert status == 200 and body["ready"] is True
+    assert (body["clusters"]["c1"]["state"], body["clusters"]["c2"]["state"]) == ("synced", "syncing")
+
+    _write_atomically(directory / "c1.yaml", fakes[1].kubeconfig(cluster="c1"))  # rotated to the stalled server
+    await wait_for(lambda: plane.clusters.clusters["c1"].kubeconfig["clusters"][0]["cluster"]["server"]
+                   == fakes[1].url, what="c1 reconnected")
+    assert plane.ready(), "a cluster reconnected at run time made the control plane unready"
+    status, body = await ready_body(plane)
+    assert status == 200 and body["clusters"]["c1"]["state"] == "syncing"
+    assert localities(plane) == {"10.1.0.1": "r1/z1/c1"}  # its endpoints stay until the new connection lists
+
+    fakes[1].stall(False)
+    await wait_for(lambda: {str(e.locality) for e in plane.catalog.services[MOCKB].endpoints}
+                   == {"r2/z2/c1", "r2/z2/c2"}, what="both clusters listed from the released server")
+    status, body = await ready_body(plane)
+    assert {c: s["state"] for c, s in body["clusters"].items()} == {"c1": "synced", "c2": "synced"}
 
 
 async def test_a_broken_kubeconfig_stops_start_up_naming_it(start_plane: Any, tmp_path: Path) -> None:

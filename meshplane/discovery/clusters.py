@@ -80,7 +80,12 @@ class _Entry:
     spec: ClusterSpec
     source: Source
     added_at: float
-    timed_out_logged: bool = False
+    overdue: asyncio.TimerHandle | None = None  # logs once if the first sync takes longer than the timeout
+
+    def cancel(self) -> None:
+        if self.overdue is not None:
+            self.overdue.cancel()
+            self.overdue = None
 
 
 @dataclass
@@ -152,8 +157,11 @@ class ClusterRegistry:
         source = self.make_source(spec)
         if replacing is not None:
             log.info("cluster credentials changed, reconnecting", cluster=spec.id, origin=spec.origin)
+            replacing.cancel()
             await replacing.source.stop()  # its endpoints stay in the catalog until the new source lists
-        self._entries[spec.id] = _Entry(spec=spec, source=source, added_at=time.monotonic())
+        entry = _Entry(spec=spec, source=source, added_at=time.monotonic())
+        entry.overdue = asyncio.get_running_loop().call_later(self.sync_timeout, self._overdue, entry)
+        self._entries[spec.id] = entry
         self.catalog.expect(spec.id)
         await source.start(self.catalog)
         if replacing is None:
@@ -163,12 +171,14 @@ class ClusterRegistry:
         entry = self._entries.pop(cluster, None)
         if entry is None:
             return
+        entry.cancel()
         await entry.source.stop()
         self.catalog.remove_cluster(cluster, seen_at=time.monotonic())
         log.info("cluster removed", cluster=cluster, origin=entry.spec.origin)
 
     async def stop(self) -> None:
         for entry in list(self._entries.values()):
+            entry.cancel()
             await entry.source.stop()
         self._entries.clear()
         self._by_origin.clear()
@@ -177,33 +187,30 @@ class ClusterRegistry:
     def clusters(self) -> Mapping[model.ClusterId, ClusterSpec]:
         return {c: e.spec for c, e in self._entries.items()}
 
+    def _overdue(self, entry: _Entry) -> None:
+        entry.overdue = None
+        if self._entries.get(entry.spec.id) is entry and not entry.source.synced:
+            log.warning("cluster not synced within the sync timeout; ready without it", cluster=entry.spec.id,
+                        origin=entry.spec.origin, timeout=self.sync_timeout, error=entry.source.error)
+
     def ready(self) -> bool:
-        """Every cluster has listed once, or its sync timeout has passed (then it is logged once)."""
+        """Every cluster has listed once, or its sync timeout has passed (logged once, when it passes)."""
         now = time.monotonic()
-        ok = True
-        for cluster, entry in self._entries.items():
-            if entry.source.synced:
-                continue
-            if now - entry.added_at < self.sync_timeout:
-                ok = False
-            elif not entry.timed_out_logged:
-                entry.timed_out_logged = True
-                log.warning("cluster not synced within the sync timeout; ready without it",
-                            cluster=cluster, timeout=self.sync_timeout, error=entry.source.error)
-        return ok
+        return all(e.source.synced or now - e.added_at >= self.sync_timeout for e in self._entries.values())
 
     def status(self) -> dict[str, dict[str, Any]]:
+        """Per cluster: origin, state (synced, stale, syncing, sync timed out), and the flags and error behind it."""
         now = time.monotonic()
-        return {
-            cluster: {
-                "origin": e.spec.origin,
-                "synced": e.source.synced,
-                "stale": e.source.stale,
-                "error": e.source.error,
-                "sync_timed_out": not e.source.synced and now - e.added_at >= self.sync_timeout,
-            }
-            for cluster, e in sorted(self._entries.items())
-        }
+        status: dict[str, dict[str, Any]] = {}
+        for cluster, e in sorted(self._entries.items()):
+            timed_out = not e.source.synced and now - e.added_at >= self.sync_timeout
+            if e.source.synced:
+                state = "stale" if e.source.stale else "synced"
+            else:
+                state = "sync timed out" if timed_out else "syncing"
+            status[cluster] = {"origin": e.spec.origin, "state": state, "synced": e.source.synced,
+                               "stale": e.source.stale, "error": e.source.error, "sync_timed_out": timed_out}
+        return status
 
 
 # Origins
