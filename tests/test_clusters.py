@@ -198,6 +198,44 @@ async def test_ready_stays_ready_when_a_cluster_is_added_or_reconnected_at_run_t
     assert {c: s["state"] for c, s in body["clusters"].items()} == {"c1": "synced", "c2": "synced"}
 
 
+async def test_ready_body_and_log_say_how_each_cluster_stands(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    good = fakes[0].write_kubeconfig(tmp_path / "good.yaml", cluster="c1")
+    down = fakes[1].write_kubeconfig(tmp_path / "down.yaml", cluster="c2")
+    fakes[1].set_unreachable(True)
+
+    def timeouts() -> list[dict[str, Any]]:
+        return [e for e in logs if e["event"].startswith("cluster not synced within the sync timeout")
+                and e["cluster"] == "down"]
+
+    with structlog.testing.capture_logs() as logs:
+        plane = await start_plane(kubeconfigs=(f"good={good}", f"down={down}"), kube=FAST, sync_timeout=0.3)
+        await wait_for(lambda: "10.1.0.1" in localities(plane), what="the good cluster synced")
+        await wait_for(timeouts, what="the sync timeout logged")
+        status, body = await ready_body(plane)
+        assert status == 200 and body["ready"] is True
+        assert body["clusters"]["good"] == {"state": "synced", "synced": True, "stale": False, "error": "",
+                                            "sync_timed_out": False, "origin": f"kubeconfig {good}"}
+        timed_out = body["clusters"]["down"]
+        assert timed_out["state"] == "sync timed out" and timed_out["sync_timed_out"] is True
+        assert timed_out["synced"] is False and timed_out["stale"] is True and "refused" in timed_out["error"]
+
+        fakes[0].set_unreachable(True)  # the good cluster's API server goes away after its first sync
+        await wait_for(lambda: plane.clusters.status()["good"]["stale"], what="good stale")
+        status, body = await ready_body(plane)
+        assert status == 200 and body["ready"] is True
+        stale = body["clusters"]["good"]
+        assert stale["state"] == "stale" and stale["synced"] is True and "refused" in stale["error"]
+        assert localities(plane) == {"10.1.0.1": "r1/z1/good"}  # its last known endpoints are served
+        for _ in range(3):
+            assert (await ready_body(plane))[0] == 200
+    [logged] = timeouts()  # once, however often /ready is asked
+    assert logged["log_level"] == "warning" and logged["timeout"] == 0.3 and "refused" in logged["error"]
+    stale_logs = [e for e in logs if e["event"] == "cluster stale, keeping last known endpoints"]
+    assert any(e["cluster"] == "good" and "refused" in e["error"] for e in stale_logs), stale_logs
+
+
 async def test_a_broken_kubeconfig_stops_start_up_naming_it(start_plane: Any, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: v1\nkind: Config\n")
