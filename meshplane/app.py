@@ -201,6 +201,10 @@ class ControlPlane:
             secrets = self.remote_secrets
             waited = time.monotonic() - self._started_at >= self.config.sync_timeout
             self._ready = self.clusters.ready() and (secrets is None or secrets.synced.is_set() or waited)
+            if self._ready and self.push is not None:
+                # The push loop may still be debouncing the first syncs: a proxy sent here because we are
+                # ready must get them, not the empty views the cache was built with.
+                self.push.flush()
         return self._ready
 
     # HTTP: metrics, readiness, debug
