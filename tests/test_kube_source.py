@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -454,5 +455,72 @@ async def test_a_watch_gone_silent_is_detected_and_stop_is_prompt() -> None:
         server.shutdown()
         server.server_close()
         serving.join()
+        client.close()
+        api.close()
+
+
+def _bare_reflector(api_client: Any, owner: _Owner, **options: Any) -> kube.Reflector[Any]:
+    return kube.Reflector(api_client=api_client, resource="services", decode=kubemodel.service_record, owner=owner,
+                          problems=kubemodel.Problems(), options=kube.ReflectorOptions(**options))
+
+
+def test_backoff_delay_is_capped_exponential_with_equal_jitter() -> None:
+    api = kubernetes.client.ApiClient()
+    reflector = _bare_reflector(api, _Owner(), backoff_initial=0.1, backoff_max=1.0)
+    means = []
+    for attempt in range(1, 10):
+        step = min(1.0, 0.1 * 2 ** (attempt - 1))  # 0.1, 0.2, 0.4, 0.8, then the cap
+        delays = [reflector._delay(attempt) for _ in range(300)]
+        assert all(step / 2 <= d <= step for d in delays), (attempt, min(delays), max(delays))
+        assert max(delays) - min(delays) > step / 4, "no jitter"  # spread over [step/2, step]
+        means.append(sum(delays) / len(delays))
+    assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(means[:4])), means  # doubles
+    assert all(0.5 <= m <= 1.0 for m in means[4:]), means  # capped at backoff_max
+    api.close()
+
+
+async def test_retries_back_off_further_with_each_failure_and_start_over_after_recovery(
+    fake: FakeKubeAPI,
+) -> None:
+    """Through the real client and an unreachable server: failure n in a row waits _delay(n) before retrying."""
+    populate(fake)
+    fake.set_unreachable(True)
+    api = kubernetes.config.new_client_from_config_dict(fake.kubeconfig(cluster="c1"))
+    client = kube.private_client(api)
+    owner = _Owner()
+    reflector = _bare_reflector(client, owner, backoff_initial=0.05, backoff_max=0.2, request_timeout=2.0)
+    waits: list[tuple[int, float, float]] = []  # (attempt, delay, when the wait began)
+    real_delay = reflector._delay
+
+    def recording_delay(attempt: int) -> float:
+        delay = real_delay(attempt)
+        waits.append((attempt, delay, time.monotonic()))
+        return delay
+
+    reflector._delay = recording_delay  # type: ignore[method-assign]
+    try:
+        reflector.start(asyncio.get_running_loop())
+        await wait_for(lambda: len(waits) >= 6, what="six failed attempts")
+        attempts = [a for a, _, _ in waits[:6]]
+        assert attempts == [1, 2, 3, 4, 5, 6], attempts
+        for (_, delay, began), (_, _, next_began) in itertools.pairwise(waits[:6]):
+            assert next_began - began >= delay - 0.005, "retried before its backoff delay"
+        assert [round(min(0.2, 0.05 * 2 ** (a - 1)), 3) for a in attempts] == [0.05, 0.1, 0.2, 0.2, 0.2, 0.2]
+        assert all(min(0.2, 0.05 * 2 ** (a - 1)) / 2 <= d <= min(0.2, 0.05 * 2 ** (a - 1)) for a, d, _ in waits)
+
+        fake.set_unreachable(False)
+        await wait_for(lambda: owner.reachable[-1:] == [True] and owner.listed == 1, what="listed")
+        await wait_for(lambda: fake.open_watches() == 1, what="watching")
+        # A server that answers a list and then fails again keeps its backoff (it may be flapping); a
+        # watch that delivers shows it is back for good, and the next outage starts from the first step.
+        fake.put("services", service("late", "shop", ports=HTTP))
+        await wait_for(lambda: "shop/late" in reflector.store, what="an event through the watch")
+        seen = len(waits)
+        fake.set_unreachable(True)
+        await wait_for(lambda: len(waits) >= seen + 2, what="failures after recovery")
+        assert [a for a, _, _ in waits[seen:seen + 2]] == [1, 2]
+    finally:
+        reflector.stop()
+        await reflector.join()
         client.close()
         api.close()
