@@ -5,6 +5,7 @@ Every cluster is a wire-protocol fake API server read by the real `kubernetes` c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -234,6 +235,45 @@ async def test_ready_body_and_log_say_how_each_cluster_stands(
     assert logged["log_level"] == "warning" and logged["timeout"] == 0.3 and "refused" in logged["error"]
     stale_logs = [e for e in logs if e["event"] == "cluster stale, keeping last known endpoints"]
     assert any(e["cluster"] == "good" and "refused" in e["error"] for e in stale_logs), stale_logs
+
+
+async def test_stale_ttl_drops_a_reconnected_cluster_whose_new_server_never_lists(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    directory = tmp_path / "clusters"
+    directory.mkdir()
+    fakes[0].write_kubeconfig(directory / "east.yaml", cluster="c1")
+    plane = await start_plane(kubeconfig_dirs=(directory,), kube=dataclasses.replace(FAST, stale_ttl=0.5),
+                              kubeconfig_dir_interval=0.02)
+    await wait_for(lambda: localities(plane) == {"10.1.0.1": "r1/z1/east"}, what="east")
+    fakes[1].set_unreachable(True)
+    with structlog.testing.capture_logs() as logs:
+        _write_atomically(directory / "east.yaml", fakes[1].kubeconfig(cluster="c2"))  # new credentials, a dead server
+        await wait_for(lambda: not localities(plane), what="east's endpoints dropped after the stale TTL")
+    assert [e for e in logs if "past stale_ttl" in e["event"] and e["cluster"] == "east"]
+    fakes[1].set_unreachable(False)  # the new server answers: its endpoints come
+    await wait_for(lambda: localities(plane) == {"10.2.0.1": "r2/z2/east"}, what="east from its new server")
+
+
+async def test_stale_ttl_counts_from_when_the_endpoints_became_stale_not_from_the_reconnect(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    directory = tmp_path / "clusters"
+    directory.mkdir()
+    fakes[0].write_kubeconfig(directory / "east.yaml", cluster="c1")
+    plane = await start_plane(kubeconfig_dirs=(directory,), kube=dataclasses.replace(FAST, stale_ttl=30),
+                              kubeconfig_dir_interval=0.02)
+    await wait_for(lambda: localities(plane) == {"10.1.0.1": "r1/z1/east"}, what="east")
+    fakes[0].set_unreachable(True)
+    await wait_for(lambda: plane.catalog.status()["east"].stale, what="east stale")
+    # As if the outage had lasted 29.5 of its 30 s already (the old source's own timer is left as it was).
+    plane.catalog.status()["east"].stale_since -= 29.5
+    fakes[1].set_unreachable(True)
+    _write_atomically(directory / "east.yaml", fakes[1].kubeconfig(cluster="c2"))  # rotated: still no server
+    port = fakes[1].url.rsplit(":", 1)[1]
+    await wait_for(lambda: port in plane.clusters.status()["east"]["error"], what="the new source failing")
+    # the new source never listed; the TTL runs out half a second after the first outage began, not 30 s later
+    await wait_for(lambda: not localities(plane), timeout=5, what="dropped on the first outage's clock")
 
 
 async def test_a_broken_kubeconfig_stops_start_up_naming_it(start_plane: Any, tmp_path: Path) -> None:

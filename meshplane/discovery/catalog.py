@@ -13,6 +13,7 @@ otherwise, so nothing is pushed empty out of ignorance.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class ClusterStatus:
     synced: bool = False
     stale: bool = False
     error: str = ""
+    stale_since: float | None = None  # monotonic time the endpoints became stale, across sources of the cluster
     services: Mapping[model.ServiceKey, model.ServiceInCluster] = field(default_factory=dict)
 
 
@@ -82,6 +84,7 @@ class Catalog:
         status.synced = True
         status.stale = False
         status.error = ""
+        status.stale_since = None
         touched = {k for k in old.keys() | services.keys() if old.get(k) != services.get(k)}
         return self._merge(touched, seen_at)
 
@@ -92,10 +95,16 @@ class Catalog:
         return self._merge(set(status.services), seen_at)
 
     def mark_stale(self, cluster: model.ClusterId, error: str) -> None:
-        """The source lost its cluster: keep the endpoints, say they may be out of date."""
+        """The source lost its cluster: keep the endpoints, say they may be out of date.
+
+        Staleness is the cluster's, not the source's: a source that replaces another (new credentials)
+        and cannot list either keeps the time the endpoints became stale, which a stale TTL counts from.
+        """
         status = self._clusters.setdefault(cluster, ClusterStatus())
         if not status.stale or status.error != error:
             log.warning("cluster stale, keeping last known endpoints", cluster=cluster, error=error)
+        if not status.stale:
+            status.stale_since = time.monotonic()
         status.stale = True
         status.error = error
 

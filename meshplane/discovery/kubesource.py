@@ -19,9 +19,13 @@ rules are what invariant 6 (never push emptiness out of ignorance) asks:
 
 Stale policy: while the API server is unreachable the cluster is marked
 stale in the catalog and its last known endpoints stay. With `stale_ttl` set,
-they are dropped after that many seconds of outage (and logged); by default
-they are kept until the server answers again. On recovery the reflectors list
-again, the difference is applied, and the stale mark goes.
+they are dropped that many seconds after they became stale (and logged); by
+default they are kept until the server answers again. The clock is the
+catalog's, not this source's: when the cluster is reconnected (new
+credentials) and the new source cannot list either, its endpoints go when
+the stale TTL counted from the first outage says so, whether or not the new
+source ever synced. On recovery the reflectors list again, the difference is
+applied, and the stale mark goes.
 """
 
 from __future__ import annotations
@@ -214,10 +218,16 @@ class KubeSource:
         for key in keys:
             self._recompute(key)
         self._catalog.apply(self.cluster, self._current, seen_at=seen_at)
+        if self._removed:
+            log.info("restoring endpoints dropped after stale_ttl", cluster=self.cluster)
+            self._removed = False
         self.synced = True
         self._synced_event.set()
-        if self.stale:  # the lists got through, but something has failed since
-            self._catalog.mark_stale(self.cluster, self.error)
+        if self.stale:  # the lists got through, but something has failed since: stale from now
+            if self._ttl_handle is not None:
+                self._ttl_handle.cancel()
+                self._ttl_handle = None
+            self._lost()
         log.info("kubernetes cluster synced", cluster=self.cluster, services=len(self._current),
                  endpoints=sum(len(s.endpoints) for s in self._current.values()))
 
@@ -248,16 +258,21 @@ class KubeSource:
             return
         self._catalog.mark_stale(self.cluster, self.error)
         ttl = self.options.stale_ttl
-        if ttl is not None and self.synced and not self._removed:
-            self._ttl_handle = asyncio.get_running_loop().call_later(ttl, self._expire)
+        since = self._catalog.status()[self.cluster].stale_since
+        if ttl is not None and since is not None and not self._removed and self._ttl_handle is None:
+            delay = max(0.0, since + ttl - time.monotonic())
+            self._ttl_handle = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _expire(self) -> None:
         self._ttl_handle = None
         if self._stopped or not self.stale or self._catalog is None:
             return
+        status = self._catalog.status().get(self.cluster)
+        if status is None or not status.services:
+            return  # nothing known of the cluster (it never listed): nothing to drop
         log.warning("kubernetes API server unreachable past stale_ttl: dropping the cluster's endpoints",
                     cluster=self.cluster, stale_ttl=self.options.stale_ttl, error=self.error,
-                    services=len(self._current))
+                    services=len(status.services))
         self._removed = True
         self._catalog.remove_cluster(self.cluster, seen_at=time.monotonic())
 
