@@ -524,3 +524,24 @@ async def test_retries_back_off_further_with_each_failure_and_start_over_after_r
         await reflector.join()
         client.close()
         api.close()
+
+
+async def test_a_stall_is_caught_sooner_once_the_server_has_shown_periodic_bookmarks(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    # Watches of 30 s: without bookmarks a silent stream may be a quiet one for 30 s (+ the read timeout).
+    source = await synced(start_source, catalog, watch_timeout=30.0, request_timeout=0.5, bookmark_silence=1.0)
+    await wait_for(lambda: fake.open_watches() == 4, what="four watches open")
+    assert not any(r.periodic_bookmarks for r in source._reflectors)
+    fake.put("namespaces", {"metadata": {"name": "elsewhere"}})
+    fake.send_bookmarks()  # mid-watch, long before its end: the server sends them periodically
+    await wait_for(lambda: all(r.periodic_bookmarks for r in source._reflectors), what="bookmarks seen")
+    fake.stall(True)  # open watches go silent, requests hang
+    began = time.monotonic()
+    await wait_for(lambda: source.stale, timeout=8, what="the stall noticed")
+    assert time.monotonic() - began < 4, "judged by the 30 s watch timeout, not the bookmark silence"
+    assert "timed out" in source.error and set(catalog.services) == {WEB, API}
+    fake.stall(False)
+    await wait_for(lambda: not source.stale, timeout=8, what="recovered")

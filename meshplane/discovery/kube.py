@@ -26,6 +26,17 @@ first list that succeeds reports "reachable". urllib3's own retries are turned
 off on a private copy of the client's configuration: they retry at once, with
 no backoff, and would hide an outage for several timeouts.
 
+Silence: a healthy watch may say nothing until its timeoutSeconds, so by
+default a stream counts as stalled only after the watch timeout plus the
+request timeout (330 s). The API server promises no bookmark interval (its
+API reference: clients may not assume any BOOKMARK event at all), but the
+watch cache of current servers sends one about every minute to watchers that
+asked for them. Once this server has sent a bookmark well before a watch's
+end (so a periodic one, not the one that precedes the end), later silences
+longer than `bookmark_silence` (120 s: two missed bookmarks) plus the request
+timeout count as a stall; a server that stops sending them is caught once
+and then judged by the long limit again.
+
 Stop: set a flag and shut down the socket of the response being read
 (urllib3's `HTTPResponse.shutdown` wakes a blocked read at once), then join.
 A thread that is still connecting or waiting for headers ends within the
@@ -111,6 +122,7 @@ class ReflectorOptions:
     request_timeout: float = 30.0  # read timeout of a list; a watch may be silent watch_timeout longer
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    bookmark_silence: float = 120.0  # longest silence once the server has shown periodic bookmarks
     label_selector: str | None = None
 
 
@@ -187,6 +199,7 @@ class Reflector(Generic[R]):
         self._failures = 0  # requests failed in a row (unreachable): backoff, then list again
         self._drops = 0  # streams dropped in a row with nothing read: backoff, then watch again
         self._unreachable = False  # as last reported to the owner
+        self.periodic_bookmarks = False  # this server sends bookmarks during a watch (worker thread writes)
 
     # --- loop side -----------------------------------------------------------------------
 
@@ -290,6 +303,8 @@ class Reflector(Generic[R]):
                     return
                 cause = exc.__cause__ if isinstance(exc, _StreamBroken) and exc.__cause__ else exc
                 error = _describe(cause)
+                if isinstance(cause, urllib3.exceptions.ReadTimeoutError):
+                    self.periodic_bookmarks = False  # learn again, rather than misjudge a quiet watch twice
                 if isinstance(exc, _WatchClosed) or (
                     isinstance(exc, _StreamBroken) and not isinstance(cause, urllib3.exceptions.ReadTimeoutError)
                 ):
@@ -372,15 +387,21 @@ class Reflector(Generic[R]):
         try:
             if self._stopping.is_set():  # stop() came while we waited for the headers: it could not wake us
                 raise _Stopped()
-            # Headers came within the request timeout; from here on a watch may be silent for its whole timeout.
+            # Headers came within the request timeout; from here on a watch may be silent for its whole
+            # timeout, or between bookmarks once the server has shown that it sends them (module docstring).
             sock = getattr(resp.connection, "sock", None)
             if sock is not None:
-                sock.settimeout(timeout + self.options.request_timeout)
+                sock.settimeout(self._silence(timeout))
             for line in _lines(resp, self._stopping):
                 seen_at = time.monotonic()
-                self._event(json.loads(line), seen_at)
+                kind = self._event(json.loads(line), seen_at)
                 delivered = True
                 self._failures = self._drops = 0
+                if kind == "BOOKMARK" and not self.periodic_bookmarks \
+                        and opened + timeout - seen_at > max(2.0, timeout / 10):
+                    self.periodic_bookmarks = True
+                    if sock is not None:
+                        sock.settimeout(self._silence(timeout))
             clean = True
         except (_Gone, _WatchError, _Stopped):
             raise
@@ -396,6 +417,11 @@ class Reflector(Generic[R]):
             raise _WatchClosed("watch closed at once by the server")
         self._failures = self._drops = 0
 
+    def _silence(self, timeout: float) -> float:
+        """How long a watch stream may say nothing before it counts as stalled (a socket read timeout)."""
+        quiet = min(timeout, self.options.bookmark_silence) if self.periodic_bookmarks else timeout
+        return quiet + self.options.request_timeout
+
     def _record(self, obj: kubemodel.Obj) -> R | None:
         """The decoder's record; an object it cannot read is skipped (and reported once), never fatal."""
         try:
@@ -405,8 +431,9 @@ class Reflector(Generic[R]):
                                   error=f"{type(exc).__name__}: {exc}")
             return None
 
-    def _event(self, event: dict[str, Any], seen_at: float) -> None:
-        kind, obj = event.get("type"), event.get("object") or {}
+    def _event(self, event: dict[str, Any], seen_at: float) -> str:
+        """Hand one watch event to the loop; returns its type."""
+        kind, obj = str(event.get("type")), event.get("object") or {}
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise _Gone(str(obj.get("message") or "Gone"))
@@ -420,8 +447,9 @@ class Reflector(Generic[R]):
                 self._post(self._put, key, self._record(obj), seen_at)
         elif kind != "BOOKMARK":
             log.warning("unknown watch event type ignored", **self._ctx, type=kind)
-            return
+            return kind
         self._rv = rv or self._rv
+        return kind
 
 
 _EXPECTED = (

@@ -60,6 +60,7 @@ class KubeOptions:
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     connect_timeout: float = 5.0
     request_timeout: float = 30.0  # read timeout of a list; a watch may be silent watch_timeout longer
+    bookmark_silence: float = 120.0  # ... or this long, once the server has shown periodic bookmarks
 
     def reflector_options(self) -> kube.ReflectorOptions:
         return kube.ReflectorOptions(
@@ -69,6 +70,7 @@ class KubeOptions:
             request_timeout=self.request_timeout,
             backoff_initial=self.backoff_initial,
             backoff_max=self.backoff_max,
+            bookmark_silence=self.bookmark_silence,
         )
 
 

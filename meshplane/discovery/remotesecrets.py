@@ -11,6 +11,7 @@ we have looked would remove every remote cluster.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +53,7 @@ class RemoteSecrets:
             decode=_decode,
             owner=self,
             problems=kubemodel.Problems(cluster="local"),
-            options=kube.ReflectorOptions(
-                page_size=base.page_size, watch_timeout=base.watch_timeout,
-                connect_timeout=base.connect_timeout, request_timeout=base.request_timeout,
-                backoff_initial=base.backoff_initial, backoff_max=base.backoff_max,
-                label_selector=f"{clusters.SECRET_LABEL}=true",
-            ),
+            options=dataclasses.replace(base, label_selector=f"{clusters.SECRET_LABEL}=true"),
             cluster="local",
         )
         self._pending: asyncio.Task[None] | None = None
