@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="region of endpoints whose node has no topology.kubernetes.io/region label")
     kube.add_argument("--no-pod-labels", action="store_true",
                       help="do not watch pods (endpoints then carry no labels)")
+    kube.add_argument("--namespaces", action="append", default=[], metavar="NS[,NS...]",
+                      help="watch services, endpoint slices and pods only in these namespaces (repeatable; "
+                           "default: all); nodes are always watched cluster-wide")
 
     val = sub.add_parser("validate", help="check a policy file; prints file:line: field: reason")
     val.add_argument("policy", type=Path)
@@ -119,7 +122,8 @@ async def _serve(args: argparse.Namespace) -> int:
         kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
         sync_timeout=args.sync_timeout,
         kube=kubesource.KubeOptions(
-            default_region=args.default_region, watch_pods=not args.no_pod_labels, stale_ttl=args.stale_ttl
+            default_region=args.default_region, watch_pods=not args.no_pod_labels, stale_ttl=args.stale_ttl,
+            namespaces=tuple(dict.fromkeys(ns for arg in args.namespaces for ns in arg.split(",") if ns)),
         ),
     )
     plane = app.ControlPlane(config)
