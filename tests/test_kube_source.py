@@ -205,6 +205,7 @@ async def test_dropped_watches_rewatch_from_last_version_and_converge(
     await wait_for(lambda: fake.open_watches() == 4, what="four watches open")
     lists_before = sum(1 for r in fake.requests if not r.watch)
     for round_ in range(3):
+        await wait_for(lambda: fake.open_watches() == 4, what="every watch open again")  # drop streams, not requests
         fake.drop_watches()
         fake.put("endpointslices", web_slice(endpoint(f"10.0.9.{round_}", node_name="n1")))
         await wait_for(lambda r=round_: f"10.0.9.{r}" in (addresses(catalog, WEB) or {}), what="change after drop")

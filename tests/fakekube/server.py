@@ -100,11 +100,17 @@ class FakeKubeAPI:
             self._conns.discard(conn)
 
     def _hang_up(self, *, everything: bool) -> None:
-        """Close every watch connection (or every connection) abruptly: no final chunk."""
+        """Close every open watch's connection (or every connection) abruptly: no final chunk.
+
+        A watch is open once its response has begun; one still before its headers is left alone, so a
+        test that drops watches drops streams, not requests (a request the server hangs up on is, for
+        the client, a failed request).
+        """
         with self._cond:
-            for watch in self._watches:
+            watches = [w for w in self._watches if everything or w.started]
+            for watch in watches:
                 watch.dropped = True
-            conns = set(self._conns) if everything else {w.conn for w in self._watches}
+            conns = set(self._conns) if everything else {w.conn for w in watches}
             self._hangups += everything
             self._cond.notify_all()
         for conn in conns:
@@ -198,5 +204,6 @@ class FakeKubeAPI:
             self._cond.notify_all()
 
     def open_watches(self) -> int:
+        """Watches whose response has begun (headers sent) and that have not ended."""
         with self._cond:
-            return len(self._watches)
+            return sum(1 for w in self._watches if w.started)

@@ -86,6 +86,7 @@ class WatchState:
         self.pos = pos  # every event up to this resourceVersion has been sent or filtered out
         self.bookmark_at: int | None = None  # send_bookmarks() asked for a BOOKMARK at this resourceVersion
         self.dropped = False
+        self.started = False  # its headers are sent: open, for open_watches() and drop_watches()
 
 
 class Server(ThreadingHTTPServer):
@@ -314,6 +315,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-cache, private")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            with fake._cond:
+                watch.started = True
             while True:
                 for line in lines:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
