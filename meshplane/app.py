@@ -90,7 +90,7 @@ class ControlPlane:
         self.cache = views.ViewCache(services=self.catalog.services, policy=self.policy_watcher.current)
         self.ads = server.AdsServer(
             self.cache, callbacks=self.metrics, identifier=self.config.identifier,
-            max_concurrent_pushes=self.config.max_concurrent_pushes,
+            max_concurrent_pushes=self.config.max_concurrent_pushes, held=True,
         )
         self.push = push.PushLoop(
             cache=self.cache, server=self.ads, services=lambda: self.catalog.services,
@@ -109,6 +109,7 @@ class ControlPlane:
         if self.ads_port == 0:
             raise OSError(f"cannot listen for ADS on {self.config.ads_host}:{self.config.ads_port}")
         await self._grpc.start()
+        self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
         if self.config.http_port >= 0:
             self._http = await asyncio.start_server(self._http_request, self.config.http_host, self.config.http_port)
             self.http_port = self._http.sockets[0].getsockname()[1]
@@ -152,8 +153,8 @@ class ControlPlane:
 
     async def _announce_ready(self) -> None:
         """Say once, in the log, when the control plane is ready and how each cluster stands."""
-        while not self.ready():
-            await asyncio.sleep(0.1)
+        while not self.ready():  # which opens the held streams the moment it turns true
+            await asyncio.sleep(0.05)
         log.info("ready", clusters=self._cluster_status())
 
     async def stop(self) -> None:
@@ -201,10 +202,11 @@ class ControlPlane:
             secrets = self.remote_secrets
             waited = time.monotonic() - self._started_at >= self.config.sync_timeout
             self._ready = self.clusters.ready() and (secrets is None or secrets.synced.is_set() or waited)
-            if self._ready and self.push is not None:
-                # The push loop may still be debouncing the first syncs: a proxy sent here because we are
-                # ready must get them, not the empty views the cache was built with.
+            if self._ready and self.push is not None and self.ads is not None:
+                # The push loop may still be debouncing the first syncs: the streams held until now, and a
+                # proxy sent here because we are ready, must get them, not the empty views the cache was built with.
                 self.push.flush()
+                self.ads.open()
         return self._ready
 
     # HTTP: metrics, readiness, debug

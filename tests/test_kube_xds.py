@@ -190,3 +190,52 @@ async def test_a_proxy_that_connects_once_ready_gets_the_synced_clusters(
         await client.request(types.ENDPOINT, [WEB, STEADY])
         eds = await client.recv()
         assert sorted(ads_client.resource_names(eds)) == sorted([WEB, STEADY])
+
+
+async def test_a_proxy_that_connects_while_a_cluster_is_listing_is_held_then_gets_the_synced_clusters(
+    fake: FakeKubeAPI, start_plane: Any, tmp_path: Path
+) -> None:
+    kubeconfig = fake.write_kubeconfig(tmp_path / "c1.yaml", cluster="c1")
+    fake.stall(True)  # the API server takes the lists and answers none, for now
+    plane = await start_plane(kubeconfigs=(f"c1={kubeconfig}",), kube=FAST, sync_timeout=60)
+    assert not plane.ready()
+    node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
+    async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as client:
+        await client.request(types.CLUSTER)
+        await wait_for(lambda: any(types.CLUSTER in s.subs for s in plane.ads.streams.values()),  # type: ignore[union-attr]
+                       what="the request read")
+        with pytest.raises(TimeoutError):  # an answer now would be the empty views of a plane still syncing
+            await client.recv(timeout=0.5)
+        fake.stall(False)
+        cds = await client.recv(timeout=10)
+        assert plane.ready()
+        assert {WEB, STEADY} <= set(ads_client.resource_names(cds))
+
+
+async def test_a_proxy_that_reconnects_to_a_syncing_plane_with_what_it_holds_gets_no_re_push(
+    fake: FakeKubeAPI, start_plane: Any, tmp_path: Path
+) -> None:
+    """S4: a control plane restarts (or a proxy moves to another replica) while its clusters list again."""
+    kubeconfig = fake.write_kubeconfig(tmp_path / "c1.yaml", cluster="c1")
+    first = await start_plane(kubeconfigs=(f"c1={kubeconfig}",), kube=FAST)
+    await wait_for(first.ready, what="c1 synced")
+    node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
+    async with ads_client.AdsClient(f"127.0.0.1:{first.ads_port}", node) as client:
+        await client.request(types.CLUSTER)
+        cds = await client.recv()
+        await client.ack(cds)
+        await client.request(types.ENDPOINT, [WEB, STEADY])
+        eds = await client.recv()
+        await client.ack(eds)
+    fake.stall(True)
+    second = await start_plane(kubeconfigs=(f"c1={kubeconfig}",), kube=FAST, sync_timeout=60)
+    async with ads_client.AdsClient(f"127.0.0.1:{second.ads_port}", node) as client:
+        await client.request(types.CLUSTER, version_info=cds.version_info)
+        await client.request(types.ENDPOINT, [WEB, STEADY], version_info=eds.version_info)
+        fake.stall(False)
+        await wait_for(second.ready, what="the second plane synced")
+        fake.put("endpointslices", web_slice("10.0.0.1", "10.0.0.7"))
+        # The first thing this proxy hears of is the change: what it held was not sent again.
+        update = await client.recv(timeout=10)
+        assert update.type_url == types.ENDPOINT
+        assert ads_client.resource_names(update) == [WEB]

@@ -12,6 +12,14 @@ What was sent is remembered per resource, so a change is pushed only to
 streams subscribed to it, a NACKed version is never re-sent (the proxy
 keeps its last good config until the content changes), and a proxy that
 reconnects reporting the version it already has gets no re-push.
+
+Until the control plane is ready (every cluster listed once, or the sync
+timeout), streams are held: their requests are read and recorded, nothing
+is sent. Answering then would send the proxy the empty or partial views of
+a control plane still syncing, and Envoy would drop the clusters it holds
+(Istio refuses the stream with UNAVAILABLE instead; holding delivers the
+moment the control plane is ready). The versions a reconnecting proxy
+reports are compared at its first push, against the synced views.
 """
 
 from __future__ import annotations
@@ -105,6 +113,7 @@ class Subscription:
     # nonce -> earliest change time carried (None: nothing new to time)
     inflight: dict[str, float | None] = field(default_factory=dict)
     acked_version: str = ""
+    reported: str = ""  # the version the proxy said it holds when it (re)connected: checked at the first push
 
     def share(self, sent: Mapping[str, resources.Resource]) -> None:
         self.sent, self.owned = sent, False
@@ -171,6 +180,7 @@ class AdsServer:
         identifier: str = "meshplane",
         max_concurrent_pushes: int = 100,
         push_slot_hold: float = 5.0,
+        held: bool = False,
     ) -> None:
         self._cache = cache
         self._callbacks = callbacks
@@ -186,6 +196,7 @@ class AdsServer:
         self._name_sets: dict[bytes, tuple[bytes, frozenset[str], bool]] = {}
         self._push_slots = asyncio.Semaphore(max_concurrent_pushes)
         self._push_slot_hold = push_slot_hold
+        self.serving = not held  # held: streams are answered only after open()
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -198,6 +209,14 @@ class AdsServer:
                 )
             },
         )
+
+    def open(self) -> None:
+        """Start answering the streams held so far (the control plane is ready)."""
+        if self.serving:
+            return
+        self.serving = True
+        for stream in self.streams.values():
+            stream.wake.set()
 
     def notify(self, changed: Mapping[views.ViewKey, views.Changes]) -> None:
         """Wake the streams whose view changed."""
@@ -229,7 +248,8 @@ class AdsServer:
                 if reader.done():
                     break
                 stream.wake.clear()
-                await self._push(stream, context)
+                if self.serving:  # else held: open() wakes it, the dirty types kept
+                    await self._push(stream, context)
             reader.result()  # surface a protocol error from the reader
         finally:
             reader.cancel()
@@ -298,14 +318,8 @@ class AdsServer:
             return None  # the same names as before (an ACK or NACK): nothing new to look at
         sub.names_key, requested, explicit_wildcard = self._shared_names(request)
         look_at = _resubscribe(sub, requested, explicit_wildcard, first=first)
-        if first and req.version_info and stream.view is not None:
-            # Reconnect: the proxy says which version it holds; if that is what
-            # we would send, it has it all already.
-            wanted = sub.wanted(stream.view.resources.get(type_url, {}))
-            if req.version_info in (stream.view.version(type_url), resources.type_version(wanted.values())):
-                sub.share(wanted)
-                sub.answered = True
-                sub.acked_version = req.version_info
+        if first:
+            sub.reported = req.version_info
         if look_at is None or look_at:
             stream.mark({type_url: look_at})
         return None
@@ -429,11 +443,19 @@ class AdsServer:
             if not updates:
                 return
             payload = updates
-        seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in sub.sent]
-        nonce = stream.next_nonce()
         full_view = whole and (type_url not in types.FULL_STATE or sub.wildcard
                                or len(candidates) == len(view.resources.get(type_url, {})))
         version_info = view.version(type_url) if full_view else resources.type_version(candidates.values())
+        if sub.reported and not sub.answered:
+            # Reconnect: if what the proxy says it holds is what we would send, it has it all already.
+            reported, sub.reported = sub.reported, ""
+            if reported in (version_info, resources.type_version(candidates.values())):
+                sub.share(now if now is not None else candidates)
+                sub.answered = True
+                sub.acked_version = reported
+                return
+        seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in sub.sent]
+        nonce = stream.next_nonce()
         message = resources.response(
             version_info=version_info,
             resources=payload.values(),
