@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common, convergence, floor, loadgen
-from bench.peer_sovereign import Envoy, stat_regex, wait_for
+from bench.peer_sovereign import Envoy, http_get, stat_regex, wait_for
 from meshplane.demo.envoy import EnvoyNode
 from meshplane.demo.envoy import bootstrap as ads_bootstrap
 
@@ -60,7 +60,7 @@ def start_envoys(count: int, localities: Sequence[tuple[str, str, str]], ads_por
             envoy.start()
         active = stat_regex("cluster_manager.active_clusters")
         for envoy in envoys:
-            wait_for(lambda e=envoy: e.get("/ready") == b"LIVE\n" and e.stats(active).get(
+            wait_for(lambda e=envoy: http_get(f"{e.admin}/ready")[1] == b"LIVE\n" and e.stats(active).get(
                 "cluster_manager.active_clusters", 0) >= clusters + 1, timeout=60,
                 what=f"{envoy.name} LIVE with {clusters} clusters", alive=envoy.dead)
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
 from meshplane.policy import types as policy_types
@@ -65,3 +67,36 @@ def test_equal_content_keeps_versions_and_views_are_dropped_with_their_last_stre
     assert view.resources[types.ENDPOINT][MOCKB].seen_at is None  # still the original build
     cache.release(_key("z1"))
     assert cache.views == {}
+
+
+def test_a_policy_change_rebuilds_assignments_only_where_locality_settings_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    placed: list[str] = []  # the services whose assignments were computed (locality.place called)
+    place = views.locality_mod.place
+    monkeypatch.setattr(views.locality_mod, "place",
+                        lambda endpoints, **kw: placed.append(endpoints[0].address) or place(endpoints, **kw))
+    catalog = catalog_mod.Catalog()
+    catalog.apply(model.ClusterId("c1"), _services(), seen_at=0.0)
+    cache = views.ViewCache(services=catalog.services, policy=policy_types.Policy())
+    z1 = cache.acquire(_key("z1"))
+    eds_before = dict(z1.resources[types.ENDPOINT])
+    placed.clear()
+
+    # Outlier detection for every service: every cluster changes, no assignment is rebuilt.
+    ejecting = policy_types.ServicePolicy(outlier_detection=policy_types.OutlierDetection(consecutive_5xx_errors=1))
+    changed = cache.update(services=catalog.services, policy=policy_types.Policy(defaults=ejecting),
+                           changed=frozenset(), seen_at=1.0)
+    assert changed == {_key("z1"): {types.CLUSTER: {MOCKB, MOCKC}}}
+    assert placed == []
+    assert all(z1.resources[types.ENDPOINT][n] is eds_before[n] for n in (MOCKB, MOCKC))
+
+    # mockb's locality settings change: its assignment is rebuilt (no more priorities), mockc's is not.
+    flat = policy_types.ServicePolicy(outlier_detection=ejecting.outlier_detection,
+                                      locality=policy_types.LocalitySettings(enabled=False))
+    policy = policy_types.Policy(defaults=ejecting, services={model.ServiceKey("default/mockb"): flat})
+    changed = cache.update(services=catalog.services, policy=policy, changed=frozenset(), seen_at=2.0)
+    assert changed[_key("z1")][types.ENDPOINT] == {MOCKB}
+    assert len(placed) == 1
+    assert z1.resources[types.ENDPOINT][MOCKB].version != eds_before[MOCKB].version
+    assert z1.resources[types.ENDPOINT][MOCKC] is eds_before[MOCKC]

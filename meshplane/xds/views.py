@@ -125,17 +125,22 @@ class ViewCache:
         seen_at: float,
     ) -> dict[ViewKey, Changes]:
         """Rebuild what `changed` services (or a new policy) touch; return what changed, per view."""
-        policy_changed = policy != self._policy
-        old_services = self._services
+        old_policy, old_services = self._policy, self._services
         self._services = services
         self._policy = policy
-        if policy_changed:
+        # Endpoint assignments depend on a service's endpoints and its locality settings alone: a policy
+        # change that leaves those alone (outlier detection, timeouts) rebuilds clusters, not assignments.
+        stale_assignments = changed
+        if policy != old_policy:
             changed = frozenset(old_services.keys() | services.keys())
+            stale_assignments = stale_assignments | {
+                k for k in changed if old_policy.for_service(k).locality != policy.for_service(k).locality}
 
         cds_changes: set[str] = set()
         old_names: dict[model.ServiceKey, set[str]] = {}
         for key in changed:
-            self._assignments.pop(key, None)
+            if key in stale_assignments:
+                self._assignments.pop(key, None)
             old = self._clusters_by_service.pop(key, {})
             old_names[key] = set(old)
             new = self._build_clusters(key, seen_at=seen_at) if key in services else {}
