@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import common, convergence, floor, loadgen
+from bench import common, convergence, floor
 from bench.peer_sovereign import Envoy, http_get, stat_regex, wait_for
 from meshplane.demo.envoy import EnvoyNode
 from meshplane.demo.envoy import bootstrap as ads_bootstrap
@@ -104,17 +104,19 @@ def compare(simulated: list[float | None], real: list[float | None], t0: float) 
 class Run:
     """meshplane with N simulated proxies and K real Envoys connected; one change at a time."""
 
-    def __init__(self, target: convergence.Target, envoys: list[Envoy]) -> None:
+    def __init__(self, target: convergence.Target, envoys: list[Envoy], timeout: float) -> None:
         self.target = target
         self.envoys = envoys
+        self.timeout = timeout
 
     def _measure(self, change: Callable[[], float], kind: str, name: str | None, stat: str) -> dict[str, Any]:
         time.sleep(convergence.SETTLE)
         self.target.gen.mark()
         offset = time.time() - time.monotonic()
         t0 = change()
-        simulated = self.target.gen.collect(kind, t0, name=name, timeout=60.0)
-        real = [None if t is None else t - offset for t in applied_at(self.envoys, stat, t0 + offset)]
+        simulated = self.target.gen.collect(kind, t0, name=name, timeout=self.timeout)
+        real = [None if t is None else t - offset
+                for t in applied_at(self.envoys, stat, t0 + offset, timeout=self.timeout)]
         return compare(simulated, real, t0)
 
     def endpoint_change(self) -> dict[str, Any]:
@@ -136,16 +138,16 @@ class Run:
 
 
 def run(*, proxies: int, envoys: int, localities: int, services: int, endpoints: int, clusters: int, zones: int,
-        repeat: int, processes: int, poll_interval: float | None = 0.005) -> dict[str, Any]:
+        repeat: int, processes: int, timeout: float = 60.0, poll_interval: float | None = 0.005) -> dict[str, Any]:
     mesh = common.Mesh(services=services, endpoints=endpoints, clusters=clusters, zones=zones)
     with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
-        target, setup = convergence.start_target(mesh, Path(tmp), proxies, localities, processes, 120.0,
+        target, setup = convergence.start_target(mesh, Path(tmp), proxies, localities, processes, timeout,
                                                  poll_interval)
         real: list[Envoy] = []
         try:
             real = start_envoys(envoys, mesh.localities(localities), target.server.ads_port, Path(tmp), services)
             setup["views"] = len(target.server.views())
-            bench = Run(target, real)
+            bench = Run(target, real, timeout)
             endpoint = [bench.endpoint_change() for _ in range(repeat)]
             policy = [bench.policy_change() for _ in range(repeat)]
             setup["server_end"] = common.memory_mib(target.server.pid)
@@ -203,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envoys", type=int, default=12, help="real Envoys")
     parser.add_argument("--localities", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--services", type=int, default=100)
-    parser.add_argument("--endpoints", type=int, default=10, help="per service")
-    parser.add_argument("--clusters", type=int, default=4)
-    parser.add_argument("--zones", type=int, default=8)
-    parser.add_argument("--processes", type=int, default=loadgen.default_processes())
+    convergence.add_mesh_args(parser)
     parser.add_argument("--poll-interval", type=float, default=0.005, help="serve --poll-interval (seconds)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/real_envoys.json)")
     args = parser.parse_args(argv)
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = common.wait_quiet(max_wait=0)
     result = run(proxies=args.proxies, envoys=args.envoys, localities=args.localities, services=args.services,
                  endpoints=args.endpoints, clusters=args.clusters, zones=args.zones, repeat=args.repeat,
-                 processes=args.processes, poll_interval=args.poll_interval)
+                 processes=args.processes, timeout=args.timeout, poll_interval=args.poll_interval)
     path = common.write_results("real_envoys", {"machine": common.machine(), "quiet": quiet, "real_envoys": result},
                                 args.out)
     print_result(result)
