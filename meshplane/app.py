@@ -1,9 +1,10 @@
-"""The control plane assembled: sources -> catalog -> push loop -> view cache -> ADS server.
+"""The control plane assembled: sources -> catalog -> push loop -> view cache -> ADS server
+(docs/architecture.md draws it).
 
 `ControlPlane` is what `meshplane serve` and `meshplane demo` run, and what
-end-to-end tests start in-process. Its HTTP port serves /metrics
-(Prometheus), /ready, /healthz and /debug/* (what the control plane would
-send, and why).
+end-to-end tests start in-process. Its HTTP port (meshplane/admin.py) serves
+/metrics (Prometheus), /ready, /healthz and /debug/* (what the control plane
+would send, and why).
 """
 
 from __future__ import annotations
@@ -12,23 +13,21 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import structlog
 from prometheus_client import exposition
 
-from meshplane import aio
+from meshplane import admin, aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
-from meshplane.policy import locality as locality_mod
-from meshplane.policy import reload
-from meshplane.policy import types as policy_types
+from meshplane.policy import placement, reload, rules
+from meshplane.xds import generators, push, slots, sotw, streams, views
 from meshplane.xds import metrics as metrics_mod
-from meshplane.xds import push, server, views
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +44,8 @@ class Config:
     max_delay: float = 0.1
     poll_interval: float = 0.1
     max_concurrent_pushes: int = 100
+    stall_after: float = 0.1  # a heavy push's write not taken by its client in this long gives its slot back
+    http_timeout: float = 5.0  # an idle or half-sent HTTP request is closed after this long
     identifier: str = "meshplane"
     # Kubernetes clusters (docs/kubernetes.md)
     local_cluster: str | None = None  # ID[=KUBECONFIG[#CONTEXT]]: also where remote secrets live
@@ -75,10 +76,11 @@ class ControlPlane:
         self._ready = False  # latched by ready()
         self._readiness: asyncio.Task[None] | None = None
         self.cache: views.ViewCache | None = None
-        self.ads: server.AdsServer | None = None
+        self.streams = streams.Registry(held=True)  # answered once ready()
+        self.ads: sotw.SotwServer | None = None
         self.push: push.PushLoop | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._http: asyncio.Server | None = None
+        self._http: admin.HttpPort | None = None
         self.ads_port = 0
         self.http_port = 0
 
@@ -87,13 +89,16 @@ class ControlPlane:
         await self.policy_watcher.start()
         for source in self.sources:
             await source.start(self.catalog)
-        self.cache = views.ViewCache(services=self.catalog.services, policy=self.policy_watcher.current)
-        self.ads = server.AdsServer(
-            self.cache, callbacks=self.metrics, identifier=self.config.identifier,
-            max_concurrent_pushes=self.config.max_concurrent_pushes, held=True,
+        self.cache = views.ViewCache(
+            services=self.catalog.services, policy=self.policy_watcher.current, generators=generators.by_kind(),
+            on_build_error=self.metrics.build_failed,
+        )
+        self.ads = sotw.SotwServer(
+            self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
+            push_slots=slots.PushSlots(self.config.max_concurrent_pushes, stall_after=self.config.stall_after),
         )
         self.push = push.PushLoop(
-            cache=self.cache, server=self.ads, services=lambda: self.catalog.services,
+            cache=self.cache, services=lambda: self.catalog.services,
             metrics=self.metrics, debounce=self.config.debounce, max_delay=self.config.max_delay,
         )
         self.catalog.subscribe(self.push.on_catalog_change)
@@ -111,8 +116,8 @@ class ControlPlane:
         await self._grpc.start()
         self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
         if self.config.http_port >= 0:
-            self._http = await asyncio.start_server(self._http_request, self.config.http_host, self.config.http_port)
-            self.http_port = self._http.sockets[0].getsockname()[1]
+            self._http = admin.HttpPort(self._pages(), timeout=self.config.http_timeout)
+            self.http_port = await self._http.start(self.config.http_host, self.config.http_port)
         log.info("control plane serving", ads=f"{self.config.ads_host}:{self.ads_port}",
                  http=f"{self.config.http_host}:{self.http_port}", services=len(self.catalog.services))
 
@@ -169,8 +174,7 @@ class ControlPlane:
             await self._grpc.stop(grace=0.5)
             self._grpc = None
         if self._http is not None:
-            self._http.close()
-            await self._http.wait_closed()
+            await self._http.stop()
             self._http = None
         if self.push is not None:
             await self.push.stop()
@@ -185,7 +189,7 @@ class ControlPlane:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _on_policy(self, policy: policy_types.Policy, seen_at: float) -> None:
+    def _on_policy(self, policy: rules.Policy, seen_at: float) -> None:
         self.metrics.policy_reloads.labels("applied").inc()
         if self.push is not None:
             self.push.on_policy(policy, seen_at)
@@ -202,66 +206,59 @@ class ControlPlane:
             secrets = self.remote_secrets
             waited = time.monotonic() - self._started_at >= self.config.sync_timeout
             self._ready = self.clusters.ready() and (secrets is None or secrets.synced.is_set() or waited)
-            if self._ready and self.push is not None and self.ads is not None:
+            if self._ready and self.push is not None:
                 # The push loop may still be debouncing the first syncs: the streams held until now, and a
                 # proxy sent here because we are ready, must get them, not the empty views the cache was built with.
                 self.push.flush()
-                self.ads.open()
+                self.streams.open()
         return self._ready
+
+    def build_errors(self) -> list[views.BuildError]:
+        """Builds failing now: their services are served their last good resources."""
+        return self.cache.build_errors() if self.cache is not None else []
 
     # HTTP: metrics, readiness, debug
 
-    async def _http_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            target = urlsplit(parts[1] if len(parts) > 1 else "/")
-            status, ctype, body = self._route(target.path, parse_qs(target.query))
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def _pages(self) -> dict[str, admin.Page]:
+        return {
+            "/metrics": self._metrics_page,
+            "/healthz": lambda query: admin.Reply(200, "text/plain", b"ok\n"),
+            "/ready": self._ready_page,
+            "/debug/views": self._views_page,
+            "/debug/placements": self._placements,
+        }
 
-    def _route(self, path: str, query: dict[str, list[str]]) -> tuple[str, str, bytes]:
-        if path == "/metrics":
-            self._refresh_gauges()
-            return "200 OK", exposition.CONTENT_TYPE_LATEST, exposition.generate_latest(self.metrics.registry)
-        if path == "/healthz":
-            return "200 OK", "text/plain", b"ok\n"
-        if path == "/ready":
-            ok = self.ready()
-            body = {"ready": ok, "clusters": self._cluster_status()}
-            return ("200 OK" if ok else "503 Service Unavailable"), "application/json", _json(body)
-        if path == "/debug/views" and self.cache is not None:
-            return "200 OK", "application/json", _json(
-                [{"view": str(v.key), "streams": v.streams,
-                  "resources": {t.rsplit(".", 1)[-1]: len(r) for t, r in v.resources.items()}}
-                 for v in self.cache.views.values()]
-            )
-        if path == "/debug/placements":
-            return self._placements(query)
-        return "404 Not Found", "text/plain", b"not found\n"
+    def _metrics_page(self, query: Mapping[str, str]) -> admin.Reply:
+        self._refresh_gauges()
+        return admin.Reply(200, exposition.CONTENT_TYPE_LATEST, exposition.generate_latest(self.metrics.registry))
 
-    def _placements(self, query: dict[str, list[str]]) -> tuple[str, str, bytes]:
+    def _ready_page(self, query: Mapping[str, str]) -> admin.Reply:
+        ok = self.ready()
+        body = {"ready": ok, "clusters": self._cluster_status(),
+                "build_errors": [{"service": e.service, "type": e.type, "error": e.error}
+                                 for e in self.build_errors()]}
+        return admin.Reply(200 if ok else 503, "application/json", _json(body))
+
+    def _views_page(self, query: Mapping[str, str]) -> admin.Reply:
+        views_now = self.cache.views.values() if self.cache is not None else ()
+        return admin.Reply(200, "application/json", _json(
+            [{"view": str(v.key), "streams": v.streams,
+              "resources": {t.rsplit(".", 1)[-1]: len(r) for t, r in v.resources.items()}}
+             for v in views_now]
+        ))
+
+    def _placements(self, query: Mapping[str, str]) -> admin.Reply:
         """Where traffic from a locality goes for a service, and why (the priority table we send)."""
         def arg(name: str) -> str:
-            return query.get(name, [""])[0]
+            return query.get(name, "")
         key = model.ServiceKey(arg("service") if "/" in arg("service") else f"default/{arg('service')}")
         service = self.catalog.services.get(key)
         if service is None or self.cache is None:
-            return "404 Not Found", "application/json", _json({"error": f"unknown service {key!r}"})
+            return admin.Reply(404, "application/json", _json({"error": f"unknown service {key!r}"}))
         client = model.Locality(region=arg("region"), zone=arg("zone"), cluster=arg("cluster"))
         settings = self.cache.policy.for_service(key).locality
-        placements = locality_mod.place(service.endpoints, client=client, client_labels={}, settings=settings)
-        return "200 OK", "application/json", _json({
+        placements = placement.place(service.endpoints, client=client, client_labels={}, settings=settings)
+        return admin.Reply(200, "application/json", _json({
             "service": key, "client": str(client),
             "placements": [
                 {"priority": p.priority, "locality": str(p.locality), "weight": p.weight,
@@ -269,7 +266,7 @@ class ControlPlane:
                                for e in p.endpoints]}
                 for p in placements
             ],
-        })
+        }))
 
     def _cluster_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {

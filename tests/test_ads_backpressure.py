@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import grpc
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
-from meshplane.policy import types as policy_types
+from meshplane.policy import rules
 from meshplane.xds import client as ads_client
-from meshplane.xds import metrics, push, server, types, views
-from tests.conftest import wait_for
+from meshplane.xds import generators, metrics, push, slots, sotw, streams, typeurls, views
+from tests.conftest import cluster_doc, wait_for, write_yaml
 
 MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
 
@@ -46,9 +48,12 @@ class SlowProxy:
     async def abort(self, code: Any, details: str) -> None:
         raise AssertionError(f"aborted: {details}")
 
-    async def request_stream(self) -> AsyncIterator[server.Request]:
+    def done(self) -> bool:
+        return False
+
+    async def request_stream(self) -> AsyncIterator[bytes]:
         while (req := await self.requests.get()) is not None:
-            yield server.parse_request(req.SerializeToString())  # as gRPC's deserializer does
+            yield req.SerializeToString()  # the server decodes requests itself
 
 
 def _cluster(weight: int) -> dict[model.ServiceKey, model.ServiceInCluster]:
@@ -61,27 +66,30 @@ def _cluster(weight: int) -> dict[model.ServiceKey, model.ServiceInCluster]:
     return {svc.key: svc}
 
 
-def _plane(**server_options: Any) -> tuple[catalog_mod.Catalog, server.AdsServer, push.PushLoop]:
+def _plane(
+    *, max_concurrent_pushes: int = 100, stall_after: float = 0.1
+) -> tuple[catalog_mod.Catalog, sotw.SotwServer, push.PushLoop, slots.PushSlots]:
     catalog = catalog_mod.Catalog()
     catalog.apply(model.ClusterId("c1"), _cluster(1), seen_at=0.0)
-    cache = views.ViewCache(services=catalog.services, policy=policy_types.Policy())
+    cache = views.ViewCache(services=catalog.services, policy=rules.Policy(), generators=generators.by_kind())
     m = metrics.Metrics()
-    ads = server.AdsServer(cache, callbacks=m, **server_options)
-    loop = push.PushLoop(cache=cache, server=ads, services=lambda: catalog.services, metrics=m)
+    push_slots = slots.PushSlots(max_concurrent_pushes, stall_after=stall_after)
+    ads = sotw.SotwServer(cache, registry=streams.Registry(), callbacks=m, push_slots=push_slots)
+    loop = push.PushLoop(cache=cache, services=lambda: catalog.services, metrics=m)
     catalog.subscribe(loop.on_catalog_change)
-    return catalog, ads, loop
+    return catalog, ads, loop, push_slots
 
 
-async def _connect(ads: server.AdsServer, proxy: SlowProxy, name: str) -> asyncio.Task[None]:
+async def _connect(ads: sotw.SotwServer, proxy: SlowProxy, name: str) -> asyncio.Task[None]:
     serving = asyncio.create_task(ads._serve(proxy.request_stream(), proxy))  # type: ignore[arg-type]
-    req = discovery_pb2.DiscoveryRequest(type_url=types.ENDPOINT, resource_names=[MOCKB])
+    req = discovery_pb2.DiscoveryRequest(type_url=typeurls.ENDPOINT, resource_names=[MOCKB])
     req.node.CopyFrom(ads_client.node(name, region="r1", zone="z1", cluster="c1"))
     await proxy.requests.put(req)
     return serving
 
 
 async def test_slow_stream_gets_latest_state_merged() -> None:
-    catalog, ads, loop = _plane()
+    catalog, ads, loop, _ = _plane()
     proxy = SlowProxy()
     serving = await _connect(ads, proxy, "slow")
     await wait_for(lambda: len(proxy.written) == 1, what="the first response")
@@ -103,7 +111,7 @@ async def test_slow_stream_gets_latest_state_merged() -> None:
 async def test_a_storm_is_written_a_few_streams_at_a_time() -> None:
     """After a restart every proxy wants its whole configuration at once; only
     `max_concurrent_pushes` streams compose and write at a time, the rest queue."""
-    _, ads, _ = _plane(max_concurrent_pushes=2, push_slot_hold=60.0)
+    _, ads, _, _ = _plane(max_concurrent_pushes=2, stall_after=60.0)
     SlowProxy.active = SlowProxy.most_active = 0
     proxies = [SlowProxy() for _ in range(5)]
     for proxy in proxies:
@@ -120,7 +128,7 @@ async def test_a_storm_is_written_a_few_streams_at_a_time() -> None:
 
 
 async def test_a_proxy_that_does_not_read_gives_its_push_slot_back() -> None:
-    _, ads, _ = _plane(max_concurrent_pushes=1, push_slot_hold=0.1)
+    _, ads, _, _ = _plane(max_concurrent_pushes=1, stall_after=0.1)
     stuck, fine = SlowProxy(), SlowProxy()
     stuck.gate.clear()
     serving_stuck = await _connect(ads, stuck, "stuck")
@@ -136,13 +144,13 @@ async def test_a_proxy_that_does_not_read_gives_its_push_slot_back() -> None:
 
 async def test_a_one_endpoint_push_does_not_wait_for_a_push_slot() -> None:
     """Every slot is held by a proxy that does not read; a small EDS change still reaches the others."""
-    catalog, ads, loop = _plane(max_concurrent_pushes=1, push_slot_hold=60.0)
+    catalog, ads, loop, push_slots = _plane(max_concurrent_pushes=1, stall_after=60.0)
     fine, stuck = SlowProxy(), SlowProxy()
     serving_fine = await _connect(ads, fine, "fine")
     await wait_for(lambda: len(fine.written) == 1, what="the first response")
     stuck.gate.clear()
     serving_stuck = await _connect(ads, stuck, "stuck")
-    await wait_for(lambda: ads._push_slots.locked(), what="the stuck proxy holding the only slot")
+    await wait_for(lambda: push_slots.locked(), what="the stuck proxy holding the only slot")
     catalog.apply(model.ClusterId("c1"), _cluster(7), seen_at=0.0)
     loop.flush()
     await wait_for(lambda: len(fine.written) == 2, timeout=5, what="the endpoint change delivered")
@@ -157,3 +165,47 @@ def _weight(response: discovery_pb2.DiscoveryResponse) -> int:
     cla = endpoint_pb2.ClusterLoadAssignment()
     response.resources[0].Unpack(cla)
     return int(cla.endpoints[0].lb_endpoints[0].load_balancing_weight.value)
+
+
+async def _never_reads(target: str, name: str, names: list[str]) -> tuple[grpc.aio.Channel, Any]:
+    """A real gRPC ADS stream that asks for everything and never reads a response. Its HTTP/2 window
+    is 1 KiB, so the server's writes to it block at once, as they do for any proxy once it has
+    stopped reading and its window (and the kernel's buffers) are full."""
+    channel = grpc.aio.insecure_channel(target, options=[("grpc.http2.lookahead_bytes", 1024),
+                                                         ("grpc.http2.bdp_probe", 0)])
+    call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+    first = discovery_pb2.DiscoveryRequest(type_url=typeurls.CLUSTER)
+    first.node.CopyFrom(ads_client.node(name, region="r1", zone="z1", cluster="c1"))
+    await call.write(first)
+    await call.write(discovery_pb2.DiscoveryRequest(type_url=typeurls.ENDPOINT, resource_names=names))
+    await call.write(discovery_pb2.DiscoveryRequest(type_url=typeurls.LISTENER))
+    return channel, call
+
+
+async def test_streams_that_never_read_do_not_delay_a_new_proxys_first_configuration(
+    start_plane: Any, tmp_path: Path
+) -> None:
+    """Six streams that never read, two push slots: the newcomer is served at once, not after the
+    non-readers have each held a slot (5 s each, before the fix: 15 s)."""
+    services = {f"svc{i}": [{"zone": "z1", "port": 9000 + i}] for i in range(20)}
+    plane = await start_plane(endpoint_files=(write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", services)),),
+                              max_concurrent_pushes=2)
+    target = f"127.0.0.1:{plane.ads_port}"
+    names = [f"outbound|8000||svc{i}.default.svc.cluster.local" for i in range(20)]
+    stuck = [await _never_reads(target, f"stuck-{i}", names) for i in range(6)]
+    try:
+        await wait_for(lambda: plane.metrics.registry.get_sample_value("meshplane_xds_connected_proxies") == 6,
+                       what="the non-reading streams connected")
+        node = ads_client.node("newcomer", region="r1", zone="z1", cluster="c1")
+        async with ads_client.AdsClient(target, node) as c:
+            await c.request(typeurls.CLUSTER)
+            cds = await c.recv(timeout=3)
+            assert sorted(ads_client.resource_names(cds)) == sorted(names)
+            await c.ack(cds)
+            await c.request(typeurls.ENDPOINT, names)
+            eds = await c.recv(timeout=3)
+            assert sorted(ads_client.resource_names(eds)) == sorted(names)
+    finally:
+        for channel, call in stuck:
+            call.cancel()
+            await channel.close()

@@ -9,10 +9,11 @@ import grpc
 import pytest
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 
 from meshplane import app
 from meshplane.xds import client as ads_client
-from meshplane.xds import types
+from meshplane.xds import typeurls
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
 MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
@@ -52,9 +53,9 @@ def _metric(plane: app.ControlPlane, name: str, **labels: str) -> float:
 async def test_wildcard_cds_sends_every_cluster(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
-        await c.request(types.CLUSTER)
+        await c.request(typeurls.CLUSTER)
         cds = await c.recv()
-        assert cds.type_url == types.CLUSTER
+        assert cds.type_url == typeurls.CLUSTER
         assert sorted(ads_client.resource_names(cds)) == [MOCKB, MOCKC]
         assert cds.nonce and cds.version_info
         assert cds.control_plane.identifier == "meshplane"
@@ -63,8 +64,8 @@ async def test_wildcard_cds_sends_every_cluster(start_plane: Any, endpoints: Pat
 async def test_ack_then_quiet_and_only_subscribed_changes_pushed(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane, "watches-mockb") as b, _client(plane, "watches-mockc") as cc:
-        await b.request(types.ENDPOINT, [MOCKB])
-        await cc.request(types.ENDPOINT, [MOCKC])
+        await b.request(typeurls.ENDPOINT, [MOCKB])
+        await cc.request(typeurls.ENDPOINT, [MOCKC])
         first_b, first_c = await b.recv(), await cc.recv()
         await b.ack(first_b)
         await cc.ack(first_c)
@@ -85,7 +86,7 @@ async def test_ack_then_quiet_and_only_subscribed_changes_pushed(start_plane: An
 async def test_nack_is_counted_and_the_rejected_version_is_not_resent(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
-        await c.request(types.ENDPOINT, [MOCKB])
+        await c.request(typeurls.ENDPOINT, [MOCKB])
         good = await c.recv()
         await c.ack(good)
         write_yaml(endpoints, _doc(mockb_health="draining"))
@@ -101,16 +102,16 @@ async def test_nack_is_counted_and_the_rejected_version_is_not_resent(start_plan
 async def test_stale_nonce_is_ignored(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
-        await c.request(types.ENDPOINT, [MOCKB])
+        await c.request(typeurls.ENDPOINT, [MOCKB])
         first = await c.recv()
         await c.ack(first)
         write_yaml(endpoints, _doc(mockb_health="unhealthy"))
         second = await c.recv()
         # A request carrying the older nonce (and a new subscription) is stale: ignored.
-        await c.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=first.version_info, nonce=first.nonce)
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=first.version_info, nonce=first.nonce)
         await c.expect_nothing(0.3)
         assert _metric(plane, "meshplane_xds_stale_nonces_total", type="eds") == 1
-        await c.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=second.version_info, nonce=second.nonce)
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=second.version_info, nonce=second.nonce)
         third = await c.recv()
         assert ads_client.resource_names(third) == [MOCKC]
 
@@ -118,12 +119,12 @@ async def test_stale_nonce_is_ignored(start_plane: Any, endpoints: Path) -> None
 async def test_resubscribed_resource_is_sent_again_even_unchanged(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
-        await c.request(types.ENDPOINT, [MOCKB, MOCKC])
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC])
         both = await c.recv()
         assert sorted(ads_client.resource_names(both)) == [MOCKB, MOCKC]
         await c.ack(both, names=[MOCKB])  # drop mockc
         await c.expect_nothing(0.2)
-        await c.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=both.version_info, nonce=both.nonce)
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=both.version_info, nonce=both.nonce)
         again = await c.recv()
         assert ads_client.resource_names(again) == [MOCKC]
 
@@ -131,20 +132,20 @@ async def test_resubscribed_resource_is_sent_again_even_unchanged(start_plane: A
 async def test_reconnect_with_known_versions_gets_no_repush(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
-        await c.request(types.CLUSTER)
+        await c.request(typeurls.CLUSTER)
         cds = await c.recv()
         await c.ack(cds)
-        await c.request(types.ENDPOINT, [MOCKB, MOCKC])
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC])
         eds = await c.recv()
         await c.ack(eds)
     sent_before = _metric(plane, "meshplane_xds_responses_total", type="cds")
     async with _client(plane) as again:
-        await again.request(types.CLUSTER, version_info=cds.version_info)
-        await again.request(types.ENDPOINT, [MOCKB, MOCKC], version_info=eds.version_info)
+        await again.request(typeurls.CLUSTER, version_info=cds.version_info)
+        await again.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=eds.version_info)
         await again.expect_nothing(0.4)
     assert _metric(plane, "meshplane_xds_responses_total", type="cds") == sent_before
     async with _client(plane) as stale:  # a proxy holding something else gets the current state
-        await stale.request(types.CLUSTER, version_info="some-other-version")
+        await stale.request(typeurls.CLUSTER, version_info="some-other-version")
         assert sorted(ads_client.resource_names(await stale.recv())) == [MOCKB, MOCKC]
 
 
@@ -153,9 +154,9 @@ async def test_versions_are_content_hashes_identical_across_restarts(start_plane
     for _ in range(2):
         plane = await start_plane(endpoint_files=(endpoints,))
         async with _client(plane) as c:
-            await c.request(types.CLUSTER)
+            await c.request(typeurls.CLUSTER)
             cds = await c.recv()
-            await c.request(types.ENDPOINT, [MOCKB], with_node=False)
+            await c.request(typeurls.ENDPOINT, [MOCKB], with_node=False)
             eds = await c.recv()
             versions.append((cds.version_info, eds.version_info, bytes(eds.resources[0].value)))
         await plane.stop()
@@ -166,7 +167,7 @@ async def test_streams_of_one_view_share_it(start_plane: Any, endpoints: Path) -
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane, "a") as a, _client(plane, "b") as b, _client(plane, "c", listener_port=15002) as c:
         for client in (a, b, c):
-            await client.request(types.ENDPOINT, [MOCKB])
+            await client.request(typeurls.ENDPOINT, [MOCKB])
             await client.recv()
         assert plane.cache is not None
         assert sorted(v.streams for v in plane.cache.views.values()) == [1, 2]
@@ -175,7 +176,7 @@ async def test_streams_of_one_view_share_it(start_plane: Any, endpoints: Path) -
 async def test_first_request_without_node_is_rejected(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
-        await c.request(types.CLUSTER, with_node=False)
+        await c.request(typeurls.CLUSTER, with_node=False)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await c.recv()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -185,13 +186,13 @@ async def test_first_request_without_node_is_rejected(start_plane: Any, endpoint
 async def test_make_before_break_order(start_plane: Any, endpoints: Path) -> None:
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
-        await c.request(types.CLUSTER)
+        await c.request(typeurls.CLUSTER)
         cds = await c.recv()
         await c.ack(cds)
-        await c.request(types.LISTENER)
+        await c.request(typeurls.LISTENER)
         lds = await c.recv()
         await c.ack(lds)
-        await c.request(types.ROUTE, ["outbound|http|default"])
+        await c.request(typeurls.ROUTE, ["outbound|http|default"])
         rds = await c.recv()
         await c.ack(rds)
 
@@ -200,7 +201,7 @@ async def test_make_before_break_order(start_plane: Any, endpoints: Path) -> Non
         doc["services"].append(cluster_doc("c1", "r1", {"mockd": [{"zone": "z1", "port": 9003}]})["services"][0])
         write_yaml(endpoints, doc)
         first, second = await c.recv(), await c.recv()
-        assert [first.type_url, second.type_url] == [types.CLUSTER, types.ROUTE]
+        assert [first.type_url, second.type_url] == [typeurls.CLUSTER, typeurls.ROUTE]
         assert "outbound|8000||mockd.default.svc.cluster.local" in ads_client.resource_names(first)
         await c.ack(first)
         await c.ack(second)
@@ -208,7 +209,7 @@ async def test_make_before_break_order(start_plane: Any, endpoints: Path) -> Non
         # mockd goes away: routes stop naming it before its cluster is removed.
         write_yaml(endpoints, _doc())
         first, second = await c.recv(), await c.recv()
-        assert [first.type_url, second.type_url] == [types.ROUTE, types.CLUSTER]
+        assert [first.type_url, second.type_url] == [typeurls.ROUTE, typeurls.CLUSTER]
         assert sorted(ads_client.resource_names(second)) == [MOCKB, MOCKC]
 
 
@@ -217,7 +218,7 @@ async def test_a_burst_of_changes_is_one_push(start_plane: Any, endpoints: Path)
     assert plane.push is not None
     before = plane.push.pushes
     async with _client(plane) as c:
-        await c.request(types.ENDPOINT, [MOCKB])
+        await c.request(typeurls.ENDPOINT, [MOCKB])
         await c.ack(await c.recv())
         for extra in range(1, 6):  # five edits within the debounce window
             write_yaml(endpoints, _doc(extra_mockb=extra))
@@ -228,3 +229,96 @@ async def test_a_burst_of_changes_is_one_push(start_plane: Any, endpoints: Path)
         assert sum(len(g.lb_endpoints) for g in cla.endpoints) == 6
         await c.expect_nothing(0.4)
     assert plane.push.pushes - before == 1
+
+
+async def test_a_name_added_across_a_reconnect_is_sent_though_the_version_is_known(
+    start_plane: Any, endpoints: Path
+) -> None:
+    """A proxy that held [mockb] at version V reconnects asking [mockb, mockc] and reporting V:
+    V vouches for mockb alone, so mockc must be sent (xds_protocol: newly requested names are sent)."""
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(typeurls.ENDPOINT, [MOCKB])
+        held = await c.recv()
+        await c.ack(held)
+    async with _client(plane) as again:
+        await again.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=held.version_info)
+        response = await again.recv()
+        assert MOCKC in ads_client.resource_names(response)
+        await again.ack(response)
+        write_yaml(endpoints, _doc(mockb_health="unhealthy"))  # and later changes keep coming
+        update = await again.recv()
+        assert ads_client.resource_names(update) == [MOCKB]
+
+
+async def test_a_proxy_holding_exactly_what_it_asks_for_gets_no_repush_after_reconnect(
+    start_plane: Any, endpoints: Path
+) -> None:
+    """The other side of the rule above: a version still vouches for the names it was sent with."""
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        await c.request(typeurls.ENDPOINT, [MOCKB])
+        held = await c.recv()
+        await c.ack(held)
+    async with _client(plane) as again:
+        await again.request(typeurls.ENDPOINT, [MOCKB], version_info=held.version_info)
+        await again.expect_nothing(0.4)
+        write_yaml(endpoints, _doc(mockb_health="unhealthy"))
+        update = await again.recv()
+        assert ads_client.resource_names(update) == [MOCKB]
+        assert update.version_info != held.version_info
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": "x"}
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("metadata", "named"),
+    [
+        ({"listener_port": "abc"}, ["metadata.listener_port", "'abc'"]),
+        ({"listener_port": 70000}, ["metadata.listener_port", "70000"]),
+        ({"listener_port": 1.5}, ["metadata.listener_port", "1.5"]),
+        ({"listener_port": 0}, ["metadata.listener_port", "0"]),
+        ({"listener_address": "not-an-ip"}, ["metadata.listener_address", "'not-an-ip'"]),
+        ({"namespace": 7}, ["metadata.namespace", "7"]),
+        ({"namespace": "Not_A_Namespace"}, ["metadata.namespace", "'Not_A_Namespace'"]),
+        ({"labels": "app=web"}, ["metadata.labels", "'app=web'"]),
+        ({"labels": {"app": 3}}, ["metadata.labels.app", "3"]),
+        ({"role": "gatewy"}, ["metadata.role", "'gatewy'", "sidecar"]),
+        ({"deep": _nested(60)}, ["node.metadata", "nest"]),
+    ],
+    ids=["port-text", "port-too-big", "port-fraction", "port-zero", "address", "namespace-number",
+         "namespace-invalid", "labels-not-a-map", "label-not-text", "unknown-role", "nested-60-deep"],
+)
+async def test_bad_node_data_is_refused_naming_the_field_and_value(
+    start_plane: Any, endpoints: Path, metadata: dict[str, Any], named: list[str]
+) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane, **metadata) as c:
+        await c.request(typeurls.CLUSTER)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await c.recv()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    for text in named:
+        assert text in (err.value.details() or ""), err.value.details()
+    async with _client(plane, "a-good-one") as good:  # nothing already working is lost
+        await good.request(typeurls.CLUSTER)
+        assert sorted(ads_client.resource_names(await good.recv())) == [MOCKB, MOCKC]
+
+
+async def test_node_metadata_as_istio_writes_it_is_accepted(start_plane: Any, endpoints: Path) -> None:
+    """Istio's node metadata carries numbers as text: a port given as "15002" is the port 15002."""
+    plane = await start_plane(endpoint_files=(endpoints,))
+    meta = {"listener_port": "15002", "listener_address": "127.0.0.1", "namespace": "shop",
+            "labels": {"app": "web", "version": "v1"}, "role": "sidecar"}
+    async with _client(plane, **meta) as c:
+        await c.request(typeurls.LISTENER)
+        lds = await c.recv()
+    listener = listener_pb2.Listener()
+    lds.resources[0].Unpack(listener)
+    assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == (
+        "127.0.0.1", 15002)

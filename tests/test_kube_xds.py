@@ -21,7 +21,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from meshplane import aio, app
 from meshplane.xds import client as ads_client
-from meshplane.xds import types
+from meshplane.xds import typeurls
 from tests.conftest import wait_for
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, service
 from tests.test_clusters import FAST
@@ -47,7 +47,7 @@ class Recorder:
     async def run(self) -> None:
         while True:
             response = await self.client.recv(timeout=60)
-            if response.type_url == types.CLUSTER:
+            if response.type_url == typeurls.CLUSTER:
                 self.clusters.append((response.version_info, set(ads_client.resource_names(response))))
                 await self.client.ack(response)
                 continue
@@ -97,8 +97,8 @@ async def proxy(
     node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
     async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as client:
         recorder = Recorder(client)
-        await client.request(types.CLUSTER)  # wildcard, as Envoy: a service that went away would leave CDS
-        await client.request(types.ENDPOINT, [WEB, STEADY])
+        await client.request(typeurls.CLUSTER)  # wildcard, as Envoy: a service that went away would leave CDS
+        await client.request(typeurls.ENDPOINT, [WEB, STEADY])
         task = asyncio.create_task(recorder.run(), name="eds-recorder")
         try:
             await wait_for(lambda: recorder.current(WEB) and recorder.current(STEADY), what="first EDS")
@@ -183,11 +183,11 @@ async def test_a_proxy_that_connects_once_ready_gets_the_synced_clusters(
     await wait_for(plane.ready, what="c1 synced")
     node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
     async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as client:
-        await client.request(types.CLUSTER)
+        await client.request(typeurls.CLUSTER)
         cds = await client.recv()
         assert {WEB, STEADY} <= set(ads_client.resource_names(cds)), "ready, yet the proxy got no clusters"
         await client.ack(cds)
-        await client.request(types.ENDPOINT, [WEB, STEADY])
+        await client.request(typeurls.ENDPOINT, [WEB, STEADY])
         eds = await client.recv()
         assert sorted(ads_client.resource_names(eds)) == sorted([WEB, STEADY])
 
@@ -201,8 +201,8 @@ async def test_a_proxy_that_connects_while_a_cluster_is_listing_is_held_then_get
     assert not plane.ready()
     node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
     async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as client:
-        await client.request(types.CLUSTER)
-        await wait_for(lambda: any(types.CLUSTER in s.subs for s in plane.ads.streams.values()),  # type: ignore[union-attr]
+        await client.request(typeurls.CLUSTER)
+        await wait_for(lambda: any(typeurls.CLUSTER in s.types for s in plane.streams),
                        what="the request read")
         with pytest.raises(TimeoutError):  # an answer now would be the empty views of a plane still syncing
             await client.recv(timeout=0.5)
@@ -221,21 +221,21 @@ async def test_a_proxy_that_reconnects_to_a_syncing_plane_with_what_it_holds_get
     await wait_for(first.ready, what="c1 synced")
     node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
     async with ads_client.AdsClient(f"127.0.0.1:{first.ads_port}", node) as client:
-        await client.request(types.CLUSTER)
+        await client.request(typeurls.CLUSTER)
         cds = await client.recv()
         await client.ack(cds)
-        await client.request(types.ENDPOINT, [WEB, STEADY])
+        await client.request(typeurls.ENDPOINT, [WEB, STEADY])
         eds = await client.recv()
         await client.ack(eds)
     fake.stall(True)
     second = await start_plane(kubeconfigs=(f"c1={kubeconfig}",), kube=FAST, sync_timeout=60)
     async with ads_client.AdsClient(f"127.0.0.1:{second.ads_port}", node) as client:
-        await client.request(types.CLUSTER, version_info=cds.version_info)
-        await client.request(types.ENDPOINT, [WEB, STEADY], version_info=eds.version_info)
+        await client.request(typeurls.CLUSTER, version_info=cds.version_info)
+        await client.request(typeurls.ENDPOINT, [WEB, STEADY], version_info=eds.version_info)
         fake.stall(False)
         await wait_for(second.ready, what="the second plane synced")
         fake.put("endpointslices", web_slice("10.0.0.1", "10.0.0.7"))
         # The first thing this proxy hears of is the change: what it held was not sent again.
         update = await client.recv(timeout=10)
-        assert update.type_url == types.ENDPOINT
+        assert update.type_url == typeurls.ENDPOINT
         assert ads_client.resource_names(update) == [WEB]

@@ -7,12 +7,12 @@ import random
 import pytest
 
 from meshplane.discovery import model
-from meshplane.policy import locality, types
+from meshplane.policy import placement, rules
 
-REGION = types.REGION_LABEL
-ZONE = types.ZONE_LABEL
-CLUSTER = types.CLUSTER_LABEL
-SUBZONE = types.SUBZONE_LABEL
+REGION = rules.REGION_LABEL
+ZONE = rules.ZONE_LABEL
+CLUSTER = rules.CLUSTER_LABEL
+SUBZONE = rules.SUBZONE_LABEL
 
 
 def ep(
@@ -44,7 +44,7 @@ def loc(where: str) -> model.Locality:
 Row = tuple[str, int, int, tuple[str, ...]]
 
 
-def summary(placements: tuple[locality.Placement, ...]) -> list[Row]:
+def summary(placements: tuple[placement.Placement, ...]) -> list[Row]:
     """(locality, priority, weight, endpoints as address:port), in output order."""
     return [
         (
@@ -73,11 +73,11 @@ THREE_REGIONS = (
     ep("10.0.2.1", "eu-west/a/c3"),
 )
 
-ON = types.LocalitySettings()
+ON = rules.LocalitySettings()
 
 
-def failover(*rules: tuple[str, str]) -> types.LocalitySettings:
-    return types.LocalitySettings(failover=tuple(types.FailoverRule(f, t) for f, t in rules))
+def failover(*pairs: tuple[str, str]) -> rules.LocalitySettings:
+    return rules.LocalitySettings(failover=tuple(rules.FailoverRule(f, t) for f, t in pairs))
 
 
 FAILOVER_ORDER = [
@@ -250,10 +250,10 @@ FAILOVER_ORDER = [
 def test_failover_order(
     endpoints: tuple[model.Endpoint, ...],
     client: str,
-    settings: types.LocalitySettings,
+    settings: rules.LocalitySettings,
     expected: list[Row],
 ) -> None:
-    placed = locality.place(endpoints, client=loc(client), client_labels={}, settings=settings)
+    placed = placement.place(endpoints, client=loc(client), client_labels={}, settings=settings)
     assert summary(placed) == expected
 
 
@@ -266,9 +266,9 @@ SPLIT = (
 )
 
 
-def prio(*labels: str, rules: tuple[tuple[str, str], ...] = ()) -> types.LocalitySettings:
-    return types.LocalitySettings(
-        failover_priority=labels, failover=tuple(types.FailoverRule(f, t) for f, t in rules)
+def prio(*labels: str, failover_rules: tuple[tuple[str, str], ...] = ()) -> rules.LocalitySettings:
+    return rules.LocalitySettings(
+        failover_priority=labels, failover=tuple(rules.FailoverRule(f, t) for f, t in failover_rules)
     )
 
 
@@ -373,7 +373,7 @@ FAILOVER_PRIORITY = [
             ep("10.0.2.1", "eu-west/a/c3", labels={"version": "v1"}),
             ep("10.0.2.2", "eu-west/a/c3", labels={"version": "v2"}),
         ),
-        "us-east/a/c1", {"version": "v1"}, prio("version", rules=(("us-east", "eu-west"),)),
+        "us-east/a/c1", {"version": "v1"}, prio("version", failover_rules=(("us-east", "eu-west"),)),
         # raw = version level * 5 + locality priority: 0, 2, 3, 4, 5, 8 -> compacted 0..5
         [
             ("us-east/a/c1", 0, 1, ("10.0.0.1:8000",)),
@@ -395,17 +395,17 @@ def test_failover_priority(
     endpoints: tuple[model.Endpoint, ...],
     client: str,
     client_labels: dict[str, str],
-    settings: types.LocalitySettings,
+    settings: rules.LocalitySettings,
     expected: list[Row],
 ) -> None:
-    placed = locality.place(
+    placed = placement.place(
         endpoints, client=loc(client), client_labels=client_labels, settings=settings
     )
     assert summary(placed) == expected
 
 
-def distribute(*rules: tuple[str, tuple[tuple[str, int], ...]]) -> types.LocalitySettings:
-    return types.LocalitySettings(distribute=tuple(types.DistributeRule(f, to) for f, to in rules))
+def distribute(*pairs: tuple[str, tuple[tuple[str, int], ...]]) -> rules.LocalitySettings:
+    return rules.LocalitySettings(distribute=tuple(rules.DistributeRule(f, to) for f, to in pairs))
 
 
 WEIGHTED = (
@@ -503,10 +503,10 @@ DISTRIBUTE = [
 def test_distribute(
     endpoints: tuple[model.Endpoint, ...],
     client: str,
-    settings: types.LocalitySettings,
+    settings: rules.LocalitySettings,
     expected: list[Row],
 ) -> None:
-    placed = locality.place(endpoints, client=loc(client), client_labels={}, settings=settings)
+    placed = placement.place(endpoints, client=loc(client), client_labels={}, settings=settings)
     assert summary(placed) == expected
 
 
@@ -520,7 +520,7 @@ FLAT_S1 = [
 NO_ORDERING = [
     pytest.param(
         model.Locality("cn-hangzhou", "cn-hangzhou-h", "cluster-1"),
-        types.LocalitySettings(enabled=False, failover=(types.FailoverRule("cn-hangzhou", "x"),)),
+        rules.LocalitySettings(enabled=False, failover=(rules.FailoverRule("cn-hangzhou", "x"),)),
         FLAT_S1,
         id="disabled",
     ),
@@ -543,15 +543,15 @@ NO_ORDERING = [
 @pytest.mark.parametrize(("client", "settings", "expected"), NO_ORDERING)
 def test_no_ordering(
     client: model.Locality,
-    settings: types.LocalitySettings,
+    settings: rules.LocalitySettings,
     expected: list[Row],
 ) -> None:
-    placed = locality.place(S1, client=client, client_labels={"version": "v1"}, settings=settings)
+    placed = placement.place(S1, client=client, client_labels={"version": "v1"}, settings=settings)
     assert summary(placed) == expected
 
 
 def test_no_endpoints() -> None:
-    assert locality.place((), client=loc("a/b/c"), client_labels={}, settings=ON) == ()
+    assert placement.place((), client=loc("a/b/c"), client_labels={}, settings=ON) == ()
 
 
 @pytest.mark.parametrize(
@@ -563,13 +563,13 @@ def test_no_endpoints() -> None:
         pytest.param(distribute(("*", (("us-east/*", 70), ("*", 30)))), id="distribute"),
     ],
 )
-def test_shuffled_input_gives_identical_output(settings: types.LocalitySettings) -> None:
+def test_shuffled_input_gives_identical_output(settings: rules.LocalitySettings) -> None:
     endpoints = [*WEIGHTED, *SPLIT, ep("10.0.0.1", "us-east/a/c1", port=9000)]
     client, labels = loc("us-east/a/c1"), {"version": "v1"}
-    expected = locality.place(endpoints, client=client, client_labels=labels, settings=settings)
+    expected = placement.place(endpoints, client=client, client_labels=labels, settings=settings)
     rng = random.Random(7)
     for _ in range(20):
         rng.shuffle(endpoints)
-        again = locality.place(endpoints, client=client, client_labels=labels, settings=settings)
+        again = placement.place(endpoints, client=client, client_labels=labels, settings=settings)
         assert again == expected
         assert hash(again) == hash(expected)

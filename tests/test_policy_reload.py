@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from meshplane.discovery import model
-from meshplane.policy import reload, types, validate
+from meshplane.policy import reload, rules, validate
 from tests.conftest import wait_for
 
 MOCKB = model.service_key("default", "mockb")
@@ -57,16 +57,16 @@ def write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def five_xx(policy: types.Policy) -> int | None:
+def five_xx(policy: rules.Policy) -> int | None:
     od = policy.for_service(MOCKB).outlier_detection
     return None if od is None else od.consecutive_5xx_errors
 
 
 class Recorder:
     def __init__(self) -> None:
-        self.calls: list[tuple[types.Policy, float]] = []
+        self.calls: list[tuple[rules.Policy, float]] = []
 
-    def __call__(self, policy: types.Policy, seen_at: float) -> None:
+    def __call__(self, policy: rules.Policy, seen_at: float) -> None:
         self.calls.append((policy, seen_at))
 
 
@@ -189,9 +189,9 @@ async def test_deleted_file_keeps_the_last_good(tmp_path: Path, start_watcher: S
 async def test_async_callback_and_warnings(tmp_path: Path, start_watcher: Start) -> None:
     path = tmp_path / "policy.yaml"
     write(path, policy_text(1))
-    seen: list[types.Policy] = []
+    seen: list[rules.Policy] = []
 
-    async def on_change(policy: types.Policy, seen_at: float) -> None:
+    async def on_change(policy: rules.Policy, seen_at: float) -> None:
         await asyncio.sleep(0)
         seen.append(policy)
 
@@ -200,7 +200,7 @@ async def test_async_callback_and_warnings(tmp_path: Path, start_watcher: Start)
         write(path, WARNS)
         await wait_for(lambda: seen, timeout=5, what="the edit with a warning to be applied")
     [policy] = seen
-    assert policy.for_service(MOCKB).locality.failover == (types.FailoverRule("a", "b"),)
+    assert policy.for_service(MOCKB).locality.failover == (rules.FailoverRule("a", "b"),)
     warnings = [e for e in logs if e["event"] == "policy warning"]
     assert len(warnings) == 1 and "failover needs outlier detection" in warnings[0]["problem"]
     assert watcher.last_warnings and watcher.last_errors == ()
@@ -213,7 +213,7 @@ async def test_a_failing_callback_does_not_stop_the_watcher(
     write(path, policy_text(1))
     calls = Recorder()
 
-    def on_change(policy: types.Policy, seen_at: float) -> None:
+    def on_change(policy: rules.Policy, seen_at: float) -> None:
         calls(policy, seen_at)
         if len(calls.calls) == 1:
             raise RuntimeError("push failed")
@@ -250,7 +250,7 @@ async def test_missing_file_at_start_raises(tmp_path: Path) -> None:
 async def test_no_path_is_the_default_policy() -> None:
     watcher = reload.PolicyWatcher(None, on_change=Recorder())
     await watcher.start()
-    assert watcher.current == types.Policy()
+    assert watcher.current == rules.Policy()
     assert await watcher.poll() is False
     await watcher.stop()
 

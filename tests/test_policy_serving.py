@@ -8,7 +8,7 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 
 from meshplane.xds import client as ads_client
-from meshplane.xds import types
+from meshplane.xds import typeurls
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
 POLICY = """\
@@ -36,7 +36,7 @@ async def test_valid_edit_is_pushed_broken_edit_keeps_last_good(start_plane: Any
     plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
     node = ads_client.node("sidecar", region="r1", zone="z1", cluster="c1")
     async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as c:
-        await c.request(types.CLUSTER)
+        await c.request(typeurls.CLUSTER)
         first = await c.recv()
         [cluster] = _clusters(first).values()
         assert cluster.outlier_detection.consecutive_5xx.value == 3

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from meshplane.discovery import model
-from meshplane.policy import schema, types, validate
+from meshplane.policy import rules, schema, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = "apiVersion: meshplane.io/v1\n"
@@ -80,7 +80,7 @@ def test_distribute_with_failover_priority() -> None:
     )
 
 
-@pytest.mark.parametrize("label", [types.REGION_LABEL, types.ZONE_LABEL, types.SUBZONE_LABEL])
+@pytest.mark.parametrize("label", [rules.REGION_LABEL, rules.ZONE_LABEL, rules.SUBZONE_LABEL])
 def test_failover_with_topology_label_in_failover_priority(label: str) -> None:
     problem = locality_error(f"""
         failover: [{{from: cn-hangzhou, to: cn-shanghai}}]
@@ -481,7 +481,7 @@ def test_local_origin_failures_without_split_warns() -> None:
 
 # --- accepted: what the file becomes ----------------------------------------------------------
 
-S1_OUTLIER = types.OutlierDetection(
+S1_OUTLIER = rules.OutlierDetection(
     consecutive_5xx_errors=1,
     consecutive_local_origin_failures=1,
     split_external_local_origin_errors=True,
@@ -493,7 +493,7 @@ S1_OUTLIER = types.OutlierDetection(
 
 def test_empty_file_is_the_default_policy() -> None:
     for text in ("", "# nothing yet\n", "---\n"):
-        assert load(text) == validate.LoadResult(types.Policy(), (), ())
+        assert load(text) == validate.LoadResult(rules.Policy(), (), ())
 
 
 def test_s1_policy() -> None:
@@ -510,8 +510,8 @@ def test_s1_policy() -> None:
               maxEjectionPercent: 100
     """)
     assert result == validate.LoadResult(
-        types.Policy(
-            services={model.service_key("default", "mockb"): types.ServicePolicy(S1_OUTLIER)}
+        rules.Policy(
+            services={model.service_key("default", "mockb"): rules.ServicePolicy(S1_OUTLIER)}
         ),
         (),
         (),
@@ -530,18 +530,18 @@ def test_s2_failover_policy() -> None:
                 - {from: cn-shanghai, to: cn-hangzhou}
                 - {from: cn-hangzhou, to: cn-shanghai}
     """)
-    outlier = types.OutlierDetection(
+    outlier = rules.OutlierDetection(
         consecutive_5xx_errors=1, interval_ms=1000, base_ejection_time_ms=60_000
     )
-    rules = (
-        types.FailoverRule("cn-shanghai", "cn-hangzhou"),
-        types.FailoverRule("cn-hangzhou", "cn-shanghai"),
+    failover_rules = (
+        rules.FailoverRule("cn-shanghai", "cn-hangzhou"),
+        rules.FailoverRule("cn-hangzhou", "cn-shanghai"),
     )
-    expected = types.ServicePolicy(
-        outlier_detection=outlier, locality=types.LocalitySettings(failover=rules)
+    expected = rules.ServicePolicy(
+        outlier_detection=outlier, locality=rules.LocalitySettings(failover=failover_rules)
     )
     assert result == validate.LoadResult(
-        types.Policy(services={model.service_key("bookinfo", "reviews"): expected}), (), ()
+        rules.Policy(services={model.service_key("bookinfo", "reviews"): expected}), (), ()
     )
 
 
@@ -561,9 +561,9 @@ def test_s2_distribute_policy() -> None:
     """)
     assert result.errors == () and result.policy is not None
     sp = result.policy.for_service(model.service_key("default", "reviews"))
-    assert sp.locality == types.LocalitySettings(
+    assert sp.locality == rules.LocalitySettings(
         distribute=(
-            types.DistributeRule("cn-hangzhou/*", (("cn-shanghai/*", 10), ("cn-hangzhou/*", 90))),
+            rules.DistributeRule("cn-hangzhou/*", (("cn-shanghai/*", 10), ("cn-hangzhou/*", 90))),
         )
     )
 
@@ -587,23 +587,23 @@ def test_defaults_inheritance_and_section_replacement() -> None:
     """)
     assert result.errors == () and result.policy is not None
     policy = result.policy
-    defaults = types.ServicePolicy(
-        outlier_detection=types.OutlierDetection(consecutive_5xx_errors=3, interval_ms=10_000),
-        locality=types.LocalitySettings(failover=(types.FailoverRule("a", "b"),)),
+    defaults = rules.ServicePolicy(
+        outlier_detection=rules.OutlierDetection(consecutive_5xx_errors=3, interval_ms=10_000),
+        locality=rules.LocalitySettings(failover=(rules.FailoverRule("a", "b"),)),
         connect_timeout_ms=250,
     )
     assert policy.defaults == defaults
     assert policy.services == {
         model.service_key("default", "inherits"): defaults,
-        model.service_key("default", "own-outlier"): types.ServicePolicy(
+        model.service_key("default", "own-outlier"): rules.ServicePolicy(
             # the whole section replaced: no interval, no 5xx count from the defaults
-            outlier_detection=types.OutlierDetection(consecutive_gateway_errors=2),
+            outlier_detection=rules.OutlierDetection(consecutive_gateway_errors=2),
             locality=defaults.locality,
             connect_timeout_ms=250,
         ),
-        model.service_key("ns", "own-locality"): types.ServicePolicy(
+        model.service_key("ns", "own-locality"): rules.ServicePolicy(
             outlier_detection=defaults.outlier_detection,
-            locality=types.LocalitySettings(enabled=False),
+            locality=rules.LocalitySettings(enabled=False),
             connect_timeout_ms=90_000,
         ),
     }
@@ -612,8 +612,8 @@ def test_defaults_inheritance_and_section_replacement() -> None:
 
 def test_no_defaults_means_built_in_defaults() -> None:
     result = load(HEAD + "services:\n  - name: a\n    connectTimeout: 1.5s\n")
-    assert result.policy == types.Policy(
-        services={model.service_key("default", "a"): types.ServicePolicy(connect_timeout_ms=1500)}
+    assert result.policy == rules.Policy(
+        services={model.service_key("default", "a"): rules.ServicePolicy(connect_timeout_ms=1500)}
     )
 
 

@@ -12,7 +12,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from meshplane.xds import client as ads_client
-from meshplane.xds import types
+from meshplane.xds import typeurls
 from tests.conftest import write_yaml
 
 HOST = "multi.default.svc.cluster.local"
@@ -52,7 +52,7 @@ async def test_one_cluster_and_assignment_per_http_port_none_for_tcp(start_plane
     plane = await start_plane(endpoint_files=(write_yaml(tmp_path / "c1.yaml", _doc()),))
     node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
     async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as c:
-        await c.request(types.CLUSTER)
+        await c.request(typeurls.CLUSTER)
         cds = await c.recv()
         clusters = _unpack(cds, cluster_pb2.Cluster)
         assert sorted(clusters) == [HTTP, GRPC]
@@ -66,7 +66,7 @@ async def test_one_cluster_and_assignment_per_http_port_none_for_tcp(start_plane
         assert options.explicit_http_config.HasField("http2_protocol_options")
         await c.ack(cds)
 
-        await c.request(types.ENDPOINT, [HTTP, GRPC, TCP])
+        await c.request(typeurls.ENDPOINT, [HTTP, GRPC, TCP])
         eds = await c.recv()
         assignments = _unpack(eds, endpoint_pb2.ClusterLoadAssignment)
         assert sorted(assignments) == [HTTP, GRPC]  # nothing for the TCP port
@@ -83,7 +83,7 @@ async def test_one_cluster_and_assignment_per_http_port_none_for_tcp(start_plane
         assert targets(GRPC) == [(0, "127.0.0.1", 19090), (1, "127.0.0.2", 29090)]
         await c.ack(eds, names=[HTTP, GRPC, TCP])
 
-        await c.request(types.ROUTE, ["outbound|http|default"])
+        await c.request(typeurls.ROUTE, ["outbound|http|default"])
         [route] = _unpack(await c.recv(), route_pb2.RouteConfiguration).values()
         hosts = {vh.name: (list(vh.domains), vh.routes[0].route.cluster) for vh in route.virtual_hosts}
         assert hosts == {

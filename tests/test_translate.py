@@ -9,14 +9,14 @@ import pytest
 from google.protobuf import json_format
 
 from meshplane.discovery import model
-from meshplane.policy import types
+from meshplane.policy import rules
 from meshplane.xds import translate
 
 SERVICE = model.Service(name="mockb", namespace="default", ports=(model.ServicePort("http", 8000),))
-OD = types.OutlierDetection
+OD = rules.OutlierDetection
 
 
-def cluster_for(policy: types.ServicePolicy) -> Any:
+def cluster_for(policy: rules.ServicePolicy) -> Any:
     return translate.build_cluster(SERVICE, SERVICE.ports[0], policy)
 
 
@@ -110,8 +110,8 @@ OUTLIER_DETECTION = [
 
 
 @pytest.mark.parametrize(("od", "expected"), OUTLIER_DETECTION)
-def test_outlier_detection(od: types.OutlierDetection, expected: dict[str, Any]) -> None:
-    cluster = cluster_for(types.ServicePolicy(outlier_detection=od))
+def test_outlier_detection(od: rules.OutlierDetection, expected: dict[str, Any]) -> None:
+    cluster = cluster_for(rules.ServicePolicy(outlier_detection=od))
     assert cluster.HasField("outlier_detection")
     assert as_dump(cluster.outlier_detection) == expected
 
@@ -125,8 +125,8 @@ def test_outlier_detection(od: types.OutlierDetection, expected: dict[str, Any])
         pytest.param(OD(min_health_percent=100), 100.0, id="min-health-percent-100"),
     ],
 )
-def test_min_health_percent_is_the_healthy_panic_threshold(od: types.OutlierDetection, threshold: float) -> None:
-    cluster = cluster_for(types.ServicePolicy(outlier_detection=od))
+def test_min_health_percent_is_the_healthy_panic_threshold(od: rules.OutlierDetection, threshold: float) -> None:
+    cluster = cluster_for(rules.ServicePolicy(outlier_detection=od))
     # Present even at 0: an absent threshold is Envoy's 50%, which spreads traffic back onto
     # ejected hosts instead of failing over.
     assert cluster.common_lb_config.HasField("healthy_panic_threshold")
@@ -134,13 +134,13 @@ def test_min_health_percent_is_the_healthy_panic_threshold(od: types.OutlierDete
 
 
 def test_no_outlier_detection_leaves_envoy_defaults() -> None:
-    cluster = cluster_for(types.ServicePolicy())
+    cluster = cluster_for(rules.ServicePolicy())
     assert not cluster.HasField("outlier_detection")
     assert not cluster.common_lb_config.HasField("healthy_panic_threshold")
 
 
-DISTRIBUTE = types.LocalitySettings(
-    distribute=(types.DistributeRule("cn-hangzhou/*", (("cn-hangzhou/*", 90), ("cn-shanghai/*", 10))),)
+DISTRIBUTE = rules.LocalitySettings(
+    distribute=(rules.DistributeRule("cn-hangzhou/*", (("cn-hangzhou/*", 90), ("cn-shanghai/*", 10))),)
 )
 
 
@@ -148,11 +148,11 @@ DISTRIBUTE = types.LocalitySettings(
     ("locality", "weighted"),
     [
         pytest.param(DISTRIBUTE, True, id="distribute"),
-        pytest.param(types.LocalitySettings(), False, id="nearest-first"),
-        pytest.param(types.LocalitySettings(failover=(types.FailoverRule("a", "b"),)), False, id="failover"),
+        pytest.param(rules.LocalitySettings(), False, id="nearest-first"),
+        pytest.param(rules.LocalitySettings(failover=(rules.FailoverRule("a", "b"),)), False, id="failover"),
     ],
 )
-def test_locality_weighted_lb_only_with_distribute(locality: types.LocalitySettings, weighted: bool) -> None:
+def test_locality_weighted_lb_only_with_distribute(locality: rules.LocalitySettings, weighted: bool) -> None:
     # Envoy ignores LocalityLbEndpoints.load_balancing_weight unless the cluster turns this on.
-    cluster = cluster_for(types.ServicePolicy(locality=locality))
+    cluster = cluster_for(rules.ServicePolicy(locality=locality))
     assert cluster.common_lb_config.HasField("locality_weighted_lb_config") is weighted

@@ -3,7 +3,7 @@
 These models are the *shape* of the file: field names, types, ranges. Rules
 that relate several fields (failover vs distribute, weights summing to 100,
 warnings) live in `validate`, which can point at the right line for each.
-`to_policy` turns a validated document into the frozen `types.Policy` the
+`to_policy` turns a validated document into the frozen `rules.Policy` the
 rest of meshplane reads; nothing outside `meshplane.policy` sees these models.
 """
 
@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from meshplane.discovery import model
-from meshplane.policy import types
+from meshplane.policy import rules
 
 API_VERSION = "meshplane.io/v1"
 
@@ -219,8 +219,8 @@ class PolicyDoc(_Doc):
     gateways: Annotated[Any, _RESERVED] = None
 
 
-def _outlier(doc: OutlierDetectionDoc) -> types.OutlierDetection:
-    return types.OutlierDetection(
+def _outlier(doc: OutlierDetectionDoc) -> rules.OutlierDetection:
+    return rules.OutlierDetection(
         consecutive_5xx_errors=doc.consecutive_5xx_errors,
         consecutive_gateway_errors=doc.consecutive_gateway_errors,
         consecutive_local_origin_failures=doc.consecutive_local_origin_failures,
@@ -234,22 +234,22 @@ def _outlier(doc: OutlierDetectionDoc) -> types.OutlierDetection:
     )
 
 
-def _locality(doc: LocalityDoc) -> types.LocalitySettings:
-    return types.LocalitySettings(
+def _locality(doc: LocalityDoc) -> rules.LocalitySettings:
+    return rules.LocalitySettings(
         enabled=doc.enabled,
         failover=tuple(
-            types.FailoverRule(from_region=f.from_, to_region=f.to) for f in doc.failover
+            rules.FailoverRule(from_region=f.from_, to_region=f.to) for f in doc.failover
         ),
         failover_priority=doc.failover_priority,
         distribute=tuple(
-            types.DistributeRule(from_locality=d.from_, to=tuple(d.to.items()))
+            rules.DistributeRule(from_locality=d.from_, to=tuple(d.to.items()))
             for d in doc.distribute
         ),
     )
 
 
-def _resolve(sections: SectionsDoc, base: types.ServicePolicy) -> types.ServicePolicy:
-    return types.ServicePolicy(
+def _resolve(sections: SectionsDoc, base: rules.ServicePolicy) -> rules.ServicePolicy:
+    return rules.ServicePolicy(
         outlier_detection=(
             base.outlier_detection
             if sections.outlier_detection is None
@@ -264,24 +264,24 @@ def _resolve(sections: SectionsDoc, base: types.ServicePolicy) -> types.ServiceP
     )
 
 
-def resolve_defaults(doc: PolicyDoc) -> types.ServicePolicy:
+def resolve_defaults(doc: PolicyDoc) -> rules.ServicePolicy:
     if doc.defaults is None:
-        return types.ServicePolicy()
-    return _resolve(doc.defaults, types.ServicePolicy())
+        return rules.ServicePolicy()
+    return _resolve(doc.defaults, rules.ServicePolicy())
 
 
-def resolve_service(doc: ServiceDoc, defaults: types.ServicePolicy) -> types.ServicePolicy:
+def resolve_service(doc: ServiceDoc, defaults: rules.ServicePolicy) -> rules.ServicePolicy:
     return _resolve(doc, defaults)
 
 
-def to_policy(doc: PolicyDoc) -> types.Policy:
+def to_policy(doc: PolicyDoc) -> rules.Policy:
     """The resolved policy; assumes `validate` found no errors (duplicates: the last one wins)."""
     defaults = resolve_defaults(doc)
     services = {
         model.service_key(svc.namespace, svc.name): resolve_service(svc, defaults)
         for svc in doc.services or ()
     }
-    return types.Policy(defaults=defaults, services=services)
+    return rules.Policy(defaults=defaults, services=services)
 
 
 # Error wording: what an operator reads in `meshplane validate` and in the logs.

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import structlog
 
-from meshplane.policy import types, validate
+from meshplane.policy import rules, validate
 
 log = structlog.get_logger(__name__)
 
-OnChange = Callable[[types.Policy, float], Awaitable[None] | None]
+OnChange = Callable[[rules.Policy, float], Awaitable[None] | None]
 
 # A file modified this recently may be modified again within the filesystem's
 # timestamp granularity without its stat changing (same size, same inode), so
@@ -38,7 +38,7 @@ class PolicyWatcher:
         self.path = path
         self.interval = interval
         self.on_change = on_change
-        self.current = types.Policy()
+        self.current = rules.Policy()
         self.last_errors: tuple[validate.Problem, ...] = ()
         self.last_warnings: tuple[validate.Problem, ...] = ()
         self._stat: tuple[int, int, int] | None = None

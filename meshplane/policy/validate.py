@@ -17,13 +17,13 @@ from typing import Literal
 import pydantic
 
 from meshplane.discovery import model
-from meshplane.policy import document, types, yamlpos
+from meshplane.policy import document, rules, yamlpos
 
 Severity = Literal["error", "warning"]
 
 _RESERVED_KEYS = ("routes", "gateways")
 # Istio rejects these in failoverPriority next to `failover` (both would order regions).
-_FAILOVER_TOPOLOGY_LABELS = (types.REGION_LABEL, types.ZONE_LABEL, types.SUBZONE_LABEL)
+_FAILOVER_TOPOLOGY_LABELS = (rules.REGION_LABEL, rules.ZONE_LABEL, rules.SUBZONE_LABEL)
 NO_OUTLIER_DETECTION = (
     "failover needs outlier detection: without it Envoy only fails over on endpoints "
     "the control plane reports unhealthy"
@@ -46,7 +46,7 @@ class Problem:
 class LoadResult:
     """`policy` is None exactly when there are errors; warnings never block a policy."""
 
-    policy: types.Policy | None
+    policy: rules.Policy | None
     errors: tuple[Problem, ...]
     warnings: tuple[Problem, ...]
 
@@ -89,7 +89,7 @@ def load_policy_text(text: str, *, path: str) -> LoadResult:
         problem = Problem(path, exc.line, yamlpos.render_loc(exc.loc), exc.reason, "error")
         return LoadResult(None, (problem,), ())
     if located.value is None:
-        return LoadResult(types.Policy(), (), ())
+        return LoadResult(rules.Policy(), (), ())
     report = _Report(path, located)
     raw = located.value
     if not isinstance(raw, dict):
@@ -128,7 +128,7 @@ class _Report:
     def _problem(self, loc: Sequence[str | int], reason: str, severity: Severity) -> Problem:
         return Problem(self.path, self.line(loc), yamlpos.render_loc(loc), reason, severity)
 
-    def result(self, policy: types.Policy | None) -> LoadResult:
+    def result(self, policy: rules.Policy | None) -> LoadResult:
         def order(p: Problem) -> tuple[int, str]:
             return (p.line, p.field)
 
@@ -290,7 +290,7 @@ def _overlap(a: str, b: str) -> bool:
     return sa[:n] == sb[:n]
 
 
-def _ejects(od: types.OutlierDetection | None) -> bool:
+def _ejects(od: rules.OutlierDetection | None) -> bool:
     """Whether outlier detection can eject anything (Envoy defaults apply to unset counts)."""
     if od is None or od.max_ejection_percent == 0:
         return False
@@ -301,7 +301,7 @@ def _ejects(od: types.OutlierDetection | None) -> bool:
     )
 
 
-def _fails_over_blind(sp: types.ServicePolicy) -> bool:
+def _fails_over_blind(sp: rules.ServicePolicy) -> bool:
     lb = sp.locality
     return (
         lb.enabled
@@ -324,7 +324,7 @@ def _check_failover_has_outlier_detection(doc: document.PolicyDoc, report: _Repo
 
 def _warn_blind(
     sections: document.SectionsDoc,
-    sp: types.ServicePolicy,
+    sp: rules.ServicePolicy,
     loc: tuple[str | int, ...],
     report: _Report,
 ) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 
@@ -23,15 +22,14 @@ def node(
     node_id: str, *, region: str = "", zone: str = "", cluster: str = "",
     metadata: Mapping[str, Any] | None = None,
 ) -> base_pb2.Node:
-    meta = struct_pb2.Struct()
-    if metadata:
-        meta.update(dict(metadata))
-    return base_pb2.Node(
+    out = base_pb2.Node(
         id=node_id,
         cluster="meshplane-test",
         locality=base_pb2.Locality(region=region, zone=zone, sub_zone=cluster),
-        metadata=meta,
     )
+    if metadata:
+        out.metadata.update(dict(metadata))  # built in place: any depth, as a misbehaving client may send
+    return out
 
 
 class AdsClient:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from meshplane.xds import server, types
+from meshplane.xds import streams, typeurls
 
 log = structlog.get_logger(__name__)
 
@@ -18,7 +18,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class Metrics:
-    """Implements server.Callbacks; also the push loop's and discovery's gauges."""
+    """Implements streams.Callbacks; also the push loop's, the view cache's and discovery's metrics."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -57,39 +57,57 @@ class Metrics:
             "meshplane_discovery_cluster_stale", "1 while a cluster's endpoints may be out of date",
             ["cluster"], registry=r,
         )
+        self.build_errors = Counter(
+            "meshplane_build_errors", "Builds of a service's resources that failed (the last good ones stay)",
+            ["type"], registry=r,
+        )
+        self.push_loop_errors = Counter(
+            "meshplane_push_loop_errors", "Pushes the push loop could not complete (it carries on)", registry=r,
+        )
+        self.stalled_writes = Counter(
+            "meshplane_xds_stalled_writes",
+            "Heavy pushes whose client did not take a response in time: their push slot was given back",
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "meshplane_policy_reloads", "Policy file reloads by result", ["result"], registry=r
         )
         # Labelled children looked up once: every ACK and response passes through here.
-        self._responses = {t: self.responses.labels(s) for t, s in types.SHORT_NAMES.items()}
-        self._response_bytes = {t: self.response_bytes.labels(s) for t, s in types.SHORT_NAMES.items()}
-        self._acks = {t: self.acks.labels(s) for t, s in types.SHORT_NAMES.items()}
-        self._push_latency = {t: self.push_latency.labels(s) for t, s in types.SHORT_NAMES.items()}
+        self._responses = {t: self.responses.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
+        self._response_bytes = {t: self.response_bytes.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
+        self._acks = {t: self.acks.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
+        self._push_latency = {t: self.push_latency.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
 
-    # server.Callbacks
+    # streams.Callbacks
 
-    def stream_opened(self, stream: server.Stream) -> None:
+    def stream_opened(self, stream: streams.Stream) -> None:
         self.proxies.inc()
         log.info("proxy connected", node=stream.node_id, peer=stream.peer,
-                 view=str(stream.view.key) if stream.view else "")
+                 view=str(stream.watch.key) if stream.watch else "")
 
-    def stream_closed(self, stream: server.Stream) -> None:
+    def stream_closed(self, stream: streams.Stream) -> None:
         self.proxies.dec()
         log.info("proxy disconnected", node=stream.node_id, peer=stream.peer)
 
-    def response_sent(self, stream: server.Stream, type_url: str, *, resources: int, size: int) -> None:
+    def response_sent(self, stream: streams.Stream, type_url: str, *, resources: int, size: int) -> None:
         self._responses[type_url].inc()
         self._response_bytes[type_url].inc(size)
 
-    def acked(self, stream: server.Stream, type_url: str, *, latency: float | None) -> None:
+    def acked(self, stream: streams.Stream, type_url: str, *, latency: float | None) -> None:
         self._acks[type_url].inc()
         if latency is not None:
             self._push_latency[type_url].observe(latency)
 
-    def nacked(self, stream: server.Stream, type_url: str, *, version: str, detail: str) -> None:
-        self.nacks.labels(types.SHORT_NAMES[type_url]).inc()
+    def nacked(self, stream: streams.Stream, type_url: str, *, version: str, detail: str) -> None:
+        self.nacks.labels(typeurls.SHORT_NAMES[type_url]).inc()
         log.warning("proxy rejected config (NACK); it keeps its last good version",
-                    node=stream.node_id, type=types.SHORT_NAMES[type_url], kept_version=version, detail=detail)
+                    node=stream.node_id, type=typeurls.SHORT_NAMES[type_url], kept_version=version, detail=detail)
 
-    def stale_nonce(self, stream: server.Stream, type_url: str) -> None:
-        self.stale.labels(types.SHORT_NAMES[type_url]).inc()
+    def stale_nonce(self, stream: streams.Stream, type_url: str) -> None:
+        self.stale.labels(typeurls.SHORT_NAMES[type_url]).inc()
+
+    def write_stalled(self, stream: streams.Stream) -> None:
+        self.stalled_writes.inc()
+
+    def build_failed(self, type_url: str) -> None:
+        self.build_errors.labels(typeurls.SHORT_NAMES.get(type_url, type_url)).inc()

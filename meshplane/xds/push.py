@@ -1,11 +1,17 @@
-"""The push loop: coalesce changes, rebuild the touched views, wake their streams.
+"""The push loop: coalesce changes, rebuild what they reach once, and let the views signal their streams.
 
 Changes arrive synchronously from the catalog and the policy loader and are
 only recorded here (a set of services, the newest policy, the earliest time
 a change was seen). One task turns them into pushes: it waits until the
 burst has been quiet for `debounce` seconds (or `max_delay` has passed
-since its first change), rebuilds once, and notifies the server. A burst of
-a thousand endpoint edits costs one rebuild per view, not a thousand.
+since its first change), then updates the view cache once, which signals
+the streams whose view changed. A burst of a thousand endpoint edits costs
+one rebuild per view, not a thousand.
+
+The task guards its loop: a push that fails is logged and counted, and the
+loop carries on with the next change (invariant 7). A failure inside one
+service's build never gets this far: the view cache keeps that service's
+last good resources and goes on with the others.
 """
 
 from __future__ import annotations
@@ -19,9 +25,8 @@ import structlog
 from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
-from meshplane.policy import types as policy_types
+from meshplane.policy import rules
 from meshplane.xds import metrics as metrics_mod
-from meshplane.xds import server as server_mod
 from meshplane.xds import views
 
 log = structlog.get_logger(__name__)
@@ -32,20 +37,18 @@ class PushLoop:
         self,
         *,
         cache: views.ViewCache,
-        server: server_mod.AdsServer,
         services: Callable[[], Mapping[model.ServiceKey, model.Service]],
         metrics: metrics_mod.Metrics,
         debounce: float = 0.005,
         max_delay: float = 0.1,
     ) -> None:
         self._cache = cache
-        self._server = server
         self._services = services
         self._metrics = metrics
         self.debounce = debounce
         self.max_delay = max_delay
         self._pending: set[model.ServiceKey] = set()
-        self._policy: policy_types.Policy | None = None
+        self._policy: rules.Policy | None = None
         self._first_seen: float | None = None
         self._last_change = 0.0
         self._event = asyncio.Event()
@@ -56,7 +59,7 @@ class PushLoop:
         self._pending |= change.services
         self._record(change.seen_at)
 
-    def on_policy(self, policy: policy_types.Policy, seen_at: float) -> None:
+    def on_policy(self, policy: rules.Policy, seen_at: float) -> None:
         self._policy = policy
         self._record(seen_at)
 
@@ -84,10 +87,14 @@ class PushLoop:
                     break
                 await asyncio.sleep(min(quiet_at, started + self.max_delay) - now)
             self._event.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a bug of ours: say so, and go on with the next change
+                self._metrics.push_loop_errors.inc()
+                log.exception("push failed; carrying on with the next change")
 
     def flush(self) -> None:
-        """Apply everything pending now (the loop calls this; tests may too)."""
+        """Apply everything pending now (the loop calls this; so does readiness, and tests may)."""
         if self._first_seen is None:
             return
         changed, self._pending = frozenset(self._pending), set()
@@ -96,16 +103,10 @@ class PushLoop:
         began = time.monotonic()
         self._metrics.debounce.observe(began - seen_at)
         new_policy = policy if policy is not None else self._cache.policy
-        policy_changed = new_policy != self._cache.policy
-        result = self._cache.update(
-            services=self._services(), policy=new_policy, changed=changed, seen_at=seen_at
-        )
-        if policy_changed:
-            self._server.rekey()
-        self._server.notify(result)
+        touched = self._cache.update(services=self._services(), policy=new_policy, changed=changed, seen_at=seen_at)
         self.pushes += 1
         built = time.monotonic() - began
         self._metrics.build.observe(built)
         self._metrics.views.set(len(self._cache.views))
-        log.debug("push", services=len(changed), policy_changed=policy_changed,
-                  views=len(result), build_ms=round(built * 1000, 2))
+        log.debug("push", services=len(changed), policy_changed=policy is not None, views=touched,
+                  build_ms=round(built * 1000, 2))

@@ -23,8 +23,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshplane.discovery import model
-from meshplane.policy import locality as locality_mod
-from meshplane.policy import types as policy_types
+from meshplane.policy import placement, rules
 
 _HEALTH = {
     model.Health.HEALTHY: health_check_pb2.HEALTHY,
@@ -54,7 +53,7 @@ def _duration(ms: int) -> duration_pb2.Duration:
 
 
 def build_cluster(
-    service: model.Service, port: model.ServicePort, policy: policy_types.ServicePolicy
+    service: model.Service, port: model.ServicePort, policy: rules.ServicePolicy
 ) -> cluster_pb2.Cluster:
     cluster = cluster_pb2.Cluster(
         name=cluster_name(service, port),
@@ -82,7 +81,7 @@ def build_cluster(
     return cluster
 
 
-def _apply_outlier_detection(cluster: cluster_pb2.Cluster, od: policy_types.OutlierDetection) -> None:
+def _apply_outlier_detection(cluster: cluster_pb2.Cluster, od: rules.OutlierDetection) -> None:
     """Istio's mapping (pilot applyOutlierDetection): a 0 count disables that detector."""
     out = outlier_detection_pb2.OutlierDetection(
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
@@ -115,20 +114,20 @@ def _apply_outlier_detection(cluster: cluster_pb2.Cluster, od: policy_types.Outl
 
 
 def build_load_assignment(
-    name: str, port_name: str, placements: Sequence[locality_mod.Placement]
+    name: str, port_name: str, placements: Sequence[placement.Placement]
 ) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-    for placement in placements:
+    for placed in placements:
         group = cla.endpoints.add(
             locality=base_pb2.Locality(
-                region=placement.locality.region,
-                zone=placement.locality.zone,
-                sub_zone=placement.locality.cluster,
+                region=placed.locality.region,
+                zone=placed.locality.zone,
+                sub_zone=placed.locality.cluster,
             ),
-            priority=placement.priority,
+            priority=placed.priority,
         )
-        group.load_balancing_weight.value = placement.weight
-        for ep in placement.endpoints:
+        group.load_balancing_weight.value = placed.weight
+        for ep in placed.endpoints:
             target = ep.port_for(port_name)
             if target is None:
                 continue

@@ -1,272 +1,341 @@
-"""The view cache: what each kind of proxy receives, built once per view.
+"""The view cache: every live view's resources, built once and rebuilt only where a change reaches
+(docs/architecture.md, layer 3; the protocol servers see it through `cache.Views`).
 
-A proxy's resources are a pure function of its view key (role, locality,
-the listener it asked for, and the few client labels policy reads) plus the
-catalog and the policy. Streams that share a view key share one View and
-the very same encoded resources. Within views, pieces are shared further:
-clusters are the same for every view, route configs per namespace,
-endpoint assignments per (locality, labels). A change to one service
-rebuilds that service's pieces only, for the live views only.
+A client's resources are a pure function of its view key plus the catalog
+and the policy (invariant 1); the generator of its kind says how, type by
+type (meshplane/xds/generators/). The cache knows no kind. It keeps what
+each builder built per *scope* (the part of a view key the builder reads):
+a piece. Views whose keys share a scope share the piece, down to the very
+same encoded resources: clusters are one piece for every sidecar,
+assignments one per client locality. A change of one service rebuilds that
+service's part of the live pieces, for the live views only (invariant 2).
+
+A build that raises is our bug, not the operator's: it is logged once,
+counted and listed in /ready, and the service keeps its last good resources
+while every other change goes on being pushed (invariant 7).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
 
 from meshplane.discovery import model
-from meshplane.policy import locality as locality_mod
-from meshplane.policy import types as policy_types
-from meshplane.xds import resources, translate, types
+from meshplane.policy import rules
+from meshplane.xds import cache, proxy, resources, typeurls
+from meshplane.xds.generators import base
+
+log = structlog.get_logger(__name__)
 
 Resources = dict[str, resources.Resource]
+_NOTHING: cache.ResourceMap = {}
 
 
 @dataclass(frozen=True, slots=True)
-class ViewKey:
-    role: str
-    locality: model.Locality
-    namespace: str = "default"
-    listener_address: str = "0.0.0.0"
-    listener_port: int = 15001
-    labels: tuple[tuple[str, str], ...] = ()
+class BuildError:
+    """A build that raised: which service (empty for a whole-catalog type), which type, and the error."""
 
-    def __str__(self) -> str:
-        labels = ",".join(f"{k}={v}" for k, v in self.labels)
-        return f"{self.role}@{self.locality}/{self.namespace}:{self.listener_port}[{labels}]"
+    service: str
+    type: str  # short name: cds, eds, lds, rds
+    error: str
 
 
-@dataclass(slots=True)
+class _Piece:
+    """What one builder built for one scope, shared by the views whose keys have that scope."""
+
+    __slots__ = ("builder", "by_service", "resources", "scope", "type_url", "version", "views")
+
+    def __init__(self, type_url: str, builder: base.Builder, scope: Hashable) -> None:
+        self.type_url = type_url
+        self.builder = builder
+        self.scope = scope
+        self.by_service: dict[model.ServiceKey, Resources] = {}  # PerService builders only
+        self.resources: cache.ResourceMap = _NOTHING  # replaced, never changed, once handed out
+        self.version = ""  # of `resources`, hashed when first asked for
+        self.views = 0
+
+    def current_version(self) -> str:
+        if not self.version:
+            self.version = resources.type_version(self.resources.values())
+        return self.version
+
+    def replace(self, new: cache.ResourceMap) -> None:
+        self.resources, self.version = new, ""
+
+
 class View:
-    key: ViewKey
-    resources: dict[str, Resources] = field(default_factory=dict)
-    previous: dict[str, Resources] = field(default_factory=dict)  # resources before the last build
-    streams: int = 0
-    _versions: dict[str, str] = field(default_factory=dict)
+    """One view: the pieces its key selects, what they held before the last change, its watches."""
+
+    __slots__ = ("key", "pieces", "previous", "resources", "watches")
+
+    def __init__(self, key: proxy.ViewKey, pieces: dict[str, _Piece]) -> None:
+        self.key = key
+        self.pieces = pieces
+        self.resources: dict[str, cache.ResourceMap] = {t: p.resources for t, p in pieces.items()}
+        self.previous: dict[str, cache.ResourceMap] = {}
+        self.watches: dict[_Watch, None] = {}  # ordered, and O(1) to remove
+
+    @property
+    def streams(self) -> int:
+        return len(self.watches)
+
+    def refresh(self) -> None:
+        self.previous = self.resources
+        self.resources = {t: p.resources for t, p in self.pieces.items()}
+
+
+class _Watch:
+    """A stream's handle on its view (implements cache.ViewWatch)."""
+
+    __slots__ = ("_cache", "client", "on_change", "view")
+
+    def __init__(self, owner: ViewCache, client: proxy.Proxy, on_change: cache.OnChange, view: View) -> None:
+        self._cache = owner
+        self.client = client
+        self.on_change = on_change
+        self.view = view
+
+    @property
+    def key(self) -> proxy.ViewKey:
+        return self.view.key
+
+    def resources(self, type_url: str) -> cache.ResourceMap:
+        return self.view.resources.get(type_url, _NOTHING)
 
     def version(self, type_url: str) -> str:
-        """The version_info of this view's whole set of `type_url` resources (hashed once per change)."""
-        version = self._versions.get(type_url)
-        if version is None:
-            version = self._versions[type_url] = resources.type_version(self.resources.get(type_url, {}).values())
-        return version
+        piece = self.view.pieces.get(type_url)
+        return piece.current_version() if piece is not None else resources.type_version(())
 
+    def caught_up(self, type_url: str, held: cache.Held) -> bool:
+        return held.is_(self.view.previous.get(type_url))
 
-Changes = dict[str, set[str]]
-"""type URL -> names of the resources of that type that changed (added, updated or removed)."""
-
-
-_LocalityKey = tuple[model.Locality, tuple[tuple[str, str], ...]]
+    def close(self) -> None:
+        self._cache._detach(self)
 
 
 class ViewCache:
-    """Builds and keeps the resources of every live view."""
+    """Builds and keeps the resources of every live view (implements cache.Views)."""
 
     def __init__(
-        self, *, services: Mapping[model.ServiceKey, model.Service], policy: policy_types.Policy
+        self,
+        *,
+        services: Mapping[model.ServiceKey, model.Service],
+        policy: rules.Policy,
+        generators: Mapping[proxy.Kind, base.Generator],
+        on_build_error: Callable[[str], None] = lambda type_url: None,
     ) -> None:
         self._services = services
         self._policy = policy
-        self._views: dict[ViewKey, View] = {}
-        self._clusters_by_service: dict[model.ServiceKey, Resources] = {}
-        self._clusters: Resources = {}
-        self._routes: dict[str, resources.Resource] = {}
-        self._listeners: dict[tuple[str, int, str], resources.Resource] = {}
-        self._assignments: dict[model.ServiceKey, dict[_LocalityKey, Resources]] = {}
-        for key in services:
-            self._clusters_by_service[key] = self._build_clusters(key, seen_at=None)
-        self._clusters = self._merge_clusters()
+        self._label_keys = policy.client_label_keys()
+        self._generators = generators
+        self._on_build_error = on_build_error
+        self._views: dict[proxy.ViewKey, View] = {}
+        self._pieces: dict[tuple[base.Builder, Hashable], _Piece] = {}
+        self._errors: dict[tuple[_Piece, model.ServiceKey | None], BuildError] = {}
 
     @property
-    def policy(self) -> policy_types.Policy:
+    def policy(self) -> rules.Policy:
         return self._policy
 
     @property
-    def views(self) -> Mapping[ViewKey, View]:
+    def views(self) -> Mapping[proxy.ViewKey, View]:
         return self._views
 
-    def view_key(
-        self, *, role: str, locality: model.Locality, namespace: str, listener_address: str,
-        listener_port: int, labels: Mapping[str, str],
-    ) -> ViewKey:
-        wanted = self._policy.client_label_keys()
-        return ViewKey(
-            role=role,
-            locality=locality,
-            namespace=namespace,
-            listener_address=listener_address,
-            listener_port=listener_port,
-            labels=tuple(sorted((k, v) for k, v in labels.items() if k in wanted)),
-        )
+    def build_errors(self) -> list[BuildError]:
+        """The builds failing now (their services keep their last good resources), once each."""
+        return sorted(set(self._errors.values()), key=lambda e: (e.service, e.type, e.error))
 
-    def acquire(self, key: ViewKey) -> View:
+    # cache.Views
+
+    def watch(self, client: proxy.Proxy, on_change: cache.OnChange) -> _Watch:
+        key = client.view_key(self._label_keys)
+        watch = _Watch(self, client, on_change, self._view(key))
+        watch.view.watches[watch] = None
+        return watch
+
+    def _detach(self, watch: _Watch) -> None:
+        view = watch.view
+        view.watches.pop(watch, None)
+        if not view.watches:
+            del self._views[view.key]
+            for piece in view.pieces.values():
+                piece.views -= 1  # a piece no view uses is dropped at the next update, not now:
+                # a proxy that reconnects meanwhile finds it built
+
+    # building
+
+    def _view(self, key: proxy.ViewKey) -> View:
         view = self._views.get(key)
         if view is None:
-            view = View(key=key)
-            self._build_view(view, seen_at=None)
-            self._views[key] = view
-        view.streams += 1
+            generator = self._generators[key.kind]
+            pieces = {t: self._piece(t, builder, builder.scope(key)) for t, builder in generator.types.items()}
+            for piece in pieces.values():
+                piece.views += 1
+            view = self._views[key] = View(key, pieces)
         return view
 
-    def release(self, key: ViewKey) -> None:
-        view = self._views.get(key)
-        if view is None:
-            return
-        view.streams -= 1
-        if view.streams <= 0:
-            del self._views[key]
+    def _piece(self, type_url: str, builder: base.Builder, scope: Hashable) -> _Piece:
+        piece = self._pieces.get((builder, scope))
+        if piece is None:
+            piece = self._pieces[(builder, scope)] = _Piece(type_url, builder, scope)
+            if isinstance(builder, base.PerService):
+                self._rebuild_services(piece, self._services.keys(), seen_at=None)
+            else:
+                self._rebuild_whole(piece, seen_at=None)
+        return piece
 
     def update(
         self,
         *,
         services: Mapping[model.ServiceKey, model.Service],
-        policy: policy_types.Policy,
+        policy: rules.Policy,
         changed: frozenset[model.ServiceKey],
         seen_at: float,
-    ) -> dict[ViewKey, Changes]:
-        """Rebuild what `changed` services (or a new policy) touch; return what changed, per view."""
-        old_policy, old_services = self._policy, self._services
-        self._services = services
-        self._policy = policy
-        # Endpoint assignments depend on a service's endpoints and its locality settings alone: a policy
-        # change that leaves those alone (outlier detection, timeouts) rebuilds clusters, not assignments.
-        stale_assignments = changed
-        if policy != old_policy:
-            changed = frozenset(old_services.keys() | services.keys())
-            stale_assignments = stale_assignments | {
-                k for k in changed if old_policy.for_service(k).locality != policy.for_service(k).locality}
+    ) -> int:
+        """Rebuild what `changed` services (and a new policy) reach; signal the views that changed.
 
-        cds_changes: set[str] = set()
-        old_names: dict[model.ServiceKey, set[str]] = {}
-        for key in changed:
-            if key in stale_assignments:
-                self._assignments.pop(key, None)
-            old = self._clusters_by_service.pop(key, {})
-            old_names[key] = set(old)
-            new = self._build_clusters(key, seen_at=seen_at) if key in services else {}
-            new = {name: old[name] if name in old and old[name].version == r.version else r for name, r in new.items()}
-            if new:
-                self._clusters_by_service[key] = new
-            cds_changes |= {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n)}
-        if cds_changes:
-            self._clusters = self._merge_clusters()
-        if any(_shape(old_services.get(k)) != _shape(services.get(k)) for k in changed):
-            self._routes.clear()
+        Returns how many views changed.
+        """
+        old_services, old_policy = self._services, self._policy
+        self._services, self._policy = services, policy
+        policy_changed = policy != old_policy
+        self._pieces = {k: p for k, p in self._pieces.items() if p.views > 0}
+        live = set(self._pieces.values())
+        self._errors = {k: e for k, e in self._errors.items() if k[0] in live}
 
-        # The only EDS entries that can differ: those of the changed services, before and after.
-        eds_candidates = set().union(*old_names.values(), *(self._clusters_by_service.get(k, {}) for k in changed))
-        result: dict[ViewKey, Changes] = {}
-        for view in self._views.values():
-            before = view.resources
-            self._build_view(view, seen_at=seen_at, changed=old_names)
-            changes: Changes = {}
-            if cds_changes:
-                changes[types.CLUSTER] = cds_changes
-            for type_url in (types.ENDPOINT, types.LISTENER, types.ROUTE):
-                old_set, new_set = before.get(type_url, {}), view.resources[type_url]
-                candidates = eds_candidates if type_url == types.ENDPOINT else old_set.keys() | new_set.keys()
-                names = {n for n in candidates if old_set.get(n) is not new_set.get(n)}
-                if names:
-                    changes[type_url] = names
-            if changes:
-                result[view.key] = changes
-        return result
-
-    # building
-
-    def _build_view(
-        self, view: View, *, seen_at: float | None,
-        changed: Mapping[model.ServiceKey, set[str]] | None = None,
-    ) -> None:
-        """(Re)build a view; with `changed` (service -> its cluster names before), only those services."""
-        key = view.key
-        route_name = translate.route_config_name(key.namespace)
-        route = self._routes.get(key.namespace)
-        if route is None:
-            msg = translate.build_route_config(key.namespace, self._services.values())
-            route = resources.build(route_name, msg, type_url=types.ROUTE, seen_at=seen_at)
-            self._routes[key.namespace] = route
-        old_route = view.resources.get(types.ROUTE, {}).get(route_name)
-        if old_route is not None and old_route.version == route.version:
-            route = old_route
-        listener = self._listener(key, route_name)
-
-        old_eds = view.resources.get(types.ENDPOINT)
-        if old_eds is None or changed is None:
-            eds: Resources = {}
-            for service_key in self._services:
-                eds.update(self._assignments_for(service_key, key, seen_at))
-        else:
-            eds = dict(old_eds)  # a C-speed copy; then only the changed services' entries are touched
-            for service_key, names in changed.items():
-                for name in names:
-                    eds.pop(name, None)
-                if service_key in self._services:
-                    for name, r in self._assignments_for(service_key, key, seen_at).items():
-                        previous = old_eds.get(name)
-                        eds[name] = previous if previous is not None and previous.version == r.version else r
-        view._versions = {}
-        view.previous = view.resources
-        view.resources = {
-            types.CLUSTER: self._clusters,
-            types.ENDPOINT: eds,
-            types.LISTENER: {listener.name: listener},
-            types.ROUTE: {route.name: route},
-        }
-
-    def _listener(self, key: ViewKey, route_name: str) -> resources.Resource:
-        memo = (key.listener_address, key.listener_port, key.namespace)
-        listener = self._listeners.get(memo)
-        if listener is None:
-            msg = translate.build_listener(
-                name="outbound_http", address=key.listener_address, port=key.listener_port, route_name=route_name
-            )
-            listener = resources.build("outbound_http", msg, type_url=types.LISTENER, seen_at=None)
-            self._listeners[memo] = listener
-        return listener
-
-    def _build_clusters(self, key: model.ServiceKey, *, seen_at: float | None) -> Resources:
-        service = self._services[key]
-        sp = self._policy.for_service(key)
-        out: Resources = {}
-        for port in service.ports:
-            if port.protocol == model.Protocol.TCP:
+        stale_by_builder: dict[base.Builder, frozenset[model.ServiceKey]] = {}
+        changed_pieces: dict[_Piece, frozenset[str]] = {}
+        for piece in self._pieces.values():
+            builder = piece.builder
+            if isinstance(builder, base.PerService):
+                stale = stale_by_builder.get(builder)
+                if stale is None:
+                    stale = stale_by_builder[builder] = changed | (
+                        _policy_stale(builder, old_services.keys() | services.keys(), old_policy, policy)
+                        if policy_changed else frozenset())
+                names = self._rebuild_services(piece, stale, seen_at=seen_at)
+            elif (policy_changed and builder.reads_policy(old_policy) != builder.reads_policy(policy)) or any(
+                builder.reads_service(old_services.get(k)) != builder.reads_service(services.get(k)) for k in changed
+            ):
+                names = self._rebuild_whole(piece, seen_at=seen_at)
+            else:
                 continue
-            msg = translate.build_cluster(service, port, sp)
-            out[msg.name] = resources.build(msg.name, msg, type_url=types.CLUSTER, seen_at=seen_at)
-        return out
+            if names:
+                changed_pieces[piece] = names
 
-    def _merge_clusters(self) -> Resources:
-        merged: Resources = {}
-        for per_service in self._clusters_by_service.values():
-            merged.update(per_service)
-        return merged
+        touched = 0
+        if changed_pieces:
+            for view in self._views.values():
+                changes = {t: changed_pieces[p] for t, p in view.pieces.items() if p in changed_pieces}
+                if changes:
+                    touched += 1
+                    view.refresh()
+                    for watch in view.watches:
+                        watch.on_change(changes)
+        if policy_changed and (label_keys := policy.client_label_keys()) != self._label_keys:
+            self._label_keys = label_keys
+            touched += self._rekey()
+        return touched
 
-    def _assignments_for(self, service_key: model.ServiceKey, key: ViewKey, seen_at: float | None) -> Resources:
-        memo = self._assignments.setdefault(service_key, {})
-        locality_key = (key.locality, key.labels)
-        built = memo.get(locality_key)
-        if built is None:
-            service = self._services[service_key]
-            placements = locality_mod.place(
-                service.endpoints,
-                client=key.locality,
-                client_labels=dict(key.labels),
-                settings=self._policy.for_service(service_key).locality,
-            )
-            built = {}
-            for port in service.ports:
-                if port.protocol == model.Protocol.TCP:
+    def _rekey(self) -> int:
+        """Move the watches whose view key changed with the policy (it reads other client labels now)."""
+        moved = 0
+        for view in list(self._views.values()):
+            for watch in list(view.watches):
+                key = watch.client.view_key(self._label_keys)
+                if key == view.key:
                     continue
-                name = translate.cluster_name(service, port)
-                msg = translate.build_load_assignment(name, port.name, placements)
-                built[name] = resources.build(name, msg, type_url=types.ENDPOINT, seen_at=seen_at)
-            memo[locality_key] = built
+                self._detach(watch)
+                watch.view = self._view(key)
+                watch.view.watches[watch] = None
+                watch.on_change(dict.fromkeys(watch.view.pieces.keys() | view.pieces.keys(), cache.EVERY))
+                moved += 1
+        return moved
+
+    def _rebuild_services(
+        self, piece: _Piece, keys: Iterable[model.ServiceKey], *, seen_at: float | None
+    ) -> frozenset[str]:
+        """Rebuild `keys`' part of a per-service piece; the names whose resource changed."""
+        fresh: Resources = {}
+        names: set[str] = set()
+        for key in keys:
+            old = piece.by_service.get(key, {})
+            service = self._services.get(key)
+            if service is None:
+                new: Resources = {}
+            else:
+                built = self._build(piece, key)
+                if built is None:
+                    continue  # a failed build: the service keeps what it had
+                new = _keep_equal(old, built, piece.type_url, seen_at)
+            if new:
+                piece.by_service[key] = new
+            else:
+                piece.by_service.pop(key, None)
+            for name in old.keys() | new.keys():
+                if old.get(name) is not new.get(name):
+                    names.add(name)
+                    if name in new:
+                        fresh[name] = new[name]
+        if names:
+            merged = dict(piece.resources)
+            for name in names:
+                merged.pop(name, None)
+            merged.update(fresh)
+            piece.replace(merged)
+        return frozenset(names)
+
+    def _rebuild_whole(self, piece: _Piece, *, seen_at: float | None) -> frozenset[str]:
+        """Rebuild a whole-catalog piece; the names whose resource changed."""
+        built = self._build(piece, None)
+        if built is None:
+            return frozenset()
+        old = piece.resources
+        new = _keep_equal(old, built, piece.type_url, seen_at)
+        names = frozenset(n for n in old.keys() | new.keys() if old.get(n) is not new.get(n))
+        if names:
+            piece.replace(new)
+        return names
+
+    def _build(self, piece: _Piece, service: model.ServiceKey | None) -> base.Built | None:
+        """Build one service's part of a piece (a whole piece: service None); on an exception,
+        record it (logged once), count it, and return None."""
+        builder = piece.builder
+        try:
+            if isinstance(builder, base.PerService):
+                assert service is not None
+                built = builder.build(self._services[service], self._policy.for_service(service), piece.scope)
+            else:
+                built = builder.build(self._services, self._policy, piece.scope)
+        except Exception as exc:  # a bug of ours: keep serving what was built before
+            error = BuildError(service or "", typeurls.SHORT_NAMES.get(piece.type_url, piece.type_url),
+                               f"{type(exc).__name__}: {exc}")
+            if error not in self._errors.values():
+                log.error("build failed; the last good resources stay", service=error.service, type=error.type,
+                          error=error.error, exc_info=exc)
+            self._errors[(piece, service)] = error
+            self._on_build_error(piece.type_url)
+            return None
+        self._errors.pop((piece, service), None)
         return built
 
 
-def _shape(service: model.Service | None) -> object:
-    """What route configs depend on: a service's identity and ports, not its endpoints."""
-    return None if service is None else (service.name, service.namespace, service.ports)
+def _policy_stale(
+    builder: base.PerService[Any], keys: Iterable[model.ServiceKey], old: rules.Policy, new: rules.Policy
+) -> frozenset[model.ServiceKey]:
+    """The services whose policy changed in what `builder` reads of it."""
+    return frozenset(k for k in keys if builder.reads_policy(old.for_service(k)) != builder.reads_policy(
+        new.for_service(k)))
 
 
+def _keep_equal(old: cache.ResourceMap, built: base.Built, type_url: str, seen_at: float | None) -> Resources:
+    """Encode `built`; where a resource's content is unchanged, keep the old object (same version, same seen_at)."""
+    out: Resources = {}
+    for name, msg in built.items():
+        resource = resources.build(name, msg, type_url=type_url, seen_at=seen_at)
+        previous = old.get(name)
+        out[name] = previous if previous is not None and previous.version == resource.version else resource
+    return out

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshplane.discovery import model
-from meshplane.policy import types
+from meshplane.policy import rules
 
 # Istio's locality priorities span 0..4 (4 = a region a failover rule did not name),
 # so failoverPriority levels are spaced by 5 to keep both orders when combined.
@@ -51,7 +51,7 @@ def place(
     *,
     client: model.Locality,
     client_labels: Mapping[str, str],
-    settings: types.LocalitySettings,
+    settings: rules.LocalitySettings,
 ) -> tuple[Placement, ...]:
     """Group `endpoints` by locality and rank them for a client, sorted by (priority, locality).
 
@@ -122,7 +122,7 @@ def _placements(
 
 
 def _locality_priority(
-    client: model.Locality, loc: model.Locality, failover: Sequence[types.FailoverRule]
+    client: model.Locality, loc: model.Locality, failover: Sequence[rules.FailoverRule]
 ) -> int:
     """Istio's LbPriority, plus its failover rules: 4 for regions the client's rule did not name."""
     if loc.region == client.region:
@@ -154,10 +154,10 @@ def _label_priority(
 
 def _label_value(key: str, loc: model.Locality, labels: Mapping[str, str]) -> str | None:
     """A label's value, topology labels read from the locality; None when missing or unknown."""
-    if key in types.TOPOLOGY_LABELS:
-        if key == types.REGION_LABEL:
+    if key in rules.TOPOLOGY_LABELS:
+        if key == rules.REGION_LABEL:
             value = loc.region
-        elif key == types.ZONE_LABEL:
+        elif key == rules.ZONE_LABEL:
             value = loc.zone
         else:  # Envoy's sub_zone carries the Kubernetes cluster here, so both labels read it
             value = loc.cluster
@@ -168,10 +168,10 @@ def _label_value(key: str, loc: model.Locality, labels: Mapping[str, str]) -> st
 def _distribute(
     groups: Mapping[model.Locality, tuple[model.Endpoint, ...]],
     client: model.Locality,
-    rules: Sequence[types.DistributeRule],
+    distribute_rules: Sequence[rules.DistributeRule],
 ) -> tuple[Placement, ...]:
     """Istio's applyLocalityWeights: the first rule whose `from` matches the client applies."""
-    rule = next((r for r in rules if _locality_matches(r.from_locality, client)), None)
+    rule = next((r for r in distribute_rules if _locality_matches(r.from_locality, client)), None)
     if rule is None:
         # Istio returns after the distribute branch: no failover, no reordering.
         return _placements((0, loc, eps) for loc, eps in groups.items())

@@ -1,0 +1,349 @@
+"""The state-of-the-world ADS server (Envoy's xds_protocol), on grpcio's asyncio API
+(docs/architecture.md, layer 4). It knows the protocol and nothing of the mesh: views come
+through `cache.Views`, per-stream state is `streams.Stream`.
+
+Each stream has two halves. The reader applies requests to the stream's
+subscriptions (ACK, NACK, stale nonce, subscribe, unsubscribe) and marks
+types dirty; so does the view's change signal. The writer wakes on "dirty",
+composes responses from the *current* view and writes them. Because the
+writer always composes from the current state, any number of changes that
+arrive while a slow client is still reading merge into one push of the
+newest state (latest wins), and no queue grows. A slow client blocks only
+its own writer, and gives back its push slot (meshplane/xds/slots.py).
+
+What a stream holds is remembered per resource, so a change is pushed only
+to streams subscribed to it, a NACKed version is never re-sent (the client
+keeps its last good config until the content changes), and a client that
+reconnects reporting the version it holds gets no re-push. A response's
+version_info is a hash of the names and versions the stream holds of that
+type once it has the response: so a version vouches for exactly those
+names, and a client that reconnects asking for more gets the rest.
+
+Until the control plane is ready, streams are held (`streams.Registry`):
+their requests are read and recorded, nothing is sent (decision 0005).
+The versions a reconnecting client reports are compared at its first push,
+against the synced views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import structlog
+
+from meshplane.xds import cache, proxy, resources, slots, streams, typeurls, wire
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+LIGHT_NAMES = 64
+"""A push naming at most this many endpoint assignments (or routes) is light: it skips the
+push slots. One changed endpoint's push to a thousand proxies is a thousand small writes,
+which go out as fast as the floor's; waiting in line for slots would double its time."""
+
+
+class SotwServer:
+    """Serves views to state-of-the-world ADS streams (`StreamAggregatedResources`)."""
+
+    def __init__(
+        self,
+        views: cache.Views,
+        *,
+        registry: streams.Registry,
+        callbacks: streams.Callbacks,
+        push_slots: slots.PushSlots,
+        identifier: str = "meshplane",
+    ) -> None:
+        self._views = views
+        self._registry = registry
+        self._callbacks = callbacks
+        self._slots = push_slots
+        self._control_plane = resources.control_plane_field(identifier)
+        # names key -> (that key, the names, explicit wildcard): streams asking for the same names
+        # share one key and one set (a thousand names cost some 80 KB; two thousand proxies need one copy).
+        self._name_sets: dict[bytes, tuple[bytes, frozenset[str], bool]] = {}
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self._serve, request_deserializer=_identity, response_serializer=_identity,
+                )
+            },
+        )
+
+    async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        stream = self._registry.open_stream(context.peer())
+        reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
+        reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
+        try:
+            while True:
+                await stream.wake.wait()
+                if reader.done():
+                    break
+                stream.wake.clear()
+                if self._registry.serving:  # else held: open() wakes it, the dirty types kept
+                    await self._push(stream, context)
+            reader.result()  # surface a protocol error from the reader
+        except Exception:
+            if not context.done():
+                raise
+            # The client went away while we were writing to it: nothing to report.
+        finally:
+            reader.cancel()
+            self._registry.close_stream(stream)
+            if stream.watch is not None:
+                stream.watch.close()
+                self._callbacks.stream_closed(stream)
+
+    async def _push(self, stream: streams.Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Compose and write; a heavy push under a push slot (composing inside it bounds the bytes alive at once)."""
+        if not _heavy(stream.dirty):
+            for message in self._compose(stream):
+                await context.write(message)
+            return
+        async with self._slots.slot(on_stall=lambda: self._callbacks.write_stalled(stream)) as slot:
+            for message in self._compose(stream):
+                await slot.write(context.write(message))
+
+    async def _read(self, stream: streams.Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async for raw in requests:
+            try:
+                error = self._on_request(stream, wire.decode(raw))
+            except wire.BadRequest as exc:
+                error = str(exc)
+            del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
+            if error is not None:
+                log.warning("bad xDS request", stream=stream.id, peer=stream.peer, node=stream.node_id, error=error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+
+    def _on_request(self, stream: streams.Stream, request: wire.Request) -> str | None:
+        """Apply one request to the stream's state; an error message if the stream must end."""
+        req = request.message
+        if stream.proxy is None:
+            if not req.HasField("node") or not req.node.id:
+                return "the first DiscoveryRequest on a stream must carry node (with an id)"
+            try:
+                stream.proxy = proxy.classify(req.node)
+            except proxy.InvalidNode as exc:
+                return str(exc)
+            stream.watch = self._views.watch(stream.proxy, stream.mark)
+            self._callbacks.stream_opened(stream)
+        type_url = req.type_url
+        if type_url not in typeurls.PUSH_ORDER:
+            if not type_url:
+                return "DiscoveryRequest without type_url (ADS needs it)"
+            log.info("unsupported type requested, ignoring", type_url=type_url, node=stream.node_id)
+            return None
+        sub = stream.types.get(type_url)
+        if req.response_nonce:
+            if sub is None or req.response_nonce != sub.nonce:
+                self._callbacks.stale_nonce(stream, type_url)
+                return None  # xds_protocol: ignore requests with a stale nonce
+            self._on_reply(stream, sub, req)
+        first = sub is None
+        if sub is None:
+            sub = stream.types[type_url] = streams.TypeState()
+        if sub.names_key == request.names_key:
+            return None  # the same names as before (an ACK or NACK): nothing new to look at
+        sub.names_key, requested, explicit_wildcard = self._shared_names(request)
+        look_at = _resubscribe(sub, requested, explicit_wildcard, first=first)
+        if first:
+            sub.reported = req.version_info
+        if look_at is cache.EVERY or look_at:
+            stream.mark({type_url: look_at})
+        return None
+
+    def _shared_names(self, request: wire.Request) -> tuple[bytes, frozenset[str], bool]:
+        entry = self._name_sets.get(request.names_key)
+        if entry is None:
+            names = {sys.intern(n) for n in request.message.resource_names}
+            explicit_wildcard = typeurls.WILDCARD in names
+            names.discard(typeurls.WILDCARD)
+            entry = (request.names_key, frozenset(names), explicit_wildcard)
+            if len(self._name_sets) > 2 * len(self._registry) + 64:
+                in_use = {sub.names_key for stream in self._registry for sub in stream.types.values()}
+                self._name_sets = {k: v for k, v in self._name_sets.items() if k in in_use}
+            self._name_sets[request.names_key] = entry
+        return entry
+
+    def _on_reply(self, stream: streams.Stream, sub: streams.TypeState, req: Any) -> None:
+        if req.HasField("error_detail"):
+            sub.inflight.clear()
+            sub.last_nack = streams.Nack(req.version_info, req.error_detail.message, time.time())
+            self._callbacks.nacked(stream, req.type_url, version=req.version_info, detail=req.error_detail.message)
+            return
+        sub.acked_version = req.version_info
+        earliest: float | None = None
+        for nonce in list(sub.inflight):
+            seen = sub.inflight.pop(nonce)
+            if seen is not None and (earliest is None or seen < earliest):
+                earliest = seen
+            if nonce == req.response_nonce:
+                break
+        latency = None if earliest is None else time.monotonic() - earliest
+        self._callbacks.acked(stream, req.type_url, latency=latency)
+
+    # composing responses
+
+    def _compose(self, stream: streams.Stream) -> list[bytes]:
+        """Responses that bring the stream up to its view now; only dirty names are looked at."""
+        watch = stream.watch
+        if watch is None:
+            return []
+        dirty, stream.dirty = stream.dirty, {}
+        out: list[bytes] = []
+        cds = stream.types.get(typeurls.CLUSTER)
+        removed: dict[str, resources.Resource] = {}
+        changed_clusters: set[str] = set()
+        if cds is not None and typeurls.CLUSTER in dirty:
+            wanted = cds.wanted(watch.resources(typeurls.CLUSTER))
+            removed = {n: r for n, r in cds.held.items() if n not in wanted}
+            changed_clusters = {n for n, r in wanted.items()
+                                if (held := cds.held.get(n)) is not None and held.version != r.version}
+            # Make before break: keep removed clusters until routes stop naming them.
+            union = {**wanted, **removed} if removed else wanted
+            self._respond(stream, watch, typeurls.CLUSTER, cds, union, out, final=not removed)
+        eds = stream.types.get(typeurls.ENDPOINT)
+        if eds is not None and changed_clusters:
+            # An updated cluster warms again and waits for its endpoints.
+            eds.held.drop(changed_clusters)
+            streams.mark_dirty(dirty, typeurls.ENDPOINT, changed_clusters)
+        for type_url in (typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE):
+            sub = stream.types.get(type_url)
+            if sub is None or type_url not in dirty:
+                continue
+            have = watch.resources(type_url)
+            names = dirty[type_url]
+            if names is cache.EVERY or type_url in typeurls.FULL_STATE:
+                candidates = sub.wanted(have)
+                current = len(candidates) == len(have)
+            else:  # only what changed (or was re-subscribed) can need sending: O(changes), not O(subscribed)
+                candidates = {n: have[n] for n in names if n in have and sub.wants(n)}
+                # Held the view's previous build, and every name that changed since is wanted.
+                current = watch.caught_up(type_url, sub.held) and all(n in candidates for n in names if n in have)
+            self._respond(stream, watch, type_url, sub, candidates, out, final=True, now=have if current else None)
+        if removed and cds is not None:
+            wanted = cds.wanted(watch.resources(typeurls.CLUSTER))
+            self._respond(stream, watch, typeurls.CLUSTER, cds, wanted, out, final=True)
+        return out
+
+    def _respond(
+        self,
+        stream: streams.Stream,
+        watch: cache.ViewWatch,
+        type_url: str,
+        sub: streams.TypeState,
+        candidates: cache.ResourceMap,
+        out: list[bytes],
+        *,
+        final: bool,
+        now: cache.ResourceMap | None = None,
+    ) -> None:
+        """Send what of `candidates` the stream lacks (all of it for CDS and LDS, if anything differs).
+
+        `final`: the candidates are what the stream is to hold of the view (not the transitional
+        union of make before break). `now`: the view's map, when after this response the stream
+        holds exactly that.
+        """
+        full_state = type_url in typeurls.FULL_STATE
+        updates = cache.updates(candidates, sub.held)
+        if full_state:
+            if not updates and candidates.keys() == sub.held.keys() and sub.answered:
+                return
+            payload = candidates
+        elif not updates:
+            return
+        else:
+            payload = updates
+        view_size = len(watch.resources(type_url))
+        if sub.reported and not sub.answered:
+            # Reconnect: if what the client says it holds is what we would send, it has it all already.
+            reported, sub.reported = sub.reported, ""
+            whole = now is not None or (final and full_state and len(candidates) == view_size)
+            if reported == (watch.version(type_url) if whole else resources.type_version(candidates.values())):
+                sub.held.hold(now if now is not None else candidates)
+                sub.answered = True
+                sub.acked_version = sub.sent_version = reported
+                return
+        seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in sub.held]
+        # What the stream holds once it has this response, and the version that names it.
+        if full_state:
+            sub.held.hold(candidates)
+            whole = final and len(candidates) == view_size
+        elif now is not None:
+            sub.held.hold(now)
+            whole = True
+        else:
+            sub.held.add(payload)
+            whole = _adopt(sub.held, watch.resources(type_url))
+        version_info = watch.version(type_url) if whole else resources.type_version(
+            r for _, r in sub.held.items())
+        nonce = stream.next_nonce()
+        message = resources.response(
+            version_info=version_info,
+            resources=payload.values(),
+            type_url=type_url,
+            nonce=nonce,
+            control_plane=self._control_plane,
+        )
+        sub.nonce = nonce
+        sub.answered = True
+        sub.sent_version = version_info
+        sub.inflight[nonce] = min(seen) if seen else None
+        out.append(message)
+        self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
+
+
+def _adopt(held: cache.Held, have: cache.ResourceMap) -> bool:
+    """If `held` now holds exactly the view's resources, share the view's map instead (one copy for all)."""
+    if len(held) != len(have) or any(have.get(n) is not r for n, r in held.items()):
+        return False
+    held.hold(have)
+    return True
+
+
+def _heavy(dirty: Mapping[str, streams.Dirty]) -> bool:
+    """Whether a push may be large: everything of a type, any full-state type (CDS and LDS
+    responses carry every resource), or many names."""
+    names = 0
+    for type_url, changed in dirty.items():
+        if changed is cache.EVERY or type_url in typeurls.FULL_STATE:
+            return True
+        names += len(changed)
+    return names > LIGHT_NAMES
+
+
+def _resubscribe(
+    sub: streams.TypeState, requested: frozenset[str], explicit_wildcard: bool, *, first: bool
+) -> streams.Dirty:
+    """Apply a request's resource_names (xds_protocol wildcard rules) to a subscription.
+
+    Returns the names to look at again: EVERY for all of them (the first request, or a switch
+    into or out of wildcard), else the names newly subscribed or dropped.
+    """
+    wildcard = sub.wildcard
+    if explicit_wildcard:
+        wildcard = True
+    elif requested:
+        wildcard = False
+    elif first:
+        wildcard = True  # legacy wildcard: a first request naming nothing
+    changed = set(requested ^ sub.names)
+    sub.held.drop(changed)  # (re)subscribed resources are sent even if unchanged
+    whole = first or wildcard != sub.wildcard
+    sub.wildcard = wildcard
+    sub.names = requested
+    return cache.EVERY if whole else changed
+
+
+def _identity(message: bytes) -> bytes:
+    return message
+

@@ -1,0 +1,147 @@
+"""Per-stream state, one structure for every protocol server (docs/architecture.md, layer 4).
+
+A stream is one client's connection: the proxy it classified as, its view,
+and per resource type what it asked for, what it holds, and where the
+exchange stands (the nonce in flight, the version it ACKed, its last NACK
+with Envoy's message). The state-of-the-world server fills it in today and
+a delta server will beside it; status endpoints read it, never the servers.
+
+`Registry` holds the open streams, and the gate that holds them until the
+control plane is ready (decision 0005): until `open()`, requests are read
+and recorded, nothing is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from meshplane.xds import cache, proxy
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """A response the client rejected: the version it kept, its message, and when (wall clock)."""
+
+    version: str
+    message: str
+    at: float
+
+
+@dataclass(slots=True)
+class TypeState:
+    """One resource type on one stream."""
+
+    wildcard: bool = False
+    names: frozenset[str] = frozenset()  # shared by the streams that ask for the same names
+    names_key: bytes | None = None  # requests.Request.names_key of the last request applied
+    held: cache.Held = field(default_factory=cache.Held)
+    nonce: str = ""  # of the last response sent
+    answered: bool = False  # something was sent, or found held already
+    # nonce -> earliest change time it carries (None: nothing new to time)
+    inflight: dict[str, float | None] = field(default_factory=dict)
+    sent_version: str = ""  # version_info of the last response sent
+    acked_version: str = ""
+    last_nack: Nack | None = None
+    reported: str = ""  # the version the client said it holds when it (re)connected: checked at the first push
+
+    def wants(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+    def wanted(self, available: cache.ResourceMap) -> cache.ResourceMap:
+        """What of `available` this subscription covers; for a wildcard, `available` itself."""
+        if self.wildcard:
+            return available
+        return {n: available[n] for n in self.names if n in available}
+
+
+Dirty = set[str] | cache.Every
+"""Names of a type to look at again on the next push, or EVERY."""
+
+
+class Stream:
+    """One client's stream, whichever protocol it speaks."""
+
+    def __init__(self, stream_id: int, peer: str) -> None:
+        self.id = stream_id
+        self.peer = peer
+        self.connected_at = time.time()
+        self.proxy: proxy.Proxy | None = None
+        self.watch: cache.ViewWatch | None = None
+        self.types: dict[str, TypeState] = {}
+        self.dirty: dict[str, Dirty] = {}
+        self.wake = asyncio.Event()
+        self._nonces = itertools.count(1)
+
+    @property
+    def node_id(self) -> str:
+        return self.proxy.id if self.proxy is not None else ""
+
+    def mark(self, changes: Mapping[str, frozenset[str] | set[str] | cache.Every]) -> None:
+        """Record names to look at again, and wake the writer."""
+        for type_url, names in changes.items():
+            mark_dirty(self.dirty, type_url, names)
+        self.wake.set()
+
+    def next_nonce(self) -> str:
+        return str(next(self._nonces))
+
+
+def mark_dirty(dirty: dict[str, Dirty], type_url: str, names: frozenset[str] | set[str] | cache.Every) -> None:
+    current = dirty.get(type_url)
+    if current is cache.EVERY:
+        return
+    if names is cache.EVERY:
+        dirty[type_url] = cache.EVERY
+    elif current is None:
+        dirty[type_url] = set(names)
+    else:
+        current |= names
+
+
+class Registry:
+    """The open streams of every protocol server, and the gate that holds them until ready."""
+
+    def __init__(self, *, held: bool = False) -> None:
+        self._streams: dict[int, Stream] = {}
+        self._ids = itertools.count(1)
+        self.serving = not held
+
+    def open_stream(self, peer: str) -> Stream:
+        stream = Stream(next(self._ids), peer)
+        self._streams[stream.id] = stream
+        return stream
+
+    def close_stream(self, stream: Stream) -> None:
+        self._streams.pop(stream.id, None)
+
+    def __iter__(self) -> Iterator[Stream]:
+        return iter(list(self._streams.values()))
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def open(self) -> None:
+        """Start answering the streams held so far (the control plane is ready)."""
+        if self.serving:
+            return
+        self.serving = True
+        for stream in self._streams.values():
+            stream.wake.set()
+
+
+class Callbacks(Protocol):
+    """Observability hooks: metrics and logs hang off these, not off the protocol code."""
+
+    def stream_opened(self, stream: Stream) -> None: ...
+    def stream_closed(self, stream: Stream) -> None: ...
+    def response_sent(self, stream: Stream, type_url: str, *, resources: int, size: int) -> None: ...
+    def acked(self, stream: Stream, type_url: str, *, latency: float | None) -> None: ...
+    def nacked(self, stream: Stream, type_url: str, *, version: str, detail: str) -> None: ...
+    def stale_nonce(self, stream: Stream, type_url: str) -> None: ...
+    def write_stalled(self, stream: Stream) -> None: ...
+
