@@ -10,6 +10,7 @@ In order (never two at once: they would share the cores):
   convergence, 5 ms poll the same with `serve --poll-interval 0.005`: times from the file write are
                          then nearly times from meshplane seeing the change
   storm                  1,000 proxies connect at once, R fresh servers, and the floor
+  slow readers           a new proxy's first configuration with 1,000 streams open that never read
   real Envoys            12 real Envoys beside 1,000 simulated proxies, the same changes timed on both
   scale                  proxies 100/1,000/5,000; views 1/8/32; services 100/1,000/10,000; memory point
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common, convergence, loadgen, real_envoys, scale, storm
+from bench import common, convergence, loadgen, real_envoys, scale, slow_readers, storm
 
 TARGET_P99_MS = 100.0
 TARGET_FLOOR_RATIO = 2.0
@@ -53,6 +54,11 @@ def run(*, repeat: int, quick: bool, processes: int, with_peer: bool) -> dict[st
     quiet["storm"] = common.wait_quiet()
     out["storm"] = storm.run(localities=8, repeat=repeat, processes=processes, **size, **mesh)
     storm.print_result(out["storm"])
+    print("\nslow readers ...", flush=True)
+    quiet["slow_readers"] = common.wait_quiet()
+    out["slow_readers"] = slow_readers.run(streams=200 if quick else 1000, services=size["services"], repeat=repeat,
+                                           timeout=120.0, **mesh)
+    slow_readers.print_result(out["slow_readers"])
     print("\nreal Envoys beside the simulated proxies ...", flush=True)
     quiet["real_envoys"] = common.wait_quiet()
     out["real_envoys"] = real_envoys.run(envoys=4 if quick else 12, localities=8, repeat=repeat, processes=processes,
@@ -98,6 +104,11 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"target": "1,000 services x 10 endpoints, 2,000 proxies: peak RSS (MiB)",
                      "value": point["hwm_mib"], "spread": None, "goal": f"< {TARGET_RSS_MIB:.0f}",
                      "met": point["hwm_mib"] < TARGET_RSS_MIB})
+    slow = out.get("slow_readers")
+    if slow:
+        settled = slow["settled_first_config_ms"]
+        rows.append(_target(f"new proxy's full config with {slow['params']['streams']} non-reading streams open (ms)",
+                            settled, 100.0, "ms"))
     rows.append({"target": "ahead of sovereign (bench/peer_sovereign.py)", "value": None, "spread": None,
                  "goal": "ratio > 1", "met": None})
     return rows
@@ -136,6 +147,7 @@ def print_summary(out: dict[str, Any]) -> None:
     common.print_table(["benchmark", "p50 ms", "p99 ms", "p99 range", "all ms", "server CPU s"], rows,
                        title=f"meshplane {m['commit']} on {m['nproc']} cores ({m['cpu']}), {m['date']}: "
                              f"{p['proxies']} proxies, {p['services']} services, medians of {out['repeat']}")
+    slow_readers.print_result(out["slow_readers"])
     real_envoys.print_result(out["real_envoys"])
     scale.print_result(out["scale"])
     common.print_table(["target", "value", "spread", "goal", "met"],

@@ -206,17 +206,25 @@ def main(argv: list[str] | None = None) -> int:
                  zones=args.zones, repeat=args.repeat, timeout=args.timeout)
     result["machine"] = common.machine()
     path = common.write_results("slow_readers", result, args.out)
-    common.print_table(
-        ["case", "new proxy's full config ms (median, range)", "RSS MiB (median, range)"],
-        [
-            [f"{args.streams} stuck, settled", _fmt(result["settled_first_config_ms"]),
-             f"stuck: {_fmt(result['rss_stuck_mib'])}"],
-            [f"{args.streams} stuck, connecting together", _fmt(result["together_first_config_ms"]),
-             f"after 10 changes: {_fmt(result['rss_after_10_changes_mib'])}"],
-        ],
-        title=f"slow readers ({path})",
-    )
+    print_result(result)
+    print(f"wrote {path}")
     return 0
+
+
+def print_result(result: dict[str, Any]) -> None:
+    streams = result["params"]["streams"]
+    common.print_table(
+        ["case", "new proxy's full config ms (median, range)", "server RSS MiB (median, range)"],
+        [
+            ["before the non-readers", "-", _fmt(common.spread(r["rss_before_mib"] for r in result["runs"]))],
+            [f"{streams} non-readers open, then the new proxy", _fmt(result["settled_first_config_ms"]),
+             _fmt(result["rss_stuck_mib"])],
+            ["... after 10 endpoint changes", "-", _fmt(result["rss_after_10_changes_mib"])],
+            [f"the new proxy with the {streams} non-readers, together", _fmt(result["together_first_config_ms"]),
+             "-"],
+        ],
+        title=f"slow readers: {streams} streams that never read, medians of {result['params']['repeat']}",
+    )
 
 
 def _fmt(spread: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,20 @@ async def test_only_get_is_served(plane: app.ControlPlane, method: str) -> None:
                                                        "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
         assert _status(response) == 405, (path, response[:200])
         assert b"\r\nAllow: GET" in response, response[:300]
+
+
+async def test_a_real_http_client_gets_405_for_post_and_200_for_get(plane: app.ControlPlane) -> None:
+    def call(method: str) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{plane.http_port}/ready", method=method,
+                                         data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.headers.get("Allow", "")
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers.get("Allow", "")
+
+    assert await asyncio.to_thread(call, "POST") == (405, "GET,HEAD")
+    assert (await asyncio.to_thread(call, "GET"))[0] == 200
 
 
 async def test_get_still_answers_and_unknown_paths_are_404(plane: app.ControlPlane) -> None:

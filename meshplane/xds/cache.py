@@ -19,7 +19,7 @@ because of two promises, both kept in this module's terms:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, ItemsView, Iterable, KeysView, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from meshplane.xds import proxy, resources
@@ -84,20 +84,10 @@ class Held:
         self._map: ResourceMap = {}
         self._owned = True  # False while _map is a view's map (shared)
 
-    def get(self, name: str) -> resources.Resource | None:
-        return self._map.get(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._map
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    def keys(self) -> KeysView[str]:
-        return self._map.keys()
-
-    def items(self) -> ItemsView[str, resources.Resource]:
-        return self._map.items()
+    @property
+    def current(self) -> ResourceMap:
+        """What the stream holds now (read only: change it through the methods below)."""
+        return self._map
 
     def is_(self, other: ResourceMap | None) -> bool:
         """Whether this holds that very map (not merely an equal one)."""
@@ -113,10 +103,10 @@ class Held:
 
     def drop(self, names: Iterable[str]) -> None:
         """The stream no longer holds these (it unsubscribed, or they are to be sent again)."""
-        names = [n for n in names if n in self._map]
-        if names:
+        held = [n for n in names if n in self._map]
+        if held:
             own = self._own()
-            for name in names:
+            for name in held:
                 del own[name]
 
     def _own(self) -> dict[str, resources.Resource]:
@@ -128,4 +118,5 @@ class Held:
 
 def updates(candidates: ResourceMap, held: Held) -> dict[str, resources.Resource]:
     """What of `candidates` the stream lacks, or holds at another version."""
-    return {n: r for n, r in candidates.items() if (h := held.get(n)) is None or h.version != r.version}
+    get = held.current.get
+    return {n: r for n, r in candidates.items() if (h := get(n)) is None or h.version != r.version}

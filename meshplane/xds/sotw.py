@@ -205,9 +205,10 @@ class SotwServer:
         changed_clusters: set[str] = set()
         if cds is not None and typeurls.CLUSTER in dirty:
             wanted = cds.wanted(watch.resources(typeurls.CLUSTER))
-            removed = {n: r for n, r in cds.held.items() if n not in wanted}
+            held = cds.held.current
+            removed = {n: r for n, r in held.items() if n not in wanted}
             changed_clusters = {n for n, r in wanted.items()
-                                if (held := cds.held.get(n)) is not None and held.version != r.version}
+                                if (was := held.get(n)) is not None and was.version != r.version}
             # Make before break: keep removed clusters until routes stop naming them.
             union = {**wanted, **removed} if removed else wanted
             self._respond(stream, watch, typeurls.CLUSTER, cds, union, out, final=not removed)
@@ -256,7 +257,7 @@ class SotwServer:
         full_state = type_url in typeurls.FULL_STATE
         updates = cache.updates(candidates, sub.held)
         if full_state:
-            if not updates and candidates.keys() == sub.held.keys() and sub.answered:
+            if not updates and candidates.keys() == sub.held.current.keys() and sub.answered:
                 return
             payload = candidates
         elif not updates:
@@ -273,7 +274,8 @@ class SotwServer:
                 sub.answered = True
                 sub.acked_version = sub.sent_version = reported
                 return
-        seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in sub.held]
+        held = sub.held.current
+        seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in held]
         # What the stream holds once it has this response, and the version that names it.
         if full_state:
             sub.held.hold(candidates)
@@ -284,8 +286,7 @@ class SotwServer:
         else:
             sub.held.add(payload)
             whole = _adopt(sub.held, watch.resources(type_url))
-        version_info = watch.version(type_url) if whole else resources.type_version(
-            r for _, r in sub.held.items())
+        version_info = watch.version(type_url) if whole else resources.type_version(sub.held.current.values())
         nonce = stream.next_nonce()
         message = resources.response(
             version_info=version_info,
@@ -304,7 +305,8 @@ class SotwServer:
 
 def _adopt(held: cache.Held, have: cache.ResourceMap) -> bool:
     """If `held` now holds exactly the view's resources, share the view's map instead (one copy for all)."""
-    if len(held) != len(have) or any(have.get(n) is not r for n, r in held.items()):
+    mine = held.current
+    if len(mine) != len(have) or any(have.get(n) is not r for n, r in mine.items()):
         return False
     held.hold(have)
     return True

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,8 +60,8 @@ class TypeState:
         return {n: available[n] for n in self.names if n in available}
 
 
-Dirty = set[str] | cache.Every
-"""Names of a type to look at again on the next push, or EVERY."""
+Dirty = AbstractSet[str] | cache.Every
+"""Names of a type to look at again on the next push, or EVERY. Never changed in place (may be shared)."""
 
 
 class Stream:
@@ -81,7 +82,7 @@ class Stream:
     def node_id(self) -> str:
         return self.proxy.id if self.proxy is not None else ""
 
-    def mark(self, changes: Mapping[str, frozenset[str] | set[str] | cache.Every]) -> None:
+    def mark(self, changes: Mapping[str, Dirty]) -> None:
         """Record names to look at again, and wake the writer."""
         for type_url, names in changes.items():
             mark_dirty(self.dirty, type_url, names)
@@ -91,16 +92,12 @@ class Stream:
         return str(next(self._nonces))
 
 
-def mark_dirty(dirty: dict[str, Dirty], type_url: str, names: frozenset[str] | set[str] | cache.Every) -> None:
+def mark_dirty(dirty: dict[str, Dirty], type_url: str, names: Dirty) -> None:
     current = dirty.get(type_url)
-    if current is cache.EVERY:
-        return
-    if names is cache.EVERY:
-        dirty[type_url] = cache.EVERY
-    elif current is None:
-        dirty[type_url] = set(names)
+    if current is cache.EVERY or names is cache.EVERY or current is None:
+        dirty[type_url] = cache.EVERY if cache.EVERY in (current, names) else names
     else:
-        current |= names
+        dirty[type_url] = current | names
 
 
 class Registry:
