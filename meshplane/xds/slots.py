@@ -17,34 +17,49 @@ than `stall_after` each, once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from types import TracebackType
 
 
 class Slot:
-    """A held push slot; `write` gives it back early if the client stalls."""
+    """A held push slot (an async context manager); `write` gives it back early if the client stalls."""
 
-    __slots__ = ("_give_back", "_on_stall", "_stall_after", "stalled")
+    __slots__ = ("_held", "_on_stall", "_slots", "stalled")
 
-    def __init__(self, give_back: Callable[[], None], stall_after: float, on_stall: Callable[[], None]) -> None:
-        self._give_back = give_back
-        self._stall_after = stall_after
+    def __init__(self, slots: PushSlots, on_stall: Callable[[], None]) -> None:
+        self._slots = slots
         self._on_stall = on_stall
+        self._held = False
         self.stalled = False
+
+    async def __aenter__(self) -> Slot:
+        await self._slots._semaphore.acquire()
+        self._held = True
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._give_back()
 
     async def write(self, write: Awaitable[None]) -> None:
         """Await a write; if it has not completed after `stall_after`, give the slot back and keep waiting."""
-        def stall() -> None:
-            if not self.stalled:
-                self.stalled = True
-                self._on_stall()
-            self._give_back()
-
-        timer = asyncio.get_running_loop().call_later(self._stall_after, stall)
+        timer = asyncio.get_running_loop().call_later(self._slots.stall_after, self._stall)
         try:
             await write
         finally:
             timer.cancel()
+
+    def _stall(self) -> None:
+        if not self.stalled:
+            self.stalled = True
+            self._on_stall()
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots._semaphore.release()
 
 
 class PushSlots:
@@ -56,19 +71,7 @@ class PushSlots:
         """Whether every slot is held."""
         return self._semaphore.locked()
 
-    @contextlib.asynccontextmanager
-    async def slot(self, *, on_stall: Callable[[], None] = lambda: None) -> AsyncIterator[Slot]:
-        """Hold a slot until the block ends, or until a write in it stalls (`on_stall` is told, once)."""
-        await self._semaphore.acquire()
-        held = True
-
-        def give_back() -> None:
-            nonlocal held
-            if held:
-                held = False
-                self._semaphore.release()
-
-        try:
-            yield Slot(give_back, self.stall_after, on_stall)
-        finally:
-            give_back()
+    def slot(self, on_stall: Callable[[], None]) -> Slot:
+        """`async with slots.slot(...)`: hold a slot until the block ends, or until a write in it
+        stalls (`on_stall` is told, once)."""
+        return Slot(self, on_stall)

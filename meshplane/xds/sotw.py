@@ -80,7 +80,7 @@ class SotwServer:
         )
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        stream = self._registry.open_stream(context.peer())
+        stream = self._registry.open_stream(context.peer(), on_stall=self._callbacks.write_stalled)
         reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
         reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
         try:
@@ -109,7 +109,7 @@ class SotwServer:
             for message in self._compose(stream):
                 await context.write(message)
             return
-        async with self._slots.slot(on_stall=lambda: self._callbacks.write_stalled(stream)) as slot:
+        async with self._slots.slot(stream.stalled) as slot:
             for message in self._compose(stream):
                 await slot.write(context.write(message))
 

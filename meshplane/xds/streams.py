@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -67,9 +67,10 @@ Dirty = AbstractSet[str] | cache.Every
 class Stream:
     """One client's stream, whichever protocol it speaks."""
 
-    def __init__(self, stream_id: int, peer: str) -> None:
+    def __init__(self, stream_id: int, peer: str, *, on_stall: Callable[[Stream], None] = lambda stream: None) -> None:
         self.id = stream_id
         self.peer = peer
+        self._on_stall = on_stall
         self.connected_at = time.time()
         self.proxy: proxy.Proxy | None = None
         self.watch: cache.ViewWatch | None = None
@@ -91,12 +92,16 @@ class Stream:
     def next_nonce(self) -> str:
         return str(next(self._nonces))
 
+    def stalled(self) -> None:
+        """A write to this stream's client was not taken in time (its push slot was given back)."""
+        self._on_stall(self)
+
 
 def mark_dirty(dirty: dict[str, Dirty], type_url: str, names: Dirty) -> None:
     current = dirty.get(type_url)
-    if current is cache.EVERY or names is cache.EVERY or current is None:
-        dirty[type_url] = cache.EVERY if cache.EVERY in (current, names) else names
-    else:
+    if current is None or names is cache.EVERY:
+        dirty[type_url] = names
+    elif current is not cache.EVERY:
         dirty[type_url] = current | names
 
 
@@ -108,8 +113,8 @@ class Registry:
         self._ids = itertools.count(1)
         self.serving = not held
 
-    def open_stream(self, peer: str) -> Stream:
-        stream = Stream(next(self._ids), peer)
+    def open_stream(self, peer: str, *, on_stall: Callable[[Stream], None] = lambda stream: None) -> Stream:
+        stream = Stream(next(self._ids), peer, on_stall=on_stall)
         self._streams[stream.id] = stream
         return stream
 
