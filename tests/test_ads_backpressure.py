@@ -142,6 +142,22 @@ async def test_a_proxy_that_does_not_read_gives_its_push_slot_back() -> None:
         await serving
 
 
+def test_a_write_stalls_when_it_takes_far_longer_than_writes_to_others_take_now() -> None:
+    """On a calm plane 100 ms; in a storm, where every client reads slowly, the stall time grows with
+    the writes that complete (so slow readers keep their slots and the storm stays bounded), up to 5 s."""
+    push_slots = slots.PushSlots(1, stall_after=0.1)
+    assert push_slots.stall_time() == 0.1
+    for _ in range(10):
+        push_slots.completed(0.002)
+    assert push_slots.stall_time() == 0.1
+    for _ in range(60):
+        push_slots.completed(0.5)
+    assert 1.9 < push_slots.stall_time() <= 2.0
+    for _ in range(100):
+        push_slots.completed(30.0)
+    assert push_slots.stall_time() == slots.MAX_STALL
+
+
 async def test_a_one_endpoint_push_does_not_wait_for_a_push_slot() -> None:
     """Every slot is held by a proxy that does not read; a small EDS change still reaches the others."""
     catalog, ads, loop, push_slots = _plane(max_concurrent_pushes=1, stall_after=60.0)

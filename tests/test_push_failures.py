@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import structlog
-from envoy.config.cluster.v3 import cluster_pb2
 
 from meshplane import app
 from meshplane.demo import backend
@@ -31,15 +30,6 @@ def _doc(*, mockb_port: int = 8000, mockb_target: int = 9001, mockd: bool = Fals
     doc = cluster_doc("c1", "r1", services)
     doc["services"][0]["ports"][0]["port"] = mockb_port
     return doc
-
-
-def _clusters(response: Any) -> dict[str, cluster_pb2.Cluster]:
-    out = {}
-    for res in response.resources:
-        cluster = cluster_pb2.Cluster()
-        res.Unpack(cluster)
-        out[cluster.name] = cluster
-    return out
 
 
 async def _ready(plane: app.ControlPlane) -> tuple[int, dict[str, Any]]:
@@ -71,7 +61,7 @@ async def test_a_failing_build_keeps_the_service_on_its_last_good_resources_and_
         await c.request(typeurls.CLUSTER)
         first = await c.recv()
         await c.ack(first)
-        assert sorted(_clusters(first)) == [MOCKB, MOCKC]
+        assert sorted(ads_client.resources(first)) == [MOCKB, MOCKC]
 
         monkeypatch.setattr(translate, "build_cluster", broken)
         with structlog.testing.capture_logs() as logs:
@@ -84,15 +74,16 @@ async def test_a_failing_build_keeps_the_service_on_its_last_good_resources_and_
             update = await c.recv()
             await c.ack(update)
             await wait_for(lambda: _errors_counted(plane) >= 2, what="each failure counted")
-        assert sorted(_clusters(update)) == [MOCKB, MOCKC, MOCKD]
-        assert _clusters(update)[MOCKB] == _clusters(first)[MOCKB], "mockb is left on its last good cluster"
+        assert sorted(ads_client.resources(update)) == [MOCKB, MOCKC, MOCKD]
+        kept = ads_client.resources(update)[MOCKB]
+        assert kept == ads_client.resources(first)[MOCKB], "mockb is left on its last good cluster"
         failures = [e for e in logs if e["event"].startswith("build failed")]
         assert len(failures) == 1, failures  # logged once, not once per change
         assert failures[0]["service"] == "default/mockb" and "injected" in failures[0]["error"]
 
         monkeypatch.setattr(translate, "build_cluster", build_cluster)  # the bug fixed: mockb builds again
         write_yaml(endpoints, _doc(mockb_port=9000))
-        while set(_clusters(update)) != {MOCKB_9000, MOCKC}:  # make before break: the old cluster goes last
+        while set(ads_client.resources(update)) != {MOCKB_9000, MOCKC}:  # make before break: the old cluster goes last
             update = await c.recv()
             await c.ack(update)
         assert await failure_shown() == []

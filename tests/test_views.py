@@ -100,6 +100,7 @@ def test_equal_content_keeps_versions_and_views_are_dropped_with_their_last_stre
     assert watch.resources(typeurls.ENDPOINT)[MOCKB].seen_at is None  # still the original build
     watch.close()
     assert view_cache.views == {}
+    watch.close()  # a second close (a stream ending twice) changes nothing
 
 
 def test_a_policy_change_rebuilds_assignments_only_where_locality_settings_changed(

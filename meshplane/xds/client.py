@@ -132,20 +132,25 @@ class AdsClient:
         return [] if response.type_url.endswith(("Cluster", "Listener")) else resource_names(response)
 
 
-def resource_names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
-    """Names of the resources in a response (decoding each Any)."""
+def resources(response: discovery_pb2.DiscoveryResponse) -> dict[str, Any]:
+    """The resources of a response, decoded, by name (in the order sent)."""
     from envoy.config.cluster.v3 import cluster_pb2
     from envoy.config.endpoint.v3 import endpoint_pb2
     from envoy.config.listener.v3 import listener_pb2
     from envoy.config.route.v3 import route_pb2
 
-    names = []
+    out: dict[str, Any] = {}
     for any_msg in response.resources:
         for cls in (cluster_pb2.Cluster, endpoint_pb2.ClusterLoadAssignment,
                     listener_pb2.Listener, route_pb2.RouteConfiguration):
             if any_msg.Is(cls.DESCRIPTOR):
                 msg = cls()
                 any_msg.Unpack(msg)
-                names.append(getattr(msg, "cluster_name", "") or getattr(msg, "name", ""))
+                out[getattr(msg, "cluster_name", "") or getattr(msg, "name", "")] = msg
                 break
-    return names
+    return out
+
+
+def resource_names(response: discovery_pb2.DiscoveryResponse) -> list[str]:
+    """Names of the resources in a response (decoding each Any)."""
+    return list(resources(response))

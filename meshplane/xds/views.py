@@ -158,7 +158,8 @@ class ViewCache:
 
     def _detach(self, watch: _Watch) -> None:
         view = watch.view
-        view.watches.pop(watch, None)
+        if view.watches.pop(watch, False) is False:
+            return  # closed already
         if not view.watches:
             del self._views[view.key]
             for piece in view.pieces.values():
