@@ -3,7 +3,8 @@
 Reflectors (kube.py) keep compact stores of services, endpoint slices, nodes
 and (optionally) pods, each in its own thread; their changes arrive here on
 the event loop. This class turns them into `catalog.apply` calls, and its
-rules are what invariant 6 (never push emptiness out of ignorance) asks:
+rules are what docs/architecture.md, invariant 6 (never push emptiness out of
+ignorance) asks:
 
 - Nothing before every reflector has listed once: a cluster we have not
   listed yet is unknown, not empty.

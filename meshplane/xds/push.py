@@ -9,9 +9,9 @@ the streams whose view changed. A burst of a thousand endpoint edits costs
 one rebuild per view, not a thousand.
 
 The task guards its loop: a push that fails is logged and counted, and the
-loop carries on with the next change (invariant 7). A failure inside one
-service's build never gets this far: the view cache keeps that service's
-last good resources and goes on with the others.
+loop carries on with the next change (docs/architecture.md, invariant 7).
+A failure inside one service's build never gets this far: the view cache
+keeps that service's last good resources and goes on with the others.
 """
 
 from __future__ import annotations
