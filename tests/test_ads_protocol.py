@@ -231,16 +231,22 @@ async def test_a_burst_of_changes_is_one_push(start_plane: Any, endpoints: Path)
     assert plane.push.pushes - before == 1
 
 
+async def _held_by_a_stream_that_ended(plane: app.ControlPlane, names: list[str]) -> Any:
+    """Subscribe to EDS `names`, ACK the response, end the stream: what the proxy holds then."""
+    async with _client(plane) as c:
+        await c.request(typeurls.ENDPOINT, names)
+        held = await c.recv()
+        await c.ack(held)
+    return held
+
+
 async def test_a_name_added_across_a_reconnect_is_sent_though_the_version_is_known(
     start_plane: Any, endpoints: Path
 ) -> None:
     """A proxy that held [mockb] at version V reconnects asking [mockb, mockc] and reporting V:
     V vouches for mockb alone, so mockc must be sent (xds_protocol: newly requested names are sent)."""
     plane = await start_plane(endpoint_files=(endpoints,))
-    async with _client(plane) as c:
-        await c.request(typeurls.ENDPOINT, [MOCKB])
-        held = await c.recv()
-        await c.ack(held)
+    held = await _held_by_a_stream_that_ended(plane, [MOCKB])
     async with _client(plane) as again:
         await again.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=held.version_info)
         response = await again.recv()
@@ -256,10 +262,7 @@ async def test_a_proxy_holding_exactly_what_it_asks_for_gets_no_repush_after_rec
 ) -> None:
     """The other side of the rule above: a version still vouches for the names it was sent with."""
     plane = await start_plane(endpoint_files=(endpoints,))
-    async with _client(plane) as c:
-        await c.request(typeurls.ENDPOINT, [MOCKB])
-        held = await c.recv()
-        await c.ack(held)
+    held = await _held_by_a_stream_that_ended(plane, [MOCKB])
     async with _client(plane) as again:
         await again.request(typeurls.ENDPOINT, [MOCKB], version_info=held.version_info)
         await again.expect_nothing(0.4)
