@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,21 @@ async def wait_for(
             return last
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:
+    """The narrowest [lo, hi] such that Binomial(n, p) falls below lo, or above hi, each with
+    probability at most `tail`."""
+    pmf = [comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    lo, below = 0, 0.0
+    while below + pmf[lo] <= tail:
+        below += pmf[lo]
+        lo += 1
+    hi, above = n, 0.0
+    while above + pmf[hi] <= tail:
+        above += pmf[hi]
+        hi -= 1
+    return lo, hi
 
 
 def cluster_doc(cluster: str, region: str, services: dict[str, list[dict[str, Any]]],

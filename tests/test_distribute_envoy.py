@@ -4,13 +4,13 @@ ap-northeast-1. Envoy honours locality weights only when the Cluster turns local
 from __future__ import annotations
 
 import asyncio
-from math import comb
 from pathlib import Path
 
 import pytest
 
 from meshplane.demo import mesh as mesh_mod
 from meshplane.demo import topology
+from tests.conftest import binomial_bounds
 
 pytestmark = pytest.mark.envoy
 
@@ -31,21 +31,6 @@ POLICY = topology.s1_policy(extra=(
 MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
 REQUESTS = 400
 BATCH = 20  # requests in flight at once
-
-
-def binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:
-    """The narrowest [lo, hi] such that Binomial(n, p) falls below lo, or above hi, each with
-    probability at most `tail`."""
-    pmf = [comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
-    lo, below = 0, 0.0
-    while below + pmf[lo] <= tail:
-        below += pmf[lo]
-        lo += 1
-    hi, above = n, 0.0
-    while above + pmf[hi] <= tail:
-        above += pmf[hi]
-        hi -= 1
-    return lo, hi
 
 
 async def test_distribute_90_10_from_hangzhou(tmp_path: Path) -> None:

@@ -10,96 +10,35 @@ rest of meshplane reads; nothing outside `meshplane.policy` sees these models.
 from __future__ import annotations
 
 import difflib
-import re
 import typing
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictInt,
     StrictStr,
-    WithJsonSchema,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails
 
 from meshplane.discovery import model
-from meshplane.policy import rules
+from meshplane.policy import gatewayapi, routing, rules
+from meshplane.policy.durations import Duration, duration_ms
 
-API_VERSION = "meshplane.io/v1"
+API_VERSION = "meshplane.io/v2"
+API_VERSIONS = ("meshplane.io/v1", "meshplane.io/v2")
 
-_UNIT_MS = {"ms": Decimal(1), "s": Decimal(1000), "m": Decimal(60_000), "h": Decimal(3_600_000)}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h))+$"
 # A Kubernetes Service name / namespace (DNS-1035 / DNS-1123 label): a typo here
 # would silently never match a service, so the shape is checked.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
-def duration_ms(text: str) -> int:
-    """ "1m30s" -> 90000. Raises ValueError naming the text if it is not a duration of >= 1ms."""
-    pos = 0
-    total = Decimal(0)
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += Decimal(match.group(1)) * _UNIT_MS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        if re.fullmatch(r"\d+(\.\d+)?", text.strip()):
-            raise ValueError(f"duration {text!r} needs a unit, e.g. 30s (units: ms, s, m, h)")
-        raise ValueError(
-            f"{text!r} is not a duration; write a number and a unit, e.g. 100ms, 30s, 5m, 1m30s"
-        )
-    if total < 1:
-        raise ValueError(f"duration {text!r} is shorter than the minimum of 1ms")
-    if total != total.to_integral_value():
-        raise ValueError(f"duration {text!r} is not a whole number of milliseconds")
-    return int(total)
-
-
-def _check_duration(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        reason = f"must be a duration such as 30s, got {value!r}"
-    elif not isinstance(value, str):
-        reason = f"duration needs a unit, e.g. 30s (got {value!r}; units: ms, s, m, h)"
-    else:
-        try:
-            duration_ms(value)
-        except ValueError as exc:
-            reason = str(exc)
-        else:
-            return value
-    # The reason goes in the context: user text may contain braces.
-    raise PydanticCustomError("duration", "{reason}", {"reason": reason})
-
-
-Duration = Annotated[
-    str,
-    BeforeValidator(_check_duration),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "pattern": DURATION_PATTERN,
-            "description": "Go style duration, units ms, s, m, h: 100ms, 30s, 5m, 1m30s; >= 1ms.",
-        }
-    ),
-]
 Count = Annotated[StrictInt, Field(ge=0)]
 Percent = Annotated[StrictInt, Field(ge=0, le=100)]
 Weight = Annotated[StrictInt, Field(ge=1, le=100)]
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN, max_length=63)]
-_RESERVED = WithJsonSchema(
-    {
-        "description": "Reserved for a later policy version; must be absent, null or empty in v1.",
-        "type": ["array", "null"],
-        "maxItems": 0,
-    }
-)
 
 
 class _Doc(BaseModel):
@@ -205,18 +144,28 @@ class ServiceDoc(SectionsDoc):
     namespace: Name = "default"
 
 
-class PolicyDoc(_Doc):
-    """A meshplane policy file: mesh-wide defaults and per-service overrides."""
+class DefaultsDoc(SectionsDoc):
+    """The sections every service inherits, and (v2) every route's retry policy."""
 
-    api_version: Literal["meshplane.io/v1"] = Field(alias="apiVersion")
-    defaults: SectionsDoc | None = Field(
+    retries: gatewayapi.RetriesDoc | None = Field(
+        None, description="v2: the retry policy of every route that sets none (default: Istio's)."
+    )
+
+
+class PolicyDoc(_Doc):
+    """A meshplane policy file: mesh-wide defaults, per-service overrides, and (v2) gateways and routes."""
+
+    api_version: Literal["meshplane.io/v1", "meshplane.io/v2"] = Field(alias="apiVersion")
+    defaults: DefaultsDoc | None = Field(
         None, description="Sections every service inherits unless it sets them."
     )
     services: tuple[ServiceDoc, ...] | None = None
-    # Layer-7 routes and gateways (scenarios S2/S3) come in a later version;
-    # the keys are reserved so that v1 files cannot grow a conflicting meaning.
-    routes: Annotated[Any, _RESERVED] = None
-    gateways: Annotated[Any, _RESERVED] = None
+    gateways: tuple[gatewayapi.GatewayDoc, ...] | None = Field(
+        None, description="v2: gateways (Gateway API Gateway); v1 must leave this out."
+    )
+    routes: tuple[gatewayapi.RouteDoc, ...] | None = Field(
+        None, description="v2: routes (Gateway API HTTPRoute) for gateways and sidecars; v1 must leave this out."
+    )
 
 
 def _outlier(doc: OutlierDetectionDoc) -> rules.OutlierDetection:
@@ -274,14 +223,26 @@ def resolve_service(doc: ServiceDoc, defaults: rules.ServicePolicy) -> rules.Ser
     return _resolve(doc, defaults)
 
 
-def to_policy(doc: PolicyDoc) -> rules.Policy:
-    """The resolved policy; assumes `validate` found no errors (duplicates: the last one wins)."""
+def to_policy(
+    doc: PolicyDoc, certificates: dict[tuple[str, str], tuple[bytes, bytes]] | None = None
+) -> rules.Policy:
+    """The resolved policy; assumes `validate` found no errors (duplicates: the last one wins).
+
+    `certificates`: (certificate file, key file) of each HTTPS listener -> their contents.
+    """
     defaults = resolve_defaults(doc)
     services = {
         model.service_key(svc.namespace, svc.name): resolve_service(svc, defaults)
         for svc in doc.services or ()
     }
-    return rules.Policy(defaults=defaults, services=services)
+    retries = doc.defaults.retries if doc.defaults is not None else None
+    return rules.Policy(
+        defaults=defaults,
+        services=services,
+        retries=gatewayapi.to_retries(retries) if retries is not None else routing.Retries(),
+        gateways=tuple(gatewayapi.to_gateway(g, certificates or {}) for g in doc.gateways or ()),
+        routes=tuple(gatewayapi.to_route(r) for r in doc.routes or ()),
+    )
 
 
 # Error wording: what an operator reads in `meshplane validate` and in the logs.
@@ -306,10 +267,10 @@ def error_reason(err: ErrorDetails) -> str:
         return f"unknown field {last!r}" + _known_fields_hint(loc)
     if kind == "missing":
         if loc == ("apiVersion",):
-            return f"required: start the file with apiVersion: {API_VERSION}"
+            return "required: start the file with apiVersion: meshplane.io/v1 (meshplane.io/v2 for gateways and routes)"
         return f"required field {last!r} is missing"
     if kind == "literal_error" and loc == ("apiVersion",):
-        return f"unsupported apiVersion {value!r}; this meshplane reads {API_VERSION}"
+        return f"unsupported apiVersion {value!r}; this meshplane reads {' and '.join(API_VERSIONS)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"must be a mapping, got {show(value)}"
     if kind in ("list_type", "tuple_type"):
@@ -328,13 +289,26 @@ def error_reason(err: ErrorDetails) -> str:
     if kind in ("greater_than_equal", "less_than_equal"):
         return _range_reason(loc, value)
     if kind in ("string_pattern_mismatch", "string_too_long"):
-        return (
-            f"{value!r} is not a Kubernetes name: at most 63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
+        return _pattern_reason(loc, value)
+    if kind == "too_short":
+        return f"must not be empty: give at least one {str(last).rstrip('s')!r}"
     if kind == "duration":
         return err["msg"]
     return f"{err['msg']}, got {show(value)}"
+
+
+def _pattern_reason(loc: tuple[str | int, ...], value: Any) -> str:
+    field = next((p for p in reversed(loc) if isinstance(p, str)), "")
+    if field in ("hostnames", "hostname"):
+        return (f"{value!r} is not a hostname: lowercase DNS labels separated by '.', "
+                "optionally starting with '*.' (no port, no trailing dot)")
+    if (field in ("name", "remove") and "headers" in loc) or field == "remove" or (
+            field == "name" and any(p in ("set", "add") for p in loc)):
+        return f"{value!r} is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
+    return (
+        f"{value!r} is not a Kubernetes name: at most 63 lowercase letters, digits and '-', "
+        "starting and ending with a letter or digit"
+    )
 
 
 def _range_reason(loc: tuple[str | int, ...], value: Any) -> str:
@@ -342,6 +316,12 @@ def _range_reason(loc: tuple[str | int, ...], value: Any) -> str:
         return f"weight {value!r} for {loc[-1]!r} must be from 1 to 100"
     if loc[-1] in ("maxEjectionPercent", "minHealthPercent"):
         return f"{value!r} is not a percentage from 0 to 100"
+    if loc[-1] == "port":
+        return f"{value!r} is not a port number (1-65535)"
+    if loc[-1] == "weight":
+        return f"weight {value!r} must be from 0 to 1000000"
+    if loc[-1] == "attempts":
+        return f"{value!r} retries: must be from 0 to 10"
     return f"{value!r} is negative; a count must be 0 or more (0 disables the detector)"
 
 

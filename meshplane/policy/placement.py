@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshplane.discovery import model
-from meshplane.policy import rules
+from meshplane.policy import routing, rules
 
 # Istio's locality priorities span 0..4 (4 = a region a failover rule did not name),
 # so failoverPriority levels are spaced by 5 to keep both orders when combined.
@@ -84,6 +84,41 @@ def place(
         for level, members in by_level.items():
             ranked.append((level * _LOCALITY_LEVELS + near, loc, tuple(members)))
     return _placements(ranked)
+
+
+def place_backend(
+    endpoints: Sequence[model.Endpoint],
+    backend: routing.Backend,
+    *,
+    client: model.Locality,
+    client_labels: Mapping[str, str],
+    settings: rules.LocalitySettings,
+    spread: routing.Spread,
+) -> tuple[Placement, ...]:
+    """Where a route backend's requests go, for one client: the endpoints it selects, ranked.
+
+    `backend.clusters` of two or more is an active-standby order: cluster i at priority i,
+    whatever the client's locality. Otherwise the backend's `spread` (or the proxy kind's,
+    `spread`) decides: every endpoint at one priority (so Envoy balances by endpoint count), or
+    nearest first as `place` ranks them.
+    """
+    chosen = [ep for ep in endpoints if selects(backend, ep)]
+    if len(backend.clusters) > 1:
+        order = {cluster: i for i, cluster in enumerate(backend.clusters)}
+        groups = _group(chosen)
+        return _placements((order[loc.cluster], loc, eps) for loc, eps in groups.items())
+    if (backend.spread or spread) == routing.Spread.NEAREST:
+        return place(chosen, client=client, client_labels=client_labels, settings=settings)
+    return _placements((0, loc, eps) for loc, eps in _group(chosen).items())
+
+
+def selects(backend: routing.Backend, ep: model.Endpoint) -> bool:
+    """Whether an endpoint is one of a backend's: in its clusters, with its labels (topology labels
+    read the endpoint's locality)."""
+    if backend.clusters and ep.locality.cluster not in backend.clusters:
+        return False
+    labels = ep.label_map
+    return all(_label_value(key, ep.locality, labels) == value for key, value in backend.labels)
 
 
 def _group(endpoints: Iterable[model.Endpoint]) -> dict[model.Locality, tuple[model.Endpoint, ...]]:

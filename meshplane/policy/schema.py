@@ -19,7 +19,7 @@ from typing import Any
 
 from meshplane.policy import document
 
-SCHEMA_ID = "https://meshplane.io/schemas/policy-v1.json"
+SCHEMA_ID = "https://meshplane.io/schemas/policy.json"
 
 
 def json_schema() -> dict[str, Any]:
@@ -31,7 +31,14 @@ def json_schema() -> dict[str, Any]:
         # An empty file (or one of comments only) is YAML null, and meshplane reads it as the
         # default policy; an editor must not flag it. (`required` applies to mappings only.)
         "type": ["object", "null"],
-        "title": f"meshplane policy ({document.API_VERSION})",
+        "title": f"meshplane policy ({' or '.join(document.API_VERSIONS)})",
+        # v1 files keep v1's meaning: gateways, routes and retries need v2.
+        "if": {"properties": {"apiVersion": {"const": "meshplane.io/v1"}}, "required": ["apiVersion"]},
+        "then": {"properties": {
+            "gateways": {"type": ["array", "null"], "maxItems": 0},
+            "routes": {"type": ["array", "null"], "maxItems": 0},
+            "defaults": {"properties": {"retries": {"type": "null"}}},
+        }},
     }
 
 

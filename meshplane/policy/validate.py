@@ -12,16 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 
 from meshplane.discovery import model
-from meshplane.policy import document, rules, yamlpos
+from meshplane.policy import document, routecheck, rules, yamlpos
 
 Severity = Literal["error", "warning"]
 
-_RESERVED_KEYS = ("routes", "gateways")
+Known = routecheck.Known
 # Istio rejects these in failoverPriority next to `failover` (both would order regions).
 _FAILOVER_TOPOLOGY_LABELS = (rules.REGION_LABEL, rules.ZONE_LABEL, rules.SUBZONE_LABEL)
 NO_OUTLIER_DETECTION = (
@@ -59,12 +59,13 @@ class PolicyError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def load_policy_file(path: Path) -> LoadResult:
+def load_policy_file(path: Path, *, known: Known | None = None) -> LoadResult:
+    """`known`: what discovery knows, to warn about references to services and clusters it does not."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         return unreadable(path, exc)
-    return load_policy_bytes(data, path=str(path))
+    return load_policy_bytes(data, path=str(path), known=known)
 
 
 def unreadable(path: Path, exc: OSError) -> LoadResult:
@@ -72,17 +73,18 @@ def unreadable(path: Path, exc: OSError) -> LoadResult:
     return LoadResult(None, (Problem(str(path), 0, "(file)", reason, "error"),), ())
 
 
-def load_policy_bytes(data: bytes, *, path: str) -> LoadResult:
+def load_policy_bytes(data: bytes, *, path: str, known: Known | None = None) -> LoadResult:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         problem = Problem(path, line, "(file)", f"not UTF-8 text: {exc.reason}", "error")
         return LoadResult(None, (problem,), ())
-    return load_policy_text(text, path=path)
+    return load_policy_text(text, path=path, known=known)
 
 
-def load_policy_text(text: str, *, path: str) -> LoadResult:
+def load_policy_text(text: str, *, path: str, known: Known | None = None) -> LoadResult:
+    """Relative certificate paths are read from the folder of `path`."""
     try:
         located = yamlpos.load(text)
     except yamlpos.YamlError as exc:
@@ -96,9 +98,8 @@ def load_policy_text(text: str, *, path: str) -> LoadResult:
         shown = document.show(raw)
         report.error((), f"a policy is a mapping (apiVersion, defaults, services), got {shown}")
         return report.result(None)
-    for key in _RESERVED_KEYS:
-        if raw.get(key):
-            report.error((key,), "reserved for a later policy version; not supported by v1")
+    if raw.get("apiVersion") == "meshplane.io/v1":
+        raw = _without_v2(raw, report)
     try:
         doc = document.PolicyDoc.model_validate(raw)
     except pydantic.ValidationError as exc:
@@ -106,7 +107,27 @@ def load_policy_text(text: str, *, path: str) -> LoadResult:
             report.error(err["loc"], document.error_reason(err))
         return report.result(None)
     _check(doc, report)
-    return report.result(None if report.errors else document.to_policy(doc))
+    certificates = {}
+    if doc.api_version != "meshplane.io/v1":
+        routecheck.check(doc.gateways or (), doc.routes or (), error=report.error, warning=report.warning,
+                         known=known)
+        certificates = routecheck.read_certificates(doc.gateways or (), Path(path).parent, report.error)
+    return report.result(None if report.errors else document.to_policy(doc, certificates))
+
+
+def _without_v2(raw: dict[str, Any], report: _Report) -> dict[str, Any]:
+    """A v1 file keeps v1's meaning: what came with v2 is an error there (saying how to get it),
+    and is not checked further."""
+    raw = dict(raw)
+    for key in ("gateways", "routes"):
+        if raw.get(key):
+            report.error((key,), f"{key} need apiVersion: meshplane.io/v2; not supported by v1")
+        raw.pop(key, None)
+    defaults = raw.get("defaults")
+    if isinstance(defaults, dict) and "retries" in defaults:
+        report.error(("defaults", "retries"), "retries need apiVersion: meshplane.io/v2; not supported by v1")
+        raw["defaults"] = {k: v for k, v in defaults.items() if k != "retries"}
+    return raw
 
 
 class _Report:

@@ -30,6 +30,7 @@ class Kind(enum.StrEnum):
     """What kind of client a proxy is; each kind has its generator (meshplane/xds/generators/)."""
 
     SIDECAR = "sidecar"
+    GATEWAY = "gateway"
 
 
 class InvalidNode(ValueError):
@@ -64,9 +65,12 @@ class ViewKey:
     namespace: str = "default"
     listener: Listener = Listener()
     labels: tuple[tuple[str, str], ...] = ()
+    gateway: str = ""  # a gateway's name (policy `gateways[].name`)
 
     def __str__(self) -> str:
         labels = ",".join(f"{k}={v}" for k, v in self.labels)
+        if self.kind == Kind.GATEWAY:
+            return f"{self.kind}:{self.gateway}@{self.locality}/{self.listener.address}"
         return f"{self.kind}@{self.locality}/{self.namespace}:{self.listener.port}[{labels}]"
 
 
@@ -80,6 +84,7 @@ class Proxy:
     namespace: str = "default"
     labels: tuple[tuple[str, str], ...] = ()  # sorted
     listener: Listener = Listener()
+    gateway: str = ""  # gateways only: which gateway of the policy this proxy is
 
     def view_key(self, label_keys: frozenset[str]) -> ViewKey:
         """This proxy's view key, given the client labels the policy reads (they change with the policy)."""
@@ -89,6 +94,7 @@ class Proxy:
             namespace=self.namespace,
             listener=self.listener,
             labels=tuple((k, v) for k, v in self.labels if k in label_keys),
+            gateway=self.gateway,
         )
 
 
@@ -97,13 +103,15 @@ def classify(node: base_pb2.Node) -> Proxy:
     if not node.id:
         raise InvalidNode("node.id", _ABSENT, "is required (the first DiscoveryRequest of a stream carries the node)")
     meta: Mapping[str, struct_pb2.Value] = node.metadata.fields if node.HasField("metadata") else {}
+    kind = _kind(meta)
     return Proxy(
         id=node.id,
-        kind=_kind(meta),
+        kind=kind,
         locality=model.Locality(region=node.locality.region, zone=node.locality.zone, cluster=node.locality.sub_zone),
         namespace=_namespace(meta),
         labels=_labels(meta),
         listener=Listener(address=_address(meta), port=_port(meta)),
+        gateway=_gateway(meta) if kind == Kind.GATEWAY else "",
     )
 
 
@@ -125,6 +133,16 @@ def _namespace(meta: Mapping[str, struct_pb2.Value]) -> str:
     text = _text(meta, "namespace", default="default")
     if not _NAMESPACE.fullmatch(text):
         raise InvalidNode("node.metadata.namespace", text, "is not a Kubernetes namespace name (a DNS-1123 label)")
+    return text
+
+
+def _gateway(meta: Mapping[str, struct_pb2.Value]) -> str:
+    if "gateway" not in meta:
+        raise InvalidNode("node.metadata.gateway", _ABSENT,
+                          "is required with role gateway: the name of a gateway in the policy")
+    text = _text(meta, "gateway", default="")
+    if not _NAMESPACE.fullmatch(text):
+        raise InvalidNode("node.metadata.gateway", text, "is not a gateway name (a DNS-1123 label)")
     return text
 
 

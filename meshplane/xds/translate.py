@@ -7,23 +7,17 @@ route config is `outbound|http|NAMESPACE`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm_pb2,
-)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshplane.discovery import model
-from meshplane.policy import placement, rules
+from meshplane.policy import placement, routing, rules
 
 _HEALTH = {
     model.Health.HEALTHY: health_check_pb2.HEALTHY,
@@ -33,12 +27,23 @@ _HEALTH = {
 _HTTP2 = frozenset({model.Protocol.HTTP2, model.Protocol.GRPC})
 
 
-def cluster_name(service: model.Service, port: model.ServicePort) -> str:
-    return f"outbound|{port.port}||{service.hostname}"
+def cluster_name(service: model.Service, port: model.ServicePort, subset: str = "") -> str:
+    return f"outbound|{port.port}|{subset}|{service.hostname}"
 
 
-def route_config_name(namespace: str) -> str:
-    return f"outbound|http|{namespace}"
+def hostname(key: model.ServiceKey) -> str:
+    namespace, _, name = key.partition("/")
+    return f"{name}.{namespace}.svc.cluster.local"
+
+
+def backend_cluster_name(backend: routing.Backend) -> str:
+    """The Envoy cluster of a route backend: Istio's `outbound|PORT|SUBSET|HOST`."""
+    return f"outbound|{backend.port}|{backend.subset}|{hostname(backend.service)}"
+
+
+STANDBY_OVERPROVISIONING = 1_000_000
+"""An active-standby assignment's overprovisioning factor (percent): a priority with one healthy
+endpoint of up to 10,000 takes all the traffic, so the standby stays idle until none is left."""
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -53,10 +58,13 @@ def _duration(ms: int) -> duration_pb2.Duration:
 
 
 def build_cluster(
-    service: model.Service, port: model.ServicePort, policy: rules.ServicePolicy
+    service: model.Service, port: model.ServicePort, policy: rules.ServicePolicy, *,
+    name: str | None = None, standby: bool = False,
 ) -> cluster_pb2.Cluster:
+    """`standby`: an active-standby backend, whose first cluster must be able to empty completely
+    (every endpoint ejectable, no panic) before the next one takes traffic."""
     cluster = cluster_pb2.Cluster(
-        name=cluster_name(service, port),
+        name=name or cluster_name(service, port),
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
         connect_timeout=_duration(policy.connect_timeout_ms),
@@ -78,6 +86,13 @@ def build_cluster(
         cluster.common_lb_config.locality_weighted_lb_config.SetInParent()
     if policy.outlier_detection is not None:
         _apply_outlier_detection(cluster, policy.outlier_detection)
+    if standby:
+        if cluster.HasField("outlier_detection"):
+            cluster.outlier_detection.max_ejection_percent.value = 100
+        cluster.common_lb_config.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
+    # An ejection applies at once: Envoy's default 1 s merge window held back a second ejection
+    # within the same second (two replicas of a region failing together cost ~20 failed requests).
+    cluster.common_lb_config.update_merge_window.CopyFrom(duration_pb2.Duration(seconds=0))
     return cluster
 
 
@@ -114,9 +129,11 @@ def _apply_outlier_detection(cluster: cluster_pb2.Cluster, od: rules.OutlierDete
 
 
 def build_load_assignment(
-    name: str, port_name: str, placements: Sequence[placement.Placement]
+    name: str, port_name: str, placements: Sequence[placement.Placement], *, standby: bool = False
 ) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    if standby:
+        cla.policy.overprovisioning_factor.value = STANDBY_OVERPROVISIONING
     for placed in placements:
         group = cla.endpoints.add(
             locality=base_pb2.Locality(
@@ -143,61 +160,3 @@ def build_load_assignment(
                 )
             )
     return cla
-
-
-def build_route_config(
-    namespace: str, services: Iterable[model.Service]
-) -> route_pb2.RouteConfiguration:
-    """One virtual host per HTTP service port, reachable by the names Kubernetes DNS resolves."""
-    config = route_pb2.RouteConfiguration(
-        name=route_config_name(namespace), validate_clusters=wrappers_pb2.BoolValue(value=False)
-    )
-    for service in sorted(services, key=lambda s: (s.namespace, s.name)):
-        http_ports = [p for p in sorted(service.ports, key=lambda p: p.port) if p.protocol != model.Protocol.TCP]
-        for index, port in enumerate(http_ports):
-            names = [f"{service.name}.{service.namespace}", f"{service.name}.{service.namespace}.svc", service.hostname]
-            if service.namespace == namespace:
-                names.insert(0, service.name)
-            domains = [f"{n}:{port.port}" for n in names]
-            if index == 0:  # a name without a port means the service's first port
-                domains = names + domains
-            config.virtual_hosts.append(
-                route_components_pb2.VirtualHost(
-                    name=f"{service.hostname}:{port.port}",
-                    domains=domains,
-                    routes=[
-                        route_components_pb2.Route(
-                            match=route_components_pb2.RouteMatch(prefix="/"),
-                            route=route_components_pb2.RouteAction(cluster=cluster_name(service, port)),
-                        )
-                    ],
-                )
-            )
-    return config
-
-
-def build_listener(*, name: str, address: str, port: int, route_name: str) -> listener_pb2.Listener:
-    """The sidecar's outbound HTTP listener: applications call services by name through it."""
-    router = any_pb2.Any()
-    router.Pack(router_pb2.Router())
-    manager = hcm_pb2.HttpConnectionManager(
-        stat_prefix=name,
-        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name),
-        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=router)],
-    )
-    packed = any_pb2.Any()
-    packed.Pack(manager)
-    return listener_pb2.Listener(
-        name=name,
-        address=address_pb2.Address(socket_address=address_pb2.SocketAddress(address=address, port_value=port)),
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(
-                        name="envoy.filters.network.http_connection_manager", typed_config=packed
-                    )
-                ]
-            )
-        ],
-    )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -207,18 +206,15 @@ class ViewCache:
         live = set(self._pieces.values())
         self._errors = {k: e for k, e in self._errors.items() if k[0] in live}
 
-        stale_by_builder: dict[base.Builder, frozenset[model.ServiceKey]] = {}
         changed_pieces: dict[_Piece, frozenset[str]] = {}
+        keys = old_services.keys() | services.keys() if policy_changed else frozenset()
         for piece in self._pieces.values():
             builder = piece.builder
             if isinstance(builder, base.PerService):
-                stale = stale_by_builder.get(builder)
-                if stale is None:
-                    stale = stale_by_builder[builder] = changed | (
-                        _policy_stale(builder, old_services.keys() | services.keys(), old_policy, policy)
-                        if policy_changed else frozenset())
+                stale = changed | _policy_stale(piece, keys, old_policy, policy) if policy_changed else changed
                 names = self._rebuild_services(piece, stale, seen_at=seen_at)
-            elif (policy_changed and builder.reads_policy(old_policy) != builder.reads_policy(policy)) or any(
+            elif (policy_changed and builder.reads_policy(old_policy, piece.scope)
+                  != builder.reads_policy(policy, piece.scope)) or any(
                 builder.reads_service(old_services.get(k)) != builder.reads_service(services.get(k)) for k in changed
             ):
                 names = self._rebuild_whole(piece, seen_at=seen_at)
@@ -308,7 +304,7 @@ class ViewCache:
         try:
             if isinstance(builder, base.PerService):
                 assert service is not None
-                built = builder.build(self._services[service], self._policy.for_service(service), piece.scope)
+                built = builder.build(self._services[service], self._policy, piece.scope)
             else:
                 built = builder.build(self._services, self._policy, piece.scope)
         except Exception as exc:  # a bug of ours: keep serving what was built before
@@ -325,11 +321,13 @@ class ViewCache:
 
 
 def _policy_stale(
-    builder: base.PerService[Any], keys: Iterable[model.ServiceKey], old: rules.Policy, new: rules.Policy
+    piece: _Piece, keys: Iterable[model.ServiceKey], old: rules.Policy, new: rules.Policy
 ) -> frozenset[model.ServiceKey]:
-    """The services whose policy changed in what `builder` reads of it."""
-    return frozenset(k for k in keys if builder.reads_policy(old.for_service(k)) != builder.reads_policy(
-        new.for_service(k)))
+    """The services whose policy changed in what the piece's builder reads of it, for its scope."""
+    builder = piece.builder
+    assert isinstance(builder, base.PerService)
+    scope = piece.scope
+    return frozenset(k for k in keys if builder.reads_policy(old, k, scope) != builder.reads_policy(new, k, scope))
 
 
 def _keep_equal(old: cache.ResourceMap, built: base.Built, type_url: str, seen_at: float | None) -> Resources:

@@ -42,9 +42,10 @@ class PerService(Generic[Scope]):
     """Resources built from one service at a time."""
 
     scope: Callable[[proxy.ViewKey], Scope]
-    reads_policy: Callable[[rules.ServicePolicy], object]
-    """What of the service's policy the build reads: a policy change rebuilds only where this changed."""
-    build: Callable[[model.Service, rules.ServicePolicy, Scope], Built]
+    reads_policy: Callable[[rules.Policy, model.ServiceKey, Scope], object]
+    """What of the policy the build of this service for this scope reads: a policy change rebuilds
+    only where this changed."""
+    build: Callable[[model.Service, rules.Policy, Scope], Built]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,7 +55,7 @@ class PerView(Generic[Scope]):
     scope: Callable[[proxy.ViewKey], Scope]
     reads_service: Callable[[model.Service | None], object]
     """What of a service (None: absent) the build reads: a change of a service rebuilds only if this changed."""
-    reads_policy: Callable[[rules.Policy], object]
+    reads_policy: Callable[[rules.Policy, Scope], object]
     build: Callable[[Mapping[model.ServiceKey, model.Service], rules.Policy, Scope], Built]
 
 
@@ -78,8 +79,8 @@ def generate(
     for type_url, builder in generator.types.items():
         built: dict[str, message.Message] = {}
         if isinstance(builder, PerService):
-            for service_key, service in services.items():
-                built.update(builder.build(service, policy.for_service(service_key), builder.scope(key)))
+            for service in services.values():
+                built.update(builder.build(service, policy, builder.scope(key)))
         else:
             built.update(builder.build(services, policy, builder.scope(key)))
         out[type_url] = built

@@ -1,11 +1,14 @@
 """What an Envoy sidecar receives (docs/xds.md): per HTTP-family service port a cluster and its
 endpoint assignment, ranked for the sidecar's locality; an outbound HTTP listener; and a route
-configuration that routes every DNS name of a service to its cluster.
+configuration that routes every DNS name of a service to it, by the mesh routes attached to the
+service (policy routes with a Service parent), else all of it to the service's cluster.
 
 Sharing, from what each builder reads: clusters are the same for every
 sidecar; assignments differ by the client's locality and labels; route
 configurations by namespace (short names resolve in it); listeners by the
-listener's address, port and namespace.
+listener's address, port and namespace. Mesh routes that send to part of
+a service (a label subset, a cluster, an active-standby order) add a
+cluster and an assignment for that part, ranked nearest first like the rest.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from meshplane.discovery import model
-from meshplane.policy import placement, rules
-from meshplane.xds import proxy, translate, typeurls
+from meshplane.policy import placement, routing, rules
+from meshplane.xds import listeners, proxy, routeconfig, translate, typeurls
 from meshplane.xds.generators import base
 
 LISTENER_NAME = "outbound_http"
@@ -33,30 +36,54 @@ def _everyone(key: proxy.ViewKey) -> None:
     return None
 
 
-def _clusters(service: model.Service, policy: rules.ServicePolicy, scope: None) -> base.Built:
-    return {
-        translate.cluster_name(service, port): translate.build_cluster(service, port, policy)
+def _subsets(policy: rules.Policy, service: model.Service) -> list[tuple[routing.Backend, model.ServicePort]]:
+    """The parts of `service` the mesh routes send to (not the whole service), with their ports."""
+    ports = {p.port: p for p in service.ports if p.protocol != model.Protocol.TCP}
+    return [(b, ports[b.port]) for b in sorted(policy.backends(routing.MESH, service.key), key=lambda b: b.subset)
+            if b.subset and b.port in ports]
+
+
+def _service_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
+    return policy.for_service(key), policy.backends(routing.MESH, key)
+
+
+def _clusters(service: model.Service, policy: rules.Policy, scope: None) -> base.Built:
+    settings = policy.for_service(service.key)
+    out = {
+        translate.cluster_name(service, port): translate.build_cluster(service, port, settings)
         for port in service.ports if port.protocol != model.Protocol.TCP
     }
+    for backend, port in _subsets(policy, service):
+        name = translate.backend_cluster_name(backend)
+        out[name] = translate.build_cluster(service, port, settings, name=name, standby=len(backend.clusters) > 1)
+    return out
 
 
 def _origin(key: proxy.ViewKey) -> Origin:
     return Origin(key.locality, key.labels)
 
 
-def _locality_settings(policy: rules.ServicePolicy) -> rules.LocalitySettings:
-    return policy.locality
+def _placement_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
+    return policy.for_service(key).locality, policy.backends(routing.MESH, key)
 
 
-def _assignments(service: model.Service, policy: rules.ServicePolicy, origin: Origin) -> base.Built:
+def _assignments(service: model.Service, policy: rules.Policy, origin: Origin) -> base.Built:
+    settings = policy.for_service(service.key).locality
     placements = placement.place(
-        service.endpoints, client=origin.locality, client_labels=dict(origin.labels), settings=policy.locality
+        service.endpoints, client=origin.locality, client_labels=dict(origin.labels), settings=settings
     )
     out = {}
     for port in service.ports:
         if port.protocol != model.Protocol.TCP:
             name = translate.cluster_name(service, port)
             out[name] = translate.build_load_assignment(name, port.name, placements)
+    for backend, port in _subsets(policy, service):
+        name = translate.backend_cluster_name(backend)
+        ranked = placement.place_backend(
+            service.endpoints, backend, client=origin.locality, client_labels=dict(origin.labels),
+            settings=settings, spread=routing.Spread.NEAREST,
+        )
+        out[name] = translate.build_load_assignment(name, port.name, ranked, standby=len(backend.clusters) > 1)
     return out
 
 
@@ -68,7 +95,7 @@ def _no_service(service: model.Service | None) -> None:
     return None
 
 
-def _no_policy(policy: rules.Policy) -> None:
+def _no_policy(policy: rules.Policy, scope: object) -> None:
     return None
 
 
@@ -76,9 +103,9 @@ def _listener(
     services: Mapping[model.ServiceKey, model.Service], policy: rules.Policy, scope: tuple[proxy.Listener, str]
 ) -> base.Built:
     listener, namespace = scope
-    return {LISTENER_NAME: translate.build_listener(
+    return {LISTENER_NAME: listeners.build_listener(
         name=LISTENER_NAME, address=listener.address, port=listener.port,
-        route_name=translate.route_config_name(namespace),
+        route_name=routeconfig.route_config_name(namespace),
     )}
 
 
@@ -91,14 +118,19 @@ def _shape(service: model.Service | None) -> object:
     return None if service is None else (service.name, service.namespace, service.ports)
 
 
+def _route_reads(policy: rules.Policy, namespace: str) -> object:
+    return policy.retries, tuple(r for r in policy.routes if any(p.kind == "Service" for p in r.parents))
+
+
 def _routes(services: Mapping[model.ServiceKey, model.Service], policy: rules.Policy, namespace: str) -> base.Built:
-    return {translate.route_config_name(namespace): translate.build_route_config(namespace, services.values())}
+    return {routeconfig.route_config_name(namespace):
+            routeconfig.sidecar_route_config(namespace, services.values(), policy)}
 
 
-CLUSTERS = base.PerService(scope=_everyone, reads_policy=lambda policy: policy, build=_clusters)
-ASSIGNMENTS = base.PerService(scope=_origin, reads_policy=_locality_settings, build=_assignments)
+CLUSTERS = base.PerService(scope=_everyone, reads_policy=_service_reads, build=_clusters)
+ASSIGNMENTS = base.PerService(scope=_origin, reads_policy=_placement_reads, build=_assignments)
 LISTENERS = base.PerView(scope=_listener_scope, reads_service=_no_service, reads_policy=_no_policy, build=_listener)
-ROUTES = base.PerView(scope=_namespace, reads_service=_shape, reads_policy=_no_policy, build=_routes)
+ROUTES = base.PerView(scope=_namespace, reads_service=_shape, reads_policy=_route_reads, build=_routes)
 
 GENERATOR = base.Generator(
     kind=proxy.Kind.SIDECAR,

@@ -1,0 +1,250 @@
+"""Rules across the fields of `gateways` and `routes` (the second validation pass, v2).
+
+Errors are what would make Envoy reject the configuration, or make it do
+something other than what the file says: a regular expression RE2 rejects
+(checked with RE2 itself, the engine Envoy's `safe_regex` uses), a route
+attached to a gateway that does not exist, two listeners claiming one port
+and host, weights that are all zero. What the file refers to outside
+itself (services, their ports, clusters) may appear later, so a reference
+to something no source knows is a warning, given when the catalog is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import re2
+
+from meshplane.discovery import model
+from meshplane.policy import gatewayapi
+
+Loc = tuple[str | int, ...]
+Report = Callable[[Loc, str], None]
+
+ENVOY_MAX_PROGRAM_SIZE = 100
+"""Envoy's default `re2.max_program_size.error_level`: a larger RE2 program is rejected (NACK)."""
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the reason goes to the operator, not to stderr
+
+
+@dataclass(frozen=True)
+class Known:
+    """What discovery knows now: services with their ports, and cluster ids."""
+
+    services: Mapping[model.ServiceKey, frozenset[int]]
+    clusters: frozenset[str]
+
+
+def check_regex(pattern: str) -> str | None:
+    """Why Envoy would reject `pattern` as a safe_regex, or None."""
+    try:
+        compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        return f"{pattern!r} is not a valid RE2 regular expression: {reason}"
+    if compiled.programsize > ENVOY_MAX_PROGRAM_SIZE:
+        return (f"{pattern!r} compiles to an RE2 program of size {compiled.programsize}; Envoy rejects "
+                f"more than {ENVOY_MAX_PROGRAM_SIZE} (simplify it, or match a prefix instead)")
+    return None
+
+
+def read_certificates(
+    gateways: Sequence[gatewayapi.GatewayDoc], base: Path, error: Report
+) -> dict[tuple[str, str], tuple[bytes, bytes]]:
+    """Read each HTTPS listener's certificate and key (paths relative to the policy file's folder)."""
+    out: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+    for i, gateway in enumerate(gateways):
+        for j, listener in enumerate(gateway.listeners):
+            tls = listener.tls
+            if tls is None or (tls.certificate_file, tls.key_file) in out:
+                continue
+            loc: Loc = ("gateways", i, "listeners", j, "tls")
+            cert = _read_pem(base, tls.certificate_file, "CERTIFICATE", (*loc, "certificateFile"), error)
+            key = _read_pem(base, tls.key_file, "PRIVATE KEY", (*loc, "keyFile"), error)
+            if cert is not None and key is not None:
+                out[(tls.certificate_file, tls.key_file)] = (cert, key)
+    return out
+
+
+def _read_pem(base: Path, name: str, kind: str, loc: Loc, error: Report) -> bytes | None:
+    path = base / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        error(loc, f"cannot read {path}: {exc.strerror or exc}")
+        return None
+    if b"-----BEGIN " not in data or kind.encode() not in data:
+        error(loc, f"{path} holds no PEM {kind.lower()}")
+        return None
+    return data
+
+
+def check(
+    gateways: Sequence[gatewayapi.GatewayDoc],
+    routes: Sequence[gatewayapi.RouteDoc],
+    *,
+    error: Report,
+    warning: Report,
+    known: Known | None,
+) -> None:
+    listeners = _check_gateways(gateways, error)
+    names: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        loc: Loc = ("routes", i)
+        key = f"{route.namespace}/{route.name}"
+        if key in names:
+            error((*loc, "name"), f"duplicate route {key} (first defined as routes[{names[key]}])")
+        names.setdefault(key, i)
+        for j, parent in enumerate(route.parent_refs):
+            _check_parent(parent, (*loc, "parentRefs", j), route, listeners, error, warning, known)
+        for j, rule in enumerate(route.rules):
+            _check_rule(rule, (*loc, "rules", j), route.namespace, error, warning, known)
+
+
+def _check_gateways(
+    gateways: Sequence[gatewayapi.GatewayDoc], error: Report
+) -> dict[str, dict[str, gatewayapi.ListenerDoc]]:
+    """Gateway and listener rules; returns gateway name -> listener name -> listener."""
+    out: dict[str, dict[str, gatewayapi.ListenerDoc]] = {}
+    claimed: dict[tuple[int, str], str] = {}  # (port, hostname) -> which listener claims it
+    protocols: dict[int, tuple[str, str]] = {}  # port -> (protocol, which listener)
+    for i, gateway in enumerate(gateways):
+        loc: Loc = ("gateways", i)
+        if gateway.name in out:
+            error((*loc, "name"), f"duplicate gateway {gateway.name!r}")
+            continue
+        mine = out[gateway.name] = {}
+        for j, listener in enumerate(gateway.listeners):
+            where: Loc = (*loc, "listeners", j)
+            label = f"gateways[{i}].listeners[{j}] ({gateway.name}/{listener.name})"
+            if listener.name in mine:
+                error((*where, "name"), f"duplicate listener {listener.name!r} in gateway {gateway.name!r}")
+            mine.setdefault(listener.name, listener)
+            if listener.protocol == "HTTPS" and listener.tls is None:
+                error(where, "an HTTPS listener needs tls: certificateFile and keyFile")
+            if listener.protocol == "HTTP" and listener.tls is not None:
+                error((*where, "tls"), "tls is for HTTPS listeners; set protocol: HTTPS")
+            host = listener.hostname or "*"
+            other = claimed.get((listener.port, host))
+            if other is not None:
+                error(where, f"port {listener.port} and host {host!r} are already claimed by {other}")
+            claimed.setdefault((listener.port, host), label)
+            first = protocols.get(listener.port)
+            if first is not None and first[0] != listener.protocol:
+                error((*where, "protocol"),
+                      f"port {listener.port} is {first[0]} in {first[1]}: one port has one protocol")
+            protocols.setdefault(listener.port, (listener.protocol, label))
+    return out
+
+
+def _check_parent(
+    parent: gatewayapi.ParentRefDoc, loc: Loc, route: gatewayapi.RouteDoc,
+    listeners: Mapping[str, Mapping[str, gatewayapi.ListenerDoc]], error: Report, warning: Report,
+    known: Known | None,
+) -> None:
+    if parent.kind == "Gateway":
+        if parent.port is not None:
+            error((*loc, "port"), "a Gateway parent takes sectionName, not port")
+        gateway = listeners.get(parent.name)
+        if gateway is None:
+            known_names = ", ".join(sorted(listeners)) or "none"
+            error((*loc, "name"), f"no gateway {parent.name!r} in this policy (gateways: {known_names})")
+        elif parent.section_name is not None and parent.section_name not in gateway:
+            error((*loc, "sectionName"),
+                  f"gateway {parent.name!r} has no listener {parent.section_name!r} "
+                  f"(listeners: {', '.join(gateway)})")
+        return
+    if parent.section_name is not None:
+        error((*loc, "sectionName"), "a Service parent takes port, not sectionName")
+    if route.hostnames:
+        warning(("routes", loc[1], "hostnames"),
+                "ignored for sidecars: a route with a Service parent applies to that service's traffic")
+    if known is not None:
+        _check_service(parent.name, parent.namespace or route.namespace, parent.port, loc, warning, known)
+
+
+def _check_rule(
+    rule: gatewayapi.RuleDoc, loc: Loc, namespace: str, error: Report, warning: Report, known: Known | None
+) -> None:
+    prefix_only = all(m.path is None or m.path.type == "PathPrefix" for m in rule.matches)
+    for j, match in enumerate(rule.matches):
+        where: Loc = (*loc, "matches", j)
+        if match.path is not None:
+            _check_path(match.path, (*where, "path"), error)
+        for k, header in enumerate(match.headers):
+            if header.type == "RegularExpression" and (reason := check_regex(header.value)):
+                error((*where, "headers", k, "value"), reason)
+        for k, param in enumerate(match.query_params):
+            if param.type == "RegularExpression" and (reason := check_regex(param.value)):
+                error((*where, "queryParams", k, "value"), reason)
+    kinds = [f.type for f in rule.filters]
+    for j, f in enumerate(rule.filters):
+        where = (*loc, "filters", j)
+        if kinds.count(f.type) > 1 and kinds.index(f.type) != j:
+            error((*where, "type"), f"a rule takes one {f.type} filter")
+        if f.type == "RequestHeaderModifier" and f.request_header_modifier is None:
+            error(where, "type RequestHeaderModifier needs requestHeaderModifier")
+        if f.type == "URLRewrite":
+            _check_rewrite(f, where, prefix_only, error)
+    if not rule.backend_refs:
+        error((*loc, "backendRefs"), "a rule needs at least one backendRef")
+    elif not any(b.weight for b in rule.backend_refs):
+        error((*loc, "backendRefs"), "every weight is 0: no request could be sent anywhere")
+    for j, backend in enumerate(rule.backend_refs):
+        where = (*loc, "backendRefs", j)
+        if len(set(backend.clusters)) != len(backend.clusters):
+            error((*where, "clusters"), "a cluster is listed twice")
+        if any(not c for c in backend.clusters):
+            error((*where, "clusters"), "cluster ids must not be empty")
+        if known is not None:
+            _check_service(backend.name, backend.namespace or namespace, backend.port, where, warning, known)
+            for k, cluster in enumerate(backend.clusters):
+                if cluster not in known.clusters:
+                    warning((*where, "clusters", k),
+                            f"no source knows cluster {cluster!r} yet (known: {', '.join(sorted(known.clusters))})")
+
+
+def _check_path(path: gatewayapi.PathMatchDoc, loc: Loc, error: Report) -> None:
+    if path.type == "RegularExpression":
+        if reason := check_regex(path.value):
+            error((*loc, "value"), reason)
+    elif not path.value.startswith("/"):
+        error((*loc, "value"), f"{path.value!r}: a path starts with '/'")
+    elif path.type == "PathPrefix" and "//" in path.value:
+        error((*loc, "value"), f"{path.value!r}: a prefix has no empty segment ('//')")
+
+
+def _check_rewrite(f: gatewayapi.FilterDoc, loc: Loc, prefix_only: bool, error: Report) -> None:
+    rewrite = f.url_rewrite
+    if rewrite is None:
+        error(loc, "type URLRewrite needs urlRewrite")
+        return
+    path = rewrite.path
+    if path is None:
+        return
+    where: Loc = (*loc, "urlRewrite", "path")
+    if path.type == "ReplacePrefixMatch":
+        if path.replace_prefix_match is None:
+            error(where, "type ReplacePrefixMatch needs replacePrefixMatch")
+        elif not path.replace_prefix_match.startswith("/"):
+            error((*where, "replacePrefixMatch"), "a path starts with '/'")
+        if not prefix_only:
+            error(where, "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match")
+    elif path.replace_full_path is None:
+        error(where, "type ReplaceFullPath needs replaceFullPath")
+    elif not path.replace_full_path.startswith("/"):
+        error((*where, "replaceFullPath"), "a path starts with '/'")
+
+
+def _check_service(
+    name: str, namespace: str, port: int | None, loc: Loc, warning: Report, known: Known
+) -> None:
+    key = model.service_key(namespace, name)
+    ports = known.services.get(key)
+    if ports is None:
+        warning((*loc, "name"), f"no source knows service {key} yet")
+    elif port is not None and port not in ports:
+        warning((*loc, "port"), f"service {key} has no port {port} (ports: {', '.join(map(str, sorted(ports)))})")

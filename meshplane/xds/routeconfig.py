@@ -1,0 +1,245 @@
+"""Route configurations: virtual hosts and their routes, for sidecars and gateways. Pure functions.
+
+A policy route (Gateway API HTTPRoute) becomes one Envoy route per (rule,
+match), and the routes of a virtual host are ordered by Gateway API's
+precedence, whatever order the file has: an Exact path first, then a
+RegularExpression path (Gateway API leaves its place to implementations;
+Envoy Gateway's choice), then the longest PathPrefix; then a method match;
+then more header matches; then more query parameter matches; then the
+route's `namespace/name`, the rule's and the match's order. A request that
+no route matches gets Envoy's 404; a backend whose cluster has no endpoint
+(or does not exist) gets 503.
+
+Every route retries by the policy's `defaults.retries` unless its rule says
+otherwise (Istio's default: 2 retries on connection failure, refused
+stream, gRPC unavailable or cancelled, and 503), each retry on another host
+(`previous_hosts`) and in another priority when the first was tried
+(`previous_priorities`): so the request that meets a broken replica, or a
+broken zone or region, is retried on the next one instead of failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from meshplane.discovery import model
+from meshplane.policy import routing, rules
+from meshplane.xds import translate
+
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_PATH_RANK = {routing.PathKind.EXACT: 0, routing.PathKind.REGEX: 1, routing.PathKind.PREFIX: 2}
+_HOST_SELECTION_ATTEMPTS = 5  # Istio's: look this often for a host not tried yet
+
+
+def route_config_name(namespace: str) -> str:
+    """A sidecar's outbound route configuration (Istio's name)."""
+    return f"outbound|http|{namespace}"
+
+
+def gateway_route_config_name(gateway: str, port: int) -> str:
+    return f"gateway|{gateway}|{port}"
+
+
+def sidecar_route_config(
+    namespace: str, services: Iterable[model.Service], policy: rules.Policy
+) -> route_pb2.RouteConfiguration:
+    """One virtual host per HTTP service port, reachable by the names Kubernetes DNS resolves;
+    its routes are the mesh routes attached to the service (port), else everything to the service."""
+    config = route_pb2.RouteConfiguration(
+        name=route_config_name(namespace), validate_clusters=wrappers_pb2.BoolValue(value=False)
+    )
+    for service in sorted(services, key=lambda s: (s.namespace, s.name)):
+        http_ports = [p for p in sorted(service.ports, key=lambda p: p.port) if p.protocol != model.Protocol.TCP]
+        attached = policy.mesh_routes(service.key)
+        for index, port in enumerate(http_ports):
+            names = [f"{service.name}.{service.namespace}", f"{service.name}.{service.namespace}.svc", service.hostname]
+            if service.namespace == namespace:
+                names.insert(0, service.name)
+            domains = [f"{n}:{port.port}" for n in names]
+            if index == 0:  # a name without a port means the service's first port
+                domains = names + domains
+            mine = [r for r in attached
+                    if any(p.kind == "Service" and p.port in (None, port.port) for p in _parents_of(r, service))]
+            if mine:
+                entries = route_entries(mine, policy.retries)
+            else:
+                whole = routing.Backend(service.key, port.port)
+                entries = [_route(routing.Match(), routing.Rule(backends=(whole,)), policy.retries)]
+            config.virtual_hosts.append(route_components_pb2.VirtualHost(
+                name=f"{service.hostname}:{port.port}", domains=domains, routes=entries,
+            ))
+    return config
+
+
+def _parents_of(route: routing.Route, service: model.Service) -> list[routing.ParentRef]:
+    return [p for p in route.parents if p.kind == "Service" and p.name == service.name
+            and p.namespace == service.namespace]
+
+
+def gateway_route_config(
+    gateway: routing.Gateway, port: int, policy: rules.Policy
+) -> route_pb2.RouteConfiguration:
+    """The routes of one gateway port: a virtual host per hostname its listeners and routes serve."""
+    config = route_pb2.RouteConfiguration(
+        name=gateway_route_config_name(gateway.name, port), validate_clusters=wrappers_pb2.BoolValue(value=False)
+    )
+    by_host: dict[str, list[routing.Route]] = {}
+    for listener in (ln for ln in gateway.listeners if ln.port == port):
+        for route in policy.gateway_routes(gateway.name):
+            if not any(p.kind == "Gateway" and p.name == gateway.name and p.section in (None, listener.name)
+                       for p in route.parents):
+                continue
+            for host in routing.hostnames_for(listener, route):
+                if route not in by_host.setdefault(host, []):
+                    by_host[host].append(route)
+    for host in sorted(by_host, key=lambda h: (h == "*", h.startswith("*."), h)):
+        config.virtual_hosts.append(route_components_pb2.VirtualHost(
+            name=f"{gateway.name}|{port}|{host}", domains=[host],
+            routes=route_entries(by_host[host], policy.retries),
+        ))
+    return config
+
+
+def route_entries(
+    routes: Sequence[routing.Route], default_retries: routing.Retries
+) -> list[route_components_pb2.Route]:
+    """One Envoy route per (rule, match) of `routes`, in Gateway API precedence."""
+    pairs = [
+        (_precedence(route, i, j, match), match, rule)
+        for route in routes for i, rule in enumerate(route.rules) for j, match in enumerate(rule.matches)
+    ]
+    pairs.sort(key=lambda pair: pair[0])
+    return [_route(match, rule, default_retries) for _, match, rule in pairs]
+
+
+def _precedence(route: routing.Route, rule: int, index: int, match: routing.Match) -> tuple[object, ...]:
+    path = match.path
+    return (
+        _PATH_RANK[path.kind],
+        -len(path.value) if path.kind == routing.PathKind.PREFIX else 0,
+        match.method is None,
+        -len(match.headers),
+        -len(match.query_params),
+        route.key,
+        rule,
+        index,
+    )
+
+
+def _route(match: routing.Match, rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.Route:
+    route = route_components_pb2.Route(match=_match(match), route=_action(rule, default_retries))
+    if rule.headers is not None:
+        for name, value in rule.headers.set:
+            route.request_headers_to_add.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE))
+        for name, value in rule.headers.add:
+            route.request_headers_to_add.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, value=value), append_action=_APPEND))
+        route.request_headers_to_remove.extend(rule.headers.remove)
+    return route
+
+
+def _match(match: routing.Match) -> route_components_pb2.RouteMatch:
+    out = route_components_pb2.RouteMatch()
+    path = match.path
+    if path.kind == routing.PathKind.EXACT:
+        out.path = path.value
+    elif path.kind == routing.PathKind.REGEX:
+        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=path.value))
+    elif path.value.rstrip("/") == "":
+        out.prefix = "/"
+    else:  # Gateway API prefixes match whole path segments: /foo matches /foo and /foo/bar, not /foobar
+        out.path_separated_prefix = path.value.rstrip("/")
+    for header in match.headers:
+        out.headers.append(route_components_pb2.HeaderMatcher(name=header.name, string_match=_string(header)))
+    if match.method is not None:
+        out.headers.append(route_components_pb2.HeaderMatcher(
+            name=":method", string_match=string_pb2.StringMatcher(exact=match.method)))
+    for param in match.query_params:
+        out.query_parameters.append(route_components_pb2.QueryParameterMatcher(
+            name=param.name, string_match=_string(param)))
+    return out
+
+
+def _string(match: routing.ValueMatch) -> string_pb2.StringMatcher:
+    if match.kind == routing.ValueKind.REGEX:
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=match.value))
+    return string_pb2.StringMatcher(exact=match.value)
+
+
+def _action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
+    action = route_components_pb2.RouteAction()
+    weighted = [b for b in rule.backends if b.weight > 0]
+    if len(weighted) == 1:
+        action.cluster = translate.backend_cluster_name(weighted[0])
+    else:
+        for backend in weighted:
+            action.weighted_clusters.clusters.append(route_components_pb2.WeightedCluster.ClusterWeight(
+                name=translate.backend_cluster_name(backend), weight=wrappers_pb2.UInt32Value(value=backend.weight)))
+    if rule.timeout_ms is not None:
+        action.timeout.CopyFrom(_duration(rule.timeout_ms))
+    retries = rule.retries if rule.retries is not None else default_retries
+    if retries.attempts > 0:
+        action.retry_policy.CopyFrom(retry_policy(retries))
+    rewrite = rule.rewrite
+    if rewrite is not None:
+        if rewrite.hostname is not None:
+            action.host_rewrite_literal = rewrite.hostname
+        if rewrite.full_path is not None:
+            action.regex_rewrite.pattern.regex = "^.*$"
+            action.regex_rewrite.substitution = rewrite.full_path
+        elif rewrite.prefix is not None:
+            _rewrite_prefix(action, rule, rewrite.prefix)
+    return action
+
+
+def _rewrite_prefix(action: route_components_pb2.RouteAction, rule: routing.Rule, replacement: str) -> None:
+    """ReplacePrefixMatch. Envoy's prefix_rewrite replaces the matched characters; Gateway API replaces
+    the matched path segments, so "/" replacing "/foo" in "/foo/bar" must give "/bar", not "//bar"."""
+    if replacement != "/":
+        action.prefix_rewrite = replacement.rstrip("/") or "/"
+        return
+    prefixes = {m.path.value.rstrip("/") for m in rule.matches}
+    if prefixes == {""}:
+        return  # "/" replaced by "/": nothing to do
+    # One rule's matches may have several prefixes; the regex covers each (RE2, anchored).
+    alternatives = "|".join(sorted(_re_escape(p) for p in prefixes if p))
+    action.regex_rewrite.pattern.regex = f"^(?:{alternatives})/*"
+    action.regex_rewrite.substitution = "/"
+
+
+def _re_escape(text: str) -> str:
+    return "".join("\\" + c if not (c.isalnum() or c in "/-_~") else c for c in text)
+
+
+def retry_policy(retries: routing.Retries) -> route_components_pb2.RetryPolicy:
+    policy = route_components_pb2.RetryPolicy(
+        retry_on=",".join(retries.retry_on),
+        num_retries=wrappers_pb2.UInt32Value(value=retries.attempts),
+        retriable_status_codes=list(retries.status_codes),
+        host_selection_retry_max_attempts=_HOST_SELECTION_ATTEMPTS,
+    )
+    if retries.per_try_timeout_ms is not None:
+        policy.per_try_timeout.CopyFrom(_duration(retries.per_try_timeout_ms))
+    hosts = any_pb2.Any()
+    hosts.Pack(previous_hosts_pb2.PreviousHostsPredicate())
+    policy.retry_host_predicate.append(route_components_pb2.RetryPolicy.RetryHostPredicate(
+        name="envoy.retry_host_predicates.previous_hosts", typed_config=hosts))
+    priorities = any_pb2.Any()
+    priorities.Pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
+    policy.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
+        name="envoy.retry_priorities.previous_priorities", typed_config=priorities))
+    return policy
+
+
+def _duration(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+

@@ -1,0 +1,170 @@
+"""A gateway in front of backends in several clusters, all real: the control plane, HTTP replicas on
+loopback, one Envoy gateway. The S3 tests (and the failover and HTTPS ones) build their world with it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from meshplane import app
+from meshplane.demo import backend, envoy
+from meshplane.demo.ports import free_port
+
+
+@dataclass(frozen=True)
+class Place:
+    cluster: str
+    region: str
+    zone: str
+
+
+class EchoServer:
+    """A replica that answers with its name, the path it was asked and the request's headers (JSON)."""
+
+    def __init__(self, name: str, port: int) -> None:
+        self.name = name
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        async def echo(request: web.Request) -> web.Response:
+            headers: dict[str, str] = {}
+            for name, value in request.headers.items():  # a repeated header: its values joined
+                headers[name.lower()] = f"{headers[name.lower()]}, {value}" if name.lower() in headers else value
+            return web.json_response({"name": self.name, "path": request.path_qs, "method": request.method,
+                                      "headers": headers})
+
+        app_ = web.Application()
+        app_.router.add_route("*", "/{tail:.*}", echo)
+        self._runner = web.AppRunner(app_, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@dataclass
+class Replica:
+    service: str
+    place: Place
+    port: int
+    server: backend.ReplicaServer | EchoServer
+    health: str = "healthy"
+    listed: bool = True  # in its cluster's endpoint file
+
+
+class Edge:
+    """`replicas`: service -> the places of its replicas (a place twice: two replicas there)."""
+
+    def __init__(self, workdir: Path, replicas: Mapping[str, Sequence[Place]], *, gateway_at: Place,
+                 echo: bool = False) -> None:
+        self.workdir = workdir
+        self.gateway_at = gateway_at
+        self.clusters = {p.cluster: p.region for places in replicas.values() for p in places}
+        self.clusters.setdefault(gateway_at.cluster, gateway_at.region)
+        self.replicas: list[Replica] = []
+        for service, places in replicas.items():
+            for place in places:
+                port = free_port()
+                server: backend.ReplicaServer | EchoServer = EchoServer(f"{service}@{place.zone}", port) if echo \
+                    else backend.ReplicaServer(backend.Replica(
+                        service=service, zone=place.zone, region=place.region, cluster=place.cluster, port=port,
+                        next_service=None, sidecar_port=None))
+                self.replicas.append(Replica(service, place, port, server))
+        self.plane: app.ControlPlane | None = None
+        self.gateway: envoy.EnvoyProcess | None = None
+        self.policy_path = workdir / "policy.yaml"
+
+    def endpoint_files(self) -> list[Path]:
+        paths = []
+        for cluster, region in sorted(self.clusters.items()):
+            services: dict[str, list[Replica]] = {}
+            for r in self.replicas:
+                if r.place.cluster == cluster:
+                    services.setdefault(r.service, [])
+                    if r.listed:
+                        services[r.service].append(r)
+            doc: dict[str, Any] = {"cluster": cluster, "region": region, "services": [
+                {"name": service, "ports": [{"name": "http", "port": 8000, "protocol": "HTTP"}],
+                 "endpoints": [{"address": "127.0.0.1", "port": r.port, "zone": r.place.zone, "health": r.health}
+                               for r in reps]}
+                for service, reps in sorted(services.items())
+            ]}
+            path = self.workdir / f"{cluster}.yaml"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+            tmp.replace(path)
+            paths.append(path)
+        return paths
+
+    def write_policy(self, text: str) -> None:
+        tmp = self.policy_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.policy_path)
+
+    async def start(self, policy: str, **config: Any) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write_policy(policy)
+        await asyncio.gather(*(r.server.start() for r in self.replicas))
+        self.plane = app.ControlPlane(app.Config(
+            endpoint_files=tuple(self.endpoint_files()), policy_file=self.policy_path,
+            ads_port=0, http_port=0, poll_interval=0.02, **config))
+        await self.plane.start()
+        at = self.gateway_at
+        self.gateway = envoy.EnvoyProcess(
+            node=envoy.EnvoyNode(id="gateway~edge", cluster="edge", region=at.region, zone=at.zone, sub_zone=at.cluster,
+                                 metadata={"role": "gateway", "gateway": "edge", "listener_address": "127.0.0.1"}),
+            ads_port=self.plane.ads_port, workdir=self.workdir)
+        await self.gateway.start()
+        await self.gateway.wait_ready()
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        await asyncio.gather(*(r.server.stop() for r in self.replicas), return_exceptions=True)
+        if self.plane is not None:
+            await self.plane.stop()
+
+    async def request(self, port: int, host: str, path: str = "/", headers: Mapping[str, str] | None = None,
+                      method: str = "GET") -> tuple[int, str]:
+        try:
+            status, _, body = await backend.http_request(port, host, path, headers=headers, method=method)
+        except (OSError, TimeoutError) as exc:
+            return 0, f"!{type(exc).__name__}"
+        return status, body.strip()
+
+    async def tally(self, n: int, port: int, host: str, path: str = "/",
+                    headers: Mapping[str, str] | None = None, batch: int = 20) -> Counter[tuple[int, str]]:
+        """n requests (batch at a time): how many got each (status, body)."""
+        out: Counter[tuple[int, str]] = Counter()
+        for start in range(0, n, batch):
+            got = await asyncio.gather(*(self.request(port, host, path, headers) for _ in range(min(batch, n - start))))
+            out.update(got)
+        return out
+
+    def nacks(self) -> float:
+        assert self.plane is not None
+        registry = self.plane.metrics.registry
+        return sum(registry.get_sample_value("meshplane_xds_nacks_total", {"type": t}) or 0.0
+                   for t in ("cds", "eds", "lds", "rds"))
+
+    def set(self, service: str, cluster: str, *, health: str | None = None, listed: bool | None = None,
+            count: int | None = None) -> None:
+        """Change `count` (default all) replicas of `service` in `cluster` in the endpoint files."""
+        chosen = [r for r in self.replicas if r.service == service and r.place.cluster == cluster]
+        for r in chosen[:count] if count is not None else chosen:
+            if health is not None:
+                r.health = health
+            if listed is not None:
+                r.listed = listed
+        self.endpoint_files()

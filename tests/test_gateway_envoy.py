@@ -1,0 +1,124 @@
+"""Scenario S3 through a real Envoy gateway: one gateway in front of two clusters of one city.
+Active-active by endpoint count, active-standby between clusters, header canaries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from meshplane.demo.ports import free_port
+from tests.conftest import binomial_bounds, wait_for
+from tests.edge import Edge, Place
+
+pytestmark = pytest.mark.envoy
+
+C1 = Place("cluster-1", "cn-beijing", "cn-beijing-a")
+C2 = Place("cluster-2", "cn-beijing", "cn-beijing-b")
+IN_C1, IN_C2 = "service1@cn-beijing-a", "service1@cn-beijing-b"
+CANARY = "service1-canary-1@cn-beijing-a"
+PORT = free_port()
+
+POLICY = f"""\
+apiVersion: meshplane.io/v2
+defaults:
+  outlierDetection:
+    consecutive5xxErrors: 1
+    consecutiveLocalOriginFailures: 1
+    splitExternalLocalOriginErrors: true
+    interval: 1s
+    baseEjectionTime: 30s
+    maxEjectionPercent: 100
+gateways:
+  - name: edge
+    listeners:
+      - name: http
+        port: {PORT}
+        hostname: example.com
+routes:
+  - name: service1
+    parentRefs: [{{name: edge}}]
+    hostnames: [example.com]
+    rules:
+      - matches: [{{path: {{type: PathPrefix, value: /svc1}}}}]
+        backendRefs: [{{name: service1, port: 8000}}]
+      - matches: [{{path: {{type: PathPrefix, value: /service1}}}}]
+        backendRefs: [{{name: service1, port: 8000, clusters: [cluster-1, cluster-2]}}]
+  - name: canary
+    parentRefs: [{{name: edge}}]
+    hostnames: [example.com]
+    rules:
+      # Gateway API precedence: with the same path prefix, the match with more headers wins.
+      - matches: [{{path: {{value: /svc1}}, headers: [{{name: canary-dest, value: cluster1}}]}}]
+        backendRefs: [{{name: service1-canary-1, port: 8000}}]
+      - matches: [{{path: {{value: /svc1}}, headers: [{{name: app-web-demo-version, value: gray}}]}}]
+        backendRefs: [{{name: service1, port: 8000, clusters: [cluster-2]}}]
+"""
+
+
+@pytest.fixture
+async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
+    world = Edge(tmp_path, {"service1": [C1] * 9 + [C2], "service1-canary-1": [C1]}, gateway_at=C1)
+    try:
+        await world.start(POLICY)
+        await wait_for(lambda: _ok(world, "/svc1"), what="the gateway serving example.com/svc1")
+        yield world
+    finally:
+        await world.stop()
+
+
+async def _ok(world: Edge, path: str, headers: dict[str, str] | None = None) -> bool:
+    return (await world.request(PORT, "example.com", path, headers))[0] == 200
+
+
+async def test_active_active_splits_by_endpoint_count_and_survives_a_cluster_scaled_to_zero(edge: Edge) -> None:
+    n = 300
+    got = await edge.tally(n, PORT, "example.com", "/svc1/anything")
+    assert set(got) <= {(200, IN_C1), (200, IN_C2)}, got
+    lo, hi = binomial_bounds(n, 0.9, 1e-6)  # 9 replicas of 10 in cluster 1
+    assert lo <= got[(200, IN_C1)] <= hi, got
+    # Cluster 1 scaled to 0 (its endpoints leave its source): everything to cluster 2, no policy change.
+    edge.set("service1", "cluster-1", listed=False)
+    await wait_for(lambda: _all(edge, "/svc1", IN_C2), what="every request in cluster 2")
+    assert await edge.tally(40, PORT, "example.com", "/svc1") == {(200, IN_C2): 40}
+    assert edge.nacks() == 0
+
+
+async def _all(edge: Edge, path: str, body: str, headers: dict[str, str] | None = None) -> bool:
+    return await edge.tally(10, PORT, "example.com", path, headers) == {(200, body): 10}
+
+
+async def test_active_standby_stays_on_cluster_1_while_any_endpoint_is_healthy(edge: Edge) -> None:
+    assert await edge.tally(40, PORT, "example.com", "/service1") == {(200, IN_C1): 40}
+    edge.set("service1", "cluster-1", health="unhealthy", count=8)  # one of nine left
+    await wait_for(lambda: edge.plane is not None and _eds_unhealthy(edge) == 8, what="8 endpoints reported down")
+    assert await edge.tally(40, PORT, "example.com", "/service1") == {(200, IN_C1): 40}
+    edge.set("service1", "cluster-1", health="unhealthy")  # none left: the standby takes over
+    await wait_for(lambda: _all(edge, "/service1", IN_C2), what="the standby cluster serving")
+    assert await edge.tally(40, PORT, "example.com", "/service1") == {(200, IN_C2): 40}
+    edge.set("service1", "cluster-1", health="healthy", count=1)  # one is back: traffic returns
+    await wait_for(lambda: _all(edge, "/service1", IN_C1), what="back on cluster 1")
+
+
+def _eds_unhealthy(edge: Edge) -> int:
+    return sum(r.health == "unhealthy" for r in edge.replicas if r.place.cluster == "cluster-1")
+
+
+async def test_active_standby_fails_over_when_cluster_1_breaks_and_loses_no_request(edge: Edge) -> None:
+    """No endpoint reported unhealthy: every replica of cluster 1 stops; outlier detection ejects them
+    all (max ejection 100 %, no panic), retries carry the requests that meet them to cluster 2."""
+    assert await edge.tally(20, PORT, "example.com", "/service1") == {(200, IN_C1): 20}
+    for replica in edge.replicas:
+        if replica.service == "service1" and replica.place.cluster == "cluster-1":
+            await replica.server.stop()
+    got = await edge.tally(60, PORT, "example.com", "/service1", batch=1)
+    assert got == {(200, IN_C2): 60}, got
+
+
+async def test_header_canaries_reach_their_backends_and_others_take_the_default(edge: Edge) -> None:
+    assert await edge.tally(20, PORT, "example.com", "/svc1", {"canary-dest": "cluster1"}) == {(200, CANARY): 20}
+    assert await edge.tally(20, PORT, "example.com", "/svc1", {"app-web-demo-version": "gray"}) == {(200, IN_C2): 20}
+    default = await edge.tally(40, PORT, "example.com", "/svc1", {"canary-dest": "cluster2"})
+    assert set(default) == {(200, IN_C1), (200, IN_C2)} and default[(200, IN_C1)] > default[(200, IN_C2)], default
+    assert edge.nacks() == 0
