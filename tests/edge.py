@@ -23,6 +23,11 @@ class Place:
     cluster: str
     region: str
     zone: str
+    labels: tuple[tuple[str, str], ...] = ()  # the replica's pod labels
+
+    def named(self, service: str) -> str:
+        """What a replica here answers: service@zone, and its labels (service@zone:version=v1)."""
+        return f"{service}@{self.zone}" + "".join(f":{k}={v}" for k, v in self.labels)
 
 
 class EchoServer:
@@ -67,16 +72,19 @@ class Edge:
     """`replicas`: service -> the places of its replicas (a place twice: two replicas there)."""
 
     def __init__(self, workdir: Path, replicas: Mapping[str, Sequence[Place]], *, gateway_at: Place,
-                 echo: bool = False) -> None:
+                 echo: bool = False, sidecar: bool = False) -> None:
+        """`sidecar`: the proxy is a sidecar (its outbound listener on `self.port`), not the gateway `edge`."""
         self.workdir = workdir
         self.gateway_at = gateway_at
+        self.sidecar = sidecar
+        self.port = free_port()
         self.clusters = {p.cluster: p.region for places in replicas.values() for p in places}
         self.clusters.setdefault(gateway_at.cluster, gateway_at.region)
         self.replicas: list[Replica] = []
         for service, places in replicas.items():
             for place in places:
                 port = free_port()
-                server: backend.ReplicaServer | EchoServer = EchoServer(f"{service}@{place.zone}", port) if echo \
+                server: backend.ReplicaServer | EchoServer = EchoServer(place.named(service), port) if echo \
                     else backend.ReplicaServer(backend.Replica(
                         service=service, zone=place.zone, region=place.region, cluster=place.cluster, port=port,
                         next_service=None, sidecar_port=None))
@@ -96,8 +104,8 @@ class Edge:
                         services[r.service].append(r)
             doc: dict[str, Any] = {"cluster": cluster, "region": region, "services": [
                 {"name": service, "ports": [{"name": "http", "port": 8000, "protocol": "HTTP"}],
-                 "endpoints": [{"address": "127.0.0.1", "port": r.port, "zone": r.place.zone, "health": r.health}
-                               for r in reps]}
+                 "endpoints": [{"address": "127.0.0.1", "port": r.port, "zone": r.place.zone, "health": r.health,
+                                "labels": dict(r.place.labels)} for r in reps]}
                 for service, reps in sorted(services.items())
             ]}
             path = self.workdir / f"{cluster}.yaml"
@@ -121,9 +129,12 @@ class Edge:
             ads_port=0, http_port=0, poll_interval=0.02, **config))
         await self.plane.start()
         at = self.gateway_at
+        metadata: dict[str, Any] = {"role": "gateway", "gateway": "edge", "listener_address": "127.0.0.1"}
+        if self.sidecar:
+            metadata = {"role": "sidecar", "listener_address": "127.0.0.1", "listener_port": self.port}
         self.gateway = envoy.EnvoyProcess(
-            node=envoy.EnvoyNode(id="gateway~edge", cluster="edge", region=at.region, zone=at.zone, sub_zone=at.cluster,
-                                 metadata={"role": "gateway", "gateway": "edge", "listener_address": "127.0.0.1"}),
+            node=envoy.EnvoyNode(id="proxy~edge", cluster="edge", region=at.region, zone=at.zone, sub_zone=at.cluster,
+                                 metadata=metadata),
             ads_port=self.plane.ads_port, workdir=self.workdir)
         await self.gateway.start()
         await self.gateway.wait_ready()
