@@ -25,7 +25,7 @@ from prometheus_client import exposition
 from meshplane import admin, aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
-from meshplane.policy import placement, reload, rules
+from meshplane.policy import placement, reload, rules, validate
 from meshplane.xds import generators, push, slots, sotw, streams, views
 from meshplane.xds import metrics as metrics_mod
 
@@ -64,7 +64,7 @@ class ControlPlane:
         self.catalog = catalog_mod.Catalog()
         self.sources = [filesource.FileSource(p, interval=config.poll_interval) for p in config.endpoint_files]
         self.policy_watcher = reload.PolicyWatcher(
-            config.policy_file, on_change=self._on_policy, interval=config.poll_interval
+            config.policy_file, on_change=self._on_policy, interval=config.poll_interval, known=self._known,
         )
         self.clusters = clusters.ClusterRegistry(self.catalog, self._kube_source, sync_timeout=config.sync_timeout)
         self.kubeconfig_dirs = [
@@ -189,6 +189,13 @@ class ControlPlane:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _known(self) -> validate.Known | None:
+        """What discovery knows, for the policy's warnings; nothing before the plane is ready (while
+        clusters are still listing, every service would look unknown)."""
+        if not self._ready:
+            return None
+        return known_from(self.catalog.services, self.catalog.status())
+
     def _on_policy(self, policy: rules.Policy, seen_at: float) -> None:
         self.metrics.policy_reloads.labels("applied").inc()
         if self.push is not None:
@@ -307,6 +314,15 @@ class _OwnedSource:
         await self._source.stop()
         client: Any = self._source.api_client
         client.close()
+
+
+def known_from(
+    services: Mapping[model.ServiceKey, model.Service], clusters: Mapping[model.ClusterId, object]
+) -> validate.Known:
+    return validate.Known(
+        services={key: frozenset(p.port for p in service.ports) for key, service in services.items()},
+        clusters=frozenset(clusters) | {c for s in services.values() for c in s.clusters},
+    )
 
 
 def _json(value: Any) -> bytes:

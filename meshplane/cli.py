@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     val = sub.add_parser("validate", help="check a policy file; prints file:line: field: reason")
     val.add_argument("policy", type=Path)
+    val.add_argument("--endpoints", "-e", type=Path, action="append", default=[],
+                     help="endpoint files to check the policy's services, ports and clusters against (repeatable)")
 
     demo = sub.add_parser("demo", help="a local multi-cluster mesh with real Envoys; break things and watch")
     demo.add_argument("--workdir", type=Path, help="where to write files and logs (default: a temp dir)")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.log_level or ("warning" if args.command == "demo" else "info"), args.log_format)
     if args.command == "validate":
-        return _validate(args.policy)
+        return _validate(args.policy, args.endpoints)
     if args.command == "serve":
         return _run(_serve(args))
     if args.command == "demo":
@@ -79,10 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _validate(path: Path) -> int:
+def _validate(path: Path, endpoint_files: list[Path]) -> int:
+    from meshplane.discovery import catalog, filesource
     from meshplane.policy import validate
 
-    result = validate.load_policy_file(path)
+    known = None
+    if endpoint_files:
+        merged = catalog.Catalog()
+        for endpoints in endpoint_files:
+            try:
+                cluster, services = filesource.parse(endpoints.read_text(), path=str(endpoints))
+            except (OSError, filesource.EndpointFileError) as exc:
+                print(f"meshplane: {exc}", file=sys.stderr)
+                return 1
+            merged.apply(cluster, services, seen_at=0.0)
+        known = app.known_from(merged.services, merged.status())
+    result = validate.load_policy_file(path, known=known)
     for problem in (*result.errors, *result.warnings):
         prefix = "" if problem.severity == "error" else "warning: "
         print(f"{prefix}{problem}", file=sys.stderr if problem.severity == "error" else sys.stdout)

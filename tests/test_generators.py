@@ -9,7 +9,7 @@ import pytest
 
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
-from meshplane.policy import rules
+from meshplane.policy import routing, rules
 from meshplane.xds import generators, proxy, resources, views
 from meshplane.xds.generators import base
 
@@ -56,7 +56,35 @@ def _policy(rng: random.Random) -> rules.Policy:
             ]),
             connect_timeout_ms=rng.choice([1000, 250]),
         )
-    return rules.Policy(defaults=one(), services={model.ServiceKey("default/a"): one()})
+    def backend() -> routing.Backend:
+        name = rng.choice(["a", "b", "c"])
+        return routing.Backend(
+            model.ServiceKey(f"{rng.choice(['default', 'shop'])}/{name}"), rng.choice([8000, 9000]),
+            weight=rng.randint(0, 3) or 1,
+            clusters=rng.choice([(), ("c1",), ("c1", "c2"), ("c2", "c1")]),
+            labels=rng.choice([(), (("version", "v1"),), (("topology.istio.io/cluster", "c2"),)]),
+            spread=rng.choice([None, routing.Spread.NEAREST, routing.Spread.EVERYWHERE]),
+        )
+
+    def rule() -> routing.Rule:
+        return routing.Rule(
+            matches=(routing.Match(routing.PathMatch(routing.PathKind.PREFIX, rng.choice(["/", "/x", "/x/y"]))),),
+            backends=tuple(backend() for _ in range(rng.randint(1, 2))),
+            retries=rng.choice([None, routing.Retries(attempts=1)]),
+        )
+
+    gateways = (routing.Gateway("edge", (routing.Listener("http", 8080, "HTTP", rng.choice([None, "example.com"])),
+                                         routing.Listener("other", 9090, "HTTP"))),)
+    parents = [routing.ParentRef("Gateway", "edge"), routing.ParentRef("Gateway", "edge", section="other"),
+               routing.ParentRef("Service", rng.choice(["a", "b"]), rng.choice(["default", "shop"]))]
+    routes = tuple(
+        routing.Route(f"r{i}", "default", (rng.choice(parents),), hostnames=rng.choice([(), ("example.com",)]),
+                      rules=tuple(rule() for _ in range(rng.randint(1, 2))))
+        for i in range(rng.randint(0, 3))
+    )
+    return rules.Policy(defaults=one(), services={model.ServiceKey("default/a"): one()},
+                        retries=rng.choice([routing.Retries(), routing.Retries(attempts=0)]),
+                        gateways=gateways, routes=routes)
 
 
 def _encoded(built: dict[str, dict[str, object]]) -> dict[str, dict[str, str]]:
@@ -64,7 +92,7 @@ def _encoded(built: dict[str, dict[str, object]]) -> dict[str, dict[str, str]]:
                 for n, m in msgs.items()} for t, msgs in built.items()}
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(12))
 def test_the_incremental_cache_equals_a_build_from_scratch(seed: int) -> None:
     rng = random.Random(seed)
     catalog = catalog_mod.Catalog()
@@ -79,6 +107,11 @@ def test_the_incremental_cache_equals_a_build_from_scratch(seed: int) -> None:
             ("r1", "z1", "c1", "default", "v1", 15001), ("r1", "z2", "c1", "shop", "v2", 15001),
             ("r2", "z1", "c2", "default", "v2", 15002), ("r1", "z1", "c1", "default", "v2", 15001),
         ])
+    ]
+    clients += [
+        proxy.Proxy(id="edge", kind=proxy.Kind.GATEWAY, locality=model.Locality("r1", "z2", "c1"), gateway="edge",
+                    listener=proxy.Listener("127.0.0.1")),
+        proxy.Proxy(id="ghost", kind=proxy.Kind.GATEWAY, locality=model.Locality("r2", "z1", "c2"), gateway="ghost"),
     ]
     signalled: dict[str, int] = {}
     watches = [view_cache.watch(c, lambda changes, c=c: signalled.__setitem__(c.id, signalled.get(c.id, 0) + 1))

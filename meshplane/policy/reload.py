@@ -4,7 +4,9 @@ The file is polled (stat, then a content hash) rather than watched with
 inotify: editors and ConfigMap volumes replace files by rename or symlink
 swaps that inotify reports inconsistently, and a stat every 100 ms is free.
 The hash makes a `touch`, or a rewrite with the same bytes, a no-op, so
-proxies are not pushed for nothing.
+proxies are not pushed for nothing. The files the policy names (gateway
+certificates and keys) are polled with it: when one changes, the policy is
+loaded again, so a rotated certificate reaches the gateways.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -34,8 +37,13 @@ _RACY_NS = 2_000_000_000
 class PolicyWatcher:
     """Owns the policy in force: `.current` is always the last valid one."""
 
-    def __init__(self, path: Path | None, *, on_change: OnChange, interval: float = 0.1) -> None:
+    def __init__(
+        self, path: Path | None, *, on_change: OnChange, interval: float = 0.1,
+        known: Callable[[], validate.Known | None] | None = None,
+    ) -> None:
+        """`known`: what discovery knows when a policy is loaded (references to anything else are warned about)."""
         self.path = path
+        self.known = known
         self.interval = interval
         self.on_change = on_change
         self.current = rules.Policy()
@@ -43,6 +51,7 @@ class PolicyWatcher:
         self.last_warnings: tuple[validate.Problem, ...] = ()
         self._stat: tuple[int, int, int] | None = None
         self._digest: bytes | None = None
+        self._named: dict[Path, _Seen] = {}  # files the policy names -> how they were when it was loaded
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -86,11 +95,12 @@ class PolicyWatcher:
         if self.path is None:
             return False
         stat = self._stat_key()
-        if stat is not None and stat == self._stat:
+        named_changed = any(seen.changed() for seen in self._named.values())
+        if stat is not None and stat == self._stat and not named_changed:
             return False
         seen_at = time.monotonic()
         digest, data = self._read()
-        if digest == self._digest:
+        if digest == self._digest and not named_changed:
             self._remember(stat, digest)
             return False
         result = self._validate(data)
@@ -98,6 +108,8 @@ class PolicyWatcher:
         self._remember(stat, digest)
         if result.policy is None:
             self._reject(result)
+            # A broken certificate too is reported once, not on every poll: remember how the files are now.
+            self._named = {path: _Seen.now(path) for path in self._named}
             return False
         self._accept(result)
         outcome = self.on_change(result.policy, seen_at)
@@ -129,7 +141,7 @@ class PolicyWatcher:
         assert self.path is not None
         if isinstance(data, OSError):
             return validate.unreadable(self.path, data)
-        return validate.load_policy_bytes(data, path=str(self.path))
+        return validate.load_policy_bytes(data, path=str(self.path), known=self.known() if self.known else None)
 
     def _remember(self, stat: tuple[int, int, int] | None, digest: bytes) -> None:
         racy = stat is not None and time.time_ns() - stat[0] < _RACY_NS
@@ -139,6 +151,13 @@ class PolicyWatcher:
     def _accept(self, result: validate.LoadResult) -> None:
         assert result.policy is not None
         self.current = result.policy
+        assert self.path is not None
+        base = self.path.parent
+        self._named = {
+            path: _Seen.now(path)
+            for gateway in result.policy.gateways for listener in gateway.listeners if listener.tls is not None
+            for path in (base / listener.tls.certificate_file, base / listener.tls.key_file)
+        }
         self.last_errors = ()
         self.last_warnings = result.warnings
         for problem in result.warnings:
@@ -159,6 +178,38 @@ class PolicyWatcher:
             path=str(self.path),
             errors=len(result.errors),
         )
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A file as it was: its stat, and its content's hash while the stat cannot be trusted (see _RACY_NS)."""
+
+    path: Path
+    stat: tuple[int, int, int] | None
+    digest: bytes | None
+
+    @classmethod
+    def now(cls, path: Path) -> _Seen:
+        try:
+            st = os.stat(path)
+            racy = time.time_ns() - st.st_mtime_ns < _RACY_NS
+            digest = hashlib.sha256(path.read_bytes()).digest() if racy else None
+        except OSError:
+            return cls(path, None, None)
+        return cls(path, (st.st_mtime_ns, st.st_size, st.st_ino), digest)
+
+    def changed(self) -> bool:
+        again = _Seen.now(self.path)
+        if again.stat != self.stat:
+            return True
+        if self.digest is None:
+            return False
+        if again.digest is None:  # no longer racy: hash once more to be sure
+            try:
+                return hashlib.sha256(self.path.read_bytes()).digest() != self.digest
+            except OSError:
+                return True
+        return again.digest != self.digest
 
 
 def _fields(problem: validate.Problem) -> dict[str, object]:

@@ -103,7 +103,12 @@ def load_policy_text(text: str, *, path: str, known: Known | None = None) -> Loa
     try:
         doc = document.PolicyDoc.model_validate(raw)
     except pydantic.ValidationError as exc:
-        for err in exc.errors(include_url=False):
+        errors = exc.errors(include_url=False)
+        for err in errors:
+            # A list whose only item is broken is also reported "too short"; the item's error says more.
+            if err["type"] == "too_short" and any(
+                    e is not err and e["loc"][:len(err["loc"])] == err["loc"] for e in errors):
+                continue
             report.error(err["loc"], document.error_reason(err))
         return report.result(None)
     _check(doc, report)

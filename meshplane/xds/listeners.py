@@ -84,7 +84,7 @@ def build_gateway_listener(
     # Exact server names before wildcards before the catch-all, for Envoy's (and the reader's) sake.
     for ln in sorted((ln for ln in listeners if ln.tls is not None), key=lambda ln: _sni_order(ln.hostname)):
         assert ln.tls is not None
-        context = tls_pb2.DownstreamTlsContext(common_tls_context=common_pb2.CommonTlsContext(
+        context = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
             tls_certificates=[common_pb2.TlsCertificate(
                 certificate_chain=base_pb2.DataSource(inline_bytes=ln.tls.certificate),
                 private_key=base_pb2.DataSource(inline_bytes=ln.tls.key),

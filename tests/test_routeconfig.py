@@ -1,0 +1,135 @@
+"""Route configurations as tables: Gateway API precedence whatever the file's order, matches, actions,
+retries; backend clusters (subsets, active-standby) and their assignments."""
+
+from __future__ import annotations
+
+import random
+
+from meshplane.discovery import model
+from meshplane.policy import placement, routing, rules
+from meshplane.xds import routeconfig, translate
+
+S = model.ServiceKey("default/s")
+
+
+def _rule(*matches: routing.Match, to: str = "s") -> routing.Rule:
+    return routing.Rule(matches=matches, backends=(routing.Backend(model.ServiceKey(f"default/{to}"), 80),))
+
+
+def _prefix(value: str, **kw: object) -> routing.Match:
+    return routing.Match(routing.PathMatch(routing.PathKind.PREFIX, value), **kw)  # type: ignore[arg-type]
+
+
+def _header(name: str, value: str = "1") -> routing.ValueMatch:
+    return routing.ValueMatch(name, routing.ValueKind.EXACT, value)
+
+
+def test_precedence_is_gateway_apis_whatever_the_order_written() -> None:
+    expected = [  # (route name, backend), in the order Envoy must try them
+        ("z", routing.Match(routing.PathMatch(routing.PathKind.EXACT, "/a/b")), "exact"),
+        ("z", routing.Match(routing.PathMatch(routing.PathKind.REGEX, "^/a/[0-9]+$")), "regex"),
+        ("z", _prefix("/a/b/c"), "longest"),
+        ("z", _prefix("/a/b", method="POST"), "method"),
+        ("z", _prefix("/a/b", headers=(_header("x"), _header("y"))), "two-headers"),
+        ("z", _prefix("/a/b", headers=(_header("x"),), query_params=(_header("q"), _header("r"))), "h1-q2"),
+        ("z", _prefix("/a/b", headers=(_header("x"),), query_params=(_header("q"),)), "h1-q1"),
+        ("a", _prefix("/a/b"), "tie-first-by-name"),
+        ("z", _prefix("/a/b"), "tie-second-by-name"),
+        ("z", _prefix("/"), "everything"),
+    ]
+    for seed in range(5):
+        shuffled = list(expected)
+        random.Random(seed).shuffle(shuffled)
+        routes = [routing.Route(name, "default", (routing.ParentRef("Gateway", "edge"),), rules=(_rule(m, to=to),))
+                  for name, m, to in shuffled]
+        entries = routeconfig.route_entries(routes, routing.Retries())
+        assert [e.route.cluster.rsplit("|", 1)[-1].split(".")[0] for e in entries] == [to for _, _, to in expected]
+
+
+def test_matches_become_envoys() -> None:
+    [exact, regex, segment, root] = routeconfig.route_entries(
+        [routing.Route("r", "default", (), rules=(_rule(
+            _prefix("/api/", headers=(routing.ValueMatch("x-v", routing.ValueKind.REGEX, "^v[0-9]$"),),
+                    query_params=(_header("debug", "on"),), method="GET"),
+            _prefix("/"),
+            routing.Match(routing.PathMatch(routing.PathKind.EXACT, "/healthz")),
+            routing.Match(routing.PathMatch(routing.PathKind.REGEX, "^/a.*")),
+        ),))], routing.Retries())
+    assert segment.match.path_separated_prefix == "/api"  # whole segments: not /apiary
+    assert [(h.name, h.string_match.WhichOneof("match_pattern")) for h in segment.match.headers] == [
+        ("x-v", "safe_regex"), (":method", "exact")]
+    assert segment.match.query_parameters[0].string_match.exact == "on"
+    assert root.match.prefix == "/" and exact.match.path == "/healthz" and regex.match.safe_regex.regex == "^/a.*"
+
+
+def test_weights_retries_rewrites() -> None:
+    rule = routing.Rule(
+        backends=(routing.Backend(S, 80, 80, labels=(("version", "v1"),)), routing.Backend(S, 80, 20, labels=(
+            ("version", "v2"),)), routing.Backend(S, 80, 0)),
+        rewrite=routing.Rewrite(prefix="/"), matches=(_prefix("/old"),), timeout_ms=1500,
+        retries=routing.Retries(attempts=1, per_try_timeout_ms=500, retry_on=("5xx",), status_codes=()),
+    )
+    [entry] = routeconfig.route_entries([routing.Route("r", "default", (), rules=(rule,))], routing.Retries())
+    action = entry.route
+    assert [(c.name, c.weight.value) for c in action.weighted_clusters.clusters] == [
+        ("outbound|80|version=v1|s.default.svc.cluster.local", 80),
+        ("outbound|80|version=v2|s.default.svc.cluster.local", 20)]  # a weight of 0 is left out
+    assert action.timeout.ToMilliseconds() == 1500
+    assert (action.retry_policy.retry_on, action.retry_policy.num_retries.value,
+            action.retry_policy.per_try_timeout.ToMilliseconds()) == ("5xx", 1, 500)
+    assert action.regex_rewrite.pattern.regex == "^(?:/old)/*" and action.regex_rewrite.substitution == "/"
+
+
+def test_every_sidecar_route_retries_like_istio_on_another_host_and_priority() -> None:
+    service = model.Service("s", "default", (model.ServicePort("http", 80),))
+    config = routeconfig.sidecar_route_config("default", [service], rules.Policy())
+    retry = config.virtual_hosts[0].routes[0].route.retry_policy
+    assert retry.retry_on == "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+    assert (retry.num_retries.value, list(retry.retriable_status_codes)) == (2, [503])
+    assert retry.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"
+    assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    off = routeconfig.sidecar_route_config("default", [service], rules.Policy(retries=routing.Retries(attempts=0)))
+    assert not off.virtual_hosts[0].routes[0].route.HasField("retry_policy")
+
+
+def _endpoint(cluster: str, zone: str, n: int, **labels: str) -> model.Endpoint:
+    return model.Endpoint(address=f"10.0.0.{n}", ports=(("http", 8080),), locality=model.Locality("r1", zone, cluster),
+                          labels=tuple(sorted(labels.items())))
+
+
+def test_active_standby_puts_clusters_in_order_and_the_standby_stays_idle() -> None:
+    endpoints = [_endpoint("c2", "b", 1), _endpoint("c1", "a", 2), _endpoint("c1", "a2", 3), _endpoint("c3", "c", 4)]
+    backend = routing.Backend(S, 80, clusters=("c1", "c2"))
+    placed = placement.place_backend(endpoints, backend, client=model.Locality("r9", "z", "c3"), client_labels={},
+                                     settings=rules.LocalitySettings(), spread=routing.Spread.EVERYWHERE)
+    assert [(p.priority, p.locality.cluster) for p in placed] == [(0, "c1"), (0, "c1"), (1, "c2")]  # not c3
+    cla = translate.build_load_assignment("x", "http", placed, standby=True)
+    assert cla.policy.overprovisioning_factor.value == translate.STANDBY_OVERPROVISIONING
+    service = model.Service("s", "default", (model.ServicePort("http", 80),))
+    od = rules.OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=10, min_health_percent=30)
+    cluster = translate.build_cluster(service, service.ports[0], rules.ServicePolicy(outlier_detection=od),
+                                      name=translate.backend_cluster_name(backend), standby=True)
+    assert cluster.name == "outbound|80|cluster=c1>c2|s.default.svc.cluster.local"
+    assert cluster.outlier_detection.max_ejection_percent.value == 100  # the active cluster can empty completely
+    assert cluster.common_lb_config.healthy_panic_threshold.value == 0
+    assert cluster.common_lb_config.update_merge_window.ToMilliseconds() == 0
+
+
+def test_a_gateway_spreads_by_endpoint_count_unless_asked_for_nearest() -> None:
+    endpoints = [_endpoint("c1", "a", 1), _endpoint("c1", "b", 2), _endpoint("c2", "c", 3, version="v2")]
+    here = model.Locality("r1", "a", "c1")
+    spread = placement.place_backend(endpoints, routing.Backend(S, 80), client=here, client_labels={},
+                                     settings=rules.LocalitySettings(), spread=routing.Spread.EVERYWHERE)
+    assert {p.priority for p in spread} == {0} and sum(len(p.endpoints) for p in spread) == 3
+    nearest = placement.place_backend(endpoints, routing.Backend(S, 80, spread=routing.Spread.NEAREST), client=here,
+                                      client_labels={}, settings=rules.LocalitySettings(),
+                                      spread=routing.Spread.EVERYWHERE)
+    assert [(p.priority, p.locality.zone) for p in nearest] == [(0, "a"), (1, "b"), (1, "c")]  # same region
+    subset = placement.place_backend(endpoints, routing.Backend(S, 80, labels=(("version", "v2"),)), client=here,
+                                     client_labels={}, settings=rules.LocalitySettings(),
+                                     spread=routing.Spread.EVERYWHERE)
+    assert [p.locality.cluster for p in subset] == ["c2"]
+    pinned = placement.place_backend(endpoints, routing.Backend(S, 80, labels=(("topology.istio.io/cluster", "c1"),)),
+                                     client=here, client_labels={}, settings=rules.LocalitySettings(),
+                                     spread=routing.Spread.EVERYWHERE)
+    assert {p.locality.cluster for p in pinned} == {"c1"}
