@@ -48,6 +48,27 @@ async def test_demo_script_shows_same_region_then_cross_region_failover(tmp_path
     assert not _processes_under(tmp_path), "the demo left processes behind"
 
 
+async def test_demo_gateway_canary_and_active_standby_moving_when_a_cluster_breaks(tmp_path: Path) -> None:
+    proc = await _demo(tmp_path, "--script", "sleep 1.2; break-cluster cluster-1; sleep 1.5; quit")
+    stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    out = stdout.decode()
+    assert proc.returncode == 0, out
+    healthy, _, cluster_down = out.partition("break-cluster: every replica in cluster-1")
+
+    def lines(text: str, label: str) -> list[str]:
+        return [ln for ln in text.splitlines() if ln.startswith(f"  gw {label}")]
+
+    # Active-active reaches both clusters; the canary only cluster-2's mocka.
+    everywhere = " ".join(lines(healthy, "example.com/mocka"))
+    assert "mocka@cn-hangzhou-" in everywhere and "mocka@ap-northeast-1" in everywhere, out
+    assert all(" 200  mocka@ap-northeast-1" in ln for ln in lines(out, "  canary: cluster-2")), out
+    # Active-standby: cluster-1 (cn-hangzhou) while it has a healthy mocka; then cluster-2, no request lost.
+    before, after = lines(healthy, "example.com/standby"), lines(cluster_down, "example.com/standby")
+    assert before and all(" 200  mocka@cn-hangzhou-" in ln for ln in before), out
+    assert after and all(" 200  mocka@ap-northeast-1" in ln for ln in after), out
+    assert not _processes_under(tmp_path), "the demo left processes behind"
+
+
 async def test_demo_ctrl_c_stops_everything(tmp_path: Path) -> None:
     proc = await _demo(tmp_path)
     assert proc.stdout is not None

@@ -122,3 +122,29 @@ async def test_header_canaries_reach_their_backends_and_others_take_the_default(
     default = await edge.tally(40, PORT, "example.com", "/svc1", {"canary-dest": "cluster2"})
     assert set(default) == {(200, IN_C1), (200, IN_C2)} and default[(200, IN_C1)] > default[(200, IN_C2)], default
     assert edge.nacks() == 0
+
+
+async def test_the_gateway_holds_what_meshplane_sent(edge: Edge) -> None:
+    assert edge.gateway is not None
+    dump = await edge.gateway.config_dump()
+
+    def section(kind: str) -> dict[str, object]:
+        return next(s for s in dump["configs"] if s["@type"].endswith("." + kind))
+
+    listeners = [ln["active_state"]["listener"] for ln in section("ListenersConfigDump")["dynamic_listeners"]]
+    assert [ln["name"] for ln in listeners] == [f"gateway|edge|{PORT}"]
+    [routes] = [r["route_config"] for r in section("RoutesConfigDump")["dynamic_route_configs"]]
+    assert routes["name"] == f"gateway|edge|{PORT}"
+    assert [vh["domains"] for vh in routes["virtual_hosts"]] == [["example.com"]]
+    clusters = {c["cluster"]["name"]: c["cluster"] for c in section("ClustersConfigDump")["dynamic_active_clusters"]}
+    host = "service1.default.svc.cluster.local"
+    assert set(clusters) == {f"outbound|8000||{host}", f"outbound|8000|cluster=cluster-1>cluster-2|{host}",
+                             f"outbound|8000|cluster=cluster-2|{host}",
+                             "outbound|8000||service1-canary-1.default.svc.cluster.local"}
+    standby = {e["endpoint_config"]["cluster_name"]: e["endpoint_config"]
+               for e in section("EndpointsConfigDump")["dynamic_endpoint_configs"]}[
+        f"outbound|8000|cluster=cluster-1>cluster-2|{host}"]
+    assert [(g["locality"]["sub_zone"], g.get("priority", 0), len(g["lb_endpoints"])) for g in standby["endpoints"]] \
+        == [("cluster-1", 0, 9), ("cluster-2", 1, 1)]
+    assert standby["policy"]["overprovisioning_factor"] == 1_000_000
+    assert edge.nacks() == 0

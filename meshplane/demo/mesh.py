@@ -50,7 +50,10 @@ class Mesh:
         ads_port: int = 0,
         http_port: int = 0,
         debounce: float = 0.005,
+        gateway_port: int | None = None,
     ) -> None:
+        """`gateway_port`: also run the gateway `edge` (topology.GATEWAY) in the first zone; its
+        listener's port, which the policy must give it too."""
         self.workdir = workdir
         self.topo = topology.Topology.build(clusters)
         self.policy_path = workdir / "policy.yaml"
@@ -62,6 +65,8 @@ class Mesh:
         self.servers: dict[tuple[str, str], backend.ReplicaServer] = {}
         self.envoys: dict[str, envoy.EnvoyProcess] = {}
         self.health: dict[tuple[str, str], str] = {}
+        self.gateway_port = gateway_port
+        self.gateway: envoy.EnvoyProcess | None = None
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -92,8 +97,32 @@ class Mesh:
                 ads_port=self.plane.ads_port,
                 workdir=self.workdir,
             )
-        await asyncio.gather(*(e.start() for e in self.envoys.values()))
+        if self.gateway_port is not None:
+            spec = self.topo.clusters[0]
+            self.gateway = envoy.EnvoyProcess(
+                node=envoy.EnvoyNode(
+                    id=f"gateway~{topology.GATEWAY}", cluster=topology.GATEWAY, region=spec.region,
+                    zone=spec.zones[0], sub_zone=spec.name,
+                    metadata={"role": "gateway", "gateway": topology.GATEWAY, "listener_address": "127.0.0.1"},
+                ),
+                ads_port=self.plane.ads_port,
+                workdir=self.workdir,
+            )
+        proxies = [*self.envoys.values(), *([self.gateway] if self.gateway else [])]
+        await asyncio.gather(*(e.start() for e in proxies))
         await asyncio.gather(*(self._wait_serving(zone) for zone in self.envoys))
+        if self.gateway is not None:
+            await self._wait_gateway()
+
+    async def _wait_gateway(self, timeout: float = 30) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        last: Trace | None = None
+        while asyncio.get_running_loop().time() < deadline:
+            last = await self.gateway_request("/mocka")
+            if last.ok:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the gateway never served example.com/mocka (last: {last})")
 
     async def _wait_serving(self, zone: str, timeout: float = 30) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -106,7 +135,8 @@ class Mesh:
         raise RuntimeError(f"sidecar in {zone} never served mocka (last: {last})")
 
     async def stop(self) -> None:
-        await asyncio.gather(*(e.stop() for e in self.envoys.values()), return_exceptions=True)
+        proxies = [*self.envoys.values(), *([self.gateway] if self.gateway else [])]
+        await asyncio.gather(*(e.stop() for e in proxies), return_exceptions=True)
         await asyncio.gather(*(s.stop() for s in self.servers.values()), return_exceptions=True)
         if self.plane is not None:
             await self.plane.stop()
@@ -140,6 +170,16 @@ class Mesh:
             return Trace(0, f"!{exc.__class__.__name__}")
         return Trace(status, body.strip())
 
+    async def gateway_request(self, path: str, headers: dict[str, str] | None = None) -> Trace:
+        """One request through the gateway, for example.com."""
+        assert self.gateway_port is not None
+        try:
+            status, _, body = await backend.http_request(self.gateway_port, topology.GATEWAY_HOST, path,
+                                                         headers=headers)
+        except (OSError, TimeoutError) as exc:
+            return Trace(0, f"!{exc.__class__.__name__}")
+        return Trace(status, body.strip())
+
     async def break_replica(self, service: str, zone: str) -> None:
         """The replica stops listening: connections to it are refused.
 
@@ -149,9 +189,10 @@ class Mesh:
         """
         await self.servers[(service, zone)].stop()
         port = self.topo.replica(service, zone).port
+        proxies = [*self.envoys.values(), *([self.gateway] if self.gateway else [])]
         deadline = asyncio.get_running_loop().time() + 5
         while asyncio.get_running_loop().time() < deadline:
-            active = await asyncio.gather(*(_active_connections(e, port) for e in self.envoys.values()))
+            active = await asyncio.gather(*(_active_connections(e, port) for e in proxies))
             if not any(active):
                 return
             await asyncio.sleep(0.02)

@@ -1,14 +1,19 @@
-"""`meshplane demo`: the S1 mesh, live. Break replicas and watch traffic move.
+"""`meshplane demo`: the S1 mesh, live, with the S3 gateway in front. Break replicas and watch traffic move.
 
 Every round sends one request straight to mocka in each zone (as a client
 next to it would: no sidecar on that first hop); mocka calls mockb, and
-mockb calls mockc, each through the Envoy sidecar of its own zone. Each line
-shows where every hop landed. Commands (typed, or given with --script,
-';'-separated):
+mockb calls mockc, each through the Envoy sidecar of its own zone. Then
+three requests through the gateway `edge` (an Envoy in cn-hangzhou-h, in
+front of both clusters): example.com/mocka (active-active over both
+clusters), the same with the header `canary: cluster-2` (only cluster-2's
+mocka), and example.com/standby (cluster-1 while it has a healthy mocka,
+then cluster-2). Each line shows where every hop landed. Commands (typed,
+or given with --script, ';'-separated):
 
   break SERVICE ZONE       the replica refuses connections (outlier detection moves traffic)
   fix SERVICE ZONE         it listens again (back after the ejection time)
   break-region SERVICE REGION / fix-region SERVICE REGION
+  break-cluster CLUSTER / fix-cluster CLUSTER   every replica in that cluster (see /standby move)
   unready SERVICE ZONE     report it unhealthy through the endpoint file (an EDS push)
   ready SERVICE ZONE
   where SERVICE ZONE       the priority table the control plane sends that zone's sidecar
@@ -30,18 +35,26 @@ from pathlib import Path
 
 from meshplane.demo import mesh as mesh_mod
 from meshplane.demo import topology
+from meshplane.demo.ports import free_port
 
-# Short ejections so that `fix` is visible within the demo; S1's 5m is for production.
-DEMO_POLICY = topology.s1_policy(base_ejection="15s")
+# Requests through the gateway each round: (label, path, headers).
+GATEWAY_REQUESTS = (
+    ("example.com/mocka", "/mocka", None),
+    ("  canary: cluster-2", "/mocka", {"canary": "cluster-2"}),
+    ("example.com/standby", "/standby", None),
+)
 
 
 async def main(*, workdir: Path | None, interval: float, script: str | None) -> int:
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshplane-demo-")))
-        mesh = mesh_mod.Mesh(workdir, policy=DEMO_POLICY, http_port=0)
+        gateway_port = free_port()
+        # Short ejections so that `fix` is visible within the demo; S1's 5m is for production.
+        policy = topology.demo_policy(gateway_port=gateway_port, base_ejection="15s")
+        mesh = mesh_mod.Mesh(workdir, policy=policy, http_port=0, gateway_port=gateway_port)
         _say(f"starting: control plane, {len(mesh.topo.replicas)} backends, "
-             f"{len(mesh.topo.sidecars)} Envoy sidecars (files and logs in {workdir})")
+             f"{len(mesh.topo.sidecars)} Envoy sidecars and a gateway (files and logs in {workdir})")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,7 +63,9 @@ async def main(*, workdir: Path | None, interval: float, script: str | None) -> 
             await mesh.start()
             assert mesh.plane is not None
             _say(f"ready. ADS on 127.0.0.1:{mesh.plane.ads_port}; metrics and /debug on "
-                 f"http://127.0.0.1:{mesh.plane.http_port}; policy {mesh.policy_path}")
+                 f"http://127.0.0.1:{mesh.plane.http_port}; policy {mesh.policy_path}; "
+                 f"gateway on 127.0.0.1:{gateway_port} (curl -H 'Host: example.com' "
+                 f"127.0.0.1:{gateway_port}/mocka)")
             _say(__doc__.split("\n\n", 1)[1].rstrip() if __doc__ else "")
             watcher = asyncio.create_task(_watch(mesh, interval))
             commands = asyncio.create_task(_commands(mesh, script, stop))
@@ -72,9 +87,12 @@ async def _watch(mesh: mesh_mod.Mesh, interval: float) -> None:
     while True:
         round_no += 1
         traces = await asyncio.gather(*(mesh.request(zone) for zone in mesh.topo.zones()))
+        through = await asyncio.gather(*(mesh.gateway_request(path, headers) for _, path, headers in GATEWAY_REQUESTS))
         lines = [f"round {round_no} ({time.strftime('%H:%M:%S')})"]
         for zone, trace in zip(mesh.topo.zones(), traces, strict=True):
-            lines.append(f"  from {zone:<16} {trace.status:>3}  {trace.body.replace(' -> ', ' > ')}")
+            lines.append(f"  from {zone:<18} {trace.status:>3}  {trace.body.replace(' -> ', ' > ')}")
+        for (label, _, _), trace in zip(GATEWAY_REQUESTS, through, strict=True):
+            lines.append(f"  gw {label:<20} {trace.status:>3}  {trace.body.replace(' -> ', ' > ')}")
         print("\n".join(lines), flush=True)
         await asyncio.sleep(interval)
 
@@ -117,6 +135,14 @@ async def _execute(mesh: mesh_mod.Mesh, line: str, stop: asyncio.Event) -> None:
                 _check(mesh, args[0], zone)
                 await (mesh.break_replica if verb == "break-region" else mesh.fix_replica)(args[0], zone)
             _say(f"{verb}: {args[0]} in {', '.join(zones)}")
+        elif verb in ("break-cluster", "fix-cluster") and len(args) == 1:
+            spec = next((c for c in mesh.topo.clusters if c.name == args[0]), None)
+            if spec is None:
+                raise ValueError(f"unknown cluster {args[0]!r}; clusters: "
+                                 f"{', '.join(c.name for c in mesh.topo.clusters)}")
+            act = mesh.break_replica if verb == "break-cluster" else mesh.fix_replica
+            await asyncio.gather(*(act(service, zone) for zone in spec.zones for service in mesh.topo.chain))
+            _say(f"{verb}: every replica in {args[0]} ({', '.join(spec.zones)})")
         elif verb in ("unready", "ready") and len(args) == 2:
             _check(mesh, *args)
             mesh.set_health(args[0], args[1], "unhealthy" if verb == "unready" else "healthy")

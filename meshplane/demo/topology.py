@@ -128,3 +128,37 @@ class Topology:
 def s1_policy(*, base_ejection: str = "5m", extra: str = "") -> str:
     return S1_POLICY.format(base_ejection=base_ejection) + extra
 
+
+GATEWAY = "edge"
+GATEWAY_HOST = "example.com"
+
+GATEWAY_ROUTES = """# Scenario S3: one gateway, `edge`, in front of both clusters.
+gateways:
+  - name: edge
+    listeners:
+      - name: http
+        port: {port}
+        hostname: example.com
+routes:
+  - name: mocka
+    parentRefs: [{{name: edge}}]
+    hostnames: [example.com]
+    rules:
+      # Active-active: every healthy mocka, in both clusters alike.
+      - matches: [{{path: {{value: /mocka}}}}]
+        backendRefs: [{{name: mocka, port: 8000}}]
+      # Header canary: only cluster-2's mocka.
+      - matches: [{{path: {{value: /mocka}}, headers: [{{name: canary, value: cluster-2}}]}}]
+        backendRefs: [{{name: mocka, port: 8000, clusters: [cluster-2]}}]
+      # Active-standby: cluster-1 while it has a healthy mocka, then cluster-2.
+      - matches: [{{path: {{value: /standby}}}}]
+        backendRefs: [{{name: mocka, port: 8000, clusters: [cluster-1, cluster-2]}}]
+"""
+
+
+def demo_policy(*, gateway_port: int, base_ejection: str = "15s") -> str:
+    """The demo's policy: S1's outlier detection for every service, and a gateway (policy v2)."""
+    v1 = s1_policy(base_ejection=base_ejection)
+    return v1.replace("apiVersion: meshplane.io/v1", "apiVersion: meshplane.io/v2", 1) + \
+        GATEWAY_ROUTES.format(port=gateway_port)
+
