@@ -651,7 +651,7 @@ def test_committed_schema_is_current() -> None:
 def _docs_examples() -> list[str]:
     text = (ROOT / "docs/policy.md").read_text()
     fences = re.findall(r"^```(yaml[^\n]*)\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
-    return [body for info, body in fences if info == "yaml"]
+    return [body for info, body in fences if info in ("yaml", "yaml https")]
 
 
 def _editor_schema() -> jsonschema.Draft202012Validator:
@@ -692,17 +692,19 @@ def test_schema_accepts_every_docs_example() -> None:
         assert [e.message for e in checker.iter_errors(yaml.safe_load(body))] == [], body
 
 
-def test_docs_examples_validate() -> None:
+def test_docs_examples_validate(tmp_path: Path) -> None:
     text = (ROOT / "docs/policy.md").read_text()
     fences = re.findall(r"^```(yaml[^\n]*)\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
-    examples = [body for info, body in fences if info == "yaml"]
-    # Only the future shape may opt out, and it must still be rejected by v1.
-    assert {info for info, _ in fences} == {"yaml", "yaml future"}
-    assert len(examples) >= 7
-    for body in examples:
-        result = validate.load_policy_text(body, path="docs/policy.md")
+    # "yaml https" examples name certificate files: PEM files are put where they say.
+    assert {info for info, _ in fences} == {"yaml", "yaml https"}
+    assert len(fences) >= 7
+    for directory in ("certs",):
+        (tmp_path / directory).mkdir()
+    for host in ("example.com", "example.org"):
+        for suffix, kind in ((".crt", "CERTIFICATE"), (".key", "PRIVATE KEY")):
+            (tmp_path / "certs" / f"{host}{suffix}").write_text(f"-----BEGIN {kind}-----\nMIIB\n-----END {kind}-----\n")
+    for info, body in fences:
+        path = str(tmp_path / "policy.yaml") if info == "yaml https" else "docs/policy.md"
+        result = validate.load_policy_text(body, path=path)
         assert result.errors == (), "\n".join(map(str, result.errors)) + "\n" + body
         assert result.warnings == (), "\n".join(map(str, result.warnings)) + "\n" + body
-    for info, body in fences:
-        if info == "yaml future":
-            assert validate.load_policy_text(body, path="docs/policy.md").policy is None
