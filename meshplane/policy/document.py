@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictInt,
@@ -24,7 +23,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from meshplane.discovery import model
-from meshplane.policy import gatewayapi, routing, rules
+from meshplane.policy import gatewayapi, routing, rules, shape
 from meshplane.policy.durations import Duration, duration_ms
 
 API_VERSION = "meshplane.io/v2"
@@ -41,17 +40,7 @@ Weight = Annotated[StrictInt, Field(ge=1, le=100)]
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN, max_length=63)]
 
 
-class _Doc(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        # The schema is for people (editor hovers): show the YAML key, not a mangled Python name.
-        field_title_generator=lambda name, info: info.alias or name,
-        model_title_generator=lambda cls: cls.__name__.removesuffix("Doc"),
-    )
-
-
-class OutlierDetectionDoc(_Doc):
+class OutlierDetectionDoc(shape.Doc):
     """Istio DestinationRule `outlierDetection`: each proxy ejects hosts that keep failing."""
 
     consecutive_5xx_errors: Count | None = Field(
@@ -94,14 +83,14 @@ class OutlierDetectionDoc(_Doc):
     )
 
 
-class FailoverDoc(_Doc):
+class FailoverDoc(shape.Doc):
     """Clients in region `from` fail over to region `to` before any other region."""
 
     from_: StrictStr = Field(alias="from", description="The clients' region.")
     to: StrictStr = Field(description="The region to try after the clients' own.")
 
 
-class DistributeDoc(_Doc):
+class DistributeDoc(shape.Doc):
     """Clients whose locality matches `from` send the `to` percentages (summing to 100)."""
 
     from_: StrictStr = Field(
@@ -112,7 +101,7 @@ class DistributeDoc(_Doc):
     )
 
 
-class LocalityDoc(_Doc):
+class LocalityDoc(shape.Doc):
     enabled: StrictBool = Field(
         True, description="Locality-aware load balancing (nearest healthy first)."
     )
@@ -129,7 +118,7 @@ class LocalityDoc(_Doc):
     )
 
 
-class SectionsDoc(_Doc):
+class SectionsDoc(shape.Doc):
     """The sections a service can set; each one set replaces the same section of `defaults`."""
 
     connect_timeout: Duration | None = Field(
@@ -152,7 +141,7 @@ class DefaultsDoc(SectionsDoc):
     )
 
 
-class PolicyDoc(_Doc):
+class PolicyDoc(shape.Doc):
     """A meshplane policy file: mesh-wide defaults, per-service overrides, and (v2) gateways and routes."""
 
     api_version: Literal["meshplane.io/v1", "meshplane.io/v2"] = Field(alias="apiVersion")

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import Field, StrictInt, StrictStr
 
 from meshplane.discovery import model
-from meshplane.policy import routing
+from meshplane.policy import routing, shape
 from meshplane.policy.durations import Duration, duration_ms
 
 HOSTNAME_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -33,34 +33,25 @@ RetryAttempts = Annotated[StrictInt, Field(ge=0, le=10)]
 Method = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
 
 
-class _Doc(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        field_title_generator=lambda name, info: info.alias or name,
-        model_title_generator=lambda cls: cls.__name__.removesuffix("Doc"),
-    )
-
-
-class PathMatchDoc(_Doc):
+class PathMatchDoc(shape.Doc):
     type: Literal["Exact", "PathPrefix", "RegularExpression"] = Field(
         "PathPrefix", description="Exact, PathPrefix (whole path segments) or RegularExpression (RE2).")
     value: StrictStr = Field("/", description="The path, prefix or RE2 expression; starts with '/' unless a regex.")
 
 
-class HeaderMatchDoc(_Doc):
+class HeaderMatchDoc(shape.Doc):
     type: Literal["Exact", "RegularExpression"] = "Exact"
     name: HeaderName
     value: StrictStr
 
 
-class QueryParamMatchDoc(_Doc):
+class QueryParamMatchDoc(shape.Doc):
     type: Literal["Exact", "RegularExpression"] = "Exact"
     name: Annotated[StrictStr, Field(min_length=1, max_length=256)]
     value: StrictStr
 
 
-class MatchDoc(_Doc):
+class MatchDoc(shape.Doc):
     """Conditions that must all hold; a rule matches when any of its matches does."""
 
     path: PathMatchDoc | None = Field(None, description="Default: PathPrefix /.")
@@ -69,35 +60,35 @@ class MatchDoc(_Doc):
     method: Method | None = None
 
 
-class HeaderDoc(_Doc):
+class HeaderDoc(shape.Doc):
     name: HeaderName
     value: StrictStr
 
 
-class HeaderModifierDoc(_Doc):
+class HeaderModifierDoc(shape.Doc):
     set: tuple[HeaderDoc, ...] = Field((), description="Replace the header (or add it).")
     add: tuple[HeaderDoc, ...] = Field((), description="Append a value to the header.")
     remove: tuple[HeaderName, ...] = Field((), description="Remove these headers.")
 
 
-class PathModifierDoc(_Doc):
+class PathModifierDoc(shape.Doc):
     type: Literal["ReplacePrefixMatch", "ReplaceFullPath"]
     replace_prefix_match: StrictStr | None = Field(None, alias="replacePrefixMatch")
     replace_full_path: StrictStr | None = Field(None, alias="replaceFullPath")
 
 
-class URLRewriteDoc(_Doc):
+class URLRewriteDoc(shape.Doc):
     hostname: Hostname | None = None
     path: PathModifierDoc | None = None
 
 
-class FilterDoc(_Doc):
+class FilterDoc(shape.Doc):
     type: Literal["RequestHeaderModifier", "URLRewrite"]
     request_header_modifier: HeaderModifierDoc | None = Field(None, alias="requestHeaderModifier")
     url_rewrite: URLRewriteDoc | None = Field(None, alias="urlRewrite")
 
 
-class BackendRefDoc(_Doc):
+class BackendRefDoc(shape.Doc):
     """A Service port, or part of its endpoints (meshplane's `clusters`, `labels`, `spread`)."""
 
     name: Name = Field(description="The Service.")
@@ -113,7 +104,7 @@ class BackendRefDoc(_Doc):
         None, description="At a gateway: spread over every endpoint (default) or nearest first.")
 
 
-class RetriesDoc(_Doc):
+class RetriesDoc(shape.Doc):
     attempts: RetryAttempts = Field(2, description="Retries after the first try; 0 disables retries.")
     per_try_timeout: Duration | None = Field(None, alias="perTryTimeout", description="Each try's timeout.")
     retry_on: tuple[StrictStr, ...] | None = Field(
@@ -122,11 +113,11 @@ class RetriesDoc(_Doc):
                     "(connect-failure, refused-stream, unavailable, cancelled, retriable-status-codes, 503).")
 
 
-class TimeoutsDoc(_Doc):
+class TimeoutsDoc(shape.Doc):
     request: Duration | None = Field(None, description="The whole request, retries included.")
 
 
-class RuleDoc(_Doc):
+class RuleDoc(shape.Doc):
     matches: tuple[MatchDoc, ...] = Field((), description="Any one must match; none: every request.")
     filters: tuple[FilterDoc, ...] = ()
     backend_refs: tuple[BackendRefDoc, ...] = Field(alias="backendRefs")
@@ -134,7 +125,7 @@ class RuleDoc(_Doc):
     retries: RetriesDoc | None = Field(None, description="Default: the policy's defaults.retries.")
 
 
-class ParentRefDoc(_Doc):
+class ParentRefDoc(shape.Doc):
     kind: Literal["Gateway", "Service"] = Field(
         "Gateway", description="Gateway: a gateway of this policy; Service: sidecars' traffic to it (mesh).")
     name: Name
@@ -143,7 +134,7 @@ class ParentRefDoc(_Doc):
     port: Port | None = Field(None, description="Service parents: one port of the service.")
 
 
-class RouteDoc(_Doc):
+class RouteDoc(shape.Doc):
     """A Gateway API HTTPRoute."""
 
     name: Name
@@ -153,12 +144,12 @@ class RouteDoc(_Doc):
     rules: Annotated[tuple[RuleDoc, ...], Field(min_length=1)]
 
 
-class TlsDoc(_Doc):
+class TlsDoc(shape.Doc):
     certificate_file: StrictStr = Field(alias="certificateFile", description="PEM; relative to the policy file.")
     key_file: StrictStr = Field(alias="keyFile", description="PEM; relative to the policy file.")
 
 
-class ListenerDoc(_Doc):
+class ListenerDoc(shape.Doc):
     name: Name
     port: Port
     protocol: Literal["HTTP", "HTTPS"] = "HTTP"
@@ -166,7 +157,7 @@ class ListenerDoc(_Doc):
     tls: TlsDoc | None = Field(None, description="HTTPS: the certificate served for `hostname`.")
 
 
-class GatewayDoc(_Doc):
+class GatewayDoc(shape.Doc):
     """A gateway: its proxies say `role: gateway` and `gateway: NAME` in their node metadata."""
 
     name: Name

@@ -128,6 +128,13 @@ def _apply_outlier_detection(cluster: cluster_pb2.Cluster, od: rules.OutlierDete
     )
 
 
+def build_backend_cluster(
+    service: model.Service, port: model.ServicePort, policy: rules.ServicePolicy, backend: routing.Backend
+) -> cluster_pb2.Cluster:
+    """The cluster of a route backend (part of a service, or all of it)."""
+    return build_cluster(service, port, policy, name=backend_cluster_name(backend), standby=len(backend.clusters) > 1)
+
+
 def build_load_assignment(
     name: str, port_name: str, placements: Sequence[placement.Placement], *, standby: bool = False
 ) -> endpoint_pb2.ClusterLoadAssignment:

@@ -48,8 +48,8 @@ def _clusters(service: model.Service, policy: rules.Policy, gateway: str) -> bas
     settings = policy.for_service(service.key)
     out = {}
     for backend, port in _backends(policy, service, gateway):
-        name = translate.backend_cluster_name(backend)
-        out[name] = translate.build_cluster(service, port, settings, name=name, standby=len(backend.clusters) > 1)
+        cluster = translate.build_backend_cluster(service, port, settings, backend)
+        out[cluster.name] = cluster
     return out
 
 

@@ -54,8 +54,8 @@ def _clusters(service: model.Service, policy: rules.Policy, scope: None) -> base
         for port in service.ports if port.protocol != model.Protocol.TCP
     }
     for backend, port in _subsets(policy, service):
-        name = translate.backend_cluster_name(backend)
-        out[name] = translate.build_cluster(service, port, settings, name=name, standby=len(backend.clusters) > 1)
+        cluster = translate.build_backend_cluster(service, port, settings, backend)
+        out[cluster.name] = cluster
     return out
 
 
