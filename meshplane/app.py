@@ -22,11 +22,11 @@ import grpc
 import structlog
 from prometheus_client import exposition
 
-from meshplane import admin, aio
+from meshplane import admin, aio, explain
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import placement, reload, rules, validate
-from meshplane.xds import generators, push, slots, sotw, streams, views
+from meshplane.xds import generators, push, slots, sotw, streams, syncz, views
 from meshplane.xds import metrics as metrics_mod
 
 log = structlog.get_logger(__name__)
@@ -65,6 +65,7 @@ class ControlPlane:
         self.sources = [filesource.FileSource(p, interval=config.poll_interval) for p in config.endpoint_files]
         self.policy_watcher = reload.PolicyWatcher(
             config.policy_file, on_change=self._on_policy, interval=config.poll_interval, known=self._known,
+            on_result=lambda result: self.metrics.policy_reloads.labels(result).inc(),
         )
         self.clusters = clusters.ClusterRegistry(self.catalog, self._kube_source, sync_timeout=config.sync_timeout)
         self.kubeconfig_dirs = [
@@ -197,7 +198,6 @@ class ControlPlane:
         return known_from(self.catalog.services, self.catalog.status())
 
     def _on_policy(self, policy: rules.Policy, seen_at: float) -> None:
-        self.metrics.policy_reloads.labels("applied").inc()
         if self.push is not None:
             self.push.on_policy(policy, seen_at)
 
@@ -233,7 +233,29 @@ class ControlPlane:
             "/ready": self._ready_page,
             "/debug/views": self._views_page,
             "/debug/placements": self._placements,
+            "/debug/syncz": self._syncz_page,
+            "/debug/explain": self._explain_page,
+            "/debug/config_dump": self._config_dump_page,
         }
+
+    def _syncz_page(self, query: Mapping[str, str]) -> admin.Reply:
+        """Every connected client and, per type, SYNCED / STALE / NACKED / NOT SENT (`meshplane status`)."""
+        table = syncz.select(syncz.clients(self.streams, now=time.time(), now_monotonic=time.monotonic()), query)
+        pending = self.push.pending_since() if self.push is not None else None
+        # A change seen but not yet handed to the views: every client may be behind it.
+        behind = None if pending is None else round(time.monotonic() - pending, 3)
+        return admin.Reply(200, "application/json", _json({"pending_change_s": behind, "clients": table}))
+
+    def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:
+        """What was sent to one client (`?proxy=NODE_ID`) and what it ACKed, per type."""
+        node = query.get("proxy", "")
+        found = [s for s in self.streams if s.proxy is not None and s.proxy.id == node]
+        if not found:
+            known = sorted({s.proxy.id for s in self.streams if s.proxy is not None})
+            return admin.Reply(404, "application/json", _json(
+                {"error": f"no client with node id {node!r} is connected", "connected": known}))
+        # Several streams of one id (a proxy restarting): the newest is the one that counts.
+        return admin.Reply(200, "application/json", _json(syncz.config_dump(max(found, key=lambda s: s.id))))
 
     def _metrics_page(self, query: Mapping[str, str]) -> admin.Reply:
         self._refresh_gauges()
@@ -258,22 +280,57 @@ class ControlPlane:
         """Where traffic from a locality goes for a service, and why (the priority table we send)."""
         def arg(name: str) -> str:
             return query.get(name, "")
-        key = model.ServiceKey(arg("service") if "/" in arg("service") else f"default/{arg('service')}")
+        key = explain.service_key(arg("service"))
         service = self.catalog.services.get(key)
         if service is None or self.cache is None:
             return admin.Reply(404, "application/json", _json({"error": f"unknown service {key!r}"}))
-        client = model.Locality(region=arg("region"), zone=arg("zone"), cluster=arg("cluster"))
+        origin = "/".join((arg("region"), arg("zone"), arg("cluster"))) if arg("region") else arg("zone")
+        try:
+            client = explain.locality(origin, self.catalog.services) if origin else model.Locality()
+        except explain.ExplainError as exc:
+            return admin.Reply(400, "application/json", _json({"error": str(exc)}))
         settings = self.cache.policy.for_service(key).locality
         placements = placement.place(service.endpoints, client=client, client_labels={}, settings=settings)
         return admin.Reply(200, "application/json", _json({
             "service": key, "client": str(client),
             "placements": [
-                {"priority": p.priority, "locality": str(p.locality), "weight": p.weight,
+                {"priority": p.priority, "locality": str(p.locality), "weight": p.weight, "reason": p.reason,
                  "endpoints": [{"address": e.address, "ports": dict(e.ports), "health": e.health.value}
                                for e in p.endpoints]}
                 for p in placements
             ],
         }))
+
+    def _explain_page(self, query: Mapping[str, str]) -> admin.Reply:
+        """`meshplane explain`: the priority table a client receives and why; with `down`, what if.
+
+        Repeated parameters (`label`, `down`, `header`) arrive joined by commas."""
+        def many(name: str) -> list[str]:
+            return [v for v in query.get(name, "").split(",") if v]
+
+        def pairs(name: str, sep: str) -> dict[str, str]:
+            return {k: v for k, _, v in (item.partition(sep) for item in many(name))}
+
+        if self.cache is None:
+            return admin.Reply(503, "application/json", _json({"error": "not started"}))
+        try:
+            down = [explain.Down.parse(d) for d in many("down")]
+            if query.get("gateway"):
+                # Where the gateway runs matters for `spread: nearest` backends: by default, where a
+                # connected proxy of that gateway says it is.
+                running = [str(s.proxy.locality) for s in self.streams
+                           if s.proxy is not None and s.proxy.gateway == query["gateway"] and s.proxy.locality.known]
+                origin = query.get("from") or (running[0] if running else "")
+                answer = explain.gateway(
+                    self.catalog.services, self.cache.policy, name=query["gateway"], origin=origin,
+                    host=query.get("host", ""), path=query.get("path", "/"), headers=pairs("header", "="),
+                    method=query.get("method", "GET"), down=down)
+            else:
+                answer = explain.sidecar(self.catalog.services, self.cache.policy, service=query.get("service", ""),
+                                         origin=query.get("from", ""), labels=pairs("label", "="), down=down)
+        except explain.ExplainError as exc:
+            return admin.Reply(400, "application/json", _json({"error": str(exc)}))
+        return admin.Reply(200, "application/json", _json(answer))
 
     def _cluster_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
@@ -284,6 +341,7 @@ class ControlPlane:
         return status
 
     def _refresh_gauges(self) -> None:
+        self.metrics.count_clients(self.streams)
         for cluster, status in self.catalog.status().items():
             self.metrics.cluster_synced.labels(cluster).set(1 if status.synced else 0)
             self.metrics.cluster_stale.labels(cluster).set(1 if status.stale else 0)

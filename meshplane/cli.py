@@ -1,4 +1,4 @@
-"""`meshplane serve | validate | demo`."""
+"""`meshplane serve | validate | status | config-dump | explain | demo`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from meshplane import app
+from meshplane import app, ask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +63,40 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--endpoints", "-e", type=Path, action="append", default=[],
                      help="endpoint files to check the policy's services, ports and clusters against (repeatable)")
 
+    server_help = f"the control plane's HTTP port (its serve --http; default {ask.DEFAULT_SERVER})"
+    status = sub.add_parser("status", help="every connected proxy and, per type, SYNCED / STALE / NACKED / NOT SENT")
+    status.add_argument("--server", default=ask.DEFAULT_SERVER, help=server_help)
+    status.add_argument("--kind", choices=["sidecar", "gateway"], help="only proxies of this kind")
+    status.add_argument("--locality", metavar="REGION[/ZONE[/CLUSTER]]", help="only proxies in this locality")
+    status.add_argument("--state", choices=["SYNCED", "STALE", "NACKED", "NOT SENT"],
+                        help="only proxies with a type in this state")
+    status.add_argument("--wait-synced", type=float, metavar="TIMEOUT",
+                        help="wait until every listed proxy is SYNCED; exit 1 if one is not after TIMEOUT seconds")
+    status.add_argument("--json", action="store_true", help="print /debug/syncz's JSON")
+
+    dump = sub.add_parser("config-dump", help="what meshplane sent one proxy and what it ACKed, per type")
+    dump.add_argument("node", metavar="NODE_ID", help="the proxy's node id (as `meshplane status` lists it)")
+    dump.add_argument("--server", default=ask.DEFAULT_SERVER, help=server_help)
+
+    exp = sub.add_parser("explain", help="where a client's traffic for a service goes and why; with --down, what if")
+    exp.add_argument("service", nargs="?", help="NAMESPACE/NAME (default namespace: default); not with --gateway")
+    exp.add_argument("--from", dest="origin", metavar="REGION/ZONE/CLUSTER",
+                     help="the client's locality (a zone alone if the catalog knows its region); with "
+                          "--gateway, default: where a connected proxy of that gateway runs")
+    exp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                     help="a label of the client's (repeatable; failoverPriority and distribute rules read them)")
+    exp.add_argument("--down", action="append", default=[],
+                     metavar="zone=Z|cluster=C|region=R|endpoint=ADDR[:PORT]",
+                     help="suppose these endpoints failed (repeatable)")
+    exp.add_argument("--gateway", metavar="NAME", help="explain a request at this gateway instead of a service")
+    exp.add_argument("--host", default="", help="with --gateway: the request's Host")
+    exp.add_argument("--path", default="/", help="with --gateway: the request's path (and ?query)")
+    exp.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                     help="with --gateway: a request header (repeatable)")
+    exp.add_argument("--method", default="GET", help="with --gateway: the request's method")
+    exp.add_argument("--json", action="store_true", help="print /debug/explain's JSON")
+    exp.add_argument("--server", default=ask.DEFAULT_SERVER, help=server_help)
+
     demo = sub.add_parser("demo", help="a local multi-cluster mesh with real Envoys; break things and watch")
     demo.add_argument("--workdir", type=Path, help="where to write files and logs (default: a temp dir)")
     demo.add_argument("--interval", type=float, default=1.0, help="seconds between rounds of requests")
@@ -74,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args.policy, args.endpoints)
     if args.command == "serve":
         return _run(_serve(args))
+    if args.command in ("status", "config-dump", "explain"):
+        return _ask(parser, args)
     if args.command == "demo":
         from meshplane.demo import run as demo_run
 
@@ -105,6 +141,28 @@ def _validate(path: Path, endpoint_files: list[Path]) -> int:
         return 1
     print(f"{path}: ok")
     return 0
+
+
+def _ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        if args.command == "status":
+            filters = {"kind": args.kind, "locality": args.locality, "state": args.state}
+            return ask.status(args.server, filters={k: v for k, v in filters.items() if v},
+                              wait_synced=args.wait_synced, as_json=args.json)
+        if args.command == "config-dump":
+            return ask.config_dump(args.server, args.node)
+        if bool(args.gateway) == bool(args.service):
+            parser.error("explain: give a SERVICE, or --gateway NAME (with --host, --path, --header)")
+        params = {"from": args.origin or "", "label": args.label, "down": args.down}
+        if args.gateway:
+            params |= {"gateway": args.gateway, "host": args.host, "path": args.path, "header": args.header,
+                       "method": args.method}
+        else:
+            params["service"] = args.service
+        return ask.explain(args.server, params, as_json=args.json)
+    except ask.Unanswered as exc:
+        print(f"meshplane {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _positive_int(text: str) -> int:

@@ -30,8 +30,8 @@ async def _demo(workdir: Path, *args: str) -> asyncio.subprocess.Process:
 
 
 async def test_demo_script_shows_same_region_then_cross_region_failover(tmp_path: Path) -> None:
-    script = ("sleep 1; break mockb ap-northeast-1a; sleep 2.5; where mockb ap-northeast-1a; "
-              "break-region mockb ap-northeast-1; sleep 2.5; quit")
+    script = ("sleep 1; status; break mockb ap-northeast-1a; sleep 2.5; where mockb ap-northeast-1a; "
+              "where mockb ap-northeast-1a zone=ap-northeast-1b; break-region mockb ap-northeast-1; sleep 2.5; quit")
     proc = await _demo(tmp_path, "--script", script)
     stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     out = stdout.decode()
@@ -42,7 +42,16 @@ async def test_demo_script_shows_same_region_then_cross_region_failover(tmp_path
     assert "mocka@ap-northeast-1a > mockb@ap-northeast-1a > mockc@ap-northeast-1a" in healthy, out
     rounds = [ln for ln in same_region.splitlines() if line in ln]
     assert "mocka@ap-northeast-1a > mockb@ap-northeast-1b" in rounds[-1], out
-    assert "priority 0  ap-northeast-1/ap-northeast-1a/cluster-2" in same_region, out
+    # `status`: every Envoy (four sidecars and the gateway) has ACKed every type.
+    table = [ln for ln in healthy.splitlines() if ln.startswith(("sidecar~", "gateway~"))]
+    assert len(table) == 5 and all(ln.count("SYNCED") == 4 for ln in table), out
+    # `where` explains the table and says where traffic goes with the broken replica down (what the
+    # rounds show), and where it would go if the next zone failed too.
+    where, _, what_if = same_region.partition("zone=ap-northeast-1b down")
+    assert "priority 0  ap-northeast-1/ap-northeast-1a/cluster-2" in where, out
+    assert "same region, zone and cluster" in where and "same region, another zone" in where, out
+    assert "traffic: 100% to priority 1" in where, out
+    assert "traffic: 100% to priority 2" in what_if, out
     last = [ln for ln in cross_region.splitlines() if line in ln][-1]
     assert "mocka@ap-northeast-1a > mockb@cn-hangzhou-" in last, out
     assert not _processes_under(tmp_path), "the demo left processes behind"

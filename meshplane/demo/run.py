@@ -16,7 +16,11 @@ or given with --script, ';'-separated):
   break-cluster CLUSTER / fix-cluster CLUSTER   every replica in that cluster (see /standby move)
   unready SERVICE ZONE     report it unhealthy through the endpoint file (an EDS push)
   ready SERVICE ZONE
-  where SERVICE ZONE       the priority table the control plane sends that zone's sidecar
+  where SERVICE ZONE [zone=Z|cluster=C|region=R ...]
+                           `meshplane explain`: the priority table that zone's sidecar gets, why, and
+                           where its traffic goes now (replicas broken here count as down), or if
+                           those failed too
+  status                   `meshplane status`: every Envoy and whether it has ACKed the latest config
   sleep SECONDS            (scripts) keep watching for a while
   quit                     stop everything (Ctrl-C does too)
 """
@@ -25,14 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shlex
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from meshplane import ask
 from meshplane.demo import mesh as mesh_mod
 from meshplane.demo import topology
 from meshplane.demo.ports import free_port
@@ -147,8 +153,10 @@ async def _execute(mesh: mesh_mod.Mesh, line: str, stop: asyncio.Event) -> None:
             _check(mesh, *args)
             mesh.set_health(args[0], args[1], "unhealthy" if verb == "unready" else "healthy")
             _say(f"{verb}: {args[0]} in {args[1]} (endpoint file updated)")
-        elif verb == "where" and len(args) == 2:
-            _say(await _where(mesh, *args))
+        elif verb == "where" and len(args) >= 2:
+            _say(await _where(mesh, args[0], args[1], args[2:]))
+        elif verb == "status" and not args:
+            _say(await _ask(mesh, "/debug/syncz", lambda answer: ask.format_status(answer["clients"]), {}))
         else:
             _say(f"unknown command {line.strip()!r}; try: break mockb ap-northeast-1a")
     except (ValueError, IndexError, KeyError) as exc:
@@ -160,24 +168,24 @@ def _check(mesh: mesh_mod.Mesh, service: str, zone: str) -> None:
         raise ValueError(f"no replica of {service!r} in zone {zone!r}; zones: {', '.join(mesh.topo.zones())}")
 
 
-async def _where(mesh: mesh_mod.Mesh, service: str, zone: str) -> str:
+async def _where(mesh: mesh_mod.Mesh, service: str, zone: str, suppose: list[str]) -> str:
+    """`meshplane explain` for that zone's sidecar, with the replicas the demo broke as down (outlier
+    detection ejects them) and any `zone=Z`, `cluster=C`, `region=R` supposed down too."""
     sidecar = mesh.topo.sidecars[zone]
-    assert mesh.plane is not None
-    from meshplane.demo import backend
+    down = [f"endpoint=127.0.0.1:{server.replica.port}" for server in mesh.servers.values() if not server.running]
+    return await _ask(mesh, "/debug/explain", ask.format_explain, {
+        "service": service, "from": f"{sidecar.cluster.region}/{zone}/{sidecar.cluster.name}",
+        "down": [*down, *suppose]})
 
-    query = (
-        f"/debug/placements?service={service}&region={sidecar.cluster.region}"
-        f"&zone={zone}&cluster={sidecar.cluster.name}"
-    )
-    status, body = await backend.http_get(mesh.plane.http_port, "localhost", query)
-    if status != 200:
-        return f"where: {body.strip()}"
-    table = json.loads(body)
-    lines = [f"{service} from {zone}:"]
-    for p in table["placements"]:
-        health = ", ".join(e["health"] for e in p["endpoints"])
-        lines.append(f"  priority {p['priority']}  {p['locality']:<40} weight {p['weight']}  [{health}]")
-    return "\n".join(lines)
+
+async def _ask(mesh: mesh_mod.Mesh, path: str, show: Callable[[Any], str], params: dict[str, Any]) -> str:
+    """One question to the demo's control plane, as `meshplane status | explain` asks it."""
+    assert mesh.plane is not None
+    server = f"http://127.0.0.1:{mesh.plane.http_port}"
+    try:
+        return show(await asyncio.to_thread(ask.get, server, path, params))
+    except ask.Unanswered as exc:
+        return f"{path}: {exc}"
 
 
 def _say(text: str) -> None:

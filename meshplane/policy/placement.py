@@ -44,6 +44,7 @@ class Placement:
     priority: int  # 0 = most preferred; compacted, no gaps
     weight: int  # LocalityLbEndpoints.load_balancing_weight, always >= 1
     endpoints: tuple[model.Endpoint, ...]
+    reason: str = ""  # which rule put this group at this priority (`meshplane explain`); not sent
 
 
 def place(
@@ -65,15 +66,20 @@ def place(
     # unknown too (a coincidence, not proximity), and only a `from: "*"` distribute
     # rule could match it. Spreading over every endpoint by default weights is the
     # answer that cannot strand such a client's traffic in the wrong place.
-    if not settings.enabled or not client.known:
-        return _placements((0, loc, eps) for loc, eps in groups.items())
+    if not settings.enabled:
+        return _placements((0, loc, eps, "locality load balancing is off: every locality alike")
+                           for loc, eps in groups.items())
+    if not client.known:
+        return _placements((0, loc, eps, "the client's locality is unknown: every locality alike")
+                           for loc, eps in groups.items())
     if settings.distribute:
         return _distribute(groups, client, settings.distribute)
 
-    ranked: list[tuple[int, model.Locality, tuple[model.Endpoint, ...]]] = []
+    ranked: list[_Ranked] = []
     for loc, eps in groups.items():
         if not settings.failover_priority:
-            ranked.append((_locality_priority(client, loc, settings.failover), loc, eps))
+            level = _locality_priority(client, loc, settings.failover)
+            ranked.append((level, loc, eps, _locality_reason(level, client, settings.failover)))
             continue
         # Endpoints of one locality may land at different priorities (by pod label).
         by_level: dict[int, list[model.Endpoint]] = {}
@@ -82,8 +88,29 @@ def place(
             by_level.setdefault(level, []).append(ep)
         near = _locality_priority(client, loc, settings.failover) if settings.failover else 0
         for level, members in by_level.items():
-            ranked.append((level * _LOCALITY_LEVELS + near, loc, tuple(members)))
+            matched = settings.failover_priority[:len(settings.failover_priority) - level]
+            reason = ("failoverPriority: matches the client on " + ", ".join(matched) if matched
+                      else "failoverPriority: matches the client on none of " + ", ".join(settings.failover_priority))
+            if settings.failover:
+                reason += "; then " + _locality_reason(near, client, settings.failover)
+            ranked.append((level * _LOCALITY_LEVELS + near, loc, tuple(members), reason))
     return _placements(ranked)
+
+
+_Ranked = tuple[int, model.Locality, tuple[model.Endpoint, ...], str]
+
+
+def _locality_reason(level: int, client: model.Locality, failover: Sequence[rules.FailoverRule]) -> str:
+    if level == 0:
+        return "same region, zone and cluster"
+    if level == 1:
+        return "same region and zone, another cluster"
+    if level == 2:
+        return "same region, another zone"
+    rule = next((r for r in failover if r.from_region == client.region), None)
+    if rule is not None and level == 3:
+        return f"failover rule: {rule.from_region} fails over to {rule.to_region}"
+    return "another region"
 
 
 def place_backend(
@@ -106,10 +133,12 @@ def place_backend(
     if len(backend.clusters) > 1:
         order = {cluster: i for i, cluster in enumerate(backend.clusters)}
         groups = _group(chosen)
-        return _placements((order[loc.cluster], loc, eps) for loc, eps in groups.items())
+        return _placements((order[loc.cluster], loc, eps, f"active-standby: {loc.cluster} is "
+                            f"#{order[loc.cluster] + 1} of {', '.join(backend.clusters)}")
+                           for loc, eps in groups.items())
     if (backend.spread or spread) == routing.Spread.NEAREST:
         return place(chosen, client=client, client_labels=client_labels, settings=settings)
-    return _placements((0, loc, eps) for loc, eps in _group(chosen).items())
+    return _placements((0, loc, eps, "spread: every endpoint alike") for loc, eps in _group(chosen).items())
 
 
 def selects(backend: routing.Backend, ep: model.Endpoint) -> bool:
@@ -143,15 +172,13 @@ def _weight(eps: Iterable[model.Endpoint]) -> int:
     return max(1, sum(ep.weight for ep in eps))
 
 
-def _placements(
-    ranked: Iterable[tuple[int, model.Locality, tuple[model.Endpoint, ...]]],
-) -> tuple[Placement, ...]:
+def _placements(ranked: Iterable[_Ranked]) -> tuple[Placement, ...]:
     """Compact raw priorities to 0..N without gaps (Envoy requires it) and sort."""
     items = list(ranked)
-    rank = {raw: i for i, raw in enumerate(sorted({raw for raw, _, _ in items}))}
+    rank = {raw: i for i, raw in enumerate(sorted({raw for raw, _, _, _ in items}))}
     out = [
-        Placement(locality=loc, priority=rank[raw], weight=_weight(eps), endpoints=eps)
-        for raw, loc, eps in items
+        Placement(locality=loc, priority=rank[raw], weight=_weight(eps), endpoints=eps, reason=reason)
+        for raw, loc, eps, reason in items
     ]
     return tuple(sorted(out, key=lambda p: (p.priority, p.locality)))
 
@@ -209,7 +236,8 @@ def _distribute(
     rule = next((r for r in distribute_rules if _locality_matches(r.from_locality, client)), None)
     if rule is None:
         # Istio returns after the distribute branch: no failover, no reordering.
-        return _placements((0, loc, eps) for loc, eps in groups.items())
+        return _placements((0, loc, eps, "no distribute rule matches the client: every locality alike")
+                           for loc, eps in groups.items())
     unclaimed = dict(groups)
     out: list[Placement] = []
     for pattern, percent in rule.to:  # the operator's order: the first pattern claims a group
@@ -220,7 +248,8 @@ def _distribute(
             # A wildcard matching several groups splits its share by their own weights;
             # rounding up (integer ceil, as Istio's float ceil) keeps every share >= 1.
             weight = -(-percent * _weight(eps) // total)
-            out.append(Placement(loc, 0, weight if weight > 0 else _weight(eps), eps))
+            out.append(Placement(loc, 0, weight if weight > 0 else _weight(eps), eps,
+                                 f"distribute rule from {rule.from_locality}: {pattern} gets {percent}%"))
     # Groups left unclaimed get no traffic: Istio empties them, we leave them out.
     return tuple(sorted(out, key=lambda p: (p.priority, p.locality)))
 

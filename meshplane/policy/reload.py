@@ -40,10 +40,14 @@ class PolicyWatcher:
     def __init__(
         self, path: Path | None, *, on_change: OnChange, interval: float = 0.1,
         known: Callable[[], validate.Known | None] | None = None,
+        on_result: Callable[[str], None] = lambda result: None,
     ) -> None:
-        """`known`: what discovery knows when a policy is loaded (references to anything else are warned about)."""
+        """`known`: what discovery knows when a policy is loaded (references to anything else are warned about).
+        `on_result`: told "applied", "unchanged" (valid, and the same policy) or "rejected" after each
+        reload once started (a `touch` or the same bytes rewritten is no reload)."""
         self.path = path
         self.known = known
+        self.on_result = on_result
         self.interval = interval
         self.on_change = on_change
         self.current = rules.Policy()
@@ -110,8 +114,14 @@ class PolicyWatcher:
             self._reject(result)
             # A broken certificate too is reported once, not on every poll: remember how the files are now.
             self._named = {path: _Seen.now(path) for path in self._named}
+            self.on_result("rejected")
+            return False
+        if result.policy == self.current:
+            self._accept(result)
+            self.on_result("unchanged")
             return False
         self._accept(result)
+        self.on_result("applied")
         outcome = self.on_change(result.policy, seen_at)
         if inspect.isawaitable(outcome):
             await outcome

@@ -7,14 +7,17 @@ process (tests, the demo) without their numbers mixing.
 from __future__ import annotations
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from meshplane.xds import streams, typeurls
 
 log = structlog.get_logger(__name__)
 
-# Milliseconds matter here: the buckets resolve the 1-100 ms range we aim at.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Milliseconds matter here: the buckets resolve 1-250 ms finely (a p99 interpolated between 100 and
+# 250 ms buckets read 239 ms where proxies measured 88), and seconds coarsely.
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.09, 0.1, 0.125, 0.15,
+                   0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+SIZE_BUCKETS = tuple(float(2 ** n) for n in range(8, 26, 2))  # 256 B .. 16 MiB
 
 
 class Metrics:
@@ -23,6 +26,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.push_latency = Histogram(
             "meshplane_push_latency_seconds",
             "From a watcher or the policy loader seeing a change to a proxy ACKing the version carrying it",
@@ -70,13 +74,38 @@ class Metrics:
             registry=r,
         )
         self.policy_reloads = Counter(
-            "meshplane_policy_reloads", "Policy file reloads by result", ["result"], registry=r
+            "meshplane_policy_reloads",
+            "Policy file loads after start-up by result: applied, unchanged (the same policy), rejected",
+            ["result"], registry=r,
         )
+        self.requests = Counter("meshplane_xds_requests", "DiscoveryRequests received", ["type"], registry=r)
+        self.response_size = Histogram(
+            "meshplane_xds_response_size_bytes", "Size of each DiscoveryResponse sent (configuration size)",
+            ["type"], buckets=SIZE_BUCKETS, registry=r,
+        )
+        self.queue = Histogram(
+            "meshplane_push_queue_seconds",
+            "From a stream's view changing (or its request arriving) to the push that carries it being composed",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.clients = Gauge(
+            "meshplane_xds_clients", "Connected clients by kind and sync state (the worst of their types)",
+            ["kind", "state"], registry=r,
+        )
+        # Every child a dashboard reads exists from the start, at 0: a counter series that first
+        # appears at 1 shows no increase() in Prometheus, so a first NACK would go unseen.
+        for short in typeurls.SHORT_NAMES.values():
+            for family in (self.nacks, self.stale, self.build_errors):
+                family.labels(short)
+        for result in ("applied", "unchanged", "rejected"):
+            self.policy_reloads.labels(result)
         # Labelled children looked up once: every ACK and response passes through here.
         self._responses = {t: self.responses.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
         self._response_bytes = {t: self.response_bytes.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
         self._acks = {t: self.acks.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
         self._push_latency = {t: self.push_latency.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
+        self._requests = {t: self.requests.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
+        self._response_size = {t: self.response_size.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
 
     # streams.Callbacks
 
@@ -92,6 +121,13 @@ class Metrics:
     def response_sent(self, stream: streams.Stream, type_url: str, *, resources: int, size: int) -> None:
         self._responses[type_url].inc()
         self._response_bytes[type_url].inc(size)
+        self._response_size[type_url].observe(size)
+
+    def request_received(self, stream: streams.Stream, type_url: str) -> None:
+        self._requests[type_url].inc()
+
+    def push_started(self, stream: streams.Stream, queued: float) -> None:
+        self.queue.observe(queued)
 
     def acked(self, stream: streams.Stream, type_url: str, *, latency: float | None) -> None:
         self._acks[type_url].inc()
@@ -102,6 +138,18 @@ class Metrics:
         self.nacks.labels(typeurls.SHORT_NAMES[type_url]).inc()
         log.warning("proxy rejected config (NACK); it keeps its last good version",
                     node=stream.node_id, type=typeurls.SHORT_NAMES[type_url], kept_version=version, detail=detail)
+
+    def count_clients(self, registry: streams.Registry) -> None:
+        """Set the clients gauge from the open streams (at scrape time)."""
+        counts: dict[tuple[str, str], int] = {}
+        for stream in registry:
+            if stream.proxy is None:
+                continue
+            key = (stream.proxy.kind.value, stream.worst().value)
+            counts[key] = counts.get(key, 0) + 1
+        self.clients.clear()
+        for (kind, state), n in counts.items():
+            self.clients.labels(kind, state).set(n)
 
     def stale_nonce(self, stream: streams.Stream, type_url: str) -> None:
         self.stale.labels(typeurls.SHORT_NAMES[type_url]).inc()

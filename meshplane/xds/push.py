@@ -63,6 +63,10 @@ class PushLoop:
         self._policy = policy
         self._record(seen_at)
 
+    def pending_since(self) -> float | None:
+        """When (monotonic) the oldest change not yet handed to the views was seen; None when idle."""
+        return self._first_seen
+
     def _record(self, seen_at: float) -> None:
         if self._first_seen is None or seen_at < self._first_seen:
             self._first_seen = seen_at

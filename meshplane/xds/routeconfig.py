@@ -112,12 +112,14 @@ def route_entries(
     routes: Sequence[routing.Route], default_retries: routing.Retries
 ) -> list[route_components_pb2.Route]:
     """One Envoy route per (rule, match) of `routes`, in Gateway API precedence."""
-    pairs = [
-        (_precedence(route, i, j, match), match, rule)
-        for route in routes for i, rule in enumerate(route.rules) for j, match in enumerate(rule.matches)
-    ]
-    pairs.sort(key=lambda pair: pair[0])
-    return [_route(match, rule, default_retries) for _, match, rule in pairs]
+    return [_route(match, route.rules[i], default_retries) for route, i, _, match in ordered(routes)]
+
+
+def ordered(routes: Sequence[routing.Route]) -> list[tuple[routing.Route, int, int, routing.Match]]:
+    """Every (route, rule index, match index, match) of `routes`, in the order Envoy tries them."""
+    found = [(route, i, j, match) for route in routes for i, rule in enumerate(route.rules)
+             for j, match in enumerate(rule.matches)]
+    return sorted(found, key=lambda item: _precedence(item[0], item[1], item[2], item[3]))
 
 
 def _precedence(route: routing.Route, rule: int, index: int, match: routing.Match) -> tuple[object, ...]:

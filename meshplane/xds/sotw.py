@@ -142,6 +142,7 @@ class SotwServer:
                 return "DiscoveryRequest without type_url (ADS needs it)"
             log.info("unsupported type requested, ignoring", type_url=type_url, node=stream.node_id)
             return None
+        self._callbacks.request_received(stream, type_url)
         sub = stream.types.get(type_url)
         if req.response_nonce:
             if sub is None or req.response_nonce != sub.nonce:
@@ -154,7 +155,8 @@ class SotwServer:
         if sub.names_key == request.names_key:
             return None  # the same names as before (an ACK or NACK): nothing new to look at
         sub.names_key, requested, explicit_wildcard = self._shared_names(request)
-        look_at = _resubscribe(sub, requested, explicit_wildcard, first=first)
+        look_at = _resubscribe(sub, requested, explicit_wildcard, first=first,
+                               legacy_wildcard=type_url in typeurls.FULL_STATE)
         if first:
             sub.reported = req.version_info
         if look_at is cache.EVERY or look_at:
@@ -177,7 +179,8 @@ class SotwServer:
     def _on_reply(self, stream: streams.Stream, sub: streams.TypeState, req: Any) -> None:
         if req.HasField("error_detail"):
             sub.inflight.clear()
-            sub.last_nack = streams.Nack(req.version_info, req.error_detail.message, time.time())
+            sub.last_nack = streams.Nack(sub.sent_version, req.version_info, req.error_detail.message.strip(),
+                                         time.time())
             self._callbacks.nacked(stream, req.type_url, version=req.version_info, detail=req.error_detail.message)
             return
         sub.acked_version = req.version_info
@@ -199,6 +202,9 @@ class SotwServer:
         if watch is None:
             return []
         dirty, stream.dirty = stream.dirty, {}
+        if stream.dirty_since is not None:
+            self._callbacks.push_started(stream, time.monotonic() - stream.dirty_since)
+            stream.dirty_since = None
         out: list[bytes] = []
         cds = stream.types.get(typeurls.CLUSTER)
         removed: dict[str, resources.Resource] = {}
@@ -273,6 +279,7 @@ class SotwServer:
                 sub.held.hold(now if now is not None else candidates)
                 sub.answered = True
                 sub.acked_version = sub.sent_version = reported
+                sub.sent_at = time.time()
                 return
         held = sub.held.current
         seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in held]
@@ -298,6 +305,7 @@ class SotwServer:
         sub.nonce = nonce
         sub.answered = True
         sub.sent_version = version_info
+        sub.sent_at = time.time()
         sub.inflight[nonce] = min(seen) if seen else None
         out.append(message)
         self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
@@ -324,9 +332,15 @@ def _heavy(dirty: Mapping[str, streams.Dirty]) -> bool:
 
 
 def _resubscribe(
-    sub: streams.TypeState, requested: frozenset[str], explicit_wildcard: bool, *, first: bool
+    sub: streams.TypeState, requested: frozenset[str], explicit_wildcard: bool, *, first: bool,
+    legacy_wildcard: bool,
 ) -> streams.Dirty:
     """Apply a request's resource_names (xds_protocol wildcard rules) to a subscription.
+
+    A first request naming nothing is a (legacy) wildcard only for listeners and clusters, as
+    xds_protocol has it; for routes and endpoints it asks for nothing. Envoy sends one when a
+    listener it was building fails before its route configuration's name went out: answering it
+    with every route configuration would earn no ACK (Envoy ignores a type it does not watch).
 
     Returns the names to look at again: EVERY for all of them (the first request, or a switch
     into or out of wildcard), else the names newly subscribed or dropped.
@@ -336,8 +350,8 @@ def _resubscribe(
         wildcard = True
     elif requested:
         wildcard = False
-    elif first:
-        wildcard = True  # legacy wildcard: a first request naming nothing
+    elif first and legacy_wildcard:
+        wildcard = True
     changed = set(requested ^ sub.names)
     sub.held.drop(changed)  # (re)subscribed resources are sent even if unchanged
     whole = first or wildcard != sub.wildcard

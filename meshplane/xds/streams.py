@@ -14,6 +14,7 @@ and recorded, nothing is sent.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,11 +27,22 @@ from meshplane.xds import cache, proxy
 
 @dataclass(frozen=True, slots=True)
 class Nack:
-    """A response the client rejected: the version it kept, its message, and when (wall clock)."""
+    """A response the client rejected: the version it rejected, the one it kept, its message, and when
+    (wall clock)."""
 
-    version: str
+    rejected: str
+    kept: str
     message: str
     at: float
+
+
+class Sync(enum.StrEnum):
+    """Where one type of one stream stands (`meshplane status`)."""
+
+    SYNCED = "SYNCED"  # the client ACKed the latest version we sent
+    STALE = "STALE"  # sent, not ACKed yet
+    NACKED = "NACKED"  # the client rejected the latest version we sent
+    NOT_SENT = "NOT SENT"  # asked for, nothing sent yet
 
 
 @dataclass(slots=True)
@@ -46,9 +58,22 @@ class TypeState:
     # nonce -> earliest change time it carries (None: nothing new to time)
     inflight: dict[str, float | None] = field(default_factory=dict)
     sent_version: str = ""  # version_info of the last response sent
+    sent_at: float | None = None  # wall clock
     acked_version: str = ""
     last_nack: Nack | None = None
     reported: str = ""  # the version the client said it holds when it (re)connected: checked at the first push
+
+    def sync(self) -> Sync:
+        if not self.wildcard and not self.names:
+            return Sync.SYNCED  # it asks for nothing of this type (yet), and lacks nothing
+        if not self.answered:
+            return Sync.NOT_SENT
+        if self.acked_version == self.sent_version:
+            return Sync.SYNCED
+        nack = self.last_nack
+        if nack is not None and nack.rejected == self.sent_version:
+            return Sync.NACKED
+        return Sync.STALE
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -76,6 +101,7 @@ class Stream:
         self.watch: cache.ViewWatch | None = None
         self.types: dict[str, TypeState] = {}
         self.dirty: dict[str, Dirty] = {}
+        self.dirty_since: float | None = None  # monotonic: when the oldest change not yet pushed was marked
         self.wake = asyncio.Event()
         self._nonces = itertools.count(1)
 
@@ -83,8 +109,23 @@ class Stream:
     def node_id(self) -> str:
         return self.proxy.id if self.proxy is not None else ""
 
+    def sync(self, type_url: str) -> Sync:
+        """Where one type stands; a type whose view changed and is not written yet is STALE, whatever
+        the client ACKed."""
+        state = self.types[type_url].sync()
+        if type_url in self.dirty and state != Sync.NOT_SENT:
+            return Sync.STALE
+        return state
+
+    def worst(self) -> Sync:
+        """The client's state: the worst of its types' (NACKED, STALE, NOT SENT, SYNCED)."""
+        states = {self.sync(t) for t in self.types}
+        return next((s for s in (Sync.NACKED, Sync.STALE, Sync.NOT_SENT) if s in states), Sync.SYNCED)
+
     def mark(self, changes: Mapping[str, Dirty]) -> None:
         """Record names to look at again, and wake the writer."""
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
         for type_url, names in changes.items():
             mark_dirty(self.dirty, type_url, names)
         self.wake.set()
@@ -146,4 +187,6 @@ class Callbacks(Protocol):
     def nacked(self, stream: Stream, type_url: str, *, version: str, detail: str) -> None: ...
     def stale_nonce(self, stream: Stream, type_url: str) -> None: ...
     def write_stalled(self, stream: Stream) -> None: ...
+    def request_received(self, stream: Stream, type_url: str) -> None: ...
+    def push_started(self, stream: Stream, queued: float) -> None: ...
 

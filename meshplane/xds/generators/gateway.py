@@ -61,16 +61,22 @@ def _placement_reads(policy: rules.Policy, key: model.ServiceKey, where: Place) 
     return policy.for_service(key).locality, policy.backends(where.gateway, key)
 
 
+def ranked(service: model.Service, policy: rules.Policy, where: Place,
+           backend: routing.Backend) -> tuple[placement.Placement, ...]:
+    """The priority table of a route backend for the gateway at `where`; `meshplane explain` reads
+    it here too."""
+    return placement.place_backend(
+        service.endpoints, backend, client=where.locality, client_labels={},
+        settings=policy.for_service(service.key).locality, spread=routing.Spread.EVERYWHERE,
+    )
+
+
 def _assignments(service: model.Service, policy: rules.Policy, where: Place) -> base.Built:
-    settings = policy.for_service(service.key).locality
     out = {}
     for backend, port in _backends(policy, service, where.gateway):
         name = translate.backend_cluster_name(backend)
-        ranked = placement.place_backend(
-            service.endpoints, backend, client=where.locality, client_labels={}, settings=settings,
-            spread=routing.Spread.EVERYWHERE,
-        )
-        out[name] = translate.build_load_assignment(name, port.name, ranked, standby=len(backend.clusters) > 1)
+        out[name] = translate.build_load_assignment(name, port.name, ranked(service, policy, where, backend),
+                                                    standby=len(backend.clusters) > 1)
     return out
 
 

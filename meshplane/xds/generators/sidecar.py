@@ -67,11 +67,20 @@ def _placement_reads(policy: rules.Policy, key: model.ServiceKey, scope: object)
     return policy.for_service(key).locality, policy.backends(routing.MESH, key)
 
 
-def _assignments(service: model.Service, policy: rules.Policy, origin: Origin) -> base.Built:
+def ranked(service: model.Service, policy: rules.Policy, origin: Origin,
+           backend: routing.Backend | None = None) -> tuple[placement.Placement, ...]:
+    """The priority table of the service (or of a mesh route's part of it) for a sidecar at `origin`;
+    `meshplane explain` reads it here too."""
     settings = policy.for_service(service.key).locality
-    placements = placement.place(
-        service.endpoints, client=origin.locality, client_labels=dict(origin.labels), settings=settings
-    )
+    if backend is None:
+        return placement.place(service.endpoints, client=origin.locality, client_labels=dict(origin.labels),
+                               settings=settings)
+    return placement.place_backend(service.endpoints, backend, client=origin.locality,
+                                   client_labels=dict(origin.labels), settings=settings, spread=routing.Spread.NEAREST)
+
+
+def _assignments(service: model.Service, policy: rules.Policy, origin: Origin) -> base.Built:
+    placements = ranked(service, policy, origin)
     out = {}
     for port in service.ports:
         if port.protocol != model.Protocol.TCP:
@@ -79,11 +88,8 @@ def _assignments(service: model.Service, policy: rules.Policy, origin: Origin) -
             out[name] = translate.build_load_assignment(name, port.name, placements)
     for backend, port in _subsets(policy, service):
         name = translate.backend_cluster_name(backend)
-        ranked = placement.place_backend(
-            service.endpoints, backend, client=origin.locality, client_labels=dict(origin.labels),
-            settings=settings, spread=routing.Spread.NEAREST,
-        )
-        out[name] = translate.build_load_assignment(name, port.name, ranked, standby=len(backend.clusters) > 1)
+        out[name] = translate.build_load_assignment(name, port.name, ranked(service, policy, origin, backend),
+                                                    standby=len(backend.clusters) > 1)
     return out
 
 

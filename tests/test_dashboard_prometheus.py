@@ -1,0 +1,201 @@
+"""Every query of the committed dashboard, run by a real Prometheus (Debian's `prometheus`, installed by
+the test command) scraping a running meshplane with real Envoys connected, returns data in the
+situation its panel shows: a NACK forced, a cluster's API server down, a broken policy edit, a
+build failure, an endpoint change pushed and ACKed. The shipped alert rules load and evaluate too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshplane import app
+from meshplane.demo import envoy
+from meshplane.demo.ports import free_port
+from meshplane.xds import translate
+from tests.conftest import cluster_doc, wait_for, write_yaml
+from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, service
+from tests.test_clusters import FAST
+from tests.test_dashboard import DASHBOARD, load_generator
+
+pytestmark = [pytest.mark.envoy, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+WINDOW = "20s"  # what $__rate_interval stands for here: scrapes every second
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        pytest.fail("prometheus is not installed: scripts/test.sh installs Debian's package "
+                    "(apt-get install prometheus)")
+    return found
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.port = free_port()
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": "meshplane", "static_configs": [{"targets": [target]}]}],
+        }))
+        self.data = workdir / "tsdb"
+        self.log = workdir / "prometheus.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                prometheus_binary(), f"--config.file={self.config}", f"--storage.tsdb.path={self.data}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+        await wait_for(self._ready, timeout=30, what=f"Prometheus ready (log: {self.log})")
+
+        async def scraped() -> bool:  # Prometheus hands new targets to its scrapers every 5 s
+            return any(s["value"][1] == "1" for s in await self.query('up{job="meshplane"}'))
+
+        await wait_for(scraped, timeout=30, what=f"Prometheus scraping meshplane (log: {self.log})")
+
+    async def _ready(self) -> bool:
+        try:
+            await asyncio.to_thread(self._get, "/-/ready")
+            return True
+        except OSError:
+            return False
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            return json.loads(response.read()) if path.startswith("/api") else None
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        answer = await asyncio.to_thread(self._get, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        assert answer["status"] == "success", answer
+        return list(answer["data"]["result"])
+
+    async def get(self, path: str) -> Any:
+        return await asyncio.to_thread(self._get, path)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await asyncio.wait_for(self.proc.wait(), timeout=10)
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[FakeKubeAPI]:
+    fake = FakeKubeAPI("kc")
+    fake.start()
+    fake.put("nodes", node("node-a", "r1", "z1"))
+    fake.put("services", service("web", "default", [{"name": "http", "port": 80}]))
+    fake.put("endpointslices", endpoint_slice("web-a", "default", "web", [endpoint("127.0.0.9", node_name="node-a")],
+                                              [{"name": "http", "port": 8080}]))
+    yield fake
+    fake.stop()
+
+
+def _values(series: list[dict[str, Any]]) -> list[float]:
+    return [v for v in (float(s["value"][1]) for s in series) if not math.isnan(v)]
+
+
+async def test_every_panel_has_data_in_its_situation(
+    start_plane: Any, kube: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = load_generator()
+    committed = json.loads(DASHBOARD.read_text())
+    endpoints = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"svc": [{"zone": "z1", "port": 9009},
+                                                                                 {"zone": "z2", "port": 9010}]}))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 1s\n")
+    plane: app.ControlPlane = await start_plane(
+        endpoint_files=(endpoints,), policy_file=policy, kube=FAST,
+        kubeconfigs=(f"kc={kube.write_kubeconfig(tmp_path / 'kc.yaml', cluster='kc')}",))
+    prom = Prometheus(tmp_path, f"127.0.0.1:{plane.http_port}")
+    proxies = [envoy.EnvoyProcess(
+        node=envoy.EnvoyNode(id=f"sidecar-{z}", cluster="t", region="r1", zone=z, sub_zone="c1",
+                             metadata={"listener_port": free_port(), "listener_address": "127.0.0.1"}),
+        ads_port=plane.ads_port, workdir=tmp_path) for z in ("z1", "z2")]
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    stuck = envoy.EnvoyProcess(
+        node=envoy.EnvoyNode(id="sidecar-stuck", cluster="t", region="r1", zone="z1", sub_zone="c1",
+                             metadata={"listener_port": taken.getsockname()[1], "listener_address": "127.0.0.1"}),
+        ads_port=plane.ads_port, workdir=tmp_path)
+    try:
+        await prom.start()
+        for proxy in (*proxies, stuck):  # serving; and one Envoy NACKs its listener
+            await proxy.start()
+        await wait_for(lambda: plane.metrics.registry.get_sample_value("meshplane_xds_nacks_total", {"type": "lds"}),
+                       timeout=20, what="the NACK")
+        kube.set_unreachable(True)  # stale
+        policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: soon\n")  # rejected
+        build_cluster = translate.build_cluster
+
+        def broken(service: Any, port: Any, settings: Any, **kw: Any) -> Any:
+            if service.name == "broken":
+                raise RuntimeError("injected: cannot build broken")
+            return build_cluster(service, port, settings, **kw)
+
+        monkeypatch.setattr(translate, "build_cluster", broken)  # build failure, and a change pushed
+        write_yaml(endpoints, cluster_doc("c1", "r1", {"svc": [{"zone": "z1", "port": 9009}],
+                                                      "broken": [{"zone": "z1", "port": 9011}]}))
+
+        for spec in generator.PANELS:
+            panel = next(p for p in committed["panels"] if p.get("title") == spec.title)
+            for target, query in zip(panel["targets"], spec.queries, strict=True):
+                expr = target["expr"].replace("$instance", ".*").replace("$__rate_interval", WINDOW)
+
+                async def answered(expr: str = expr) -> list[float]:
+                    return _values(await prom.query(expr))
+
+                found = await wait_for(answered, timeout=30,
+                                       what=f"data for {spec.title!r} ({spec.shows}): {expr}")
+                if query.nonzero:
+                    await wait_for(lambda expr=expr: _positive(prom, expr), timeout=30,
+                                   what=f"a non-zero value for {spec.title!r} ({spec.shows}): {expr}")
+                assert found
+
+        # The shipped alert rules load and evaluate without error against the same metrics.
+        rules = (await prom.get("/api/v1/rules"))["data"]["groups"]
+        names = {r["name"] for g in rules for r in g["rules"]}
+        assert names >= {"MeshplaneProxyRejectedConfig", "MeshplaneClusterStale", "MeshplaneBuildFailures"}
+        assert all(r["health"] in ("ok", "unknown") for g in rules for r in g["rules"]), rules
+
+        async def nack_alert_firing() -> bool:
+            alerts = (await prom.get("/api/v1/alerts"))["data"]["alerts"]
+            return any(a["labels"]["alertname"] == "MeshplaneProxyRejectedConfig" for a in alerts)
+
+        await wait_for(nack_alert_firing, timeout=20, what="the NACK alert")
+    finally:
+        for proxy in (*proxies, stuck):
+            await proxy.stop()
+        taken.close()
+        await prom.stop()
+
+
+async def _positive(prom: Prometheus, expr: str) -> bool:
+    return any(v > 0 for v in _values(await prom.query(expr)))
+
+
+def test_promtool_checks_the_shipped_prometheus_files() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: scripts/test.sh installs Debian's prometheus package")
+    for args in (["check", "rules", str(ALERTS)],
+                 ["check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml")]):
+        result = subprocess.run([promtool, *args], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
