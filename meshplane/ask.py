@@ -125,7 +125,7 @@ def format_explain(answer: Mapping[str, Any]) -> str:
         lines = [f"{head}\n  route {matched['route']}, rule {matched['rule']} (match {matched['match']}), "
                  f"port {matched['port']}"]
         for backend in answer["backends"]:
-            lines.append(f"  backend {backend['cluster']} (weight {backend['weight']})")
+            lines.append(f"  backend {backend['upstream']} (weight {backend['weight']})")
             lines.extend(_table(backend, indent="    "))
         return "\n".join(lines)
     labels = "".join(f" {k}={v}" for k, v in answer.get("labels", {}).items())

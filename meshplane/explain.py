@@ -137,13 +137,13 @@ def gateway(
 
 def _backend(services: Mapping[model.ServiceKey, model.Service], policy: rules.Policy, backend: routing.Backend,
              where: gateway_gen.Place, down: Sequence[Down]) -> dict[str, Any]:
-    name = translate.backend_cluster_name(backend)
-    out: dict[str, Any] = {"cluster": name, "weight": backend.weight}
+    upstream = translate.backend_cluster_name(backend)  # Envoy's cluster for the backend
+    out: dict[str, Any] = {"upstream": upstream, "weight": backend.weight}
     service = services.get(backend.service)
     if service is None:
         return {**out, "placements": [], "traffic": [], "note": f"no service {backend.service}: 503"}
     served = gateway_gen.ASSIGNMENTS.build(service, policy, where) or {}
-    return {**out, **_table(gateway_gen.ranked(service, policy, where, backend), served.get(name), down)}
+    return {**out, **_table(gateway_gen.ranked(service, policy, where, backend), served.get(upstream), down)}
 
 
 def _host_matches(pattern: str, host: str) -> bool:
