@@ -26,7 +26,7 @@ from meshplane import admin, aio, explain
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import placement, reload, rules, validate
-from meshplane.xds import generators, push, slots, sotw, streams, syncz, views
+from meshplane.xds import delta, generators, push, slots, sotw, streams, syncz, views
 from meshplane.xds import metrics as metrics_mod
 
 log = structlog.get_logger(__name__)
@@ -47,6 +47,10 @@ class Config:
     stall_after: float = 0.1  # a heavy push's write not taken by its client in this long gives its slot back
     http_timeout: float = 5.0  # an idle or half-sent HTTP request is closed after this long
     identifier: str = "meshplane"
+    # An ADS connection is closed (GOAWAY) after about this long, and its streams after the grace
+    # period more: clients reconnect, so they rebalance over replicas that came back (0: never).
+    max_connection_age: float = 1800.0
+    max_connection_age_grace: float = 10.0
     # Kubernetes clusters (docs/kubernetes.md)
     local_cluster: str | None = None  # ID[=KUBECONFIG[#CONTEXT]]: also where remote secrets live
     kubeconfigs: tuple[str, ...] = ()  # [ID=]PATH[#CONTEXT]
@@ -79,6 +83,7 @@ class ControlPlane:
         self.cache: views.ViewCache | None = None
         self.streams = streams.Registry(held=True)  # answered once ready()
         self.ads: sotw.SotwServer | None = None
+        self.delta: delta.DeltaServer | None = None
         self.push: push.PushLoop | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: admin.HttpPort | None = None
@@ -94,9 +99,16 @@ class ControlPlane:
             services=self.catalog.services, policy=self.policy_watcher.current, generators=generators.by_kind(),
             on_build_error=self.metrics.build_failed,
         )
+        # Both protocols on one port, one registry and one set of push slots: a reconnect storm is
+        # bounded whichever protocol its clients speak.
+        push_slots = slots.PushSlots(self.config.max_concurrent_pushes, stall_after=self.config.stall_after)
         self.ads = sotw.SotwServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
-            push_slots=slots.PushSlots(self.config.max_concurrent_pushes, stall_after=self.config.stall_after),
+            push_slots=push_slots,
+        )
+        self.delta = delta.DeltaServer(
+            self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
+            push_slots=push_slots,
         )
         self.push = push.PushLoop(
             cache=self.cache, services=lambda: self.catalog.services,
@@ -107,10 +119,12 @@ class ControlPlane:
         self._started_at = time.monotonic()
         await self._start_kubernetes()
         self._readiness = asyncio.create_task(self._announce_ready(), name="readiness")
-        self._grpc = grpc.aio.server(
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
-        )
-        self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(),))
+        options: list[tuple[str, int]] = [("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
+        if self.config.max_connection_age > 0:  # gRPC adds +-10 % jitter: reconnects do not come all at once
+            options += [("grpc.max_connection_age_ms", int(self.config.max_connection_age * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(self.config.max_connection_age_grace * 1000))]
+        self._grpc = grpc.aio.server(options=options)
+        self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(), self.delta.rpc_handler()))
         self.ads_port = self._grpc.add_insecure_port(f"{self.config.ads_host}:{self.config.ads_port}")
         if self.ads_port == 0:
             raise OSError(f"cannot listen for ADS on {self.config.ads_host}:{self.config.ads_port}")

@@ -72,10 +72,10 @@ def format_status(clients: Sequence[Mapping[str, Any]], *, now: float | None = N
     """A table in the manner of `istioctl proxy-status`, with NACK messages under their client."""
     if not clients:
         return "no clients connected"
-    rows = [["NAME", "KIND", "LOCALITY", *(t.upper() for t in TYPES), "VIEW", "CONNECTED"]]
+    rows = [["NAME", "KIND", "XDS", "LOCALITY", *(t.upper() for t in TYPES), "VIEW", "CONNECTED"]]
     notes: dict[int, list[str]] = {}
     for client in clients:
-        cells = [client["node"], client["kind"], client["locality"]]
+        cells = [client["node"], client["kind"], client.get("protocol", ""), client["locality"]]
         for t in TYPES:
             entry = client["types"].get(t)
             if entry is None:

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds between checks of the endpoint and policy files for edits")
     serve.add_argument("--max-concurrent-pushes", type=_positive_int, default=100,
                        help="streams composing and writing at once; bounds memory in a reconnect storm")
+    serve.add_argument("--max-connection-age", type=float, default=1800.0, metavar="SECONDS",
+                       help="close each ADS connection after about this long (+-10 %%), so proxies rebalance "
+                            "over replicas (docs/deploying.md); 0: never")
+    serve.add_argument("--max-connection-age-grace", type=float, default=10.0, metavar="SECONDS",
+                       help="how long a closing connection's streams may go on before they are ended")
     kube = serve.add_argument_group("Kubernetes clusters (docs/kubernetes.md)")
     kube.add_argument("--local-cluster", metavar="ID[=KUBECONFIG[#CONTEXT]]",
                       help="the cluster meshplane runs in (service account in a pod, else the current context)")
@@ -190,6 +195,7 @@ async def _serve(args: argparse.Namespace) -> int:
         ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
         debounce=args.debounce, max_delay=args.max_delay, poll_interval=args.poll_interval,
         max_concurrent_pushes=args.max_concurrent_pushes,
+        max_connection_age=args.max_connection_age, max_connection_age_grace=args.max_connection_age_grace,
         local_cluster=args.local_cluster, kubeconfigs=tuple(args.kubeconfig),
         kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
         sync_timeout=args.sync_timeout,

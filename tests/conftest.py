@@ -13,6 +13,27 @@ import pytest
 import yaml
 
 from meshplane import app
+from meshplane.demo import envoy as envoy_mod
+
+XDS_PROTOCOLS = {"sotw": "GRPC", "delta": "DELTA_GRPC"}
+"""The xDS protocols a real Envoy can speak to meshplane, by the bootstrap's ads_config.api_type."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every real-Envoy scenario runs under each protocol (`[sotw]`, `[delta]`), unless it is marked
+    `any_protocol` (it checks something the protocol does not touch, or runs the shipped default)."""
+    definition = metafunc.definition
+    if definition.get_closest_marker("envoy") and not definition.get_closest_marker("any_protocol"):
+        metafunc.fixturenames.append("xds_protocol")
+        metafunc.parametrize("xds_protocol", list(XDS_PROTOCOLS), indirect=True)
+
+
+@pytest.fixture
+def xds_protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The protocol the test's Envoys speak (the bootstrap's api_type)."""
+    protocol = str(request.param)
+    monkeypatch.setattr(envoy_mod, "API_TYPE", XDS_PROTOCOLS[protocol])
+    return protocol
 
 
 async def wait_for(

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from meshplane.demo.envoy import envoy_binary
 from meshplane.xds import proxy
 
-pytestmark = pytest.mark.envoy
+pytestmark = [pytest.mark.envoy, pytest.mark.any_protocol]
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
 

@@ -29,7 +29,7 @@ from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, service
 from tests.test_clusters import FAST
 from tests.test_dashboard import DASHBOARD, load_generator
 
-pytestmark = [pytest.mark.envoy, pytest.mark.slow]
+pytestmark = [pytest.mark.envoy, pytest.mark.slow, pytest.mark.any_protocol]
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

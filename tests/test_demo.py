@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.envoy
+pytestmark = [pytest.mark.envoy, pytest.mark.any_protocol]
 
 
 def _processes_under(workdir: Path) -> list[str]:

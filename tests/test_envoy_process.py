@@ -82,9 +82,13 @@ async def empty_ads() -> AsyncIterator[tuple[int, EmptyAds]]:
 def test_bootstrap_is_an_ads_bootstrap() -> None:
     doc = bootstrap(node=NODE, ads_host="127.0.0.1", ads_port=18000, admin_port=9901)
     ads = doc["dynamic_resources"]["ads_config"]
-    assert ads["api_type"] == "GRPC"
+    assert ads["api_type"] == "DELTA_GRPC"
     assert ads["transport_api_version"] == "V3"
-    assert ads["grpc_services"] == [{"envoy_grpc": {"cluster_name": "xds_cluster"}}]
+    back_off = {"base_interval": "0.1s", "max_interval": "1s"}
+    assert ads["grpc_services"] == [{"envoy_grpc": {"cluster_name": "xds_cluster",
+                                                    "retry_policy": {"retry_back_off": back_off}}}]
+    sotw = bootstrap(node=NODE, ads_host="127.0.0.1", ads_port=18000, admin_port=9901, api_type="GRPC")
+    assert sotw["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
     assert ads["set_node_on_first_message_only"] is True
     for source in ("cds_config", "lds_config"):
         assert doc["dynamic_resources"][source] == {"ads": {}, "resource_api_version": "V3"}
@@ -146,7 +150,7 @@ async def test_wait_ready_once_management_server_answers(
     tmp_path: Path, empty_ads: tuple[int, EmptyAds],
 ) -> None:
     port, ads = empty_ads
-    async with EnvoyProcess(node=NODE, ads_port=port, workdir=tmp_path) as proxy:
+    async with EnvoyProcess(node=NODE, ads_port=port, workdir=tmp_path, api_type="GRPC") as proxy:
         await proxy.wait_ready(timeout=10)
         assert json.loads(await proxy.admin_get("/server_info"))["state"] == "LIVE"
         # One ADS stream: the node (with its locality) only on the first message.

@@ -57,7 +57,7 @@ async def _eds_ports(proxy: envoy.EnvoyProcess) -> set[int]:
 
 
 async def test_status_shows_a_nack_with_envoys_message_and_wait_synced_waits_for_every_ack(
-    start_plane: Any, tmp_path: Path
+    start_plane: Any, tmp_path: Path, xds_protocol: str
 ) -> None:
     path = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"svc": [{"zone": "z1", "port": 9009}]}))
     plane = await start_plane(endpoint_files=(path,))
@@ -92,7 +92,7 @@ async def test_status_shows_a_nack_with_envoys_message_and_wait_synced_waits_for
             for proxy in good:
                 assert 9010 in await _eds_ports(proxy), f"{proxy.node.id} did not hold the new endpoint"
             assert [ln.split()[0] for ln in out.splitlines()[1:]] == ["sidecar-z1", "sidecar-z2"], out
-            assert all(ln.split()[3:7] == ["SYNCED"] * 4 for ln in out.splitlines()[1:]), out
+            assert all(ln.split()[4:8] == ["SYNCED"] * 4 for ln in out.splitlines()[1:]), out
 
             # A third Envoy cannot bind its listener and NACKs it.
             await stuck.start()
@@ -104,6 +104,7 @@ async def test_status_shows_a_nack_with_envoys_message_and_wait_synced_waits_for
             stats = await stuck.stats()
             assert stats["listener_manager.lds.update_rejected"] >= 1
             syncz = await http(plane, "/debug/syncz")
+            assert {c["protocol"] for c in syncz["clients"]} == {xds_protocol}  # the Envoys speak what they say
             entry = next(c for c in syncz["clients"] if c["node"] == "sidecar-stuck")
             assert entry["state"] == "NACKED"
             nack = entry["types"]["lds"]
@@ -114,7 +115,8 @@ async def test_status_shows_a_nack_with_envoys_message_and_wait_synced_waits_for
             code, out, err = await meshplane("status", "--server", server)
             assert code == 0, err
             row = next(ln for ln in out.splitlines() if ln.startswith("sidecar-stuck"))
-            assert row.split()[3:7] == ["SYNCED", "SYNCED", "NACKED", "SYNCED"], out
+            expected = ["sidecar", xds_protocol, "r1/z1/c1", "SYNCED", "SYNCED", "NACKED", "SYNCED"]
+            assert row.split()[1:8] == expected, out
             assert f"lds NACKED version {nack['sent']}" in out and "Address already in use" in out, out
 
             code, out, _ = await meshplane("status", "--server", server, "--state", "NACKED")

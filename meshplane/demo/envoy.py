@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -73,9 +73,51 @@ def envoy_binary() -> Path:
 
 
 
-def bootstrap(*, node: EnvoyNode, ads_host: str, ads_port: int, admin_port: int) -> dict[str, Any]:
-    """A minimal ADS bootstrap: CDS and LDS (and so EDS/RDS) all arrive over one ADS stream."""
+API_TYPE = "DELTA_GRPC"
+"""The xDS protocol the demo's (and the tests') Envoys speak: delta, as Istio's and Envoy Gateway's
+bootstraps do; "GRPC" is state of the world (the tests run their Envoy scenarios under both)."""
+
+XDS_RETRY_BACK_OFF = {"base_interval": "0.1s", "max_interval": "1s"}
+"""How soon Envoy retries its xDS stream after losing it (Envoy's default: 0.5 s doubling up to
+30 s). Bounded so that a proxy whose control plane died is back on another within about a second."""
+
+
+def bootstrap(*, node: EnvoyNode, ads_host: str, ads_port: int, admin_port: int,
+              api_type: str | None = None, ads_replicas: Sequence[tuple[str, int]] = ()) -> dict[str, Any]:
+    """A minimal ADS bootstrap: CDS and LDS (and so EDS/RDS) all arrive over one ADS stream.
+
+    `ads_replicas`: several control plane replicas, nearest first (each at its own priority), instead
+    of the one at ads_host:ads_port. A TCP health check every 250 ms marks a dead one unhealthy,
+    so a lost stream is retried on the next replica, and comes back to the nearest once it is up."""
     ads_source = {"ads": {}, "resource_api_version": "V3"}
+    replicas = list(ads_replicas) or [(ads_host, ads_port)]
+    xds_cluster: dict[str, Any] = {
+        "name": "xds_cluster",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        # gRPC needs HTTP/2 to the management server.
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/"
+                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {
+            "cluster_name": "xds_cluster",
+            "endpoints": [
+                {"priority": i, "lb_endpoints": [{"endpoint": {"address": {
+                    "socket_address": {"address": host, "port_value": port},
+                }}}]}
+                for i, (host, port) in enumerate(replicas)
+            ],
+        },
+    }
+    if len(replicas) > 1:
+        xds_cluster["health_checks"] = [{
+            "timeout": "0.25s", "interval": "0.25s", "no_traffic_interval": "0.25s",
+            "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {},
+        }]
     return {
         "node": {
             "id": node.id,
@@ -87,36 +129,17 @@ def bootstrap(*, node: EnvoyNode, ads_host: str, ads_port: int, admin_port: int)
                                                  "port_value": admin_port}}},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": api_type or API_TYPE,
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}],
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster",
+                                                  "retry_policy": {"retry_back_off": XDS_RETRY_BACK_OFF}}}],
                 # The node is identified once per stream; later requests omit it.
                 "set_node_on_first_message_only": True,
             },
             "cds_config": ads_source,
             "lds_config": ads_source,
         },
-        "static_resources": {
-            "clusters": [{
-                "name": "xds_cluster",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                # gRPC needs HTTP/2 to the management server.
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/"
-                                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    },
-                },
-                "load_assignment": {
-                    "cluster_name": "xds_cluster",
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                        "socket_address": {"address": ads_host, "port_value": ads_port},
-                    }}}]}],
-                },
-            }],
-        },
+        "static_resources": {"clusters": [xds_cluster]},
     }
 
 
@@ -160,8 +183,12 @@ class EnvoyProcess:
         workdir: Path,
         ads_host: str = "127.0.0.1",
         log_level: str = "warning",
+        api_type: str | None = None,
+        ads_replicas: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.node = node
+        self.api_type = api_type  # None: API_TYPE when started
+        self.ads_replicas = tuple(ads_replicas)
         self.ads_port = ads_port
         self.ads_host = ads_host
         self.workdir = Path(workdir)
@@ -191,7 +218,7 @@ class EnvoyProcess:
         # Admin on port 0 and --admin-address-path: Envoy binds a free port itself and tells
         # us which, so there is no window in which another process can take a port we picked.
         config = bootstrap(node=self.node, ads_host=self.ads_host, ads_port=self.ads_port,
-                           admin_port=0)
+                           admin_port=0, api_type=self.api_type, ads_replicas=self.ads_replicas)
         self.bootstrap_path.write_text(json.dumps(config, indent=2))
         self.admin_address_path.unlink(missing_ok=True)
         self.admin_port = 0

@@ -88,8 +88,37 @@ def response(
     )
 
 
-def control_plane_field(identifier: str) -> bytes:
-    return _length_delimited(_CONTROL_PLANE, _length_delimited(_CONTROL_PLANE_IDENTIFIER, identifier.encode()))
+def control_plane_field(identifier: str, *, field_number: int = _CONTROL_PLANE) -> bytes:
+    return _length_delimited(field_number, _length_delimited(_CONTROL_PLANE_IDENTIFIER, identifier.encode()))
+
+
+# DeltaDiscoveryResponse and Resource field numbers (envoy/service/discovery/v3/discovery.proto).
+_DELTA_SYSTEM_VERSION_INFO = 1
+_DELTA_RESOURCES = 2
+_DELTA_TYPE_URL = 4
+_DELTA_NONCE = 5
+_DELTA_REMOVED = 6
+DELTA_CONTROL_PLANE = 7
+_RESOURCE_VERSION = 1  # Resource.resource is field 2, as DiscoveryResponse.resources: `field` is reused whole
+_RESOURCE_NAME = 3
+
+
+def delta_response(
+    *, system_version_info: str, resources: Iterable[Resource], removed: Iterable[str], type_url: str, nonce: str,
+    control_plane: bytes,
+) -> bytes:
+    """A serialised DeltaDiscoveryResponse, from the same encoded resources as state of the world:
+    a `Resource` is its version, the already-encoded `Any` field and its name."""
+    parts = [_length_delimited(_DELTA_SYSTEM_VERSION_INFO, system_version_info.encode())]
+    for r in resources:
+        version, name = _length_delimited(_RESOURCE_VERSION, r.version.encode()), \
+            _length_delimited(_RESOURCE_NAME, r.name.encode())
+        parts += (_varint(_DELTA_RESOURCES << 3 | 2), _varint(len(version) + len(r.field) + len(name)),
+                  version, r.field, name)
+    parts += [_length_delimited(_DELTA_REMOVED, name.encode()) for name in removed]
+    parts += (_length_delimited(_DELTA_TYPE_URL, type_url.encode()), _length_delimited(_DELTA_NONCE, nonce.encode()),
+              control_plane)
+    return b"".join(parts)
 
 
 def _length_delimited(field_number: int, payload: bytes) -> bytes:

@@ -27,29 +27,18 @@ against the synced views.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
-import grpc
-import structlog
-
-from meshplane.xds import cache, proxy, resources, slots, streams, typeurls, wire
-
-log = structlog.get_logger(__name__)
-
-SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-
-LIGHT_NAMES = 64
-"""A push naming at most this many endpoint assignments (or routes) is light: it skips the
-push slots. One changed endpoint's push to a thousand proxies is a thousand small writes,
-which go out as fast as the floor's; waiting in line for slots would double its time."""
+from meshplane.xds import adsbase, cache, resources, slots, streams, typeurls, wire
 
 
-class SotwServer:
+class SotwServer(adsbase.StreamServer):
     """Serves views to state-of-the-world ADS streams (`StreamAggregatedResources`)."""
+
+    METHOD = "StreamAggregatedResources"
+    PROTOCOL = "sotw"
 
     def __init__(
         self,
@@ -60,89 +49,24 @@ class SotwServer:
         push_slots: slots.PushSlots,
         identifier: str = "meshplane",
     ) -> None:
-        self._views = views
-        self._registry = registry
-        self._callbacks = callbacks
-        self._slots = push_slots
-        self._control_plane = resources.control_plane_field(identifier)
+        super().__init__(views, registry=registry, callbacks=callbacks, push_slots=push_slots, identifier=identifier)
         # names key -> (that key, the names, explicit wildcard): streams asking for the same names
         # share one key and one set (a thousand names cost some 80 KB; two thousand proxies need one copy).
         self._name_sets: dict[bytes, tuple[bytes, frozenset[str], bool]] = {}
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                    self._serve, request_deserializer=_identity, response_serializer=_identity,
-                )
-            },
-        )
-
-    async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        stream = self._registry.open_stream(context.peer(), on_stall=self._callbacks.write_stalled)
-        reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
-        reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
-        try:
-            while True:
-                await stream.wake.wait()
-                if reader.done():
-                    break
-                stream.wake.clear()
-                if self._registry.serving:  # else held: open() wakes it, the dirty types kept
-                    await self._push(stream, context)
-            reader.result()  # surface a protocol error from the reader
-        except Exception:
-            if not context.done():
-                raise
-            # The client went away while we were writing to it: nothing to report.
-        finally:
-            reader.cancel()
-            self._registry.close_stream(stream)
-            if stream.watch is not None:
-                stream.watch.close()
-                self._callbacks.stream_closed(stream)
-
-    async def _push(self, stream: streams.Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Compose and write; a heavy push under a push slot (composing inside it bounds the bytes alive at once)."""
-        if not _heavy(stream.dirty):
-            for message in self._compose(stream):
-                await context.write(message)
-            return
-        async with self._slots.slot(stream.stalled) as slot:
-            for message in self._compose(stream):
-                await slot.write(context.write(message))
-
-    async def _read(self, stream: streams.Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        async for raw in requests:
-            try:
-                error = self._on_request(stream, wire.decode(raw))
-            except wire.BadRequest as exc:
-                error = str(exc)
-            del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
-            if error is not None:
-                log.warning("bad xDS request", stream=stream.id, peer=stream.peer, node=stream.node_id, error=error)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+    def _on_raw(self, stream: streams.Stream, raw: bytes) -> str | None:
+        return self._on_request(stream, wire.decode(raw))
 
     def _on_request(self, stream: streams.Stream, request: wire.Request) -> str | None:
         """Apply one request to the stream's state; an error message if the stream must end."""
         req = request.message
-        if stream.proxy is None:
-            if not req.HasField("node") or not req.node.id:
-                return "the first DiscoveryRequest on a stream must carry node (with an id)"
-            try:
-                stream.proxy = proxy.classify(req.node)
-            except proxy.InvalidNode as exc:
-                return str(exc)
-            stream.watch = self._views.watch(stream.proxy, stream.mark)
-            self._callbacks.stream_opened(stream)
+        error = self._identify(stream, req.node, req.HasField("node"))
+        if error is not None:
+            return error
         type_url = req.type_url
-        if type_url not in typeurls.PUSH_ORDER:
-            if not type_url:
-                return "DiscoveryRequest without type_url (ADS needs it)"
-            log.info("unsupported type requested, ignoring", type_url=type_url, node=stream.node_id)
-            return None
-        self._callbacks.request_received(stream, type_url)
+        served, error = self._served_type(stream, type_url)
+        if not served:
+            return error
         sub = stream.types.get(type_url)
         if req.response_nonce:
             if sub is None or req.response_nonce != sub.nonce:
@@ -292,7 +216,7 @@ class SotwServer:
             whole = True
         else:
             sub.held.add(payload)
-            whole = _adopt(sub.held, watch.resources(type_url))
+            whole = adsbase.adopt(sub.held, watch.resources(type_url))
         version_info = watch.version(type_url) if whole else resources.type_version(sub.held.current.values())
         nonce = stream.next_nonce()
         message = resources.response(
@@ -309,26 +233,6 @@ class SotwServer:
         sub.inflight[nonce] = min(seen) if seen else None
         out.append(message)
         self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
-
-
-def _adopt(held: cache.Held, have: cache.ResourceMap) -> bool:
-    """If `held` now holds exactly the view's resources, share the view's map instead (one copy for all)."""
-    mine = held.current
-    if len(mine) != len(have) or any(have.get(n) is not r for n, r in mine.items()):
-        return False
-    held.hold(have)
-    return True
-
-
-def _heavy(dirty: Mapping[str, streams.Dirty]) -> bool:
-    """Whether a push may be large: everything of a type, any full-state type (CDS and LDS
-    responses carry every resource), or many names."""
-    names = 0
-    for type_url, changed in dirty.items():
-        if changed is cache.EVERY or type_url in typeurls.FULL_STATE:
-            return True
-        names += len(changed)
-    return names > LIGHT_NAMES
 
 
 def _resubscribe(
@@ -358,8 +262,3 @@ def _resubscribe(
     sub.wildcard = wildcard
     sub.names = requested
     return cache.EVERY if whole else changed
-
-
-def _identity(message: bytes) -> bytes:
-    return message
-

@@ -3,8 +3,8 @@
 A stream is one client's connection: the proxy it classified as, its view,
 and per resource type what it asked for, what it holds, and where the
 exchange stands (the nonce in flight, the version it ACKed, its last NACK
-with Envoy's message). The state-of-the-world server fills it in today and
-a delta server will beside it; status endpoints read it, never the servers.
+with Envoy's message). The state-of-the-world and delta servers fill it
+in; status endpoints read it, never the servers.
 
 `Registry` holds the open streams, and the gate that holds them until the
 control plane is ready (decision 0005): until `open()`, requests are read
@@ -62,6 +62,9 @@ class TypeState:
     acked_version: str = ""
     last_nack: Nack | None = None
     reported: str = ""  # the version the client said it holds when it (re)connected: checked at the first push
+    # delta: names to send even if held at that version (newly subscribed), and the version each nonce carried
+    resend: set[str] = field(default_factory=set)
+    nonce_versions: dict[str, str] = field(default_factory=dict)
 
     def sync(self) -> Sync:
         if not self.wildcard and not self.names:
@@ -92,9 +95,11 @@ Dirty = AbstractSet[str] | cache.Every
 class Stream:
     """One client's stream, whichever protocol it speaks."""
 
-    def __init__(self, stream_id: int, peer: str, *, on_stall: Callable[[Stream], None] = lambda stream: None) -> None:
+    def __init__(self, stream_id: int, peer: str, *, protocol: str = "sotw",
+                 on_stall: Callable[[Stream], None] = lambda stream: None) -> None:
         self.id = stream_id
         self.peer = peer
+        self.protocol = protocol  # "sotw" or "delta"
         self._on_stall = on_stall
         self.connected_at = time.time()
         self.proxy: proxy.Proxy | None = None
@@ -154,8 +159,9 @@ class Registry:
         self._ids = itertools.count(1)
         self.serving = not held
 
-    def open_stream(self, peer: str, *, on_stall: Callable[[Stream], None] = lambda stream: None) -> Stream:
-        stream = Stream(next(self._ids), peer, on_stall=on_stall)
+    def open_stream(self, peer: str, *, protocol: str = "sotw",
+                    on_stall: Callable[[Stream], None] = lambda stream: None) -> Stream:
+        stream = Stream(next(self._ids), peer, protocol=protocol, on_stall=on_stall)
         self._streams[stream.id] = stream
         return stream
 

@@ -47,7 +47,7 @@ def clients(registry: streams.Registry, *, now: float, now_monotonic: float) -> 
             types[typeurls.SHORT_NAMES[type_url]] = entry
         proxy = stream.proxy
         out.append({
-            "node": proxy.id, "kind": proxy.kind.value, "locality": str(proxy.locality),
+            "node": proxy.id, "kind": proxy.kind.value, "protocol": stream.protocol, "locality": str(proxy.locality),
             "gateway": proxy.gateway or None, "view": str(stream.watch.key) if stream.watch else None,
             "peer": stream.peer, "connected_since": _iso(stream.connected_at),
             "state": stream.worst().value, "types": types,

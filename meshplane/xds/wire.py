@@ -35,6 +35,7 @@ def _partial_messages() -> dict[str, Any]:
         "ResourceNames": ("resource_names", discovery_pb2.DiscoveryRequest.RESOURCE_NAMES_FIELD_NUMBER, _STRING,
                           _REPEATED),
         "NodeBytes": ("node", discovery_pb2.DiscoveryRequest.NODE_FIELD_NUMBER, _BYTES, _OPTIONAL),
+        "DeltaNodeBytes": ("node", discovery_pb2.DeltaDiscoveryRequest.NODE_FIELD_NUMBER, _BYTES, _OPTIONAL),
         "MetadataBytes": ("metadata", 3, _BYTES, _OPTIONAL),  # envoy.config.core.v3.Node.metadata
     }
     for message_name, (field, number, kind, label) in shapes.items():
@@ -76,15 +77,23 @@ def decode(raw: bytes) -> Request:
     return Request(message, names.SerializeToString())
 
 
-def _where(raw: bytes, exc: DecodeError) -> str:
-    """Which part of an undecodable DiscoveryRequest failed: node.metadata, node, or the request itself."""
+def decode_delta(raw: bytes) -> discovery_pb2.DeltaDiscoveryRequest:
+    """Decode a delta request; `BadRequest` saying where, if it cannot be."""
+    try:
+        return discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
+    except DecodeError as exc:
+        raise BadRequest(_where(raw, exc, request="DeltaDiscoveryRequest", node_part="DeltaNodeBytes")) from None
+
+
+def _where(raw: bytes, exc: DecodeError, *, request: str = "DiscoveryRequest", node_part: str = "NodeBytes") -> str:
+    """Which part of an undecodable request failed: node.metadata, node, or the request itself."""
     depth = "MaxDepth" in str(exc)
     why = "nested deeper than protobuf decodes (100 levels of messages)" if depth else "malformed"
     try:
-        node = _PARTIAL["NodeBytes"].FromString(raw).node
+        node = _PARTIAL[node_part].FromString(raw).node
         metadata = _PARTIAL["MetadataBytes"].FromString(node).metadata
     except DecodeError:
-        return f"DiscoveryRequest cannot be decoded: {why}"
+        return f"{request} cannot be decoded: {why}"
     metadata_fails = bool(metadata) and depth  # the only deep structure a proxy sends
     if metadata and not metadata_fails:
         try:
@@ -94,4 +103,4 @@ def _where(raw: bytes, exc: DecodeError) -> str:
     if metadata_fails:
         hint = " (node metadata may nest at most 32 levels of maps)" if depth else ""
         return f"node.metadata cannot be decoded: {why}{hint}"
-    return f"node cannot be decoded: {why}" if node else f"DiscoveryRequest cannot be decoded: {why}"
+    return f"node cannot be decoded: {why}" if node else f"{request} cannot be decoded: {why}"

@@ -1,0 +1,170 @@
+"""What the two ADS protocol servers share (docs/architecture.md, layer 4): a stream's life (a reader
+task applying requests, a writer composing from the current view when woken), the first request's
+node, push slots for heavy pushes, and the rules both follow for what a stream holds.
+
+`sotw.SotwServer` (`StreamAggregatedResources`) and `delta.DeltaServer`
+(`DeltaAggregatedResources`) each say only how a request is applied and
+how a push is composed. Both serve the same views, from the same encoded
+resources and content versions, on the same gRPC port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import structlog
+
+from meshplane.xds import cache, proxy, resources, slots, streams, typeurls, wire
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+LIGHT_NAMES = 64
+"""A push naming at most this many endpoint assignments (or routes) is light: it skips the
+push slots. One changed endpoint's push to a thousand proxies is a thousand small writes,
+which go out as fast as the floor's; waiting in line for slots would double its time."""
+
+
+class StreamServer:
+    """One ADS method: a stream per client, read by one task and written by another."""
+
+    METHOD = ""
+    PROTOCOL = ""
+
+    def __init__(
+        self,
+        views: cache.Views,
+        *,
+        registry: streams.Registry,
+        callbacks: streams.Callbacks,
+        push_slots: slots.PushSlots,
+        identifier: str = "meshplane",
+    ) -> None:
+        self._views = views
+        self._registry = registry
+        self._callbacks = callbacks
+        self._slots = push_slots
+        self._control_plane = resources.control_plane_field(identifier)
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                self.METHOD: grpc.stream_stream_rpc_method_handler(
+                    self._serve, request_deserializer=_identity, response_serializer=_identity,
+                )
+            },
+        )
+
+    # to be said by each protocol
+
+    def _on_raw(self, stream: streams.Stream, raw: bytes) -> str | None:
+        """Apply one request (still encoded) to the stream's state; an error message if the stream must end."""
+        raise NotImplementedError
+
+    def _compose(self, stream: streams.Stream) -> list[bytes]:
+        """Responses that bring the stream up to its view now."""
+        raise NotImplementedError
+
+    # shared
+
+    async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
+                                            on_stall=self._callbacks.write_stalled)
+        reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
+        reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
+        try:
+            while True:
+                await stream.wake.wait()
+                if reader.done():
+                    break
+                stream.wake.clear()
+                if self._registry.serving:  # else held: open() wakes it, the dirty types kept
+                    await self._push(stream, context)
+            reader.result()  # surface a protocol error from the reader
+        except Exception:
+            if not context.done():
+                raise
+            # The client went away while we were writing to it: nothing to report.
+        finally:
+            reader.cancel()
+            self._registry.close_stream(stream)
+            if stream.watch is not None:
+                stream.watch.close()
+                self._callbacks.stream_closed(stream)
+
+    async def _push(self, stream: streams.Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Compose and write; a heavy push under a push slot (composing inside it bounds the bytes alive at once)."""
+        if not heavy(stream.dirty):
+            for message in self._compose(stream):
+                await context.write(message)
+            return
+        async with self._slots.slot(stream.stalled) as slot:
+            for message in self._compose(stream):
+                await slot.write(context.write(message))
+
+    async def _read(self, stream: streams.Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async for raw in requests:
+            try:
+                error = self._on_raw(stream, raw)
+            except wire.BadRequest as exc:
+                error = str(exc)
+            del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
+            if error is not None:
+                log.warning("bad xDS request", stream=stream.id, peer=stream.peer, node=stream.node_id, error=error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+
+    def _identify(self, stream: streams.Stream, node: Any, has_node: bool) -> str | None:
+        """Classify the client from its first request's node and attach it to its view."""
+        if stream.proxy is not None:
+            return None
+        if not has_node or not node.id:
+            return f"the first {self._request_name()} on a stream must carry node (with an id)"
+        try:
+            stream.proxy = proxy.classify(node)
+        except proxy.InvalidNode as exc:
+            return str(exc)
+        stream.watch = self._views.watch(stream.proxy, stream.mark)
+        self._callbacks.stream_opened(stream)
+        return None
+
+    def _request_name(self) -> str:
+        return "DeltaDiscoveryRequest" if self.METHOD.startswith("Delta") else "DiscoveryRequest"
+
+    def _served_type(self, stream: streams.Stream, type_url: str) -> tuple[bool, str | None]:
+        """Whether `type_url` is one meshplane serves (else the request is ignored, or an error)."""
+        if type_url in typeurls.PUSH_ORDER:
+            self._callbacks.request_received(stream, type_url)
+            return True, None
+        if not type_url:
+            return False, f"{self._request_name()} without type_url (ADS needs it)"
+        log.info("unsupported type requested, ignoring", type_url=type_url, node=stream.node_id)
+        return False, None
+
+
+def heavy(dirty: Mapping[str, streams.Dirty]) -> bool:
+    """Whether a push may be large: everything of a type, any full-state type (CDS and LDS
+    responses carry every resource), or many names."""
+    names = 0
+    for type_url, changed in dirty.items():
+        if changed is cache.EVERY or type_url in typeurls.FULL_STATE:
+            return True
+        names += len(changed)
+    return names > LIGHT_NAMES
+
+
+def adopt(held: cache.Held, have: cache.ResourceMap) -> bool:
+    """If `held` now holds exactly the view's resources, share the view's map instead (one copy for all)."""
+    mine = held.current
+    if len(mine) != len(have) or any(have.get(n) is not r for n, r in mine.items()):
+        return False
+    held.hold(have)
+    return True
+
+
+def _identity(message: bytes) -> bytes:
+    return message
