@@ -150,7 +150,8 @@ def _mean_ms(before: common.Samples, after: common.Samples, name: str) -> float 
 
 
 def start_target(mesh: common.Mesh, workdir: Path, proxies: int, localities: int, processes: int,
-                 timeout: float, poll_interval: float | None = None) -> tuple[Target, dict[str, Any]]:
+                 timeout: float, poll_interval: float | None = None,
+                 protocol: str = "sotw") -> tuple[Target, dict[str, Any]]:
     """Write the mesh, start meshplane, connect the proxies: the state every measurement starts from."""
     files = mesh.write(workdir)
     policy = common.write_policy(workdir / "policy.yaml")
@@ -161,7 +162,8 @@ def start_target(mesh: common.Mesh, workdir: Path, proxies: int, localities: int
         setup: dict[str, Any] = {"startup_s": round(startup, 2), "server_before_connect": common.memory_mib(server.pid),
                                  "server_cpu_startup_s": round(common.cpu_seconds(server.pid), 2),
                                  "command": " ".join(server.command)}
-        gen = loadgen.LoadGen(server.target, proxies, mesh.localities(localities), processes=processes)
+        gen = loadgen.LoadGen(server.target, proxies, mesh.localities(localities), processes=processes,
+                              protocol=protocol)
         gen.start()
         cpu0 = common.cpu_seconds(server.pid)
         setup["connect"] = loadgen.connect_summary(gen.connect(timeout))
@@ -184,31 +186,38 @@ def stop_target(target: Target) -> None:
 
 def run(*, proxies: int, localities: int, services: int, endpoints: int, clusters: int, zones: int, repeat: int,
         processes: int, timeout: float = 60.0, poll_interval: float | None = None, with_floor: bool = True,
-        profile: bool = False) -> dict[str, Any]:
+        profile: bool = False, protocols: tuple[str, ...] = ("sotw",)) -> dict[str, Any]:
+    """`protocols`: measured one after the other, each against a fresh server; `meshplane` is the first's."""
     mesh = common.Mesh(services=services, endpoints=endpoints, clusters=clusters, zones=zones)
-    with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
-        target, setup = start_target(mesh, Path(tmp), proxies, localities, processes, timeout, poll_interval)
-        try:
-            setup["idle_cpu_per_s"] = round(target.measure_idle(), 4)
-            with _profiling(profile, target.server.pid, "convergence-endpoint"):
-                endpoint = [target.endpoint_change(timeout) for _ in range(repeat)]
-            with _profiling(profile, target.server.pid, "convergence-policy"):
-                policy = [target.policy_change(timeout) for _ in range(repeat)]
-            with _profiling(profile, target.server.pid, "convergence-service"):
-                service = [target.service_added(timeout) for _ in range(repeat)]
-            setup["server_end"] = common.memory_mib(target.server.pid)
-        finally:
-            stop_target(target)
-    result: dict[str, Any] = {
-        "params": {"proxies": proxies, "localities": localities, "services": services, "endpoints": endpoints,
-                   "clusters": clusters, "zones": zones, "repeat": repeat, "loadgen_processes": processes,
-                   "file_poll_interval_s": poll_interval if poll_interval is not None else 0.1},
-        "meshplane": {
+    by_protocol = {}
+    for protocol in protocols:
+        with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
+            target, setup = start_target(mesh, Path(tmp), proxies, localities, processes, timeout, poll_interval,
+                                         protocol)
+            try:
+                setup["idle_cpu_per_s"] = round(target.measure_idle(), 4)
+                with _profiling(profile, target.server.pid, f"convergence-endpoint-{protocol}"):
+                    endpoint = [target.endpoint_change(timeout) for _ in range(repeat)]
+                with _profiling(profile, target.server.pid, f"convergence-policy-{protocol}"):
+                    policy = [target.policy_change(timeout) for _ in range(repeat)]
+                with _profiling(profile, target.server.pid, f"convergence-service-{protocol}"):
+                    service = [target.service_added(timeout) for _ in range(repeat)]
+                setup["server_end"] = common.memory_mib(target.server.pid)
+            finally:
+                stop_target(target)
+        by_protocol[protocol] = {
             "setup": setup,
             "endpoint": {"runs": endpoint, **_spread(endpoint, "eds")},
             "policy": {"runs": policy, **_spread(policy, "cds")},
             "service": {"runs": service, **_spread(service, None)},
-        },
+        }
+    result: dict[str, Any] = {
+        "params": {"proxies": proxies, "localities": localities, "services": services, "endpoints": endpoints,
+                   "clusters": clusters, "zones": zones, "repeat": repeat, "loadgen_processes": processes,
+                   "file_poll_interval_s": poll_interval if poll_interval is not None else 0.1,
+                   "protocols": list(protocols)},
+        "meshplane": by_protocol[protocols[0]],
+        "by_protocol": by_protocol,
         "floor": None,
         "ratio": None,
     }
@@ -227,6 +236,7 @@ def _profiling(enabled: bool, pid: int, name: str) -> contextlib.AbstractContext
 def _spread(runs: list[dict[str, Any]], kind: str | None) -> dict[str, Any]:
     out = floor.over_runs(runs)
     out["server_cpu_s"] = common.spread(r["server_cpu_s"] for r in runs)
+    out["sent_kib"] = common.spread(round(sum(r["response_mib"].values()) * 1024, 1) for r in runs)
     if kind is not None:  # the server's own clock, from the change seen to the ACK read (no histogram for new names)
         hists = [r["server_histogram"][kind] for r in runs]
         out["server_histogram"] = {k: common.spread(h[k] for h in hists) for k in ("mean_ms", "p50_ms", "p99_ms")}
@@ -243,34 +253,39 @@ def ratios(mesh: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 def print_result(result: dict[str, Any]) -> None:
     p = result["params"]
-    mp = result["meshplane"]
     rows = []
 
-    def row(label: str, d: dict[str, Any], cpu: Any = None) -> None:
+    def row(label: str, d: dict[str, Any]) -> None:
         rows.append([label, d["p50"]["median"], d["p99"]["median"], _range(d["p99"]),
-                     d["max"]["median"], d["all_ms"]["median"], cpu])
+                     d["max"]["median"], d["all_ms"]["median"], d["server_cpu_s"]["median"], d["sent_kib"]["median"]])
 
     def hist_row(label: str, d: dict[str, Any]) -> None:
         h = d["server_histogram"]
-        rows.append([label, h["p50_ms"]["median"], h["p99_ms"]["median"], _range(h["p99_ms"]), None, None, None])
+        rows.append([label, h["p50_ms"]["median"], h["p99_ms"]["median"], _range(h["p99_ms"]), None, None, None, None])
 
-    row("meshplane endpoint (EDS), from write", mp["endpoint"], mp["endpoint"]["server_cpu_s"]["median"])
-    hist_row("  server's histogram, from seen", mp["endpoint"])
-    row("meshplane policy (CDS), from write", mp["policy"], mp["policy"]["server_cpu_s"]["median"])
-    hist_row("  server's histogram, from seen", mp["policy"])
-    row("meshplane service added (CDS), write", mp["service"], mp["service"]["server_cpu_s"]["median"])
+    by_protocol = result.get("by_protocol") or {"sotw": result["meshplane"]}
+    for protocol, mp in by_protocol.items():
+        row(f"{protocol} endpoint (EDS), from write", mp["endpoint"])
+        hist_row("  server's histogram, from seen", mp["endpoint"])
+        row(f"{protocol} policy (CDS), from write", mp["policy"])
+        hist_row("  server's histogram, from seen", mp["policy"])
+        row(f"{protocol} service added (CDS), write", mp["service"])
     if result.get("floor"):
         fl = result["floor"]["push"]
-        row("floor EDS push, from signal", fl, common.spread(r["cpu_s"] for r in fl["runs"])["median"])
+        rows.append(["floor EDS push, from signal", fl["p50"]["median"], fl["p99"]["median"], _range(fl["p99"]),
+                     fl["max"]["median"], fl["all_ms"]["median"],
+                     common.spread(r["cpu_s"] for r in fl["runs"])["median"], None])
     poll = p["file_poll_interval_s"] * 1000
-    common.print_table(["what", "p50 ms", "p99 ms", "p99 range", "max ms", "all ACKed ms", "server CPU s"], rows,
+    common.print_table(["what", "p50 ms", "p99 ms", "p99 range", "max ms", "all ACKed ms", "server CPU s",
+                        "sent KiB"], rows,
                        title=f"convergence: {p['proxies']} proxies in {p['localities']} localities, "
                              f"{p['services']} services x {p['endpoints']} endpoints, file poll {poll:g} ms, "
                              f"median of {p['repeat']}")
-    conn = mp["setup"]["connect"]
-    print(f"connect: all {p['proxies']} full in {conn['all_ms']} ms; views {mp['setup']['views']}; "
-          f"server RSS {mp['setup']['server_after_connect']['rss_mib']} MiB "
-          f"(peak {mp['setup']['server_end']['hwm_mib']} MiB)")
+    for protocol, mp in by_protocol.items():
+        conn = mp["setup"]["connect"]
+        print(f"{protocol} connect: all {p['proxies']} full in {conn['all_ms']} ms; views {mp['setup']['views']}; "
+              f"server RSS {mp['setup']['server_after_connect']['rss_mib']} MiB "
+              f"(peak {mp['setup']['server_end']['hwm_mib']} MiB)")
     if result.get("ratio"):
         ratio = ", ".join(f"{k} {v}" for k, v in result["ratio"].items())
         print(f"meshplane/floor (medians, endpoint change): {ratio}")
@@ -303,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="sample the server with py-spy during each scenario (bench/results/profiles/); "
                              "its pauses slow the server, so do not quote times from such a run")
+    parser.add_argument("--protocols", default="sotw,delta",
+                        help="the simulated proxies' xDS protocols, measured one after the other (sotw, delta)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/convergence.json)")
     args = parser.parse_args(argv)
     common.stop_on_sigterm()
@@ -310,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(proxies=args.proxies, localities=args.localities, services=args.services, endpoints=args.endpoints,
                  clusters=args.clusters, zones=args.zones, repeat=args.repeat, processes=args.processes,
                  timeout=args.timeout, poll_interval=args.poll_interval, with_floor=not args.no_floor,
-                 profile=args.profile)
+                 profile=args.profile, protocols=tuple(p for p in args.protocols.split(",") if p))
     path = common.write_results("convergence", {"machine": common.machine(), "quiet": quiet, "convergence": result},
                                 args.out)
     print_result(result)

@@ -4,7 +4,9 @@ Each proxy opens one StreamAggregatedResources stream with a node (id, locality,
 listener_port), asks for CDS by wildcard, ACKs it, asks for EDS by the name of every cluster it
 received, and ACKs every response by echoing its version_info and nonce with its subscribed
 names (as Envoy does: an EDS ACK carries the whole subscription). It subscribes to nothing
-else: the benchmarks measure the CDS/EDS path.
+else: the benchmarks measure the CDS/EDS path. With `protocol="delta"` it opens a
+DeltaAggregatedResources stream instead: CDS by wildcard, EDS subscribed and unsubscribed
+name by name as clusters come and go, every response ACKed by its nonce.
 
 P worker processes (spawned, so none shares the coordinator's or the server's GIL) each run
 one asyncio loop holding N/P proxies, one gRPC channel (one TCP connection) per 50 streams.
@@ -41,6 +43,8 @@ from typing import Any
 import grpc
 
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+PROTOCOLS = ("sotw", "delta")
 CDS = b"type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = b"type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 KINDS = {"cds": CDS, "eds": EDS}
@@ -139,6 +143,44 @@ def decode_response(buf: bytes, cache: dict[bytes, list[bytes]] | None = None) -
     return version, type_url, nonce, names
 
 
+def decode_delta_response(buf: bytes) -> tuple[bytes, bytes, list[bytes], list[bytes]]:
+    """(type_url, nonce, names of the resources sent, names removed) of a serialised DeltaDiscoveryResponse."""
+    type_url = nonce = b""
+    names: list[bytes] = []
+    removed: list[bytes] = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        if key & 7 != 2:
+            pos = _skip(buf, pos, key & 7)
+            continue
+        length, pos = _varint(buf, pos)
+        number = key >> 3
+        if number == 2:  # a Resource: its name is field 3, beside (not inside) the Any
+            inner, inner_end = pos, pos + length
+            while inner < inner_end:
+                ikey, inner = _varint(buf, inner)
+                if ikey == 0x1A:
+                    n, inner = _varint(buf, inner)
+                    names.append(buf[inner:inner + n])
+                    break
+                inner = _skip(buf, inner, ikey & 7)
+        elif number == 4:
+            type_url = buf[pos:pos + length]
+        elif number == 5:
+            nonce = buf[pos:pos + length]
+        elif number == 6:
+            removed.append(buf[pos:pos + length])
+        pos += length
+    return type_url, nonce, names, removed
+
+
+def delta_request(type_url: bytes, *, subscribe: bytes = b"", unsubscribe: bytes = b"", nonce: bytes = b"",
+                  node: bytes = b"") -> bytes:
+    """A serialised DeltaDiscoveryRequest; `subscribe` / `unsubscribe` are already encoded name fields."""
+    return b"".join((node, _ld(2, type_url), subscribe, unsubscribe, _ld(6, nonce) if nonce else b""))
+
+
 def _ld(number: int, payload: bytes) -> bytes:
     """A length-delimited field."""
     return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
@@ -162,8 +204,8 @@ def request(type_url: bytes, *, version: bytes = b"", nonce: bytes = b"", names:
                      _ld(5, nonce) if nonce else b""))
 
 
-def node_field(node_id: str, locality: Locality, listener_port: int) -> bytes:
-    """DiscoveryRequest.node, serialised once per proxy."""
+def node_field(node_id: str, locality: Locality, listener_port: int, *, number: int = 2) -> bytes:
+    """DiscoveryRequest.node (field 2; DeltaDiscoveryRequest's is field 1), serialised once per proxy."""
     from envoy.config.core.v3 import base_pb2
     from google.protobuf import struct_pb2
 
@@ -172,7 +214,7 @@ def node_field(node_id: str, locality: Locality, listener_port: int) -> bytes:
     region, zone, sub_zone = locality
     msg = base_pb2.Node(id=node_id, cluster="bench", metadata=meta,
                         locality=base_pb2.Locality(region=region, zone=zone, sub_zone=sub_zone))
-    return _ld(2, msg.SerializeToString())
+    return _ld(number, msg.SerializeToString())
 
 
 # --------------------------------------------------------------------------- one worker process
@@ -230,8 +272,46 @@ class Proxy:
             await asyncio.sleep(random.uniform(0, backoff))
             backoff = min(backoff * 2, RETRY_MAX)
 
+    async def _stream_delta(self, channel: grpc.aio.Channel) -> None:
+        worker = self.worker
+        call = channel.stream_stream(DELTA_METHOD)()
+        self.cds_names = None
+        self.missing = set()
+        try:
+            await call.write(delta_request(CDS, node=self.node))  # a first request naming nothing: wildcard
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    self.error = "stream closed by the server"
+                    return
+                type_url, nonce, names, removed = decode_delta_response(message)
+                t = time.monotonic()
+                await call.write(delta_request(type_url, nonce=nonce))  # the ACK
+                if type_url == CDS:
+                    before = self.cds_names or frozenset()
+                    now = worker.intern([*(before - set(removed)), *names])
+                    worker.acked(self, "cds", t, nonce, names)
+                    added, gone = now - before, before - now
+                    self.cds_names = now
+                    self.missing = (self.missing | added) - gone
+                    if added or gone:
+                        await call.write(delta_request(
+                            EDS, subscribe=worker.names_block(frozenset(added)),
+                            unsubscribe=b"".join(_ld(4, n) for n in sorted(gone))))
+                elif type_url == EDS:
+                    worker.acked(self, "eds", t, nonce, names)
+                    if self.missing:
+                        self.missing.difference_update(names)
+                    if self.full_at is None and not self.missing and self.cds_names is not None:
+                        self.full_at = t
+                        worker.offer(self.index, "full", t, ())
+        finally:
+            call.cancel()
+
     async def _stream(self, channel: grpc.aio.Channel) -> None:
         worker = self.worker
+        if worker.protocol == "delta":
+            return await self._stream_delta(channel)
         call = channel.stream_stream(ADS_METHOD)()  # no (de)serialisers: bytes in, bytes out
         # A new stream starts from nothing, as a restarted proxy does.
         self.cds_names = None
@@ -273,8 +353,9 @@ class Proxy:
 class Worker:
     """Holds this process's proxies; answers the coordinator's commands."""
 
-    def __init__(self, target: str, nodes: Sequence[bytes], per_channel: int) -> None:
+    def __init__(self, target: str, nodes: Sequence[bytes], per_channel: int, protocol: str = "sotw") -> None:
         self.target = target
+        self.protocol = protocol
         self.proxies = [Proxy(self, i, node) for i, node in enumerate(nodes)]
         self.per_channel = per_channel
         self.channels: list[grpc.aio.Channel] = []
@@ -377,8 +458,8 @@ class Worker:
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, target: str, nodes: list[bytes],
-                 per_channel: int) -> None:
-    asyncio.run(Worker(target, nodes, per_channel).serve(conn))
+                 per_channel: int, protocol: str) -> None:
+    asyncio.run(Worker(target, nodes, per_channel, protocol).serve(conn))
 
 
 # --------------------------------------------------------------------------- the coordinator's side
@@ -388,13 +469,16 @@ class LoadGen:
     """N simulated proxies over P worker processes; proxy i is in locality i % L and on worker i % P."""
 
     def __init__(self, target: str, proxies: int, localities: Sequence[Locality], *, processes: int = 2,
-                 per_channel: int = 50, listener_port: int = 15001, name: str = "bench") -> None:
+                 per_channel: int = 50, listener_port: int = 15001, name: str = "bench",
+                 protocol: str = "sotw") -> None:
         self.target = target
+        self.protocol = protocol
         self.count = proxies
         self.processes = max(1, min(processes, proxies))
         self._slices = [list(range(w, proxies, self.processes)) for w in range(self.processes)]
         self._nodes = [
-            [node_field(f"{name}-{i}", localities[i % len(localities)], listener_port) for i in indices]
+            [node_field(f"{name}-{i}", localities[i % len(localities)], listener_port,
+                        number=1 if protocol == "delta" else 2) for i in indices]
             for indices in self._slices
         ]
         self.per_channel = per_channel
@@ -409,7 +493,8 @@ class LoadGen:
         ctx = multiprocessing.get_context("spawn")
         for nodes in self._nodes:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, self.target, nodes, self.per_channel), daemon=True)
+            proc = ctx.Process(target=_worker_main, args=(child, self.target, nodes, self.per_channel, self.protocol),
+                               daemon=True)
             proc.start()
             child.close()  # so that a worker that dies is an EOFError here, not a hang
             self._conns.append(parent)
@@ -506,13 +591,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-channel", type=int, default=50, help="streams per gRPC channel (TCP connection)")
     parser.add_argument("--hold", type=float, default=0.0, help="seconds to stay connected, counting EDS ACKs")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="sotw")
     args = parser.parse_args(argv)
     from bench import common
 
     common.stop_on_sigterm()
     localities = common.Mesh().localities(args.localities)
     with LoadGen(args.target, args.proxies, localities, processes=args.processes,
-                 per_channel=args.per_channel) as gen:
+                 per_channel=args.per_channel, protocol=args.protocol) as gen:
         summary = connect_summary(gen.connect(args.timeout))
         print(f"{args.proxies} proxies: full config in {summary['all_ms']} ms (p50 {summary['p50']} ms, "
               f"p99 {summary['p99']} ms, missing {summary['missing']}, failed streams {summary['stream_failures']}: "

@@ -25,7 +25,8 @@ from typing import Any
 from bench import common, convergence, floor, loadgen
 
 
-def storm_once(mesh: common.Mesh, proxies: int, localities: int, processes: int, timeout: float) -> dict[str, Any]:
+def storm_once(mesh: common.Mesh, proxies: int, localities: int, processes: int, timeout: float,
+               protocol: str = "sotw") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
         workdir = Path(tmp)
         files = mesh.write(workdir)
@@ -33,10 +34,14 @@ def storm_once(mesh: common.Mesh, proxies: int, localities: int, processes: int,
         with common.Meshplane(workdir, files, policy) as server:
             startup = server.wait_ready()
             before = common.memory_mib(server.pid)
-            with loadgen.LoadGen(server.target, proxies, mesh.localities(localities), processes=processes) as gen:
-                cpu0 = common.cpu_seconds(server.pid)
+            with loadgen.LoadGen(server.target, proxies, mesh.localities(localities), processes=processes,
+                                 protocol=protocol) as gen:
+                cpu0, sent0 = common.cpu_seconds(server.pid), server.metrics()
                 result = loadgen.connect_summary(gen.connect(timeout))
                 result["server_cpu_s"] = round(common.cpu_seconds(server.pid) - cpu0, 3)
+                sent = server.metrics()
+                result["sent_mib"] = round(sum(common.counter_delta(sent0, sent, "meshplane_xds_response_bytes_total",
+                                                                    type=k) for k in ("cds", "eds")) / 2**20, 2)
                 after = common.memory_mib(server.pid)
                 result.update(startup_s=round(startup, 2), rss_before_mib=before["rss_mib"],
                               hwm_startup_mib=before["hwm_mib"], rss_mib=after["rss_mib"], hwm_mib=after["hwm_mib"])
@@ -44,13 +49,21 @@ def storm_once(mesh: common.Mesh, proxies: int, localities: int, processes: int,
 
 
 def run(*, proxies: int, localities: int, services: int, endpoints: int, clusters: int, zones: int, repeat: int,
-        processes: int, timeout: float = 300.0, with_floor: bool = True) -> dict[str, Any]:
+        processes: int, timeout: float = 300.0, with_floor: bool = True,
+        protocols: tuple[str, ...] = ("sotw",)) -> dict[str, Any]:
+    """`protocols`: the proxies' xDS protocol, runs interleaved; `meshplane` is the first's."""
     mesh = common.Mesh(services=services, endpoints=endpoints, clusters=clusters, zones=zones)
-    runs = [storm_once(mesh, proxies, localities, processes, timeout) for _ in range(repeat)]
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in protocols}
+    for _ in range(repeat):
+        for protocol in protocols:
+            runs[protocol].append(storm_once(mesh, proxies, localities, processes, timeout, protocol))
+    by_protocol = {p: {"runs": r, **_spread(r, cpu="server_cpu_s")} for p, r in runs.items()}
     result: dict[str, Any] = {
         "params": {"proxies": proxies, "localities": localities, "services": services, "endpoints": endpoints,
-                   "clusters": clusters, "zones": zones, "repeat": repeat, "loadgen_processes": processes},
-        "meshplane": {"runs": runs, **_spread(runs, cpu="server_cpu_s")},
+                   "clusters": clusters, "zones": zones, "repeat": repeat, "loadgen_processes": processes,
+                   "protocols": list(protocols)},
+        "meshplane": by_protocol[protocols[0]],
+        "by_protocol": by_protocol,
         "floor": None,
         "ratio": None,
     }
@@ -71,18 +84,22 @@ def _spread(runs: list[dict[str, Any]], *, cpu: str) -> dict[str, Any]:
     out["cpu_s"] = common.spread(r[cpu] for r in runs)
     out["hwm_mib"] = common.spread(r.get("hwm_mib") for r in runs)
     out["rss_mib"] = common.spread(r.get("rss_mib") for r in runs)
+    out["sent_mib"] = common.spread(r.get("sent_mib") for r in runs)
     return out
 
 
 def print_result(result: dict[str, Any]) -> None:
     p = result["params"]
     rows = []
-    for label, d in (("meshplane", result["meshplane"]), ("floor", result.get("floor"))):
+    by_protocol = result.get("by_protocol") or {"sotw": result["meshplane"]}
+    for label, d in (*((f"meshplane {p}", d) for p, d in by_protocol.items()), ("floor", result.get("floor"))):
         if d:
             rows.append([label, d["all_ms"]["median"], f"{common.fmt(d['all_ms']['min'])}-"
                          f"{common.fmt(d['all_ms']['max'])}", d["p50"]["median"], d["p99"]["median"],
-                         d["cpu_s"]["median"], d["rss_mib"]["median"], d["hwm_mib"]["median"]])
-    common.print_table(["server", "all full ms", "range", "p50 ms", "p99 ms", "CPU s", "RSS MiB", "peak MiB"], rows,
+                         d["cpu_s"]["median"], d["rss_mib"]["median"], d["hwm_mib"]["median"],
+                         d.get("sent_mib", {}).get("median")])
+    common.print_table(["server", "all full ms", "range", "p50 ms", "p99 ms", "CPU s", "RSS MiB", "peak MiB",
+                        "sent MiB"], rows,
                        title=f"storm: {p['proxies']} proxies connect at once, {p['localities']} localities, "
                              f"{p['services']} services x {p['endpoints']} endpoints, median of {p['repeat']}")
     if result.get("ratio"):
@@ -97,13 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     convergence.add_mesh_args(parser)
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--protocols", default="sotw,delta",
+                        help="the simulated proxies' xDS protocols, runs interleaved (sotw, delta)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/storm.json)")
     args = parser.parse_args(argv)
     common.stop_on_sigterm()
     quiet = common.wait_quiet(max_wait=0)
     result = run(proxies=args.proxies, localities=args.localities, services=args.services, endpoints=args.endpoints,
                  clusters=args.clusters, zones=args.zones, repeat=args.repeat, processes=args.processes,
-                 timeout=max(args.timeout, 300.0), with_floor=not args.no_floor)
+                 timeout=max(args.timeout, 300.0), with_floor=not args.no_floor,
+                 protocols=tuple(p for p in args.protocols.split(",") if p))
     path = common.write_results("storm", {"machine": common.machine(), "quiet": quiet, "storm": result}, args.out)
     print_result(result)
     print(f"\nwrote {path}")

@@ -167,6 +167,9 @@ async def test_reconnect_with_initial_versions_gets_only_what_differs(start_plan
             return [e["state"] for e in table] == ["SYNCED"]
 
         await wait_for(synced, what="the reconnected client SYNCED without a push")
+        dump = json.loads(await _get(plane, "/debug/config_dump?proxy=sidecar-1"))
+        clusters = next(c for c in dump["configs"] if c["@type"].endswith(".ClustersConfigDump"))
+        assert {e["name"] for e in clusters["dynamic_active_clusters"]} == {MOCKB, MOCKC}
 
     # mockc gone and mockb changed while it was away: only mockb sent, mockc reported removed.
     write_yaml(endpoints, _doc(mockb_port=9101, mockc=False))

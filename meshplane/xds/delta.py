@@ -110,11 +110,14 @@ class DeltaServer(adsbase.StreamServer):
         cds = stream.types.get(typeurls.CLUSTER)
         removed_clusters: list[str] = []
         if cds is not None and typeurls.CLUSTER in dirty:
-            held = dict(cds.held.current)
-            send, removed_clusters = _differences(cds, watch.resources(typeurls.CLUSTER), dirty[typeurls.CLUSTER])
-            self._respond(stream, watch, typeurls.CLUSTER, cds, send, [], out)
-            eds = stream.types.get(typeurls.ENDPOINT)
+            have, names = watch.resources(typeurls.CLUSTER), dirty[typeurls.CLUSTER]
+            now = _now(cds, watch, typeurls.CLUSTER, names)
+            send, removed_clusters = _differences(cds, have, names)
+            held = cds.held.current  # before this response: which of them the proxy had at another version
             rewarm = {n for n, r in send.items() if (was := held.get(n)) is not None and was.version != r.version}
+            self._respond(stream, watch, typeurls.CLUSTER, cds, send, [], out,
+                          now=have if now and not removed_clusters else None)
+            eds = stream.types.get(typeurls.ENDPOINT)
             if eds is not None and rewarm:
                 # An updated cluster warms again and waits for its endpoints: send them even if unchanged.
                 eds.held.drop(rewarm)
@@ -124,8 +127,10 @@ class DeltaServer(adsbase.StreamServer):
             sub = stream.types.get(type_url)
             if sub is None or type_url not in dirty:
                 continue
-            send, removed = _differences(sub, watch.resources(type_url), dirty[type_url])
-            self._respond(stream, watch, type_url, sub, send, removed, out)
+            have, names = watch.resources(type_url), dirty[type_url]
+            now = _now(sub, watch, type_url, names)
+            send, removed = _differences(sub, have, names)
+            self._respond(stream, watch, type_url, sub, send, removed, out, now=have if now else None)
         if removed_clusters and cds is not None:
             self._respond(stream, watch, typeurls.CLUSTER, cds, {}, removed_clusters, out)
         return out
@@ -139,7 +144,11 @@ class DeltaServer(adsbase.StreamServer):
         send: dict[str, resources.Resource],
         removed: list[str],
         out: list[bytes],
+        *,
+        now: cache.ResourceMap | None = None,
     ) -> None:
+        """Send `send` and `removed`; `now`: the view's map, when after this the stream holds exactly that
+        (it is then shared, not copied and compared)."""
         if not send and not removed:
             if sub.answered:
                 return
@@ -153,9 +162,13 @@ class DeltaServer(adsbase.StreamServer):
             # else: the first answer to a wildcard, empty: sent, Envoy waits for it.
         held = sub.held.current
         seen = [r.seen_at for n, r in send.items() if r.seen_at is not None and n in held]
-        sub.held.drop(removed)
-        sub.held.add(send)
-        version = _holds(sub, watch, type_url)
+        if now is not None:
+            sub.held.hold(now)
+            version = watch.version(type_url)
+        else:
+            sub.held.drop(removed)
+            sub.held.add(send)
+            version = _holds(sub, watch, type_url)
         nonce = stream.next_nonce()
         message = resources.delta_response(
             system_version_info=version, resources=send.values(), removed=removed, type_url=type_url, nonce=nonce,
@@ -177,6 +190,14 @@ def _holds(sub: streams.TypeState, watch: cache.ViewWatch, type_url: str) -> str
     if adsbase.adopt(sub.held, watch.resources(type_url)):
         return watch.version(type_url)
     return resources.type_version(sub.held.current.values())
+
+
+def _now(sub: streams.TypeState, watch: cache.ViewWatch, type_url: str, names: streams.Dirty) -> bool:
+    """Whether, once sent what changed of `names`, the stream holds exactly the view: it held the view's
+    previous build, and it wants every name that changed (as in state of the world)."""
+    if names is cache.EVERY or sub.resend or not watch.caught_up(type_url, sub.held):
+        return False
+    return sub.wildcard or all(sub.wants(n) for n in names)
 
 
 def _differences(
@@ -209,6 +230,8 @@ def _differences(
 def _resubscribe(sub: streams.TypeState, req: discovery_pb2.DeltaDiscoveryRequest, *, first: bool,
                  legacy_wildcard: bool) -> streams.Dirty:
     """Apply a request's subscribe / unsubscribe lists (and, first, the versions it holds)."""
+    if not first and not req.resource_names_subscribe and not req.resource_names_unsubscribe:
+        return frozenset()  # an ACK or NACK alone: the subscription stands
     subscribe = set(req.resource_names_subscribe)
     unsubscribe = set(req.resource_names_unsubscribe)
     wildcard = sub.wildcard

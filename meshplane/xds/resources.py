@@ -45,6 +45,10 @@ class Resource:
     version: str
     field: bytes
     seen_at: float | None = None
+    # A delta `Resource` is delta_head + field + delta_tail (its tag and length, version; its name),
+    # made once here so that a delta response is a join of ready bytes, as a state-of-the-world one is.
+    delta_head: bytes = b""
+    delta_tail: bytes = b""
 
     @property
     def size(self) -> int:
@@ -54,11 +58,18 @@ class Resource:
 def build(name: str, msg: pb_message.Message, *, type_url: str, seen_at: float | None) -> Resource:
     body = msg.SerializeToString(deterministic=True)
     any_bytes = _length_delimited(_ANY_TYPE_URL, type_url.encode()) + _length_delimited(_ANY_VALUE, body)
+    version = hashlib.sha256(body).hexdigest()[:16]
+    field = _length_delimited(_RESOURCES, any_bytes)
+    version_field, name_field = _length_delimited(_RESOURCE_VERSION, version.encode()), \
+        _length_delimited(_RESOURCE_NAME, name.encode())
     return Resource(
         name=name,
-        version=hashlib.sha256(body).hexdigest()[:16],
-        field=_length_delimited(_RESOURCES, any_bytes),
+        version=version,
+        field=field,
         seen_at=seen_at,
+        delta_head=_varint(_DELTA_RESOURCES << 3 | 2) + _varint(len(version_field) + len(field) + len(name_field))
+        + version_field,
+        delta_tail=name_field,
     )
 
 
@@ -111,10 +122,7 @@ def delta_response(
     a `Resource` is its version, the already-encoded `Any` field and its name."""
     parts = [_length_delimited(_DELTA_SYSTEM_VERSION_INFO, system_version_info.encode())]
     for r in resources:
-        version, name = _length_delimited(_RESOURCE_VERSION, r.version.encode()), \
-            _length_delimited(_RESOURCE_NAME, r.name.encode())
-        parts += (_varint(_DELTA_RESOURCES << 3 | 2), _varint(len(version) + len(r.field) + len(name)),
-                  version, r.field, name)
+        parts += (r.delta_head, r.field, r.delta_tail)
     parts += [_length_delimited(_DELTA_REMOVED, name.encode()) for name in removed]
     parts += (_length_delimited(_DELTA_TYPE_URL, type_url.encode()), _length_delimited(_DELTA_NONCE, nonce.encode()),
               control_plane)

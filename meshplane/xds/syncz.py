@@ -86,6 +86,9 @@ def config_dump(stream: streams.Stream) -> dict[str, Any]:
             continue
         entries = []
         for name, resource in sorted(sub.held.current.items()):
+            if not resource.field:  # reported by a delta client on reconnect, and not sent again since
+                entries.append({"name": name, "resource_version": resource.version, "held_since_reconnect": True})
+                continue
             message = cls()
             _any(resource).Unpack(message)
             body = _redacted(json_format.MessageToDict(message, preserving_proto_field_name=True))
