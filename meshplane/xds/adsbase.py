@@ -34,6 +34,7 @@ class StreamServer:
 
     METHOD = ""
     PROTOCOL = ""
+    CONTROL_PLANE_FIELD = resources.CONTROL_PLANE  # where a response names the control plane
 
     def __init__(
         self,
@@ -48,7 +49,7 @@ class StreamServer:
         self._registry = registry
         self._callbacks = callbacks
         self._slots = push_slots
-        self._control_plane = resources.control_plane_field(identifier)
+        self._control_plane = resources.control_plane_field(identifier, field_number=self.CONTROL_PLANE_FIELD)
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

@@ -83,6 +83,10 @@ class AdsClient:
         req = discovery_pb2.DiscoveryRequest(
             type_url=type_url, resource_names=list(names), version_info=version_info, response_nonce=nonce
         )
+        await self._send(req, error=error, with_node=with_node)
+
+    async def _send(self, req: Any, *, error: str | None, with_node: bool | None) -> None:
+        """Write a request, with the node on the stream's first (or as `with_node` says) and error_detail for a NACK."""
         if with_node if with_node is not None else not self._sent_node:
             req.node.CopyFrom(self.node)
             self._sent_node = True
@@ -192,12 +196,7 @@ class DeltaClient(AdsClient):
             resource_names_unsubscribe=list(unsubscribe), response_nonce=nonce,
         )
         req.initial_resource_versions.update(dict(initial_versions or {}))
-        if with_node if with_node is not None else not self._sent_node:
-            req.node.CopyFrom(self.node)
-            self._sent_node = True
-        if error is not None:
-            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        await self._call.write(req)
+        await self._send(req, error=error, with_node=with_node)
 
     async def recv_delta(self, timeout: float = 5.0) -> discovery_pb2.DeltaDiscoveryResponse:
         """The next response; what it adds and removes is applied to `held`."""

@@ -37,7 +37,7 @@ import time
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshplane.xds import adsbase, cache, resources, slots, streams, typeurls, wire
+from meshplane.xds import adsbase, cache, resources, streams, typeurls, wire
 
 
 class DeltaServer(adsbase.StreamServer):
@@ -45,18 +45,7 @@ class DeltaServer(adsbase.StreamServer):
 
     METHOD = "DeltaAggregatedResources"
     PROTOCOL = "delta"
-
-    def __init__(
-        self,
-        views: cache.Views,
-        *,
-        registry: streams.Registry,
-        callbacks: streams.Callbacks,
-        push_slots: slots.PushSlots,
-        identifier: str = "meshplane",
-    ) -> None:
-        super().__init__(views, registry=registry, callbacks=callbacks, push_slots=push_slots, identifier=identifier)
-        self._control_plane = resources.control_plane_field(identifier, field_number=resources.DELTA_CONTROL_PLANE)
+    CONTROL_PLANE_FIELD = resources.DELTA_CONTROL_PLANE
 
     # requests
 

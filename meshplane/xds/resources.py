@@ -24,7 +24,7 @@ _VERSION_INFO = 1
 _RESOURCES = 2
 _TYPE_URL = 4
 _NONCE = 5
-_CONTROL_PLANE = 6
+CONTROL_PLANE = 6
 # google.protobuf.Any
 _ANY_TYPE_URL = 1
 _ANY_VALUE = 2
@@ -99,7 +99,7 @@ def response(
     )
 
 
-def control_plane_field(identifier: str, *, field_number: int = _CONTROL_PLANE) -> bytes:
+def control_plane_field(identifier: str, *, field_number: int = CONTROL_PLANE) -> bytes:
     return _length_delimited(field_number, _length_delimited(_CONTROL_PLANE_IDENTIFIER, identifier.encode()))
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from meshplane.xds import adsbase, cache, resources, slots, streams, typeurls, wire
+from meshplane.xds import adsbase, cache, resources, streams, typeurls, wire
 
 
 class SotwServer(adsbase.StreamServer):
@@ -40,16 +40,8 @@ class SotwServer(adsbase.StreamServer):
     METHOD = "StreamAggregatedResources"
     PROTOCOL = "sotw"
 
-    def __init__(
-        self,
-        views: cache.Views,
-        *,
-        registry: streams.Registry,
-        callbacks: streams.Callbacks,
-        push_slots: slots.PushSlots,
-        identifier: str = "meshplane",
-    ) -> None:
-        super().__init__(views, registry=registry, callbacks=callbacks, push_slots=push_slots, identifier=identifier)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # names key -> (that key, the names, explicit wildcard): streams asking for the same names
         # share one key and one set (a thousand names cost some 80 KB; two thousand proxies need one copy).
         self._name_sets: dict[bytes, tuple[bytes, frozenset[str], bool]] = {}
