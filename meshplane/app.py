@@ -23,6 +23,7 @@ import structlog
 from prometheus_client import exposition
 
 from meshplane import admin, aio, explain
+from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import placement, reload, rules, validate
@@ -51,6 +52,11 @@ class Config:
     # period more: clients reconnect, so they rebalance over replicas that came back (0: never).
     max_connection_age: float = 1800.0
     max_connection_age_grace: float = 10.0
+    # TLS on the ADS port (docs/security.md): then `ads_host:ads_port` is TLS, and a plaintext
+    # listener exists only if asked for.
+    tls: tls_mod.TlsFiles | None = None
+    ads_plaintext: str | None = None  # HOST:PORT
+    trust_domain: str = "cluster.local"
     # Kubernetes clusters (docs/kubernetes.md)
     local_cluster: str | None = None  # ID[=KUBECONFIG[#CONTEXT]]: also where remote secrets live
     kubeconfigs: tuple[str, ...] = ()  # [ID=]PATH[#CONTEXT]
@@ -88,6 +94,8 @@ class ControlPlane:
         self._grpc: grpc.aio.Server | None = None
         self._http: admin.HttpPort | None = None
         self.ads_port = 0
+        self.ads_plaintext_port = 0
+        self.tls: tls_mod.ServerTls | None = None
         self.http_port = 0
 
     async def start(self) -> None:
@@ -104,11 +112,11 @@ class ControlPlane:
         push_slots = slots.PushSlots(self.config.max_concurrent_pushes, stall_after=self.config.stall_after)
         self.ads = sotw.SotwServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
-            push_slots=push_slots,
+            push_slots=push_slots, trust_domain=self.config.trust_domain,
         )
         self.delta = delta.DeltaServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
-            push_slots=push_slots,
+            push_slots=push_slots, trust_domain=self.config.trust_domain,
         )
         self.push = push.PushLoop(
             cache=self.cache, services=lambda: self.catalog.services,
@@ -125,15 +133,25 @@ class ControlPlane:
                         ("grpc.max_connection_age_grace_ms", int(self.config.max_connection_age_grace * 1000))]
         self._grpc = grpc.aio.server(options=options)
         self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(), self.delta.rpc_handler()))
-        self.ads_port = self._grpc.add_insecure_port(f"{self.config.ads_host}:{self.config.ads_port}")
+        address = f"{self.config.ads_host}:{self.config.ads_port}"
+        if self.config.tls is not None:
+            self.tls = tls_mod.ServerTls(self.config.tls)
+            self.ads_port = self._grpc.add_secure_port(address, self.tls.credentials)
+        else:
+            self.ads_port = self._grpc.add_insecure_port(address)
         if self.ads_port == 0:
-            raise OSError(f"cannot listen for ADS on {self.config.ads_host}:{self.config.ads_port}")
+            raise OSError(f"cannot listen for ADS on {address}")
+        if self.config.ads_plaintext:
+            self.ads_plaintext_port = self._grpc.add_insecure_port(self.config.ads_plaintext)
+            if self.ads_plaintext_port == 0:
+                raise OSError(f"cannot listen for plaintext ADS on {self.config.ads_plaintext}")
         await self._grpc.start()
         self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
         if self.config.http_port >= 0:
             self._http = admin.HttpPort(self._pages(), timeout=self.config.http_timeout)
             self.http_port = await self._http.start(self.config.http_host, self.config.http_port)
         log.info("control plane serving", ads=f"{self.config.ads_host}:{self.ads_port}",
+                 tls=self.config.tls is not None, ads_plaintext=self.config.ads_plaintext or "",
                  http=f"{self.config.http_host}:{self.http_port}", services=len(self.catalog.services))
 
     async def _start_kubernetes(self) -> None:

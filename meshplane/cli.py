@@ -42,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
                             "over replicas (docs/deploying.md); 0: never")
     serve.add_argument("--max-connection-age-grace", type=float, default=10.0, metavar="SECONDS",
                        help="how long a closing connection's streams may go on before they are ended")
+    sec = serve.add_argument_group("TLS and identity on the ADS port (docs/security.md)")
+    sec.add_argument("--tls-cert", type=Path, metavar="PEM",
+                     help="serve ADS over TLS with this certificate (re-read when the file changes)")
+    sec.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    sec.add_argument("--client-ca", type=Path, metavar="PEM",
+                     help="check client certificates against this CA; a client's SPIFFE id must match its node")
+    sec.add_argument("--client-cert", choices=["required", "optional"], default="required",
+                     help="with --client-ca: whether a client without a certificate is refused (default required)")
+    sec.add_argument("--trust-domain", default="cluster.local",
+                     help="the trust domain of client SPIFFE ids (spiffe://TRUST_DOMAIN/ns/NS/sa/SA)")
+    sec.add_argument("--ads-plaintext", metavar="HOST:PORT",
+                     help="with --tls-cert: also serve plaintext ADS here (off unless asked for)")
     kube = serve.add_argument_group("Kubernetes clusters (docs/kubernetes.md)")
     kube.add_argument("--local-cluster", metavar="ID[=KUBECONFIG[#CONTEXT]]",
                       help="the cluster meshplane runs in (service account in a pod, else the current context)")
@@ -188,14 +200,25 @@ async def _serve(args: argparse.Namespace) -> int:
 
     ads_host, ads_port = _split(args.ads)
     http_host, http_port = _split(args.http)
+    from meshplane import tls
     from meshplane.discovery import kubesource
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("meshplane: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.tls_cert is None and (args.client_ca is not None or args.ads_plaintext):
+        print("meshplane: --client-ca and --ads-plaintext need --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    tls_files = None if args.tls_cert is None else tls.TlsFiles(
+        cert=args.tls_cert, key=args.tls_key, client_ca=args.client_ca,
+        require_client_cert=args.client_cert == "required")
     config = app.Config(
         endpoint_files=tuple(args.endpoints), policy_file=args.policy,
         ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
         debounce=args.debounce, max_delay=args.max_delay, poll_interval=args.poll_interval,
         max_concurrent_pushes=args.max_concurrent_pushes,
         max_connection_age=args.max_connection_age, max_connection_age_grace=args.max_connection_age_grace,
+        tls=tls_files, ads_plaintext=args.ads_plaintext, trust_domain=args.trust_domain,
         local_cluster=args.local_cluster, kubeconfigs=tuple(args.kubeconfig),
         kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
         sync_timeout=args.sync_timeout,
@@ -207,7 +230,7 @@ async def _serve(args: argparse.Namespace) -> int:
     plane = app.ControlPlane(config)
     try:
         await plane.start()
-    except (validate.PolicyError, filesource.EndpointFileError, OSError, ValueError) as exc:
+    except (validate.PolicyError, filesource.EndpointFileError, OSError, ValueError) as exc:  # TlsError too
         print(f"meshplane: {exc}", file=sys.stderr)
         await plane.stop()
         return 1

@@ -13,16 +13,39 @@ from google.protobuf import json_format
 
 from meshplane.demo.envoy import envoy_binary
 from meshplane.xds import proxy
+from tests import pki
 
 pytestmark = [pytest.mark.envoy, pytest.mark.any_protocol]
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
 
 
+def materialize(name: str, directory: Path, ca: pki.CA, spiffe_id: str) -> Path:
+    """The shipped bootstrap with its mounted files made real under `directory`: the SDS documents of
+    deploy/envoy/sds/ and a client certificate (tls.crt, tls.key, ca.crt, as a Kubernetes TLS secret)."""
+    sds, certs = directory / "sds", directory / "certs"
+    sds.mkdir(parents=True, exist_ok=True)
+    cert, key, _ = ca.issue("client", uris=(spiffe_id,))
+    certs.mkdir(parents=True, exist_ok=True)
+    (certs / "tls.crt").write_bytes(cert)
+    (certs / "tls.key").write_bytes(key)
+    (certs / "ca.crt").write_bytes(ca.pem)
+
+    def moved(text: str) -> str:
+        return text.replace("/etc/envoy/sds", str(sds)).replace("/etc/meshplane/certs", str(certs))
+
+    for doc in (DEPLOY / "sds").glob("*.yaml"):
+        (sds / doc.name).write_text(moved(doc.read_text()))
+    out = directory / name
+    out.write_text(moved((DEPLOY / name).read_text()))
+    return out
+
+
 @pytest.mark.parametrize("name", ["sidecar.yaml", "gateway.yaml", "compose-sidecar.yaml"])
-async def test_envoy_accepts_the_shipped_bootstrap(name: str) -> None:
+async def test_envoy_accepts_the_shipped_bootstrap(name: str, tmp_path: Path) -> None:
+    path = materialize(name, tmp_path, pki.CA(), "spiffe://cluster.local/ns/default/sa/mocka")
     run = await asyncio.create_subprocess_exec(
-        str(envoy_binary()), "--mode", "validate", "-c", str(DEPLOY / name), "--disable-hot-restart",
+        str(envoy_binary()), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(run.communicate(), 60)
     assert run.returncode == 0, out.decode()[-2000:]

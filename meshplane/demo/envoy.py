@@ -82,8 +82,41 @@ XDS_RETRY_BACK_OFF = {"base_interval": "0.1s", "max_interval": "1s"}
 30 s). Bounded so that a proxy whose control plane died is back on another within about a second."""
 
 
+@dataclass(frozen=True)
+class XdsTls:
+    """mTLS to the control plane: file-based SDS documents for the client certificate and the CA,
+    and the name the control plane's certificate must carry (docs/security.md)."""
+
+    cert_sds: Path
+    ca_sds: Path
+    server_name: str
+
+
+def upstream_tls(tls: XdsTls) -> dict[str, Any]:
+    """The xDS cluster's transport socket: Envoy's client certificate and trusted CA come through
+    file-based SDS (rotated when the files change), the server's certificate must name `server_name`."""
+    def sds(name: str, path: Path) -> dict[str, Any]:
+        return {"name": name, "sds_config": {"path_config_source": {
+            "path": str(path), "watched_directory": {"path": str(path.parent)}}, "resource_api_version": "V3"}}
+
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": tls.server_name,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [sds("xds_client_cert", tls.cert_sds)],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": tls.server_name}}]},
+                "validation_context_sds_secret_config": sds("xds_ca", tls.ca_sds),
+            },
+        },
+    }}
+
+
 def bootstrap(*, node: EnvoyNode, ads_host: str, ads_port: int, admin_port: int,
-              api_type: str | None = None, ads_replicas: Sequence[tuple[str, int]] = ()) -> dict[str, Any]:
+              api_type: str | None = None, ads_replicas: Sequence[tuple[str, int]] = (),
+              tls: XdsTls | None = None) -> dict[str, Any]:
     """A minimal ADS bootstrap: CDS and LDS (and so EDS/RDS) all arrive over one ADS stream.
 
     `ads_replicas`: several control plane replicas, nearest first (each at its own priority), instead
@@ -113,6 +146,8 @@ def bootstrap(*, node: EnvoyNode, ads_host: str, ads_port: int, admin_port: int,
             ],
         },
     }
+    if tls is not None:
+        xds_cluster["transport_socket"] = upstream_tls(tls)
     if len(replicas) > 1:
         xds_cluster["health_checks"] = [{
             "timeout": "0.25s", "interval": "0.25s", "no_traffic_interval": "0.25s",
@@ -185,8 +220,10 @@ class EnvoyProcess:
         log_level: str = "warning",
         api_type: str | None = None,
         ads_replicas: Sequence[tuple[str, int]] = (),
+        tls: XdsTls | None = None,
     ) -> None:
         self.node = node
+        self.tls = tls
         self.api_type = api_type  # None: API_TYPE when started
         self.ads_replicas = tuple(ads_replicas)
         self.ads_port = ads_port
@@ -218,7 +255,7 @@ class EnvoyProcess:
         # Admin on port 0 and --admin-address-path: Envoy binds a free port itself and tells
         # us which, so there is no window in which another process can take a port we picked.
         config = bootstrap(node=self.node, ads_host=self.ads_host, ads_port=self.ads_port,
-                           admin_port=0, api_type=self.api_type, ads_replicas=self.ads_replicas)
+                           admin_port=0, api_type=self.api_type, ads_replicas=self.ads_replicas, tls=self.tls)
         self.bootstrap_path.write_text(json.dumps(config, indent=2))
         self.admin_address_path.unlink(missing_ok=True)
         self.admin_port = 0

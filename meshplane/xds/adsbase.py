@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import structlog
 
-from meshplane.xds import cache, proxy, resources, slots, streams, typeurls, wire
+from meshplane.xds import cache, identity, proxy, resources, slots, streams, typeurls, wire
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +27,14 @@ LIGHT_NAMES = 64
 """A push naming at most this many endpoint assignments (or routes) is light: it skips the
 push slots. One changed endpoint's push to a thousand proxies is a thousand small writes,
 which go out as fast as the floor's; waiting in line for slots would double its time."""
+
+
+class Refusal(Exception):
+    """Ends a stream with a status other than INVALID_ARGUMENT (a bad request is a plain message)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StreamServer:
@@ -44,7 +52,9 @@ class StreamServer:
         callbacks: streams.Callbacks,
         push_slots: slots.PushSlots,
         identifier: str = "meshplane",
+        trust_domain: str = "cluster.local",
     ) -> None:
+        self._trust_domain = trust_domain
         self._views = views
         self._registry = registry
         self._callbacks = callbacks
@@ -76,6 +86,7 @@ class StreamServer:
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
                                             on_stall=self._callbacks.write_stalled)
+        stream.identity = identity.peer(context.auth_context())
         reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
         reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
         try:
@@ -110,14 +121,20 @@ class StreamServer:
 
     async def _read(self, stream: streams.Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         async for raw in requests:
+            code = grpc.StatusCode.INVALID_ARGUMENT
             try:
                 error = self._on_raw(stream, raw)
             except wire.BadRequest as exc:
                 error = str(exc)
+            except Refusal as exc:
+                error, code = str(exc), exc.code
             del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
             if error is not None:
-                log.warning("bad xDS request", stream=stream.id, peer=stream.peer, node=stream.node_id, error=error)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+                event = "bad xDS request" if code == grpc.StatusCode.INVALID_ARGUMENT else "xDS client refused"
+                log.warning(event, stream=stream.id, peer=stream.peer, node=stream.node_id, status=code.name,
+                            error=error)
+                self._callbacks.refused(stream, code.name)
+                await context.abort(code, error)
 
     def _identify(self, stream: streams.Stream, node: Any, has_node: bool) -> str | None:
         """Classify the client from its first request's node and attach it to its view."""
@@ -126,9 +143,14 @@ class StreamServer:
         if not has_node or not node.id:
             return f"the first {self._request_name()} on a stream must carry node (with an id)"
         try:
-            stream.proxy = proxy.classify(node)
+            claimed = proxy.classify(node)
         except proxy.InvalidNode as exc:
             return str(exc)
+        try:
+            identity.check(claimed, stream.identity, trust_domain=self._trust_domain)
+        except identity.Denied as exc:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+        stream.proxy = claimed
         stream.watch = self._views.watch(stream.proxy, stream.mark)
         self._callbacks.stream_opened(stream)
         return None

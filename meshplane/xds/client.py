@@ -42,6 +42,7 @@ class AdsClient:
         self._call: Any = None
         self._sent_node = False
         self._pending_read: asyncio.Future[Any] | None = None
+        self.credentials: grpc.ChannelCredentials | None = None  # TLS (and a client certificate); None: plaintext
 
     async def __aenter__(self) -> AdsClient:
         await self.connect()
@@ -51,7 +52,8 @@ class AdsClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target)
+        self._channel = (grpc.aio.insecure_channel(self.target) if self.credentials is None
+                         else grpc.aio.secure_channel(self.target, self.credentials))
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
         self._call = self._open(stub)
         self._sent_node = False

@@ -88,6 +88,12 @@ class Metrics:
             "From a stream's view changing (or its request arriving) to the push that carries it being composed",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.refusals = Counter(
+            "meshplane_xds_refused_streams",
+            "Streams ended by meshplane, by gRPC status: a bad request (INVALID_ARGUMENT), an identity that may "
+            "not be the proxy it claims (PERMISSION_DENIED), a limit reached (RESOURCE_EXHAUSTED)",
+            ["code"], registry=r,
+        )
         self.clients = Gauge(
             "meshplane_xds_clients", "Connected clients by kind and sync state (the worst of their types)",
             ["kind", "state"], registry=r,
@@ -99,6 +105,8 @@ class Metrics:
                 family.labels(short)
         for result in ("applied", "unchanged", "rejected"):
             self.policy_reloads.labels(result)
+        for code in ("INVALID_ARGUMENT", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"):
+            self.refusals.labels(code)
         # Labelled children looked up once: every ACK and response passes through here.
         self._responses = {t: self.responses.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
         self._response_bytes = {t: self.response_bytes.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
@@ -150,6 +158,9 @@ class Metrics:
         self.clients.clear()
         for (kind, state), n in counts.items():
             self.clients.labels(kind, state).set(n)
+
+    def refused(self, stream: streams.Stream, code: str) -> None:
+        self.refusals.labels(code).inc()
 
     def stale_nonce(self, stream: streams.Stream, type_url: str) -> None:
         self.stale.labels(typeurls.SHORT_NAMES[type_url]).inc()

@@ -100,6 +100,7 @@ class Stream:
         self.id = stream_id
         self.peer = peer
         self.protocol = protocol  # "sotw" or "delta"
+        self.identity: str | None = None  # the client certificate's SPIFFE id ("" none in it; None: no certificate)
         self._on_stall = on_stall
         self.connected_at = time.time()
         self.proxy: proxy.Proxy | None = None
@@ -195,4 +196,5 @@ class Callbacks(Protocol):
     def write_stalled(self, stream: Stream) -> None: ...
     def request_received(self, stream: Stream, type_url: str) -> None: ...
     def push_started(self, stream: Stream, queued: float) -> None: ...
+    def refused(self, stream: Stream, code: str) -> None: ...
 

@@ -49,7 +49,7 @@ def clients(registry: streams.Registry, *, now: float, now_monotonic: float) -> 
         out.append({
             "node": proxy.id, "kind": proxy.kind.value, "protocol": stream.protocol, "locality": str(proxy.locality),
             "gateway": proxy.gateway or None, "view": str(stream.watch.key) if stream.watch else None,
-            "peer": stream.peer, "connected_since": _iso(stream.connected_at),
+            "peer": stream.peer, "identity": stream.identity, "connected_since": _iso(stream.connected_at),
             "state": stream.worst().value, "types": types,
         })
     return sorted(out, key=lambda c: (c["kind"], c["locality"], c["node"]))

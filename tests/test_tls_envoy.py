@@ -1,0 +1,210 @@
+"""mTLS and identity on the ADS port (docs/security.md): a real Envoy over mTLS with its certificates
+through file-based SDS; clients without a certificate, with one of another CA, or claiming another
+namespace or gateway are refused with the status docs/security.md gives; the server certificate
+rotates under live streams without dropping one."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+
+from meshplane import app, tls
+from meshplane.demo import backend, envoy
+from meshplane.demo.ports import free_port
+from meshplane.xds import client as ads_client
+from meshplane.xds import typeurls
+from tests import pki
+from tests.conftest import cluster_doc, wait_for, write_yaml
+
+pytestmark = pytest.mark.envoy
+
+SIDECAR_ID = "spiffe://cluster.local/ns/default/sa/mocka"
+
+
+@pytest.fixture
+def ca() -> pki.CA:
+    return pki.CA()
+
+
+async def _plane(start_plane: Any, tmp_path: Path, ca: pki.CA, **kwargs: Any) -> app.ControlPlane:
+    cert, key, _ = ca.write_server(tmp_path / "server")
+    endpoints = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": 9}]}))
+    files = tls.TlsFiles(cert=cert, key=key, client_ca=ca.write_ca(tmp_path / "server" / "ca.pem"))
+    plane: app.ControlPlane = await start_plane(endpoint_files=(endpoints,), tls=files, **kwargs)
+    return plane
+
+
+def _grpc_client(plane: app.ControlPlane, ca: pki.CA, client: tuple[bytes, bytes] | None, node_id: str = "sidecar-1",
+                 **metadata: Any) -> ads_client.AdsClient:
+    c = ads_client.AdsClient(f"localhost:{plane.ads_port}", ads_client.node(
+        node_id, region="r1", zone="z1", cluster="c1", metadata=metadata or None))
+    key, cert = client if client is not None else (None, None)
+    c.credentials = grpc.ssl_channel_credentials(ca.pem, key, cert)
+    return c
+
+
+def _issue(ca: pki.CA, spiffe_id: str) -> tuple[bytes, bytes]:
+    cert, key, _ = ca.issue("client", uris=(spiffe_id,))
+    return key, cert
+
+
+async def _refused(client: ads_client.AdsClient) -> grpc.aio.AioRpcError:
+    async with client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:  # the write fails already when the handshake did
+            await client.request(typeurls.CLUSTER)
+            await client.recv()
+    return error.value
+
+
+@pytest.mark.any_protocol  # grpc clients only
+async def test_who_may_connect(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    plaintext = free_port()
+    plane = await _plane(start_plane, tmp_path, ca, ads_plaintext=f"127.0.0.1:{plaintext}")
+    # With its own certificate and namespace: served.
+    async with _grpc_client(plane, ca, _issue(ca, SIDECAR_ID)) as ok:
+        await ok.request(typeurls.CLUSTER)
+        assert ads_client.resource_names(await ok.recv())
+    # No certificate, or one from another CA: the TLS handshake fails.
+    for client in (None, _issue(pki.CA("another-ca"), SIDECAR_ID)):
+        error = await _refused(_grpc_client(plane, ca, client))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    # Another namespace than the certificate's.
+    error = await _refused(_grpc_client(plane, ca, _issue(ca, SIDECAR_ID), namespace="payments"))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == (f"{SIDECAR_ID} claimed node 'sidecar-1' in namespace 'payments': a proxy may only "
+                               "claim its own namespace ('default')")
+    # A sidecar's identity claiming to be the gateway edge.
+    error = await _refused(_grpc_client(plane, ca, _issue(ca, SIDECAR_ID), role="gateway", gateway="edge"))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "claimed to be the gateway 'edge'" in (error.details() or "")
+    # The gateway's own identity may; another trust domain may not.
+    async with _grpc_client(plane, ca, _issue(ca, "spiffe://cluster.local/ns/default/sa/edge"),
+                            role="gateway", gateway="edge") as gw:
+        await gw.request(typeurls.LISTENER)
+        await gw.request(typeurls.CLUSTER)
+        await gw.recv()
+    error = await _refused(_grpc_client(plane, ca, _issue(ca, "spiffe://elsewhere.org/ns/default/sa/mocka")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "trust domain cluster.local" in (error.details() or "")
+    assert plane.metrics.registry.get_sample_value("meshplane_xds_refused_streams_total",
+                                                   {"code": "PERMISSION_DENIED"}) == 3
+    # Plaintext on the TLS port fails; the plaintext listener asked for serves (no identity to check).
+    async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", ads_client.node("p", region="r1")) as plain:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await plain.request(typeurls.CLUSTER)
+            await plain.recv(timeout=3)
+    async with ads_client.AdsClient(f"127.0.0.1:{plaintext}", ads_client.node("p", region="r1")) as plain:
+        await plain.request(typeurls.CLUSTER)
+        assert ads_client.resource_names(await plain.recv())
+
+
+async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    plane = await _plane(start_plane, tmp_path, ca)
+    certs = tmp_path / "envoy-certs"
+    cert, key = ca.write_client(certs, SIDECAR_ID)
+    cert_sds, ca_sds = pki.envoy_sds(tmp_path, cert=cert, key=key, ca=ca.write_ca(certs / "ca.pem"))
+    listener = free_port()
+    server = backend.ReplicaServer(backend.Replica("mockb", "z1", "r1", "c1", free_port(), None, None))
+    write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": server.replica.port}]}))
+    await server.start()
+    proxy = envoy.EnvoyProcess(
+        node=envoy.EnvoyNode(id="sidecar-1", cluster="t", region="r1", zone="z1", sub_zone="c1",
+                             metadata={"listener_port": listener, "listener_address": "127.0.0.1"}),
+        ads_port=plane.ads_port, ads_host="127.0.0.1", workdir=tmp_path,
+        tls=envoy.XdsTls(cert_sds=cert_sds, ca_sds=ca_sds, server_name="localhost"))
+    try:
+        await proxy.start()
+
+        async def served() -> bool:
+            try:
+                status, body = await backend.http_get(listener, "mockb")
+            except OSError:
+                return False
+            return status == 200 and body.strip() == "mockb@z1"
+
+        await wait_for(served, timeout=15, what="traffic through the Envoy configured over mTLS")
+        (stream,) = list(plane.streams)
+        assert stream.identity == SIDECAR_ID
+
+        # Rotate the server certificate (same CA): new handshakes get the new one, the open stream stays.
+        before = _served_serial(plane.ads_port, ca, tmp_path)
+        _, _, serial = ca.write_server(tmp_path / "server")
+        await wait_for(lambda: _served_serial(plane.ads_port, ca, tmp_path) == serial,
+                       what="the new certificate served")
+        assert before != serial
+        assert [s.id for s in plane.streams] == [stream.id]  # the Envoy's stream was not dropped
+        moved = {"mockb": [{"zone": "z2", "port": server.replica.port}]}
+        write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", moved))
+
+        async def pushed() -> bool:
+            return "z2" in str(await proxy.config_dump())
+
+        await wait_for(pushed, what="a change pushed over the same stream after the rotation")
+        assert [s.id for s in plane.streams] == [stream.id]
+        stats = await proxy.stats(filter="control_plane")
+        assert stats["control_plane.connected_state"] == 1
+    finally:
+        await proxy.stop()
+        await server.stop()
+
+
+def _served_serial(port: int, ca: pki.CA, tmp_path: Path) -> int:
+    """The serial of the certificate the ADS port presents now, from a TLS handshake of our own."""
+    cert, key = ca.write_client(tmp_path / "probe", SIDECAR_ID)
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as conn:
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+@pytest.mark.any_protocol
+async def test_a_broken_certificate_at_start_stops_serve_naming_the_file(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    cert, key, _ = ca.write_server(tmp_path)
+    cert.write_text("not a certificate\n")
+    with pytest.raises(tls.TlsError, match=f"{cert}: the certificate is not PEM"):
+        await start_plane(tls=tls.TlsFiles(cert=cert, key=key))
+
+
+
+@pytest.mark.any_protocol  # the shipped bootstrap says DELTA_GRPC
+async def test_the_shipped_bootstrap_connects_over_mtls(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    from tests.test_bootstraps import materialize
+
+    cert, key, _ = ca.write_server(tmp_path / "server", dns=("meshplane.meshplane-system.svc",))
+    endpoints = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": 9}]}))
+    plane = await start_plane(endpoint_files=(endpoints,), tls=tls.TlsFiles(
+        cert=cert, key=key, client_ca=ca.write_ca(tmp_path / "server" / "ca.pem")))
+    path = materialize("sidecar.yaml", tmp_path / "envoy", ca, SIDECAR_ID)
+    text = path.read_text().replace("address: meshplane.meshplane-system.svc, port_value: 18000",
+                                    f"address: 127.0.0.1, port_value: {plane.ads_port}")
+    text = text.replace("port_value: 15000", "port_value: 0").replace("listener_port: 15001",
+                                                                       f"listener_port: {free_port()}")
+    path.write_text(text)
+    proc = await asyncio.create_subprocess_exec(
+        str(envoy.envoy_binary()), "-c", str(path), "--disable-hot-restart", "--log-level", "warning",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        def connected() -> list[str | None]:
+            return [s.identity for s in plane.streams if s.proxy is not None and s.worst().value == "SYNCED"]
+
+        assert await wait_for(connected, timeout=15, what="the shipped sidecar bootstrap synced over mTLS") == \
+            [SIDECAR_ID]
+        (stream,) = list(plane.streams)
+        assert stream.protocol == "delta"
+    finally:
+        proc.terminate()
+        await proc.wait()
