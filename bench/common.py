@@ -334,6 +334,8 @@ class Meshplane:
                 *(a for f in endpoint_files for a in ("--endpoints", str(f))),
                 "--policy", str(policy), "--ads", f"127.0.0.1:{self.ads_port}",
                 "--http", f"127.0.0.1:{self.http_port}",
+                # Every simulated proxy connects from loopback: one address, thousands of streams.
+                "--max-streams-per-peer", "0",
                 *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []), *extra_args]
         self.command = args
         self._log = self.log.open("wb")

@@ -27,7 +27,7 @@ from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import placement, reload, rules, validate
-from meshplane.xds import delta, generators, push, slots, sotw, streams, syncz, views
+from meshplane.xds import adsbase, delta, generators, push, slots, sotw, streams, syncz, views
 from meshplane.xds import metrics as metrics_mod
 
 log = structlog.get_logger(__name__)
@@ -57,6 +57,7 @@ class Config:
     tls: tls_mod.TlsFiles | None = None
     ads_plaintext: str | None = None  # HOST:PORT
     trust_domain: str = "cluster.local"
+    limits: adsbase.Limits = field(default_factory=adsbase.Limits)
     # Kubernetes clusters (docs/kubernetes.md)
     local_cluster: str | None = None  # ID[=KUBECONFIG[#CONTEXT]]: also where remote secrets live
     kubeconfigs: tuple[str, ...] = ()  # [ID=]PATH[#CONTEXT]
@@ -112,11 +113,11 @@ class ControlPlane:
         push_slots = slots.PushSlots(self.config.max_concurrent_pushes, stall_after=self.config.stall_after)
         self.ads = sotw.SotwServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
-            push_slots=push_slots, trust_domain=self.config.trust_domain,
+            push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
         )
         self.delta = delta.DeltaServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
-            push_slots=push_slots, trust_domain=self.config.trust_domain,
+            push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
         )
         self.push = push.PushLoop(
             cache=self.cache, services=lambda: self.catalog.services,
@@ -128,6 +129,9 @@ class ControlPlane:
         await self._start_kubernetes()
         self._readiness = asyncio.create_task(self._announce_ready(), name="readiness")
         options: list[tuple[str, int]] = [("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
+        # gRPC refuses what is far over the request limit itself; up to 1 MiB over, meshplane does, and counts it.
+        request_bytes = self.config.limits.request_bytes
+        options.append(("grpc.max_receive_message_length", request_bytes + 2**20 if request_bytes else -1))
         if self.config.max_connection_age > 0:  # gRPC adds +-10 % jitter: reconnects do not come all at once
             options += [("grpc.max_connection_age_ms", int(self.config.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(self.config.max_connection_age_grace * 1000))]

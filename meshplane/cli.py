@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from meshplane import app, ask
+from meshplane.xds import adsbase
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,18 @@ def main(argv: list[str] | None = None) -> int:
                      help="the trust domain of client SPIFFE ids (spiffe://TRUST_DOMAIN/ns/NS/sa/SA)")
     sec.add_argument("--ads-plaintext", metavar="HOST:PORT",
                      help="with --tls-cert: also serve plaintext ADS here (off unless asked for)")
+    lim = serve.add_argument_group("limits on clients (docs/security.md; 0: none)")
+    default = adsbase.Limits()
+    lim.add_argument("--max-streams", type=_count, default=default.streams, metavar="N",
+                     help=f"open ADS streams, all clients together (default {default.streams})")
+    lim.add_argument("--max-streams-per-peer", type=_count, default=default.streams_per_peer, metavar="N",
+                     help=f"open ADS streams from one address (default {default.streams_per_peer})")
+    lim.add_argument("--max-node-bytes", type=_count, default=default.node_bytes, metavar="BYTES",
+                     help=f"a request's node, encoded (default {default.node_bytes})")
+    lim.add_argument("--max-names", type=_count, default=default.names, metavar="N",
+                     help=f"resource names in one request (default {default.names})")
+    lim.add_argument("--max-request-bytes", type=_count, default=default.request_bytes, metavar="BYTES",
+                     help=f"one request, encoded (default {default.request_bytes})")
     kube = serve.add_argument_group("Kubernetes clusters (docs/kubernetes.md)")
     kube.add_argument("--local-cluster", metavar="ID[=KUBECONFIG[#CONTEXT]]",
                       help="the cluster meshplane runs in (service account in a pod, else the current context)")
@@ -182,6 +195,13 @@ def _ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, not {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -219,6 +239,9 @@ async def _serve(args: argparse.Namespace) -> int:
         max_concurrent_pushes=args.max_concurrent_pushes,
         max_connection_age=args.max_connection_age, max_connection_age_grace=args.max_connection_age_grace,
         tls=tls_files, ads_plaintext=args.ads_plaintext, trust_domain=args.trust_domain,
+        limits=adsbase.Limits(streams=args.max_streams, streams_per_peer=args.max_streams_per_peer,
+                              node_bytes=args.max_node_bytes, names=args.max_names,
+                              request_bytes=args.max_request_bytes),
         local_cluster=args.local_cluster, kubeconfigs=tuple(args.kubeconfig),
         kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
         sync_timeout=args.sync_timeout,

@@ -33,6 +33,9 @@ class SlowProxy:
         self.gate.set()
         self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}  # plaintext: no certificate
+
     def peer(self) -> str:
         return "in-memory"
 

@@ -93,7 +93,7 @@ async def test_who_may_connect(start_plane: Any, tmp_path: Path, ca: pki.CA) -> 
     error = await _refused(_grpc_client(plane, ca, _issue(ca, "spiffe://elsewhere.org/ns/default/sa/mocka")))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "trust domain cluster.local" in (error.details() or "")
     assert plane.metrics.registry.get_sample_value("meshplane_xds_refused_streams_total",
-                                                   {"code": "PERMISSION_DENIED"}) == 3
+                                                   {"code": "PERMISSION_DENIED", "reason": "identity"}) == 3
     # Plaintext on the TLS port fails; the plaintext listener asked for serves (no identity to check).
     async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", ads_client.node("p", region="r1")) as plain:
         with pytest.raises(grpc.aio.AioRpcError):

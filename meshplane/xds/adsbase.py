@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,12 +30,24 @@ push slots. One changed endpoint's push to a thousand proxies is a thousand smal
 which go out as fast as the floor's; waiting in line for slots would double its time."""
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one client may ask of the server (docs/security.md); 0: no limit."""
+
+    streams: int = 20_000  # open streams, all clients together
+    streams_per_peer: int = 1_000  # open streams from one address (a node hosts at most a few hundred pods)
+    node_bytes: int = 64 * 1024  # a request's node, encoded (Istio's run to a few KB)
+    names: int = 50_000  # resource names in one request (subscribed, or subscribed and unsubscribed)
+    request_bytes: int = 4 * 1024 * 1024  # one request, encoded (gRPC's own default)
+
+
 class Refusal(Exception):
     """Ends a stream with a status other than INVALID_ARGUMENT (a bad request is a plain message)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class StreamServer:
@@ -53,8 +66,10 @@ class StreamServer:
         push_slots: slots.PushSlots,
         identifier: str = "meshplane",
         trust_domain: str = "cluster.local",
+        limits: Limits = Limits(),
     ) -> None:
         self._trust_domain = trust_domain
+        self.limits = limits
         self._views = views
         self._registry = registry
         self._callbacks = callbacks
@@ -84,6 +99,11 @@ class StreamServer:
     # shared
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        refusal = self._too_many(context.peer())
+        if refusal is not None:
+            log.warning("xDS client refused", peer=context.peer(), status=refusal.code.name, error=str(refusal))
+            self._callbacks.refused(None, refusal.code.name, refusal.reason)
+            await context.abort(refusal.code, str(refusal))
         stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
                                             on_stall=self._callbacks.write_stalled)
         stream.identity = identity.peer(context.auth_context())
@@ -120,21 +140,43 @@ class StreamServer:
                 await slot.write(context.write(message))
 
     async def _read(self, stream: streams.Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        limit = self.limits.request_bytes
         async for raw in requests:
-            code = grpc.StatusCode.INVALID_ARGUMENT
+            code, reason = grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
             try:
+                if limit and len(raw) > limit:
+                    raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"request of {len(raw)} bytes; at most {limit} (--max-request-bytes)", "request_size")
                 error = self._on_raw(stream, raw)
             except wire.BadRequest as exc:
                 error = str(exc)
             except Refusal as exc:
-                error, code = str(exc), exc.code
+                error, code, reason = str(exc), exc.code, exc.reason
             del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
             if error is not None:
                 event = "bad xDS request" if code == grpc.StatusCode.INVALID_ARGUMENT else "xDS client refused"
                 log.warning(event, stream=stream.id, peer=stream.peer, node=stream.node_id, status=code.name,
                             error=error)
-                self._callbacks.refused(stream, code.name)
+                self._callbacks.refused(stream, code.name, reason)
                 await context.abort(code, error)
+
+    def _too_many(self, peer: str) -> Refusal | None:
+        """A refusal when the server, or this peer address, has all the streams it may."""
+        limits = self.limits
+        if limits.streams and len(self._registry) >= limits.streams:
+            return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{len(self._registry)} streams open; at most {limits.streams} (--max-streams)", "streams")
+        address = streams.peer_address(peer)
+        if limits.streams_per_peer and self._registry.from_address(address) >= limits.streams_per_peer:
+            return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{self._registry.from_address(address)} streams open from {address}; at most "
+                           f"{limits.streams_per_peer} per address (--max-streams-per-peer)", "streams_per_peer")
+        return None
+
+    def _check_names(self, count: int) -> None:
+        if self.limits.names and count > self.limits.names:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{count} resource names in one request; at most {self.limits.names} (--max-names)", "names")
 
     def _identify(self, stream: streams.Stream, node: Any, has_node: bool) -> str | None:
         """Classify the client from its first request's node and attach it to its view."""
@@ -142,6 +184,10 @@ class StreamServer:
             return None
         if not has_node or not node.id:
             return f"the first {self._request_name()} on a stream must carry node (with an id)"
+        size = node.ByteSize()
+        if self.limits.node_bytes and size > self.limits.node_bytes:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"node is {size} bytes; at most {self.limits.node_bytes} (--max-node-bytes)", "node_size")
         try:
             claimed = proxy.classify(node)
         except proxy.InvalidNode as exc:
@@ -149,7 +195,7 @@ class StreamServer:
         try:
             identity.check(claimed, stream.identity, trust_domain=self._trust_domain)
         except identity.Denied as exc:
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc), "identity") from None
         stream.proxy = claimed
         stream.watch = self._views.watch(stream.proxy, stream.mark)
         self._callbacks.stream_opened(stream)

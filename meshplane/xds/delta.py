@@ -58,6 +58,7 @@ class DeltaServer(adsbase.StreamServer):
         served, error = self._served_type(stream, type_url)
         if not served:
             return error
+        self._check_names(len(req.resource_names_subscribe) + len(req.resource_names_unsubscribe))
         sub = stream.types.get(type_url)
         first = sub is None
         if sub is None:

@@ -13,6 +13,11 @@ from meshplane.xds import streams, typeurls
 
 log = structlog.get_logger(__name__)
 
+REFUSALS = (("INVALID_ARGUMENT", "bad_request"), ("INVALID_ARGUMENT", "node_size"), ("PERMISSION_DENIED", "identity"),
+            ("RESOURCE_EXHAUSTED", "streams"), ("RESOURCE_EXHAUSTED", "streams_per_peer"),
+            ("RESOURCE_EXHAUSTED", "names"), ("RESOURCE_EXHAUSTED", "request_size"))
+"""Every (status, reason) a stream is refused with (meshplane_xds_refused_streams_total)."""
+
 # Milliseconds matter here: the buckets resolve 1-250 ms finely (a p99 interpolated between 100 and
 # 250 ms buckets read 239 ms where proxies measured 88), and seconds coarsely.
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.09, 0.1, 0.125, 0.15,
@@ -90,9 +95,10 @@ class Metrics:
         )
         self.refusals = Counter(
             "meshplane_xds_refused_streams",
-            "Streams ended by meshplane, by gRPC status: a bad request (INVALID_ARGUMENT), an identity that may "
-            "not be the proxy it claims (PERMISSION_DENIED), a limit reached (RESOURCE_EXHAUSTED)",
-            ["code"], registry=r,
+            "Streams ended by meshplane, by gRPC status and reason: a bad request or an oversized node "
+            "(INVALID_ARGUMENT), an identity that may not be the proxy it claims (PERMISSION_DENIED), a limit "
+            "reached (RESOURCE_EXHAUSTED)",
+            ["code", "reason"], registry=r,
         )
         self.clients = Gauge(
             "meshplane_xds_clients", "Connected clients by kind and sync state (the worst of their types)",
@@ -105,8 +111,8 @@ class Metrics:
                 family.labels(short)
         for result in ("applied", "unchanged", "rejected"):
             self.policy_reloads.labels(result)
-        for code in ("INVALID_ARGUMENT", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"):
-            self.refusals.labels(code)
+        for code, reason in REFUSALS:
+            self.refusals.labels(code, reason)
         # Labelled children looked up once: every ACK and response passes through here.
         self._responses = {t: self.responses.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
         self._response_bytes = {t: self.response_bytes.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
@@ -159,8 +165,8 @@ class Metrics:
         for (kind, state), n in counts.items():
             self.clients.labels(kind, state).set(n)
 
-    def refused(self, stream: streams.Stream, code: str) -> None:
-        self.refusals.labels(code).inc()
+    def refused(self, stream: streams.Stream | None, code: str, reason: str) -> None:
+        self.refusals.labels(code, reason).inc()
 
     def stale_nonce(self, stream: streams.Stream, type_url: str) -> None:
         self.stale.labels(typeurls.SHORT_NAMES[type_url]).inc()

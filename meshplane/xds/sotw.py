@@ -59,6 +59,7 @@ class SotwServer(adsbase.StreamServer):
         served, error = self._served_type(stream, type_url)
         if not served:
             return error
+        self._check_names(len(req.resource_names))
         sub = stream.types.get(type_url)
         if req.response_nonce:
             if sub is None or req.response_nonce != sub.nonce:

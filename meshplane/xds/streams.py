@@ -152,11 +152,20 @@ def mark_dirty(dirty: dict[str, Dirty], type_url: str, names: Dirty) -> None:
         dirty[type_url] = current | names
 
 
+def peer_address(peer: str) -> str:
+    """The address of a gRPC peer (`ipv4:10.0.0.1:5000`, `ipv6:[::1]:5000`), without its port."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    return rest.rpartition(":")[0].strip("[]") or rest
+
+
 class Registry:
     """The open streams of every protocol server, and the gate that holds them until ready."""
 
     def __init__(self, *, held: bool = False) -> None:
         self._streams: dict[int, Stream] = {}
+        self._by_address: dict[str, int] = {}
         self._ids = itertools.count(1)
         self.serving = not held
 
@@ -164,10 +173,22 @@ class Registry:
                     on_stall: Callable[[Stream], None] = lambda stream: None) -> Stream:
         stream = Stream(next(self._ids), peer, protocol=protocol, on_stall=on_stall)
         self._streams[stream.id] = stream
+        address = peer_address(peer)
+        self._by_address[address] = self._by_address.get(address, 0) + 1
         return stream
 
     def close_stream(self, stream: Stream) -> None:
-        self._streams.pop(stream.id, None)
+        if self._streams.pop(stream.id, None) is not None:
+            address = peer_address(stream.peer)
+            left = self._by_address.get(address, 1) - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                self._by_address.pop(address, None)
+
+    def from_address(self, address: str) -> int:
+        """Open streams from one peer address."""
+        return self._by_address.get(address, 0)
 
     def __iter__(self) -> Iterator[Stream]:
         return iter(list(self._streams.values()))
@@ -196,5 +217,5 @@ class Callbacks(Protocol):
     def write_stalled(self, stream: Stream) -> None: ...
     def request_received(self, stream: Stream, type_url: str) -> None: ...
     def push_started(self, stream: Stream, queued: float) -> None: ...
-    def refused(self, stream: Stream, code: str) -> None: ...
+    def refused(self, stream: Stream | None, code: str, reason: str) -> None: ...
 
