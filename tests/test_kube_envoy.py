@@ -110,3 +110,56 @@ async def test_endpoints_from_two_clusters_fail_over_in_envoy(
 
 async def _is(landed: object, zone: str) -> bool:
     return await landed == zone  # type: ignore[misc]
+
+
+async def test_an_api_server_lost_under_traffic_removes_nothing_and_recovers_without_a_gap(
+    world: World, replicas: None, start_plane: object, tmp_path: Path
+) -> None:
+    """c1's API server goes away while requests flow: its endpoints stay served (stale, not removed),
+    no request fails; when it is back, a change made there arrives, and still none failed."""
+    import asyncio
+
+    kubeconfigs = tuple(f"{c}={f.write_kubeconfig(tmp_path / f'{c}.yaml', cluster=c)}" for c, f in world.fakes.items())
+    plane: app.ControlPlane = await start_plane(kubeconfigs=kubeconfigs, kube=FAST)  # type: ignore[operator]
+    await wait_for(plane.ready, what="both clusters synced")
+    listener = free_port()
+    node_ = envoy.EnvoyNode(id="sidecar~r1-a", cluster="test", region="r1", zone="r1-a", sub_zone="c1",
+                            metadata={"listener_port": listener, "listener_address": "127.0.0.1"})
+    async with envoy.EnvoyProcess(node=node_, ads_port=plane.ads_port, workdir=tmp_path) as proxy:
+        landed: list[str] = []
+
+        async def send() -> None:
+            while True:
+                try:
+                    status, body = await backend.http_get(listener, "mockb")
+                    landed.append(body.strip().split("@")[-1] if status == 200 else f"HTTP {status}")
+                except OSError as exc:
+                    landed.append(f"!{exc.__class__.__name__}")
+                await asyncio.sleep(0.02)
+
+        await wait_for(lambda: _is(_zone(listener), "r1-a"), timeout=15, what="traffic in the local zone")
+        traffic = asyncio.create_task(send())
+        try:
+            world.fakes["c1"].set_unreachable(True)
+            await wait_for(lambda: plane.catalog.status()["c1"].stale, timeout=10, what="c1 marked stale")
+            mark = len(landed)
+            await wait_for(lambda: len(landed) >= mark + 25, what="requests while c1's API server is away")
+            dump = str(await proxy.config_dump())
+            assert world.address("r1-a") in dump and world.address("r1-b") in dump  # nothing of c1 removed
+
+            world.fakes["c1"].set_unreachable(False)
+            await wait_for(lambda: not plane.catalog.status()["c1"].stale, timeout=10, what="c1 back")
+            set_ready(world, "r1-a", False)  # a change made in c1 after it came back arrives
+            await wait_for(lambda: landed and landed[-1] == "r1-b", timeout=10, what="the change from c1 applied")
+        finally:
+            traffic.cancel()
+        assert all(z in ("r1-a", "r1-b") for z in landed), [z for z in landed if z not in ("r1-a", "r1-b")]
+        assert len(landed) > 30
+
+
+async def _zone(listener: int) -> str:
+    try:
+        status, body = await backend.http_get(listener, "mockb")
+    except OSError:
+        return ""
+    return body.strip().split("@")[-1] if status == 200 else ""

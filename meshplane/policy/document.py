@@ -244,8 +244,15 @@ def show(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    text = repr(value)
+    text = safe_repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def safe_repr(value: Any) -> str:
+    """repr(), except for what repr() refuses (an int of more than 4,300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 10_000:
+        return f"a number of {value.bit_length() * 3 // 10} digits or so"
+    return repr(value)
 
 
 def error_reason(err: ErrorDetails) -> str:
@@ -253,13 +260,13 @@ def error_reason(err: ErrorDetails) -> str:
     kind, loc, value = err["type"], err["loc"], err.get("input")
     last = loc[-1] if loc else ""
     if kind == "extra_forbidden":
-        return f"unknown field {last!r}" + _known_fields_hint(loc)
+        return f"unknown field {safe_repr(last)}" + _known_fields_hint(loc)
     if kind == "missing":
         if loc == ("apiVersion",):
             return "required: start the file with apiVersion: meshplane.io/v1 (meshplane.io/v2 for gateways and routes)"
-        return f"required field {last!r} is missing"
+        return f"required field {safe_repr(last)} is missing"
     if kind == "literal_error" and loc == ("apiVersion",):
-        return f"unsupported apiVersion {value!r}; this meshplane reads {' and '.join(API_VERSIONS)}"
+        return f"unsupported apiVersion {safe_repr(value)}; this meshplane reads {' and '.join(API_VERSIONS)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"must be a mapping, got {show(value)}"
     if kind in ("list_type", "tuple_type"):
@@ -302,16 +309,16 @@ def _pattern_reason(loc: tuple[str | int, ...], value: Any) -> str:
 
 def _range_reason(loc: tuple[str | int, ...], value: Any) -> str:
     if len(loc) >= 3 and loc[-2] == "to":
-        return f"weight {value!r} for {loc[-1]!r} must be from 1 to 100"
+        return f"weight {safe_repr(value)} for {loc[-1]!r} must be from 1 to 100"
     if loc[-1] in ("maxEjectionPercent", "minHealthPercent"):
-        return f"{value!r} is not a percentage from 0 to 100"
+        return f"{safe_repr(value)} is not a percentage from 0 to 100"
     if loc[-1] == "port":
-        return f"{value!r} is not a port number (1-65535)"
+        return f"{safe_repr(value)} is not a port number (1-65535)"
     if loc[-1] == "weight":
-        return f"weight {value!r} must be from 0 to 1000000"
+        return f"weight {safe_repr(value)} must be from 0 to 1000000"
     if loc[-1] == "attempts":
-        return f"{value!r} retries: must be from 0 to 10"
-    return f"{value!r} is negative; a count must be 0 or more (0 disables the detector)"
+        return f"{safe_repr(value)} retries: must be from 0 to 10"
+    return f"{safe_repr(value)} is negative; a count must be 0 or more (0 disables the detector)"
 
 
 def _known_fields_hint(loc: tuple[str | int, ...]) -> str:

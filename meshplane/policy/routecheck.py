@@ -42,6 +42,8 @@ def check_regex(pattern: str) -> str | None:
     """Why Envoy would reject `pattern` as a safe_regex, or None."""
     try:
         compiled = re2.compile(pattern, _RE2_OPTIONS)
+    except UnicodeEncodeError:
+        return f"{pattern!r} is not valid UTF-8 text (it holds a lone surrogate)"
     except re2.error as exc:
         reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         return f"{pattern!r} is not a valid RE2 regular expression: {reason}"
@@ -75,6 +77,9 @@ def _read_pem(base: Path, name: str, kind: str, loc: Loc, error: Report) -> byte
         data = path.read_bytes()
     except OSError as exc:
         error(loc, f"cannot read {path}: {exc.strerror or exc}")
+        return None
+    except ValueError as exc:  # a NUL in the name
+        error(loc, f"cannot read {name!r}: {exc}")
         return None
     if b"-----BEGIN " not in data or kind.encode() not in data:
         error(loc, f"{path} holds no PEM {kind.lower()}")

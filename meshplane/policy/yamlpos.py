@@ -70,7 +70,12 @@ def render_loc(loc: Sequence[str | int]) -> str:
 
 def load(text: str) -> Located:
     """Parse one YAML document; raise YamlError with the line of the first problem."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # reads ahead: a control character fails here already
+    except yaml.MarkedYAMLError as exc:
+        raise _syntax_error(exc) from None
+    except yaml.YAMLError as exc:
+        raise YamlError(0, (), f"invalid YAML: {exc}") from None
     try:
         try:
             node = loader.get_single_node()
@@ -110,6 +115,13 @@ class _Builder:
             except yaml.MarkedYAMLError as exc:
                 line = (exc.problem_mark or node.start_mark).line + 1
                 raise YamlError(line, loc, f"invalid value: {exc.problem}") from None
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+                # PyYAML's scalar constructors fail this way on values their pattern let through
+                # (`2001-02-30`, `!!float abc`, an int of 5,000 digits).
+                shown = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+                raise YamlError(node.start_mark.line + 1, loc,
+                                f"invalid value {shown!r}{f' ({node.tag})' if '!!' in node.tag else ''}: "
+                                f"{type(exc).__name__}") from None
         if id(node) in self._open:
             raise YamlError(node.start_mark.line + 1, loc, "an alias refers to itself")
         self._open.add(id(node))

@@ -107,8 +107,9 @@ class StreamServer:
         stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
                                             on_stall=self._callbacks.write_stalled)
         stream.identity = identity.peer(context.auth_context())
-        reader = asyncio.create_task(self._read(stream, requests, context), name=f"ads-read-{stream.id}")
+        reader = asyncio.create_task(self._read(stream, requests), name=f"ads-read-{stream.id}")
         reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
+        ending: tuple[grpc.StatusCode, str] | None = None
         try:
             while True:
                 await stream.wake.wait()
@@ -117,7 +118,7 @@ class StreamServer:
                 stream.wake.clear()
                 if self._registry.serving:  # else held: open() wakes it, the dirty types kept
                     await self._push(stream, context)
-            reader.result()  # surface a protocol error from the reader
+            ending = reader.result()  # a refusal, or a protocol error from the reader
         except Exception:
             if not context.done():
                 raise
@@ -128,6 +129,10 @@ class StreamServer:
             if stream.watch is not None:
                 stream.watch.close()
                 self._callbacks.stream_closed(stream)
+        if ending is not None:
+            # Here, not in the reader: only this task sends on the stream. A status sent by the reader
+            # while a write was in flight was lost (found by tests/test_fuzz.py), the client left hanging.
+            await context.abort(*ending)
 
     async def _push(self, stream: streams.Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Compose and write; a heavy push under a push slot (composing inside it bounds the bytes alive at once)."""
@@ -139,7 +144,8 @@ class StreamServer:
             for message in self._compose(stream):
                 await slot.write(context.write(message))
 
-    async def _read(self, stream: streams.Stream, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _read(self, stream: streams.Stream, requests: Any) -> tuple[grpc.StatusCode, str] | None:
+        """Apply requests until the client half-closes (None), or one must end the stream (its status)."""
         limit = self.limits.request_bytes
         async for raw in requests:
             code, reason = grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
@@ -158,7 +164,8 @@ class StreamServer:
                 log.warning(event, stream=stream.id, peer=stream.peer, node=stream.node_id, status=code.name,
                             error=error)
                 self._callbacks.refused(stream, code.name, reason)
-                await context.abort(code, error)
+                return code, error
+        return None
 
     def _too_many(self, peer: str) -> Refusal | None:
         """A refusal when the server, or this peer address, has all the streams it may."""
