@@ -112,6 +112,9 @@ def test_the_incremental_cache_equals_a_build_from_scratch(seed: int) -> None:
         proxy.Proxy(id="edge", kind=proxy.Kind.GATEWAY, locality=model.Locality("r1", "z2", "c1"), gateway="edge",
                     listener=proxy.Listener("127.0.0.1")),
         proxy.Proxy(id="ghost", kind=proxy.Kind.GATEWAY, locality=model.Locality("r2", "z1", "c2"), gateway="ghost"),
+        proxy.Proxy(id="grpc-1", kind=proxy.Kind.GRPC, locality=model.Locality("r1", "z1", "c1"),
+                    labels=(("version", "v1"),)),
+        proxy.Proxy(id="grpc-2", kind=proxy.Kind.GRPC, locality=model.Locality("r2", "z3", "c2"), namespace="shop"),
     ]
     signalled: dict[str, int] = {}
     watches = [view_cache.watch(c, lambda changes, c=c: signalled.__setitem__(c.id, signalled.get(c.id, 0) + 1))

@@ -1,4 +1,5 @@
-"""Listeners: the sidecar's outbound HTTP listener, and a gateway's HTTP and HTTPS listeners. Pure functions.
+"""Listeners: the sidecar's outbound HTTP listener, a gateway's HTTP and HTTPS listeners, and a
+proxyless gRPC client's API listeners. Pure functions.
 
 A gateway gets one Envoy listener per port. An HTTPS port has one filter
 chain per listener (per hostname, chosen by SNI), each terminating TLS with
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -62,6 +63,17 @@ def build_listener(*, name: str, address: str, port: int, route_name: str) -> li
         address=_address(address, port),
         filter_chains=[listener_components_pb2.FilterChain(filters=[_http_manager(name, route_name)])],
     )
+
+
+def build_api_listener(*, name: str, route_name: str) -> listener_pb2.Listener:
+    """A proxyless gRPC client's listener: no address, an HttpConnectionManager as its API listener,
+    taking `route_name` over ADS and ending in the router filter (gRFC A27)."""
+    manager = hcm_pb2.HttpConnectionManager(
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name),
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_packed(router_pb2.Router()))],
+    )
+    return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(
+        api_listener=_packed(manager)))
 
 
 def gateway_listener_name(gateway: str, port: int) -> str:

@@ -31,6 +31,7 @@ class Kind(enum.StrEnum):
 
     SIDECAR = "sidecar"
     GATEWAY = "gateway"
+    GRPC = "grpc"  # a proxyless gRPC client (grpcio's, grpc-go's, grpc-java's own xDS client)
 
 
 class InvalidNode(ValueError):
@@ -71,6 +72,8 @@ class ViewKey:
         labels = ",".join(f"{k}={v}" for k, v in self.labels)
         if self.kind == Kind.GATEWAY:
             return f"{self.kind}:{self.gateway}@{self.locality}/{self.listener.address}"
+        if self.kind == Kind.GRPC:
+            return f"{self.kind}@{self.locality}/{self.namespace}[{labels}]"
         return f"{self.kind}@{self.locality}/{self.namespace}:{self.listener.port}[{labels}]"
 
 
@@ -103,7 +106,7 @@ def classify(node: base_pb2.Node) -> Proxy:
     if not node.id:
         raise InvalidNode("node.id", _ABSENT, "is required (the first DiscoveryRequest of a stream carries the node)")
     meta: Mapping[str, struct_pb2.Value] = node.metadata.fields if node.HasField("metadata") else {}
-    kind = _kind(meta)
+    kind = _kind(meta, node.user_agent_name)
     return Proxy(
         id=node.id,
         kind=kind,
@@ -120,8 +123,14 @@ def classify(node: base_pb2.Node) -> Proxy:
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace: a DNS-1123 label
 
 
-def _kind(meta: Mapping[str, struct_pb2.Value]) -> Kind:
-    text = _text(meta, "role", default=Kind.SIDECAR.value)
+GRPC_USER_AGENT = "gRPC "
+"""How gRPC's xDS clients name themselves in `node.user_agent_name` ("gRPC C-core linux Python",
+"gRPC Go", "gRPC Java"): a node without a `role` that says this is a proxyless gRPC client."""
+
+
+def _kind(meta: Mapping[str, struct_pb2.Value], user_agent: str) -> Kind:
+    default = Kind.GRPC if user_agent.startswith(GRPC_USER_AGENT) else Kind.SIDECAR
+    text = _text(meta, "role", default=default.value)
     try:
         return Kind(text)
     except ValueError:

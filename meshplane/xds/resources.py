@@ -25,6 +25,7 @@ _RESOURCES = 2
 _TYPE_URL = 4
 _NONCE = 5
 CONTROL_PLANE = 6
+_RESOURCE_ERRORS = 7  # xRFC TP3: a subscribed resource the server cannot send, and why
 # google.protobuf.Any
 _ANY_TYPE_URL = 1
 _ANY_VALUE = 2
@@ -85,9 +86,12 @@ def type_version(resources: Iterable[Resource]) -> str:
 
 
 def response(
-    *, version_info: str, resources: Iterable[Resource], type_url: str, nonce: str, control_plane: bytes
+    *, version_info: str, resources: Iterable[Resource], type_url: str, nonce: str, control_plane: bytes,
+    not_found: Iterable[str] = (),
 ) -> bytes:
-    """A serialised DiscoveryResponse."""
+    """A serialised DiscoveryResponse; `not_found`: subscribed names the server does not have, each
+    sent as a NOT_FOUND `resource_errors` entry (xRFC TP3) so that a client need not wait for its
+    does-not-exist timer."""
     return b"".join(
         (
             _length_delimited(_VERSION_INFO, version_info.encode()),
@@ -95,8 +99,27 @@ def response(
             _length_delimited(_TYPE_URL, type_url.encode()),
             _length_delimited(_NONCE, nonce.encode()),
             control_plane,
+            *(_length_delimited(_RESOURCE_ERRORS, not_found_error(name, type_url)) for name in not_found),
         )
     )
+
+
+def not_found_error(name: str, type_url: str) -> bytes:
+    """A ResourceError's bytes: NOT_FOUND, saying which resource of which type."""
+    kind = type_url.rsplit(".", 1)[-1]
+    status = b"".join((_varint_field(_STATUS_CODE, _NOT_FOUND),
+                       _length_delimited(_STATUS_MESSAGE, f"meshplane serves no {kind} {name!r}".encode())))
+    return _length_delimited(_ERROR_RESOURCE_NAME, _length_delimited(_RESOURCE_NAME_NAME, name.encode())) + \
+        _length_delimited(_ERROR_DETAIL, status)
+
+
+# ResourceError (envoy/service/discovery/v3/discovery.proto) and google.rpc.Status field numbers.
+_ERROR_RESOURCE_NAME = 1
+_ERROR_DETAIL = 2
+_RESOURCE_NAME_NAME = 1
+_STATUS_CODE = 1
+_STATUS_MESSAGE = 2
+_NOT_FOUND = 5
 
 
 def control_plane_field(identifier: str, *, field_number: int = CONTROL_PLANE) -> bytes:
@@ -143,3 +166,7 @@ def _varint(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+def _varint_field(field_number: int, value: int) -> bytes:
+    return _varint(field_number << 3) + _varint(value)

@@ -177,7 +177,8 @@ def _string(match: routing.ValueMatch) -> string_pb2.StringMatcher:
     return string_pb2.StringMatcher(exact=match.value)
 
 
-def _action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
+def _destination(rule: routing.Rule) -> route_components_pb2.RouteAction:
+    """Where a rule sends: its one backend's cluster, or weighted clusters."""
     action = route_components_pb2.RouteAction()
     weighted = [b for b in rule.backends if b.weight > 0]
     if len(weighted) == 1:
@@ -186,6 +187,11 @@ def _action(rule: routing.Rule, default_retries: routing.Retries) -> route_compo
         for backend in weighted:
             action.weighted_clusters.clusters.append(route_components_pb2.WeightedCluster.ClusterWeight(
                 name=translate.backend_cluster_name(backend), weight=wrappers_pb2.UInt32Value(value=backend.weight)))
+    return action
+
+
+def _action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
+    action = _destination(rule)
     if rule.timeout_ms is not None:
         action.timeout.CopyFrom(_duration(rule.timeout_ms))
     retries = rule.retries if rule.retries is not None else default_retries
@@ -245,3 +251,80 @@ def retry_policy(retries: routing.Retries) -> route_components_pb2.RetryPolicy:
 def _duration(ms: int) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
+
+
+# --- proxyless gRPC clients ----------------------------------------------------------------------
+# gRPC's xDS client (gRFC A28) is stricter than Envoy and speaks only part of a route: it NACKs a
+# `path_separated_prefix`, and takes of a route's action the cluster (or weighted clusters), the
+# retry policy's gRPC status codes and the stream duration. A policy route is translated into what
+# it supports with the same meaning, or left out where it can never match a gRPC call.
+
+GRPC_RETRY_ON = frozenset({"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"})
+"""The `retry_on` conditions gRPC honours (gRFC A44): status codes. The others need a proxy."""
+
+
+def grpc_route_config_name(service: model.Service, port: model.ServicePort) -> str:
+    """A gRPC service port's route configuration, named after the name its listeners all mean."""
+    return f"{service.hostname}:{port.port}"
+
+
+def grpc_route_config(
+    service: model.Service, port: model.ServicePort, policy: rules.Policy
+) -> route_pb2.RouteConfiguration:
+    """One virtual host for the port, whose domains are every name a client may dial it by; its routes
+    are the mesh routes attached to the service (port), else everything to the service."""
+    names = (service.name, f"{service.name}.{service.namespace}", f"{service.name}.{service.namespace}.svc",
+             service.hostname)
+    mine = [r for r in policy.mesh_routes(service.key)
+            if any(p.kind == "Service" and p.port in (None, port.port) for p in _parents_of(r, service))]
+    if mine:
+        entries = [route for match, rule in _ordered_rules(mine) for route in _grpc_routes(match, rule, policy.retries)]
+    else:
+        whole = routing.Rule(backends=(routing.Backend(service.key, port.port),))
+        entries = _grpc_routes(routing.Match(), whole, policy.retries)
+    return route_pb2.RouteConfiguration(
+        name=grpc_route_config_name(service, port),
+        virtual_hosts=[route_components_pb2.VirtualHost(
+            name=f"{service.hostname}:{port.port}", domains=[f"{n}:{port.port}" for n in names], routes=entries)],
+    )
+
+
+def _ordered_rules(routes: Sequence[routing.Route]) -> list[tuple[routing.Match, routing.Rule]]:
+    return [(match, route.rules[i]) for route, i, _, match in ordered(routes)]
+
+
+def _grpc_routes(match: routing.Match, rule: routing.Rule,
+                 default_retries: routing.Retries) -> list[route_components_pb2.Route]:
+    """The gRPC routes of one (rule, match): none if no gRPC call can match it (a query parameter, a
+    method other than POST); two for a path prefix other than "/" (the path itself, and under it)."""
+    if match.query_params or (match.method is not None and match.method != "POST"):
+        return []
+    action = _grpc_action(rule, default_retries)
+    path = match.path
+    matches: list[route_components_pb2.RouteMatch] = []
+    if path.kind == routing.PathKind.EXACT:
+        matches.append(route_components_pb2.RouteMatch(path=path.value))
+    elif path.kind == routing.PathKind.REGEX:
+        matches.append(route_components_pb2.RouteMatch(safe_regex=regex_pb2.RegexMatcher(regex=path.value)))
+    elif path.value.rstrip("/") == "":
+        matches.append(route_components_pb2.RouteMatch(prefix="/"))
+    else:  # Gateway API prefixes match whole segments: /pkg.Svc matches /pkg.Svc and /pkg.Svc/Method
+        segment = path.value.rstrip("/")
+        matches += [route_components_pb2.RouteMatch(path=segment),
+                    route_components_pb2.RouteMatch(prefix=segment + "/")]
+    for out in matches:
+        for header in match.headers:
+            out.headers.append(route_components_pb2.HeaderMatcher(name=header.name, string_match=_string(header)))
+    return [route_components_pb2.Route(match=m, route=action) for m in matches]
+
+
+def _grpc_action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
+    action = _destination(rule)
+    if rule.timeout_ms is not None:  # gRPC's deadline for the call (gRFC A31)
+        action.max_stream_duration.max_stream_duration.CopyFrom(_duration(rule.timeout_ms))
+    retries = rule.retries if rule.retries is not None else default_retries
+    codes = [c for c in retries.retry_on if c in GRPC_RETRY_ON]
+    if retries.attempts > 0 and codes:
+        action.retry_policy.CopyFrom(route_components_pb2.RetryPolicy(
+            retry_on=",".join(codes), num_retries=wrappers_pb2.UInt32Value(value=retries.attempts)))
+    return action

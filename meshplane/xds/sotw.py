@@ -11,6 +11,11 @@ arrive while a slow client is still reading merge into one push of the
 newest state (latest wins), and no queue grows. A slow client blocks only
 its own writer, and gives back its push slot (meshplane/xds/slots.py).
 
+A listener or cluster response also says which of the names the stream asked
+for the view does not have (`resource_errors`, NOT_FOUND; xRFC TP3), at once
+and whenever that set changes: gRPC's xDS client then fails fast instead of
+waiting for its does-not-exist timer.
+
 What a stream holds is remembered per resource, so a change is pushed only
 to streams subscribed to it, a NACKed version is never re-sent (the client
 keeps its last good config until the content changes), and a client that
@@ -179,8 +184,12 @@ class SotwServer(adsbase.StreamServer):
         """
         full_state = type_url in typeurls.FULL_STATE
         updates = cache.updates(candidates, sub.held)
+        not_found = sub.not_found
         if full_state:
-            if not updates and candidates.keys() == sub.held.current.keys() and sub.answered:
+            # Names asked for that the view lacks are said to be absent, once per change of that set.
+            not_found = frozenset() if sub.wildcard else sub.names - candidates.keys()
+            if (not updates and candidates.keys() == sub.held.current.keys() and sub.answered
+                    and not_found == sub.not_found):
                 return
             payload = candidates
         elif not updates:
@@ -218,7 +227,9 @@ class SotwServer(adsbase.StreamServer):
             type_url=type_url,
             nonce=nonce,
             control_plane=self._control_plane,
+            not_found=sorted(not_found),
         )
+        sub.not_found = not_found
         sub.nonce = nonce
         sub.answered = True
         sub.sent_version = version_info

@@ -62,6 +62,7 @@ class TypeState:
     acked_version: str = ""
     last_nack: Nack | None = None
     reported: str = ""  # the version the client said it holds when it (re)connected: checked at the first push
+    not_found: frozenset[str] = frozenset()  # state of the world: subscribed names last answered as absent
     # delta: names to send even if held at that version (newly subscribed), and the version each nonce carried
     resend: set[str] = field(default_factory=set)
     nonce_versions: dict[str, str] = field(default_factory=dict)
