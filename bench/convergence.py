@@ -21,7 +21,9 @@ the change seen to the ACK *read* by the server) is reported beside, per change:
 server reads ACKs well after the proxies sent them, so it overstates what proxies experience.
 
 Then the floor (bench.floor) serves the same N proxies the same way and pushes one EDS
-response to all; meshplane's (a) divided by the floor's is the efficiency figure.
+response to all; meshplane's (a) divided by the floor's is the efficiency figure. With
+--cpp-floor the C++ floor (bench/cppfloor) does the same after it, and meshplane's (a) is
+divided by its figure too (cpp_floor and cpp_ratio in the results).
 
 Server CPU seconds (every thread's, from /proc: common.cpu_seconds) are taken over each change,
 from just before the write until the server has read every ACK (its ACK counters stop
@@ -31,6 +33,7 @@ same window: a run that shared the machine shows it there.
 
     .venv/bin/python -m bench.convergence                        # 1,000 proxies, 8 localities, 100 services
     .venv/bin/python -m bench.convergence --proxies 50 --services 20 --repeat 1   # smoke check
+    .venv/bin/python -m bench.convergence --cpp-floor            # and the C++ floor beside the grpcio one
 """
 
 from __future__ import annotations
@@ -185,9 +188,13 @@ def stop_target(target: Target) -> None:
 
 
 def run(*, proxies: int, localities: int, services: int, endpoints: int, clusters: int, zones: int, repeat: int,
-        processes: int, timeout: float = 60.0, poll_interval: float | None = None, with_floor: bool = True,
-        profile: bool = False, protocols: tuple[str, ...] = ("sotw",)) -> dict[str, Any]:
-    """`protocols`: measured one after the other, each against a fresh server; `meshplane` is the first's."""
+        processes: int, timeout: float = 60.0, poll_interval: float | None = None,
+        floors: tuple[str, ...] = ("grpcio",), profile: bool = False,
+        protocols: tuple[str, ...] = ("sotw",)) -> dict[str, Any]:
+    """`protocols`: measured one after the other, each against a fresh server; `meshplane` is the first's.
+
+    `floors`: keys of floor.IMPLEMENTATIONS, measured after meshplane in this order.
+    """
     mesh = common.Mesh(services=services, endpoints=endpoints, clusters=clusters, zones=zones)
     by_protocol = {}
     for protocol in protocols:
@@ -215,17 +222,17 @@ def run(*, proxies: int, localities: int, services: int, endpoints: int, cluster
         "params": {"proxies": proxies, "localities": localities, "services": services, "endpoints": endpoints,
                    "clusters": clusters, "zones": zones, "repeat": repeat, "loadgen_processes": processes,
                    "file_poll_interval_s": poll_interval if poll_interval is not None else 0.1,
-                   "protocols": list(protocols)},
+                   "protocols": list(protocols), "floors": list(floors)},
         "meshplane": by_protocol[protocols[0]],
         "by_protocol": by_protocol,
-        "floor": None,
-        "ratio": None,
+        **{key: None for impl in floor.IMPLEMENTATIONS.values() for key in (impl.key, impl.ratio_key)},
     }
-    if with_floor:
-        result["floor"] = floor.measure(proxies=proxies, localities=localities, mesh=common.Mesh(
+    for server in floors:
+        impl = floor.IMPLEMENTATIONS[server]
+        result[impl.key] = floor.measure(proxies=proxies, localities=localities, mesh=common.Mesh(
             services=services, endpoints=endpoints, clusters=clusters, zones=zones), repeat=repeat,
-            processes=processes, timeout=timeout)
-        result["ratio"] = ratios(result["meshplane"]["endpoint"], result["floor"]["push"])
+            processes=processes, timeout=timeout, server=server)
+        result[impl.ratio_key] = ratios(result["meshplane"]["endpoint"], result[impl.key]["push"])
     return result
 
 
@@ -270,11 +277,12 @@ def print_result(result: dict[str, Any]) -> None:
         row(f"{protocol} policy (CDS), from write", mp["policy"])
         hist_row("  server's histogram, from seen", mp["policy"])
         row(f"{protocol} service added (CDS), write", mp["service"])
-    if result.get("floor"):
-        fl = result["floor"]["push"]
-        rows.append(["floor EDS push, from signal", fl["p50"]["median"], fl["p99"]["median"], _range(fl["p99"]),
-                     fl["max"]["median"], fl["all_ms"]["median"],
-                     common.spread(r["cpu_s"] for r in fl["runs"])["median"], None])
+    for impl in floor.IMPLEMENTATIONS.values():
+        if result.get(impl.key):
+            fl = result[impl.key]["push"]
+            rows.append([f"{impl.label} EDS push, from signal", fl["p50"]["median"], fl["p99"]["median"],
+                         _range(fl["p99"]), fl["max"]["median"], fl["all_ms"]["median"],
+                         common.spread(r["cpu_s"] for r in fl["runs"])["median"], None])
     poll = p["file_poll_interval_s"] * 1000
     common.print_table(["what", "p50 ms", "p99 ms", "p99 range", "max ms", "all ACKed ms", "server CPU s",
                         "sent KiB"], rows,
@@ -286,9 +294,10 @@ def print_result(result: dict[str, Any]) -> None:
         print(f"{protocol} connect: all {p['proxies']} full in {conn['all_ms']} ms; views {mp['setup']['views']}; "
               f"server RSS {mp['setup']['server_after_connect']['rss_mib']} MiB "
               f"(peak {mp['setup']['server_end']['hwm_mib']} MiB)")
-    if result.get("ratio"):
-        ratio = ", ".join(f"{k} {v}" for k, v in result["ratio"].items())
-        print(f"meshplane/floor (medians, endpoint change): {ratio}")
+    for impl in floor.IMPLEMENTATIONS.values():
+        if result.get(impl.ratio_key):
+            ratio = ", ".join(f"{k} {v}" for k, v in result[impl.ratio_key].items())
+            print(f"meshplane/{impl.label} (medians, endpoint change): {ratio}")
 
 
 def _range(d: dict[str, Any]) -> str:
@@ -305,6 +314,21 @@ def add_mesh_args(parser: argparse.ArgumentParser, *, services: int = 100) -> No
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any one convergence")
 
 
+def add_floor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-floor", action="store_true", help="skip the grpcio floor")
+    parser.add_argument("--cpp-floor", action="store_true",
+                        help="also the C++ floor (bench/cppfloor, built first; needs g++ and gRPC C++)")
+
+
+def parse_floors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The floors asked for; a C++ floor that cannot be built stops here, before any measurement."""
+    floors = (*(() if args.no_floor else ("grpcio",)), *(("cpp",) if args.cpp_floor else ()))
+    for server in floors:
+        if why := floor.unavailable(server):
+            parser.error(why)
+    return floors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.convergence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     add_mesh_args(parser)
     parser.add_argument("--poll-interval", type=float, default=None,
                         help="serve --poll-interval (seconds); default: serve's own, 0.1 s")
-    parser.add_argument("--no-floor", action="store_true", help="skip the floor")
+    add_floor_args(parser)
     parser.add_argument("--profile", action="store_true",
                         help="sample the server with py-spy during each scenario (bench/results/profiles/); "
                              "its pauses slow the server, so do not quote times from such a run")
@@ -322,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the simulated proxies' xDS protocols, measured one after the other (sotw, delta)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/convergence.json)")
     args = parser.parse_args(argv)
+    floors = parse_floors(parser, args)
     common.stop_on_sigterm()
     quiet = common.wait_quiet(max_wait=0)
     result = run(proxies=args.proxies, localities=args.localities, services=args.services, endpoints=args.endpoints,
                  clusters=args.clusters, zones=args.zones, repeat=args.repeat, processes=args.processes,
-                 timeout=args.timeout, poll_interval=args.poll_interval, with_floor=not args.no_floor,
+                 timeout=args.timeout, poll_interval=args.poll_interval, floors=floors,
                  profile=args.profile, protocols=tuple(p for p in args.protocols.split(",") if p))
     path = common.write_results("convergence", {"machine": common.machine(), "quiet": quiet, "convergence": result},
                                 args.out)

@@ -11,8 +11,15 @@ any control-plane logic: meshplane's time divided by the floor's is the efficien
 The content has meshplane's shape (one EDS cluster per service, one assignment per
 cluster with the endpoints grouped by locality), but every proxy gets the same bytes.
 
+With --server cpp the same bytes (written to files by _content, read by the server at start)
+are served the same way by a minimal C++ gRPC server (bench/cppfloor/floor_server.cc, gRPC's
+callback API and a generic service: no protobuf), built on first use by
+bench/cppfloor/build.sh into bench/cppfloor/build/. The grpcio floor says what Python's gRPC
+costs; the C++ floor says what gRPC itself, and the load generator, cost on this machine.
+
     .venv/bin/python -m bench.floor --proxies 1000 --services 100 --repeat 3     # measure
-    .venv/bin/python -m bench.floor serve --port 18100 --services 100             # just serve
+    .venv/bin/python -m bench.floor --server cpp                                 # the same, the C++ floor
+    .venv/bin/python -m bench.floor serve --port 18100 --services 100             # just serve (grpcio)
 """
 
 from __future__ import annotations
@@ -25,17 +32,42 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import common
 
+CPP_BUILD = common.ROOT / "bench" / "cppfloor" / "build.sh"
+CPP_SERVER = common.ROOT / "bench" / "cppfloor" / "build" / "floor-server"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One server of the floor: what tables call it, and where convergence and storm keep its results."""
+
+    label: str
+    key: str  # its measurement, in convergence's and storm's results
+    ratio_key: str  # meshplane's figure divided by its own, beside it
+
+
+IMPLEMENTATIONS = {
+    "grpcio": Implementation("grpcio floor", "floor", "ratio"),  # the keys it had when it was the only floor
+    "cpp": Implementation("C++ floor", "cpp_floor", "cpp_ratio"),
+}
+
+
+class Unavailable(RuntimeError):
+    """The C++ floor cannot be built here; the message says what is missing and how to install it."""
+
+
 # --------------------------------------------------------------------------- the server (its own process)
 
 
 def _content(mesh: common.Mesh) -> tuple[bytes, bytes, list[bytes]]:
-    """CDS and EDS responses, and service 0's assignment in both healths (for pushes), as bytes."""
+    """CDS and EDS responses, and the bodies of pushes (service 0's assignment in both healths), as bytes."""
     from envoy.config.cluster.v3 import cluster_pb2
     from envoy.config.core.v3 import base_pb2, config_source_pb2
     from envoy.config.endpoint.v3 import endpoint_pb2
@@ -78,10 +110,11 @@ def _content(mesh: common.Mesh) -> tuple[bytes, bytes, list[bytes]]:
                                           resources=[packed(c) for c in clusters])
     eds = discovery_pb2.DiscoveryResponse(version_info="1", nonce="1", type_url=common_type("eds"),
                                           resources=[packed(cla(s)) for s in range(mesh.services)])
-    # Pushes are assembled from these two resource fields plus version and nonce (as meshplane does).
-    variants = [discovery_pb2.DiscoveryResponse(resources=[packed(cla(0, unhealthy=u))]).SerializeToString()
-                for u in (True, False)]
-    return cds.SerializeToString(), eds.SerializeToString(), variants
+    # Push k is version, bodies[k % 2] (a resource field and type_url) and nonce (as meshplane assembles its own).
+    bodies = [discovery_pb2.DiscoveryResponse(resources=[packed(cla(0, unhealthy=u))],
+                                              type_url=common_type("eds")).SerializeToString()
+              for u in (True, False)]
+    return cds.SerializeToString(), eds.SerializeToString(), bodies
 
 
 def common_type(kind: str) -> str:
@@ -96,7 +129,7 @@ async def _serve(port: int, mesh: common.Mesh) -> None:
 
     from bench import loadgen
 
-    cds, eds, variants = _content(mesh)
+    cds, eds, bodies = _content(mesh)
     eds_type = common_type("eds")
     queues: set[asyncio.Queue[bytes | None]] = set()
     pushes = itertools.count(1)
@@ -121,7 +154,7 @@ async def _serve(port: int, mesh: common.Mesh) -> None:
     def push() -> None:
         k = next(pushes)
         tag = f"push-{k}".encode()
-        message = b"".join((loadgen._ld(1, tag), variants[k % 2], loadgen._ld(4, loadgen.EDS), loadgen._ld(5, tag)))
+        message = b"".join((loadgen._ld(1, tag), bodies[k % 2], loadgen._ld(5, tag)))
         for queue in queues:
             queue.put_nowait(message)
 
@@ -151,21 +184,56 @@ async def _serve(port: int, mesh: common.Mesh) -> None:
     await server.stop(0.5)
 
 
-class Floor:
-    """The floor server as a subprocess: its own GIL and /proc numbers, like meshplane's."""
+def build_cpp() -> Path:
+    """The C++ floor's binary, built by bench/cppfloor/build.sh if its source is newer; Unavailable if it cannot be."""
+    done = subprocess.run(["bash", str(CPP_BUILD)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise Unavailable((done.stderr or done.stdout).strip() or f"{CPP_BUILD} exited with {done.returncode}")
+    return CPP_SERVER
 
-    def __init__(self, mesh: common.Mesh) -> None:
+
+def unavailable(server: str) -> str | None:
+    """Why a floor cannot run here (the C++ one: what its build said), or None; builds the C++ floor if need be."""
+    if server != "cpp":
+        return None
+    try:
+        build_cpp()
+    except Unavailable as exc:
+        return str(exc)
+    return None
+
+
+def write_content(mesh: common.Mesh, directory: Path) -> None:
+    """The floor's responses as the C++ floor reads them: cds.bin, eds.bin, push-0.bin, push-1.bin."""
+    cds, eds, bodies = _content(mesh)
+    (directory / "cds.bin").write_bytes(cds)
+    (directory / "eds.bin").write_bytes(eds)
+    for k, body in enumerate(bodies):
+        (directory / f"push-{k}.bin").write_bytes(body)
+
+
+class Floor:
+    """A floor server as a subprocess (`server`: grpcio or cpp): its own GIL and /proc numbers, like meshplane's."""
+
+    def __init__(self, mesh: common.Mesh, server: str = "grpcio") -> None:
         self.port = common.free_port()
-        self.proc = subprocess.Popen(
-            [common.PYTHON, "-m", "bench.floor", "serve", "--port", str(self.port), "--services",
-             str(mesh.services), "--endpoints", str(mesh.endpoints), "--clusters", str(mesh.clusters),
-             "--zones", str(mesh.zones)],
-            cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
+        self._files: tempfile.TemporaryDirectory[str] | None = None
+        if server == "cpp":
+            binary = build_cpp()
+            self._files = tempfile.TemporaryDirectory(prefix="meshplane-cppfloor-")
+            write_content(mesh, Path(self._files.name))
+            args = [str(binary), "--port", str(self.port), "--content", self._files.name,
+                    "--eds-type-url", common_type("eds")]
+        else:
+            args = [common.PYTHON, "-m", "bench.floor", "serve", "--port", str(self.port), "--services",
+                    str(mesh.services), "--endpoints", str(mesh.endpoints), "--clusters", str(mesh.clusters),
+                    "--zones", str(mesh.zones)]
+        self.proc = subprocess.Popen(args, cwd=common.ROOT, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.banner = self.proc.stdout.readline().strip()  # blocks until built and listening
         if not self.banner.startswith("ready"):
-            common.stop_process(self.proc)
-            raise RuntimeError(f"floor server failed to start: {self.banner!r}")
+            self.stop()
+            raise RuntimeError(f"{server} floor server failed to start: {self.banner!r}")
 
     @property
     def pid(self) -> int:
@@ -183,6 +251,10 @@ class Floor:
 
     def stop(self) -> None:
         common.stop_process(self.proc)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self._files is not None:
+            self._files.cleanup()
 
     def __enter__(self) -> Floor:
         return self
@@ -195,11 +267,15 @@ class Floor:
 
 
 def measure(*, proxies: int, localities: int, mesh: common.Mesh, repeat: int, processes: int,
-            settle: float = 0.3, timeout: float = 60.0, profile: bool = False) -> dict[str, Any]:
-    """Storm (all connect at once) and `repeat` EDS pushes against the floor: the same numbers meshplane gets."""
+            settle: float = 0.3, timeout: float = 60.0, profile: bool = False,
+            server: str = "grpcio") -> dict[str, Any]:
+    """Storm (all connect at once) and `repeat` EDS pushes against a floor: the same numbers meshplane gets.
+
+    `server` is a key of IMPLEMENTATIONS; the C++ floor raises Unavailable when it cannot be built.
+    """
     from bench import loadgen
 
-    with Floor(mesh) as floor:
+    with Floor(mesh, server) as floor:
         mem_before = common.memory_mib(floor.pid)
         cpu0 = common.cpu_seconds(floor.pid)
         with loadgen.LoadGen(floor.target, proxies, mesh.localities(localities), processes=processes) as gen:
@@ -219,8 +295,8 @@ def measure(*, proxies: int, localities: int, mesh: common.Mesh, repeat: int, pr
                     run["cpu_s"] = round(common.cpu_seconds(floor.pid) - cpu0, 4)
                     run["others_cpu_s"] = others.seconds()
                     runs.append(run)
-        return {"proxies": proxies, "banner": floor.banner, "memory_before": mem_before, "storm": storm,
-                "push": {"runs": runs, **over_runs(runs)}}
+        return {"server": server, "proxies": proxies, "banner": floor.banner, "memory_before": mem_before,
+                "storm": storm, "push": {"runs": runs, **over_runs(runs)}}
 
 
 def push_summary(acked: list[float | None], t0: float) -> dict[str, Any]:
@@ -252,22 +328,33 @@ def main(argv: list[str] | None = None) -> int:
         mesh = common.Mesh(services=args.services, endpoints=args.endpoints, clusters=args.clusters, zones=args.zones)
         asyncio.run(_serve(args.port, mesh))
         return 0
+    parser.add_argument("--server", choices=IMPLEMENTATIONS, default="grpcio",
+                        help="grpcio (bench.floor serve) or cpp (bench/cppfloor, built on first use)")
     parser.add_argument("--proxies", type=int, default=1000)
     parser.add_argument("--localities", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--processes", type=int, default=loadgen.default_processes())
     parser.add_argument("--profile", action="store_true",
-                        help="sample the floor with py-spy during the pushes (bench/results/profiles/floor-push.*)")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/floor.json)")
+                        help="sample the grpcio floor with py-spy during the pushes "
+                             "(bench/results/profiles/floor-push.*)")
+    parser.add_argument("--out", type=Path,
+                        help="results JSON (default bench/results/floor.json; with --server cpp, floor-cpp.json)")
     args = parser.parse_args(argv)
+    if args.profile and args.server != "grpcio":
+        parser.error("--profile samples Python (py-spy): only the grpcio floor")
     common.stop_on_sigterm()
     quiet = common.wait_quiet(max_wait=0)
     mesh = common.Mesh(services=args.services, endpoints=args.endpoints, clusters=args.clusters, zones=args.zones)
-    result = measure(proxies=args.proxies, localities=args.localities, mesh=mesh, repeat=args.repeat,
-                     processes=args.processes, profile=args.profile)
+    try:
+        result = measure(proxies=args.proxies, localities=args.localities, mesh=mesh, repeat=args.repeat,
+                         processes=args.processes, profile=args.profile, server=args.server)
+    except Unavailable as exc:
+        print(exc, file=sys.stderr)
+        return 1
     params = {k: v for k, v in vars(args).items() if k != "out"}
-    path = common.write_results("floor", {"machine": common.machine(), "quiet": quiet, "params": params,
-                                          "floor": result}, args.out)
+    name = "floor" if args.server == "grpcio" else f"floor-{args.server}"
+    path = common.write_results(name, {"machine": common.machine(), "quiet": quiet, "params": params,
+                                       "floor": result}, args.out)
     push = result["push"]
     common.print_table(
         ["what", "p50 ms", "p99 ms", "max ms", "all ms", "server CPU s"],
@@ -275,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
           result["storm"]["all_ms"], result["storm"]["cpu_s"]],
          *[[f"push {i + 1}", r["p50"], r["p99"], r["max"], r["all_ms"], r["cpu_s"]]
            for i, r in enumerate(push["runs"])]],
-        title=f"floor: {args.proxies} proxies, {args.services} services x {args.endpoints} endpoints",
+        title=f"{IMPLEMENTATIONS[args.server].label}: {args.proxies} proxies, "
+              f"{args.services} services x {args.endpoints} endpoints",
     )
     print(f"\nwrote {path}")
     return 0

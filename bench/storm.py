@@ -6,13 +6,15 @@ starts), then opens all N streams at once. Reported: the time from the first str
 until every proxy holds a full ACKed configuration (CDS, and EDS for every cluster), the
 per-proxy p50/p99 of that, the server's CPU seconds over the storm, and its RSS after and
 peak RSS (VmHWM, which includes start-up; start-up's own peak is reported beside it).
-The floor (bench.floor) takes the same storm, the same way.
+The floor (bench.floor) takes the same storm, the same way; with --cpp-floor the C++ floor
+(bench/cppfloor) takes it too, after the grpcio one.
 
 The simulated proxies connect without a version (like a proxy that restarted too);
 reconnecting Envoys that report the version they hold get no re-push from meshplane, so
 this is the heavier case.
 
     .venv/bin/python -m bench.storm                     # 1,000 proxies, 8 localities, 100 services, 3 runs
+    .venv/bin/python -m bench.storm --cpp-floor         # and the C++ floor beside the grpcio one
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ def storm_once(mesh: common.Mesh, proxies: int, localities: int, processes: int,
 
 
 def run(*, proxies: int, localities: int, services: int, endpoints: int, clusters: int, zones: int, repeat: int,
-        processes: int, timeout: float = 300.0, with_floor: bool = True,
+        processes: int, timeout: float = 300.0, floors: tuple[str, ...] = ("grpcio",),
         protocols: tuple[str, ...] = ("sotw",)) -> dict[str, Any]:
-    """`protocols`: the proxies' xDS protocol, runs interleaved; `meshplane` is the first's."""
+    """`protocols`: the proxies' xDS protocol, runs interleaved; `meshplane` is the first's.
+
+    `floors`: keys of floor.IMPLEMENTATIONS, each taking `repeat` storms after meshplane's.
+    """
     mesh = common.Mesh(services=services, endpoints=endpoints, clusters=clusters, zones=zones)
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in protocols}
     for _ in range(repeat):
@@ -61,21 +66,18 @@ def run(*, proxies: int, localities: int, services: int, endpoints: int, cluster
     result: dict[str, Any] = {
         "params": {"proxies": proxies, "localities": localities, "services": services, "endpoints": endpoints,
                    "clusters": clusters, "zones": zones, "repeat": repeat, "loadgen_processes": processes,
-                   "protocols": list(protocols)},
+                   "protocols": list(protocols), "floors": list(floors)},
         "meshplane": by_protocol[protocols[0]],
         "by_protocol": by_protocol,
-        "floor": None,
-        "ratio": None,
+        **{key: None for impl in floor.IMPLEMENTATIONS.values() for key in (impl.key, impl.ratio_key)},
     }
-    if with_floor:
-        floor_runs = []
-        for _ in range(repeat):
-            measured = floor.measure(proxies=proxies, localities=localities, mesh=mesh, repeat=0,
-                                     processes=processes, timeout=timeout)
-            floor_runs.append(measured["storm"])
-        result["floor"] = {"runs": floor_runs, **_spread(floor_runs, cpu="cpu_s")}
-        m, f = result["meshplane"]["all_ms"]["median"], result["floor"]["all_ms"]["median"]
-        result["ratio"] = round(m / f, 2) if m and f else None
+    for server in floors:
+        impl = floor.IMPLEMENTATIONS[server]
+        floor_runs = [floor.measure(proxies=proxies, localities=localities, mesh=mesh, repeat=0, processes=processes,
+                                    timeout=timeout, server=server)["storm"] for _ in range(repeat)]
+        result[impl.key] = {"runs": floor_runs, **_spread(floor_runs, cpu="cpu_s")}
+        m, f = result["meshplane"]["all_ms"]["median"], result[impl.key]["all_ms"]["median"]
+        result[impl.ratio_key] = round(m / f, 2) if m and f else None
     return result
 
 
@@ -92,7 +94,8 @@ def print_result(result: dict[str, Any]) -> None:
     p = result["params"]
     rows = []
     by_protocol = result.get("by_protocol") or {"sotw": result["meshplane"]}
-    for label, d in (*((f"meshplane {p}", d) for p, d in by_protocol.items()), ("floor", result.get("floor"))):
+    for label, d in (*((f"meshplane {p}", d) for p, d in by_protocol.items()),
+                     *((impl.label, result.get(impl.key)) for impl in floor.IMPLEMENTATIONS.values())):
         if d:
             rows.append([label, d["all_ms"]["median"], f"{common.fmt(d['all_ms']['min'])}-"
                          f"{common.fmt(d['all_ms']['max'])}", d["p50"]["median"], d["p99"]["median"],
@@ -102,8 +105,9 @@ def print_result(result: dict[str, Any]) -> None:
                         "sent MiB"], rows,
                        title=f"storm: {p['proxies']} proxies connect at once, {p['localities']} localities, "
                              f"{p['services']} services x {p['endpoints']} endpoints, median of {p['repeat']}")
-    if result.get("ratio"):
-        print(f"meshplane/floor (all full, medians): {result['ratio']}")
+    for impl in floor.IMPLEMENTATIONS.values():
+        if result.get(impl.ratio_key):
+            print(f"meshplane/{impl.label} (all full, medians): {result[impl.ratio_key]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,16 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--localities", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     convergence.add_mesh_args(parser)
-    parser.add_argument("--no-floor", action="store_true")
+    convergence.add_floor_args(parser)
     parser.add_argument("--protocols", default="sotw,delta",
                         help="the simulated proxies' xDS protocols, runs interleaved (sotw, delta)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/storm.json)")
     args = parser.parse_args(argv)
+    floors = convergence.parse_floors(parser, args)
     common.stop_on_sigterm()
     quiet = common.wait_quiet(max_wait=0)
     result = run(proxies=args.proxies, localities=args.localities, services=args.services, endpoints=args.endpoints,
                  clusters=args.clusters, zones=args.zones, repeat=args.repeat, processes=args.processes,
-                 timeout=max(args.timeout, 300.0), with_floor=not args.no_floor,
+                 timeout=max(args.timeout, 300.0), floors=floors,
                  protocols=tuple(p for p in args.protocols.split(",") if p))
     path = common.write_results("storm", {"machine": common.machine(), "quiet": quiet, "storm": result}, args.out)
     print_result(result)

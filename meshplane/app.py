@@ -43,7 +43,8 @@ class Config:
     http_port: int = 18001  # 0: no HTTP port
     debounce: float = 0.005
     max_delay: float = 0.1
-    poll_interval: float = 0.1
+    poll_interval: float = 0.1  # files are watched with inotify; this is the fallback poll (and a backstop)
+    inotify: bool = True  # False: find file edits by polling only
     max_concurrent_pushes: int = 100
     stall_after: float = 0.1  # a heavy push's write not taken by its client in this long gives its slot back
     http_timeout: float = 5.0  # an idle or half-sent HTTP request is closed after this long
@@ -73,14 +74,15 @@ class ControlPlane:
         self.config = config
         self.metrics = metrics_mod.Metrics()
         self.catalog = catalog_mod.Catalog()
-        self.sources = [filesource.FileSource(p, interval=config.poll_interval) for p in config.endpoint_files]
+        self.sources = [filesource.FileSource(p, interval=config.poll_interval, inotify=config.inotify)
+                        for p in config.endpoint_files]
         self.policy_watcher = reload.PolicyWatcher(
             config.policy_file, on_change=self._on_policy, interval=config.poll_interval, known=self._known,
-            on_result=lambda result: self.metrics.policy_reloads.labels(result).inc(),
+            on_result=lambda result: self.metrics.policy_reloads.labels(result).inc(), inotify=config.inotify,
         )
         self.clusters = clusters.ClusterRegistry(self.catalog, self._kube_source, sync_timeout=config.sync_timeout)
         self.kubeconfig_dirs = [
-            clusters.KubeconfigDir(d, self.clusters, interval=config.kubeconfig_dir_interval)
+            clusters.KubeconfigDir(d, self.clusters, interval=config.kubeconfig_dir_interval, inotify=config.inotify)
             for d in config.kubeconfig_dirs
         ]
         self.remote_secrets: remotesecrets.RemoteSecrets | None = None

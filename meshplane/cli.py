@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-delay", type=float, default=0.1,
                        help="longest a change waits for a burst to end")
     serve.add_argument("--poll-interval", type=float, default=0.1,
-                       help="seconds between checks of the endpoint and policy files for edits")
+                       help="seconds between checks of the endpoint and policy files for edits where inotify "
+                            "is unavailable (with inotify, edits are seen at once and this is a backstop)")
+    serve.add_argument("--no-inotify", dest="inotify", action="store_false",
+                       help="find file edits by polling only (network filesystems, where inotify misses "
+                            "writes made on other machines)")
     serve.add_argument("--max-concurrent-pushes", type=_positive_int, default=100,
                        help="streams composing and writing at once; bounds memory in a reconnect storm")
     serve.add_argument("--max-connection-age", type=float, default=1800.0, metavar="SECONDS",
@@ -235,7 +240,7 @@ async def _serve(args: argparse.Namespace) -> int:
     config = app.Config(
         endpoint_files=tuple(args.endpoints), policy_file=args.policy,
         ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
-        debounce=args.debounce, max_delay=args.max_delay, poll_interval=args.poll_interval,
+        debounce=args.debounce, max_delay=args.max_delay, poll_interval=args.poll_interval, inotify=args.inotify,
         max_concurrent_pushes=args.max_concurrent_pushes,
         max_connection_age=args.max_connection_age, max_connection_age_grace=args.max_connection_age_grace,
         tls=tls_files, ads_plaintext=args.ads_plaintext, trust_domain=args.trust_domain,
@@ -257,11 +262,26 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"meshplane: {exc}", file=sys.stderr)
         await plane.stop()
         return 1
+    tune_gc()
     try:
         await _until_signalled()
     finally:
         await plane.stop()
     return 0
+
+
+GC_THRESHOLDS = (50_000, 50, 100)
+"""The collector's thresholds once serving (Python's are 700, 10, 10): see tune_gc."""
+
+
+def tune_gc() -> None:
+    """Once started: what start-up built (the catalog, the policy, imported modules) is moved out of
+    the collector's sight (gc.freeze), and collections run less often. A full collection walked
+    every object of every stream and view, 120 ms at 1,000 proxies, stalling every push under way:
+    it was most of the slowest pushes' time (docs/benchmarks.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _until_signalled() -> None:

@@ -1,7 +1,8 @@
 """The catalog: every cluster's services merged into one immutable snapshot.
 
-Sources (one per cluster) hand the catalog their whole view of a cluster;
-the catalog works out which services really changed and tells its
+Sources (one per cluster) hand the catalog their whole view of a cluster
+(`apply`), or the services of it they know changed (`update`, which compares
+only those); the catalog works out which services really changed and tells its
 subscribers "services X, Y changed, first seen at t". Nothing downstream
 ever diffs endpoints again: a service whose merged value is equal to the
 last one is not reported.
@@ -38,7 +39,7 @@ class ClusterStatus:
     stale: bool = False
     error: str = ""
     stale_since: float | None = None  # monotonic time the endpoints became stale, across sources of the cluster
-    services: Mapping[model.ServiceKey, model.ServiceInCluster] = field(default_factory=dict)
+    services: dict[model.ServiceKey, model.ServiceInCluster] = field(default_factory=dict)
 
 
 Subscriber = Callable[[Change], None]
@@ -86,6 +87,32 @@ class Catalog:
         status.error = ""
         status.stale_since = None
         touched = {k for k in old.keys() | services.keys() if old.get(k) != services.get(k)}
+        return self._merge(touched, seen_at)
+
+    def update(
+        self,
+        cluster: model.ClusterId,
+        changed: Mapping[model.ServiceKey, model.ServiceInCluster],
+        removed: Iterable[model.ServiceKey] = (),
+        *,
+        seen_at: float,
+    ) -> Change | None:
+        """What a source says changed of `cluster` (the rest stays as it was): only those services are
+        compared, so an edit costs what it touches, not the size of the cluster."""
+        status = self._clusters.setdefault(cluster, ClusterStatus())
+        services = status.services
+        touched: set[model.ServiceKey] = set()
+        for key, service in changed.items():
+            if services.get(key) != service:
+                services[key] = service
+                touched.add(key)
+        for key in removed:
+            if services.pop(key, None) is not None:
+                touched.add(key)
+        status.synced = True
+        status.stale = False
+        status.error = ""
+        status.stale_since = None
         return self._merge(touched, seen_at)
 
     def remove_cluster(self, cluster: model.ClusterId, *, seen_at: float) -> Change | None:

@@ -1,9 +1,11 @@
 """A file source: one YAML file describes one cluster's services and endpoints.
 
 The file stands in for a Kubernetes cluster (the demo, tests, static
-deployments). It is polled (stat, then a content hash) rather than watched
-with inotify because editors replace files in ways inotify reports
-inconsistently, and a stat every 100 ms costs nothing. A broken edit is
+deployments). Its directory is watched with inotify, polled where that is
+unavailable (meshplane/watch.py); a `touch` or the same bytes rewritten is
+no change. An edit costs what it changed: each entry of `services` is
+parsed on its own, and only the entries whose text changed are parsed
+again and handed to the catalog (`Catalog.update`). A broken edit is
 logged with the file and the field, and the last good content stays.
 
 Format::
@@ -26,8 +28,8 @@ Format::
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
+import contextlib
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any
 import structlog
 import yaml
 
-from meshplane import aio
+from meshplane import aio, watch
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
 
@@ -48,6 +50,95 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class EndpointFileError(ValueError):
     """A broken endpoint file: the message names the file and the field."""
+
+
+class Parsed:
+    """An endpoint file as last parsed: its cluster and region, its services, and each service entry's
+    text -> the service's key (empty when the file was parsed whole)."""
+
+    def __init__(self, cluster: str, region: str, services: dict[model.ServiceKey, model.ServiceInCluster],
+                 entries: dict[str, model.ServiceKey] | None = None) -> None:
+        self.cluster, self.region, self.services = cluster, region, services
+        self.entries = entries or {}
+
+
+_SERVICES = re.compile(r"^services:[ \t]*(?:#.*)?$", re.MULTILINE)
+# The first line that is neither blank nor a comment; group 2: it is a list item.
+_FIRST = re.compile(r"^( *)(?:(-)(?: |$)|[^ \t\r\n#])", re.MULTILINE)
+
+
+def split(text: str) -> tuple[str, list[str]] | None:
+    """The file without its `services` entries, and each entry's text (a block-style list item, as
+    written by hand or by yaml.safe_dump); None for any other layout (then the file is parsed whole)."""
+    found = _SERVICES.search(text)
+    if found is None:
+        return None
+    body = found.end() + 1
+    first = _FIRST.search(text, body)
+    if first is None or first.group(2) is None:
+        return None  # `services:` followed by something else than a block list
+    indent = len(first.group(1))
+    # The list ends at the first line, neither blank nor a comment, indented less than its items (or as
+    # much, but not an item).
+    ends = re.compile(rf"^(?: {{0,{indent - 1}}}[^ \t\r\n#]| {{{indent}}}[^ \t\r\n#-])" if indent else
+                      r"^[^ \t\r\n#-]", re.MULTILINE)
+    stop = ends.search(text, first.start())
+    end = stop.start() if stop is not None else len(text)
+    starts = [m.start() for m in re.finditer(rf"^ {{{indent}}}-(?: |$)", text[:end], re.MULTILINE)
+              if m.start() >= first.start()]
+    entries = [text[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)]
+    return text[:body] + text[end:], entries
+
+
+def parse_changed(
+    text: str, *, path: str, last: Parsed | None
+) -> tuple[model.ClusterId, Parsed, dict[model.ServiceKey, model.ServiceInCluster], set[model.ServiceKey]]:
+    """Parse `text`, reusing `last` for the service entries whose text is unchanged: the cluster, the file
+    as parsed, the services that are new or changed, and the keys no longer in the file. Any layout
+    `split` does not know, or any error, parses the whole file (whose errors name the field)."""
+    old = last.services if last is not None else {}
+    parts = split(text)
+    if parts is not None:
+        try:
+            parsed = _parse_parts(*parts, path=path, last=last)
+        except (EndpointFileError, yaml.YAMLError, ValueError):
+            pass  # said exactly by the whole-file parse below (or it parses whole where an entry alone did not)
+        else:
+            reused = last is not None and (last.cluster, last.region) == (parsed.cluster, parsed.region)
+            known = last.entries if reused and last is not None else {}
+            changed = {key: parsed.services[key] for entry, key in parsed.entries.items() if entry not in known}
+            return model.ClusterId(parsed.cluster), parsed, changed, old.keys() - parsed.services.keys()
+    cluster, services = parse(text, path=path)
+    changed = {k: v for k, v in services.items() if old.get(k) != v}
+    return cluster, Parsed(cluster, "", services), changed, old.keys() - services.keys()
+
+
+def _parse_parts(rest: str, entries: list[str], *, path: str, last: Parsed | None) -> Parsed:
+    doc = yaml.load(rest, Loader=_LOADER)
+    if not isinstance(doc, dict) or "services" not in doc or doc["services"] is not None:
+        raise ValueError("not the layout split() expects")
+    where = _Where(path)
+    cluster = where.text(doc, "cluster", required=True)
+    region = where.text(doc, "region", required=True)
+    reuse = last is not None and (last.cluster, last.region) == (cluster, region)
+    known = last.entries if reuse and last is not None else {}
+    services: dict[model.ServiceKey, model.ServiceInCluster] = {}
+    keys: dict[str, model.ServiceKey] = {}
+    for i, entry in enumerate(entries):
+        key = known.get(entry)
+        if key is not None and last is not None:
+            svc = last.services[key]
+        else:
+            items = yaml.load(entry, Loader=_LOADER)
+            if not isinstance(items, list) or len(items) != 1:
+                raise ValueError("an entry that is not one list item")
+            svc = _service(where.at(f"services[{i}]"), items[0], cluster=cluster, region=region)
+            key = svc.key
+        if key in services:
+            raise EndpointFileError(f"{path}: services[{i}]: duplicate service {key}")
+        services[key] = svc
+        keys[entry] = key
+    return Parsed(cluster, region, services, keys)
 
 
 def parse(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:
@@ -172,18 +263,19 @@ class _Where:
 class FileSource:
     """Feeds one endpoint file into the catalog, now and on every edit."""
 
-    def __init__(self, path: Path, *, interval: float = 0.1) -> None:
+    def __init__(self, path: Path, *, interval: float = 0.1, inotify: bool = True) -> None:
         self.path = path
         self.interval = interval
+        self.inotify = inotify
         self.cluster: model.ClusterId | None = None
-        self._stat: tuple[int, int, int] | None = None
-        self._digest = b""
+        self._seen: watch.Seen | None = None
+        self._parsed: Parsed | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_error = ""
 
     def load(self, catalog: catalog_mod.Catalog) -> None:
         """Read the file once; raise EndpointFileError if it is broken (used at start-up)."""
-        self._poll(catalog, raise_errors=True)
+        self.check(catalog, raise_errors=True)
 
     async def start(self, catalog: catalog_mod.Catalog) -> None:
         self.load(catalog)
@@ -194,45 +286,54 @@ class FileSource:
         self._task = None
 
     async def _run(self, catalog: catalog_mod.Catalog) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self._poll(catalog, raise_errors=False)
+        events = watch.Watch([self.path], interval=self.interval, inotify=self.inotify).events()
+        async with contextlib.aclosing(events):
+            async for quiet in events:
+                try:
+                    self.check(catalog, raise_errors=False, quiet=quiet)
+                except Exception:  # a bug here must not stop later edits from being seen
+                    log.exception("endpoint file check failed", path=str(self.path))
 
-    def _poll(self, catalog: catalog_mod.Catalog, *, raise_errors: bool) -> None:
-        try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            self._fail(catalog, EndpointFileError(f"{self.path}: cannot read: {exc.strerror}"), raise_errors)
-            return
-        stat = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stat == self._stat:
+    def check(self, catalog: catalog_mod.Catalog, *, raise_errors: bool, quiet: bool = False) -> None:
+        """Look at the file once; hand what changed to the catalog. `quiet`: inotify saw nothing."""
+        stat = watch.stat_of(self.path)
+        if self._seen is not None and self._seen.unchanged(stat, quiet=quiet):
             return
         seen_at = time.monotonic()
-        self._stat = stat
         try:
-            text = self.path.read_text()
+            data = self.path.read_bytes()
         except OSError as exc:
             self._fail(catalog, EndpointFileError(f"{self.path}: cannot read: {exc.strerror}"), raise_errors)
             return
-        digest = hashlib.sha256(text.encode()).digest()
-        if digest == self._digest:
+        seen, last = watch.Seen.of(stat, data), self._seen
+        self._seen = seen  # a broken edit too is looked at once, not on every event
+        if last is not None and seen.digest == last.digest and not self._last_error:
             return
         try:
-            cluster, services = parse(text, path=str(self.path))
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            self._fail(catalog, EndpointFileError(f"{self.path}:{line}: not UTF-8: {exc.reason}"), raise_errors)
+            return
+        try:
+            cluster, parsed, changed, removed = parse_changed(text, path=str(self.path), last=self._parsed)
         except EndpointFileError as exc:
             self._fail(catalog, exc, raise_errors)
             return
-        self._digest = digest
         self._last_error = ""
         if self.cluster is not None and cluster != self.cluster:
             catalog.remove_cluster(self.cluster, seen_at=seen_at)
-        self.cluster = cluster
-        change = catalog.apply(cluster, services, seen_at=seen_at)
+            self._parsed = None
+        if self._parsed is None:
+            change = catalog.apply(cluster, parsed.services, seen_at=seen_at)
+        else:
+            change = catalog.update(cluster, changed, removed, seen_at=seen_at)
+        self.cluster, self._parsed = cluster, parsed
         log.info(
             "endpoint file loaded",
             path=str(self.path),
             cluster=cluster,
-            services=len(services),
+            services=len(parsed.services),
             changed=sorted(change.services) if change else [],
         )
 
@@ -240,7 +341,7 @@ class FileSource:
         if raise_errors:
             raise exc
         if str(exc) == self._last_error:
-            return  # logged once, not on every poll
+            return  # logged once, not on every event
         self._last_error = str(exc)
         log.error("endpoint file rejected, keeping last good", error=str(exc))
         if self.cluster is not None:

@@ -250,11 +250,17 @@ class KubeSource:
         self._dirty_since = None
         for key in keys:
             self._recompute(key)
+        whole = self._must_apply or self._removed
         if self._removed:
             log.info("restoring endpoints dropped after stale_ttl", cluster=self.cluster)
             self._removed = False
-        self._must_apply = False
-        self._catalog.apply(self.cluster, self._current, seen_at=seen_at)
+        if whole:  # back from stale (or from stale_ttl's removal): all of it, compared
+            self._must_apply = False
+            self._catalog.apply(self.cluster, self._current, seen_at=seen_at)
+            return
+        # Only the services events touched are compared (Catalog.update), not the whole cluster.
+        self._catalog.update(self.cluster, {k: self._current[k] for k in keys if k in self._current},
+                             [k for k in keys if k not in self._current], seen_at=seen_at)
 
     def _lost(self) -> None:
         if self._catalog is None or self._stopped:

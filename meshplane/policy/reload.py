@@ -1,37 +1,31 @@
 """Hot reload of the policy file, keeping the last good policy when an edit is broken.
 
-The file is polled (stat, then a content hash) rather than watched with
-inotify: editors and ConfigMap volumes replace files by rename or symlink
-swaps that inotify reports inconsistently, and a stat every 100 ms is free.
-The hash makes a `touch`, or a rewrite with the same bytes, a no-op, so
-proxies are not pushed for nothing. The files the policy names (gateway
-certificates and keys) are polled with it: when one changes, the policy is
-loaded again, so a rotated certificate reaches the gateways.
+The file's directory is watched with inotify, and polled where that is
+unavailable (meshplane/watch.py: an edit, a rename over it, or a ConfigMap
+volume's `..data` swap is seen within about a millisecond). A content hash
+makes a `touch`, or a rewrite with the same bytes, a no-op, so proxies are
+not pushed for nothing. The files the policy names (gateway certificates
+and keys) are watched with it: when one changes, the policy is loaded
+again, so a rotated certificate reaches the gateways.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import inspect
-import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
+from meshplane import watch
 from meshplane.policy import rules, validate
 
 log = structlog.get_logger(__name__)
 
 OnChange = Callable[[rules.Policy, float], Awaitable[None] | None]
-
-# A file modified this recently may be modified again within the filesystem's
-# timestamp granularity without its stat changing (same size, same inode), so
-# its stat is not trusted until it is older than this: until then, re-hash.
-_RACY_NS = 2_000_000_000
 
 
 class PolicyWatcher:
@@ -40,7 +34,7 @@ class PolicyWatcher:
     def __init__(
         self, path: Path | None, *, on_change: OnChange, interval: float = 0.1,
         known: Callable[[], validate.Known | None] | None = None,
-        on_result: Callable[[str], None] = lambda result: None,
+        on_result: Callable[[str], None] = lambda result: None, inotify: bool = True,
     ) -> None:
         """`known`: what discovery knows when a policy is loaded (references to anything else are warned about).
         `on_result`: told "applied", "unchanged" (valid, and the same policy) or "rejected" after each
@@ -49,26 +43,27 @@ class PolicyWatcher:
         self.known = known
         self.on_result = on_result
         self.interval = interval
+        self.inotify = inotify
         self.on_change = on_change
         self.current = rules.Policy()
         self.last_errors: tuple[validate.Problem, ...] = ()
         self.last_warnings: tuple[validate.Problem, ...] = ()
-        self._stat: tuple[int, int, int] | None = None
-        self._digest: bytes | None = None
-        self._named: dict[Path, _Seen] = {}  # files the policy names -> how they were when it was loaded
+        self._seen: watch.Seen | None = None
+        self._named: dict[Path, watch.Seen] = {}  # files the policy names -> how they were when it was loaded
         self._task: asyncio.Task[None] | None = None
+        self._watch: watch.Watch | None = None
 
     async def start(self) -> None:
         """Load the file once; raise validate.PolicyError if it is unusable, then watch it."""
         if self.path is None or self._task is not None:
             return
-        stat = self._stat_key()
-        digest, data = self._read()
+        stat = watch.stat_of(self.path)
+        data = self._read()
         result = self._validate(data)
         if result.policy is None:
             self.last_errors = result.errors
             raise validate.PolicyError(result.errors)
-        self._remember(stat, digest)
+        self._seen = _seen(stat, data)
         self._accept(result)
         self._task = asyncio.create_task(self._run(), name=f"policy-watcher:{self.path}")
 
@@ -86,34 +81,38 @@ class PolicyWatcher:
                 raise
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.poll()
-            except Exception:
-                # A bug in a callback must not stop later edits from being applied.
-                log.exception("policy watcher poll failed", path=str(self.path))
+        assert self.path is not None
+        self._watch = watch.Watch([self.path, *self._named], interval=self.interval, inotify=self.inotify)
+        events = self._watch.events()
+        async with contextlib.aclosing(events):
+            async for quiet in events:
+                try:
+                    await self.poll(quiet=quiet)
+                except Exception:
+                    # A bug in a callback must not stop later edits from being applied.
+                    log.exception("policy watcher poll failed", path=str(self.path))
 
-    async def poll(self) -> bool:
-        """Check the file once; apply a valid change. Returns whether a new policy was applied."""
+    async def poll(self, *, quiet: bool = False) -> bool:
+        """Check the file once; apply a valid change. Returns whether a new policy was applied.
+        `quiet`: inotify watches the files and saw nothing (their stats can be trusted)."""
         if self.path is None:
             return False
-        stat = self._stat_key()
-        named_changed = any(seen.changed() for seen in self._named.values())
-        if stat is not None and stat == self._stat and not named_changed:
+        stat = watch.stat_of(self.path)
+        named_changed = any(seen.changed(path, quiet=quiet) for path, seen in self._named.items())
+        if self._seen is not None and self._seen.unchanged(stat, quiet=quiet) and not named_changed:
             return False
         seen_at = time.monotonic()
-        digest, data = self._read()
-        if digest == self._digest and not named_changed:
-            self._remember(stat, digest)
+        data = self._read()
+        seen, last = _seen(stat, data), self._seen
+        # Remember the broken version too, so that it is reported once, not on every event.
+        self._seen = seen
+        if last is not None and seen.digest == last.digest and not named_changed:
             return False
         result = self._validate(data)
-        # Remember the broken version too, so that it is reported once, not on every poll.
-        self._remember(stat, digest)
         if result.policy is None:
             self._reject(result)
-            # A broken certificate too is reported once, not on every poll: remember how the files are now.
-            self._named = {path: _Seen.now(path) for path in self._named}
+            # A broken certificate too is reported once, not on every event: remember how the files are now.
+            self._named = {path: watch.Seen.now(path) for path in self._named}
             self.on_result("rejected")
             return False
         if result.policy == self.current:
@@ -127,25 +126,13 @@ class PolicyWatcher:
             await outcome
         return True
 
-    def _stat_key(self) -> tuple[int, int, int] | None:
+    def _read(self) -> bytes | OSError:
+        """The content, read once so that the hash and the validated text agree (or why it cannot be read)."""
         assert self.path is not None
         try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _read(self) -> tuple[bytes, bytes | OSError]:
-        """The content (read once, so the hash and the validated text agree) and its hash.
-
-        An unreadable file hashes its error, so it too is reported once, not on every poll.
-        """
-        assert self.path is not None
-        try:
-            data = self.path.read_bytes()
+            return self.path.read_bytes()
         except OSError as exc:
-            return hashlib.sha256(f"unreadable: {exc}".encode()).digest(), exc
-        return hashlib.sha256(data).digest(), data
+            return exc
 
     def _validate(self, data: bytes | OSError) -> validate.LoadResult:
         assert self.path is not None
@@ -153,21 +140,18 @@ class PolicyWatcher:
             return validate.unreadable(self.path, data)
         return validate.load_policy_bytes(data, path=str(self.path), known=self.known() if self.known else None)
 
-    def _remember(self, stat: tuple[int, int, int] | None, digest: bytes) -> None:
-        racy = stat is not None and time.time_ns() - stat[0] < _RACY_NS
-        self._stat = None if racy else stat
-        self._digest = digest
-
     def _accept(self, result: validate.LoadResult) -> None:
         assert result.policy is not None
         self.current = result.policy
         assert self.path is not None
         base = self.path.parent
         self._named = {
-            path: _Seen.now(path)
+            path: watch.Seen.now(path)
             for gateway in result.policy.gateways for listener in gateway.listeners if listener.tls is not None
             for path in (base / listener.tls.certificate_file, base / listener.tls.key_file)
         }
+        if self._watch is not None:
+            self._watch.watch([self.path, *self._named])
         self.last_errors = ()
         self.last_warnings = result.warnings
         for problem in result.warnings:
@@ -190,36 +174,9 @@ class PolicyWatcher:
         )
 
 
-@dataclass(frozen=True)
-class _Seen:
-    """A file as it was: its stat, and its content's hash while the stat cannot be trusted (see _RACY_NS)."""
-
-    path: Path
-    stat: tuple[int, int, int] | None
-    digest: bytes | None
-
-    @classmethod
-    def now(cls, path: Path) -> _Seen:
-        try:
-            st = os.stat(path)
-            racy = time.time_ns() - st.st_mtime_ns < _RACY_NS
-            digest = hashlib.sha256(path.read_bytes()).digest() if racy else None
-        except OSError:
-            return cls(path, None, None)
-        return cls(path, (st.st_mtime_ns, st.st_size, st.st_ino), digest)
-
-    def changed(self) -> bool:
-        again = _Seen.now(self.path)
-        if again.stat != self.stat:
-            return True
-        if self.digest is None:
-            return False
-        if again.digest is None:  # no longer racy: hash once more to be sure
-            try:
-                return hashlib.sha256(self.path.read_bytes()).digest() != self.digest
-            except OSError:
-                return True
-        return again.digest != self.digest
+def _seen(stat: watch.Stat | None, data: bytes | OSError) -> watch.Seen:
+    """An unreadable file is seen as its error, so that it too is reported once, not on every event."""
+    return watch.Seen.of(stat, data if isinstance(data, bytes) else f"unreadable: {data}".encode())
 
 
 def _fields(problem: validate.Problem) -> dict[str, object]:

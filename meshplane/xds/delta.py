@@ -234,7 +234,8 @@ def _resubscribe(sub: streams.TypeState, req: discovery_pb2.DeltaDiscoveryReques
     reported = dict(req.initial_resource_versions) if first else {}
     if reported:
         # What it holds from before (another replica, or this one before a reconnect): send only what differs.
-        sub.held.add({n: resources.Resource(name=n, version=v, field=b"") for n, v in reported.items()})
+        sub.held.add({n: resources.Resource(name=n, version=v, field=b"", mark=resources.mark(n, v))
+                      for n, v in reported.items()})
         sub.reported = "initial_resource_versions"  # compared at the first push (state of the world: a version)
     sub.names = frozenset((sub.names | subscribe) - unsubscribe)
     sub.held.drop(unsubscribe)

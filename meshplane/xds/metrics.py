@@ -6,8 +6,14 @@ process (tests, the demo) without their numbers mixing.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator, Sequence
+
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from meshplane.xds import streams, typeurls
 
@@ -32,18 +38,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
-        self.push_latency = Histogram(
-            "meshplane_push_latency_seconds",
-            "From a watcher or the policy loader seeing a change to a proxy ACKing the version carrying it",
-            ["type"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.responses = Counter(
-            "meshplane_xds_responses", "DiscoveryResponses sent", ["type"], registry=r
-        )
-        self.response_bytes = Counter(
-            "meshplane_xds_response_bytes", "Bytes of DiscoveryResponses sent", ["type"], registry=r
-        )
-        self.acks = Counter("meshplane_xds_acks", "ACKs received", ["type"], registry=r)
+        # What every response, request and ACK updates is counted in plain numbers (on the event loop,
+        # no locks) and turned into metric families only when scraped: prometheus_client's own took a
+        # lock per update, some 14 % of the server's CPU per push at 1,000 proxies.
+        self.hot = HotMetrics(registry=r)
         self.nacks = Counter("meshplane_xds_nacks", "NACKs (rejected configs) received", ["type"], registry=r)
         self.stale = Counter(
             "meshplane_xds_stale_nonces", "Requests ignored for a stale nonce", ["type"], registry=r
@@ -83,16 +81,6 @@ class Metrics:
             "Policy file loads after start-up by result: applied, unchanged (the same policy), rejected",
             ["result"], registry=r,
         )
-        self.requests = Counter("meshplane_xds_requests", "DiscoveryRequests received", ["type"], registry=r)
-        self.response_size = Histogram(
-            "meshplane_xds_response_size_bytes", "Size of each DiscoveryResponse sent (configuration size)",
-            ["type"], buckets=SIZE_BUCKETS, registry=r,
-        )
-        self.queue = Histogram(
-            "meshplane_push_queue_seconds",
-            "From a stream's view changing (or its request arriving) to the push that carries it being composed",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
         self.refusals = Counter(
             "meshplane_xds_refused_streams",
             "Streams ended by meshplane, by gRPC status and reason: a bad request or an oversized node "
@@ -113,13 +101,6 @@ class Metrics:
             self.policy_reloads.labels(result)
         for code, reason in REFUSALS:
             self.refusals.labels(code, reason)
-        # Labelled children looked up once: every ACK and response passes through here.
-        self._responses = {t: self.responses.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
-        self._response_bytes = {t: self.response_bytes.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
-        self._acks = {t: self.acks.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
-        self._push_latency = {t: self.push_latency.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
-        self._requests = {t: self.requests.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
-        self._response_size = {t: self.response_size.labels(s) for t, s in typeurls.SHORT_NAMES.items()}
 
     # streams.Callbacks
 
@@ -133,20 +114,21 @@ class Metrics:
         log.info("proxy disconnected", node=stream.node_id, peer=stream.peer)
 
     def response_sent(self, stream: streams.Stream, type_url: str, *, resources: int, size: int) -> None:
-        self._responses[type_url].inc()
-        self._response_bytes[type_url].inc(size)
-        self._response_size[type_url].observe(size)
+        hot = self.hot
+        hot.responses[type_url] += 1
+        hot.response_bytes[type_url] += size
+        hot.response_size[type_url].observe(size)
 
     def request_received(self, stream: streams.Stream, type_url: str) -> None:
-        self._requests[type_url].inc()
+        self.hot.requests[type_url] += 1
 
     def push_started(self, stream: streams.Stream, queued: float) -> None:
-        self.queue.observe(queued)
+        self.hot.queue.observe(queued)
 
     def acked(self, stream: streams.Stream, type_url: str, *, latency: float | None) -> None:
-        self._acks[type_url].inc()
+        self.hot.acks[type_url] += 1
         if latency is not None:
-            self._push_latency[type_url].observe(latency)
+            self.hot.push_latency[type_url].observe(latency)
 
     def nacked(self, stream: streams.Stream, type_url: str, *, version: str, detail: str) -> None:
         self.nacks.labels(typeurls.SHORT_NAMES[type_url]).inc()
@@ -176,3 +158,70 @@ class Metrics:
 
     def build_failed(self, type_url: str) -> None:
         self.build_errors.labels(typeurls.SHORT_NAMES.get(type_url, type_url)).inc()
+
+
+class HotHistogram:
+    """A histogram updated with no lock (from the event loop only), read at scrape time."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            out.append((floatToGoString(bound), float(total)))  # type: ignore[no-untyped-call]  # as prometheus_client writes `le`
+        return out
+
+
+class HotMetrics(Collector):
+    """The metrics every response, request and ACK updates: counted in plain numbers per type URL,
+    exposed as the metric families they always were (names, labels and buckets unchanged)."""
+
+    def __init__(self, *, registry: CollectorRegistry) -> None:
+        types = typeurls.SHORT_NAMES
+        self.responses = dict.fromkeys(types, 0)
+        self.response_bytes = dict.fromkeys(types, 0)
+        self.acks = dict.fromkeys(types, 0)
+        self.requests = dict.fromkeys(types, 0)
+        self.push_latency = {t: HotHistogram(LATENCY_BUCKETS) for t in types}
+        self.response_size = {t: HotHistogram(SIZE_BUCKETS) for t in types}
+        self.queue = HotHistogram(LATENCY_BUCKETS)
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        short = typeurls.SHORT_NAMES
+        for name, doc, values in (
+            ("meshplane_xds_responses", "DiscoveryResponses sent", self.responses),
+            ("meshplane_xds_response_bytes", "Bytes of DiscoveryResponses sent", self.response_bytes),
+            ("meshplane_xds_acks", "ACKs received", self.acks),
+            ("meshplane_xds_requests", "DiscoveryRequests received", self.requests),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["type"])
+            for type_url, value in values.items():
+                counter.add_metric([short[type_url]], value)
+            yield counter
+        for name, doc, hists in (
+            ("meshplane_push_latency_seconds",
+             "From a watcher or the policy loader seeing a change to a proxy ACKing the version carrying it",
+             self.push_latency),
+            ("meshplane_xds_response_size_bytes", "Size of each DiscoveryResponse sent (configuration size)",
+             self.response_size),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["type"])
+            for type_url, hist in hists.items():
+                family.add_metric([short[type_url]], hist.buckets(), hist.sum)
+            yield family
+        queue = HistogramMetricFamily(
+            "meshplane_push_queue_seconds",
+            "From a stream's view changing (or its request arriving) to the push that carries it being composed")
+        queue.add_metric([], self.queue.buckets(), self.queue.sum)
+        yield queue

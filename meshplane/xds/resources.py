@@ -14,6 +14,7 @@ versions on every replica and across restarts.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ class Resource:
     version: str
     field: bytes
     seen_at: float | None = None
+    # This resource's part of a type's version: a 64-bit hash of its name and version (type_version).
+    mark: int = 0
     # A delta `Resource` is delta_head + field + delta_tail (its tag and length, version; its name),
     # made once here so that a delta response is a join of ready bytes, as a state-of-the-world one is.
     delta_head: bytes = b""
@@ -68,21 +71,27 @@ def build(name: str, msg: pb_message.Message, *, type_url: str, seen_at: float |
         version=version,
         field=field,
         seen_at=seen_at,
+        mark=mark(name, version),
         delta_head=_varint(_DELTA_RESOURCES << 3 | 2) + _varint(len(version_field) + len(field) + len(name_field))
         + version_field,
         delta_tail=name_field,
     )
 
 
+def mark(name: str, version: str) -> int:
+    """A resource's part of its type's version: a 64-bit hash of its name and version."""
+    return int.from_bytes(hashlib.sha256(f"{name}\0{version}".encode()).digest()[:8], "big")
+
+
 def type_version(resources: Iterable[Resource]) -> str:
-    """The version_info of a set of resources: a hash of their names and versions."""
-    digest = hashlib.sha256()
-    for r in sorted(resources, key=lambda r: r.name):
-        digest.update(r.name.encode())
-        digest.update(b"\0")
-        digest.update(r.version.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
+    """The version_info of a set of resources: the sum of their marks (hashes of name and version),
+    modulo 2**64. Equal sets have equal versions on every replica, and a sum needs no sorting: a
+    view of 10,000 assignments is versioned in a fraction of a millisecond, not tens."""
+    return f"{sum(map(_MARK, resources)) & _MASK64:016x}"
+
+
+_MASK64 = (1 << 64) - 1
+_MARK = operator.attrgetter("mark")
 
 
 def response(

@@ -45,6 +45,9 @@ class Sync(enum.StrEnum):
     NOT_SENT = "NOT SENT"  # asked for, nothing sent yet
 
 
+_RANK = {Sync.SYNCED: 0, Sync.NOT_SENT: 1, Sync.STALE: 2, Sync.NACKED: 3}
+
+
 @dataclass(slots=True)
 class TypeState:
     """One resource type on one stream."""
@@ -126,8 +129,12 @@ class Stream:
 
     def worst(self) -> Sync:
         """The client's state: the worst of its types' (NACKED, STALE, NOT SENT, SYNCED)."""
-        states = {self.sync(t) for t in self.types}
-        return next((s for s in (Sync.NACKED, Sync.STALE, Sync.NOT_SENT) if s in states), Sync.SYNCED)
+        worst, rank = Sync.SYNCED, 0
+        for type_url in self.types:  # counted for every client at every scrape: no set, no enum hashing
+            state = self.sync(type_url)
+            if state is not Sync.SYNCED and (r := _RANK[state]) > rank:
+                worst, rank = state, r
+        return worst
 
     def mark(self, changes: Mapping[str, Dirty]) -> None:
         """Record names to look at again, and wake the writer."""

@@ -1,0 +1,171 @@
+"""Edits seen at once: endpoint files, the policy and a kubeconfig directory watched with inotify, polled
+where that is unavailable; and an endpoint file edit costing what it changed."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshplane.discovery import catalog as catalog_mod
+from meshplane.discovery import filesource, model
+from meshplane.policy import reload
+from tests.conftest import cluster_doc, wait_for, write_yaml
+
+NEVER = 3600.0
+"""A poll interval no test waits for: what it sees, inotify told it."""
+
+
+def _doc(*ports: int, health: str = "healthy") -> dict[str, Any]:
+    return cluster_doc("c1", "r1", {f"svc{i}": [{"zone": "z1", "port": port, "health": health}]
+                                    for i, port in enumerate(ports)})
+
+
+def _ports(catalog: catalog_mod.Catalog, name: str) -> list[int]:
+    service = catalog.services.get(model.ServiceKey(f"default/{name}"))
+    return [] if service is None else [ep.port_for("http") or 0 for ep in service.endpoints]
+
+
+@pytest.mark.parametrize("how", ["rewrite", "rename over", "configmap swap"])
+async def test_an_endpoint_file_edit_is_seen_at_once_without_polling(tmp_path: Path, how: str) -> None:
+    if how == "configmap swap":  # a ConfigMap volume: file -> ..data/file, ..data -> a timestamped directory
+        (tmp_path / "..2026_1").mkdir()
+        write_yaml(tmp_path / "..2026_1" / "c1.yaml", _doc(9001))
+        (tmp_path / "..data").symlink_to("..2026_1")
+        (tmp_path / "c1.yaml").symlink_to("..data/c1.yaml")
+    else:
+        write_yaml(tmp_path / "c1.yaml", _doc(9001))
+    catalog = catalog_mod.Catalog()
+    source = filesource.FileSource(tmp_path / "c1.yaml", interval=NEVER)
+    await source.start(catalog)
+    try:
+        assert _ports(catalog, "svc0") == [9001]
+        start = time.monotonic()
+        if how == "rewrite":
+            (tmp_path / "c1.yaml").write_text(yaml.safe_dump(_doc(9002)))
+        elif how == "rename over":
+            write_yaml(tmp_path / "c1.yaml", _doc(9002))
+        else:  # what the kubelet does: a new directory, a new ..data link renamed over the old one
+            (tmp_path / "..2026_2").mkdir()
+            write_yaml(tmp_path / "..2026_2" / "c1.yaml", _doc(9002))
+            (tmp_path / "..data_tmp").symlink_to("..2026_2")
+            os.rename(tmp_path / "..data_tmp", tmp_path / "..data")
+        await wait_for(lambda: _ports(catalog, "svc0") == [9002], timeout=2, what="the edit seen")
+        assert time.monotonic() - start < 1.0
+    finally:
+        await source.stop()
+
+
+async def test_polling_is_the_fallback_and_sees_a_rewrite_in_the_same_tick(tmp_path: Path) -> None:
+    """Without inotify, every poll stats the file; a second write with the same size, inode and mtime (the
+    same timestamp tick) is still seen, because a stat that recent is not trusted: the content is hashed."""
+    path = write_yaml(tmp_path / "c1.yaml", _doc(9001))
+    catalog = catalog_mod.Catalog()
+    source = filesource.FileSource(path, interval=0.02, inotify=False)
+    await source.start(catalog)
+    try:
+        before = os.stat(path)
+        path.write_text(path.read_text().replace("9001", "9002"))  # same size
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same tick
+        assert os.stat(path).st_mtime_ns == before.st_mtime_ns and os.stat(path).st_size == before.st_size
+        await wait_for(lambda: _ports(catalog, "svc0") == [9002], timeout=2, what="the same-tick rewrite seen")
+    finally:
+        await source.stop()
+
+
+async def test_a_policy_edit_and_a_configmap_swap_are_seen_at_once(tmp_path: Path) -> None:
+    (tmp_path / "..v1").mkdir()
+    (tmp_path / "..v1" / "policy.yaml").write_text("apiVersion: meshplane.io/v1\n")
+    (tmp_path / "..data").symlink_to("..v1")
+    (tmp_path / "policy.yaml").symlink_to("..data/policy.yaml")
+    applied: list[Any] = []
+    watcher = reload.PolicyWatcher(tmp_path / "policy.yaml", interval=NEVER,
+                                   on_change=lambda policy, seen_at: applied.append(policy))
+    await watcher.start()
+    try:
+        (tmp_path / "..v2").mkdir()
+        (tmp_path / "..v2" / "policy.yaml").write_text(
+            "apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 250ms\n")
+        (tmp_path / "..data_tmp").symlink_to("..v2")
+        os.rename(tmp_path / "..data_tmp", tmp_path / "..data")
+        await wait_for(lambda: applied, timeout=2, what="the swapped policy applied")
+        assert applied[-1].defaults.connect_timeout_ms == 250
+    finally:
+        await watcher.stop()
+
+
+# --- an edit costs what it changed ---------------------------------------------------------------
+
+def _many(n: int, changed: int | None = None) -> str:
+    return yaml.safe_dump(cluster_doc("c1", "r1", {
+        f"svc{i}": [{"zone": "z1", "port": 9000 + (1 if i == changed else 0)}] for i in range(n)}), sort_keys=False)
+
+
+def test_only_the_entries_whose_text_changed_are_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, parsed, changed, removed = filesource.parse_changed(_many(50), path="c1.yaml", last=None)
+    assert len(changed) == 50 and not removed
+    calls: list[int] = []
+    real = filesource._service
+    monkeypatch.setattr(filesource, "_service", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, again, changed, removed = filesource.parse_changed(_many(50, changed=7), path="c1.yaml", last=parsed)
+    assert list(changed) == [model.ServiceKey("default/svc7")] and not removed
+    assert len(calls) == 1  # one entry parsed, 49 reused
+    assert again.services == filesource.parse(_many(50, changed=7), path="c1.yaml")[1]
+    # An entry moved is not a change; one removed is reported removed.
+    text = _many(50, changed=7)
+    head, entries = filesource.split(text) or ("", [])
+    _, _, changed, removed = filesource.parse_changed(head + "".join(reversed(entries[1:])), path="c1.yaml",
+                                                      last=again)
+    assert not changed and removed == {model.ServiceKey("default/svc0")}
+
+
+@pytest.mark.parametrize("text", [
+    # entries at the key's indentation, comments and blank lines between them
+    "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: [{name: http, port: 80}]\n\n# b\n- name: b\n"
+    "  ports: [{name: http, port: 80}]\n",
+    # indented entries, a key after the list
+    "cluster: c1\nservices:\n  - name: a\n    ports: [{name: http, port: 80}]\n  - name: b\n"
+    "    ports: [{name: http, port: 80}]\nregion: r1\n",
+    # flow style: parsed whole
+    "cluster: c1\nregion: r1\nservices: [{name: a, ports: [{name: http, port: 80}]}, {name: b, ports: "
+    "[{name: http, port: 80}]}]\n",
+    # an anchor in one entry used in another: parsed whole
+    "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: &p [{name: http, port: 80}]\n- name: b\n  ports: *p\n",
+])
+def test_every_layout_parses_as_the_whole_file_does(text: str) -> None:
+    cluster, parsed, changed, _ = filesource.parse_changed(text, path="c1.yaml", last=None)
+    assert (cluster, parsed.services) == filesource.parse(text, path="c1.yaml")
+    assert sorted(changed) == [model.ServiceKey("default/a"), model.ServiceKey("default/b")]
+
+
+@pytest.mark.parametrize("text", [
+    "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: [{name: http, port: 0}]\n",
+    "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: [{name: http, port: 80}]\n- name: a\n"
+    "  ports: [{name: http, port: 80}]\n",
+    "cluster: c1\nservices:\n- name: a\n  ports: [{name: http, port: 80}]\n",
+    "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: [{name: http, port: 80}\n",
+])
+def test_errors_are_the_whole_files(text: str) -> None:
+    with pytest.raises(filesource.EndpointFileError) as whole:
+        filesource.parse(text, path="c1.yaml")
+    with pytest.raises(filesource.EndpointFileError) as changed:
+        filesource.parse_changed(text, path="c1.yaml", last=None)
+    assert str(changed.value) == str(whole.value)
+
+
+def test_the_catalog_compares_only_what_a_source_says_changed() -> None:
+    catalog = catalog_mod.Catalog()
+    one = filesource.parse(_many(3), path="c1.yaml")[1]
+    catalog.apply(model.ClusterId("c1"), one, seen_at=0.0)
+    two = filesource.parse(_many(3, changed=1), path="c1.yaml")[1]
+    key = model.ServiceKey("default/svc1")
+    change = catalog.update(model.ClusterId("c1"), {key: two[key]}, seen_at=1.0)
+    assert change is not None and change.services == {key}
+    assert catalog.update(model.ClusterId("c1"), {key: two[key]}, seen_at=2.0) is None  # equal: nothing
+    change = catalog.update(model.ClusterId("c1"), {}, [model.ServiceKey("default/svc0")], seen_at=3.0)
+    assert change is not None and change.services == {model.ServiceKey("default/svc0")}
+    assert sorted(catalog.services) == [model.ServiceKey("default/svc1"), model.ServiceKey("default/svc2")]
