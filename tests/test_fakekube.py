@@ -471,6 +471,33 @@ def test_drop_watches_makes_the_stream_raise_protocol_error(
     assert [s.metadata.name for s in core.list_namespaced_service("shop").items] == ["web"]
 
 
+@pytest.mark.parametrize("clean", [False, True], ids=["hung-up", "ended"])
+def test_idle_watches_are_cut_as_a_proxy_cuts_them(
+        fake: FakeKubeAPI, core: client.CoreV1Api, streamers: Callable[..., Streamer], clean: bool) -> None:
+    fake.cut_idle_watches(0.5, resources=("services",), clean=clean)
+    began = time.monotonic()
+    # timeout_seconds: the client ends with the stream, rather than watching again on a clean end
+    services = streamers(core.list_namespaced_service, "shop", resource_version=fake.resource_version,
+                         timeout_seconds=30)
+    nodes = streamers(core.list_node, resource_version=fake.resource_version)
+    poll(lambda: fake.open_watches("services") == 1 and fake.open_watches("nodes") == 1, what="the watches to open")
+    time.sleep(0.3)
+    fake.put("services", service("web", "shop"))  # something sent: idle from here on
+    assert services.ended.wait(5)
+    assert time.monotonic() - began >= 0.75, "cut before it had been idle for 0.5 s"
+    assert services.summary() == [("ADDED", "web")]
+    if clean:
+        assert services.error is None  # the end of a watch, as the server ends one
+    else:
+        assert isinstance(services.error, urllib3.exceptions.ProtocolError)
+    assert [resource for resource, _ in fake.cuts] == ["services"]
+    assert fake.open_watches("nodes") == 1 and not nodes.ended.is_set(), "only the resources named are cut"
+    fake.cut_idle_watches(None)
+    again = streamers(core.list_namespaced_service, "shop", resource_version=fake.resource_version)
+    poll(lambda: fake.open_watches("services") == 1, what="the watch to open")
+    assert not again.ended.wait(0.7) and fake.cuts[1:] == [], "cut after cut_idle_watches(None)"
+
+
 def test_unreachable_refuses_connections_then_recovers_on_the_same_port(
         fake: FakeKubeAPI, core: client.CoreV1Api, streamers: Callable[..., Streamer]) -> None:
     _put_services(fake, "shop", ["web"])

@@ -215,6 +215,73 @@ async def test_dropped_watches_rewatch_from_last_version_and_converge(
     assert not source.stale
 
 
+@pytest.mark.parametrize("clean", [False, True], ids=["hung-up", "ended"])
+async def test_a_quiet_watch_cut_again_and_again_is_reopened_at_once(
+    fake: FakeKubeAPI, start_source: StartSource, clean: bool
+) -> None:
+    """A proxy that closes streams idle for 1.2 s (sooner than the server's bookmarks) cuts the quiet watches
+    (nodes, services) again and again, with nothing in them. Each cut watch is re-opened at once from where it
+    was, so a change made after the fifth cut arrives as fast as any other: a cut is not a failure."""
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    arrivals: list[tuple[float, Mapping[model.ServiceKey, model.Service]]] = []
+    catalog.subscribe(lambda change: arrivals.append((time.monotonic(), catalog.services)))
+    shipped = kubesource.KubeOptions()  # the shipped backoff, not FAST's: what a cut counted as a failure costs
+    source = await synced(start_source, catalog, backoff_initial=shipped.backoff_initial,
+                          backoff_max=shipped.backoff_max)
+    await wait_for(lambda: fake.open_watches() == 4, what="four watches open")
+    lists = sum(1 for r in fake.requests if not r.watch)
+    quiet = ("nodes", "services")
+    fake.cut_idle_watches(1.2, resources=quiet, clean=clean)
+
+    def cuts(resource: str) -> list[float]:
+        return [at for r, at in fake.cuts if r == resource]
+
+    for n in range(1, 6):
+        await wait_for(lambda n=n: all(len(cuts(r)) >= n for r in quiet), timeout=5, what=f"cut {n}")
+    began, seen = time.monotonic(), len(arrivals)
+    fake.put("nodes", node("n1", "eu", "eu-z"))
+    fake.put("services", service("api", "shop", ports=[{"name": "grpc", "port": 9100}]))
+
+    def arrived(services: Mapping[model.ServiceKey, model.Service]) -> bool:
+        return services[API].endpoints[0].locality.zone == "eu-z" and services[API].ports[0].port == 9100
+
+    await wait_for(lambda: any(arrived(services) for _, services in arrivals[seen:]), timeout=40,
+                   what="the changes made after the fifth cut")
+    latency = next(t for t, services in arrivals[seen:] if arrived(services)) - began
+    reopened = {r: [min(q.at for q in fake.requests if q.watch and q.path.endswith(f"/{r}") and q.at > cut) - cut
+                    for cut in cuts(r)[:5]] for r in quiet}
+    measured = (f"changes made after the fifth cut arrived in {latency * 1000:.0f} ms; watches re-opened after "
+                f"each cut in (ms) {({r: [round(t * 1000) for t in ts] for r, ts in reopened.items()})}")
+    print(measured)
+    assert latency < 0.25 and all(t < 0.25 for ts in reopened.values() for t in ts), measured
+    assert sum(1 for r in fake.requests if not r.watch) == lists, "a cut watch is watched again, not listed"
+    assert not source.stale
+
+
+async def test_a_watch_that_ends_at_once_with_nothing_in_it_backs_off(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    """A server (or proxy) that ends every watch as soon as it opens is not watched again in a spin."""
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    source = await synced(start_source, catalog)  # FAST: backoff from 0.05 s up to 0.2 s
+    await wait_for(lambda: fake.open_watches() == 4, what="four watches open")
+    fake.cut_idle_watches(0.0, resources=("services",), clean=True)
+    began, watches = time.monotonic(), sum(1 for r in fake.requests if r.watch and r.path.endswith("/services"))
+    await wait_for(lambda: sum(1 for _ in fake.cuts) >= 10, what="ten watches ended at once")
+    elapsed = time.monotonic() - began
+    rewatched = sum(1 for r in fake.requests if r.watch and r.path.endswith("/services")) - watches
+    # waits of 0, 0.025-0.05, 0.05-0.1, then 0.1-0.2 s: ten re-watches take at least 0.6 s; a spin, milliseconds
+    assert elapsed > 0.6, f"{rewatched} watches in {elapsed:.3f} s"
+    assert not source.stale, "a server that answers is reachable"
+    fake.cut_idle_watches(None)
+    fake.put("services", service("late", "shop", ports=HTTP))
+    fake.put("endpointslices", endpoint_slice("late-a", "shop", "late", [endpoint("10.0.5.1")],
+                                              ports=[{"name": "http", "port": 8080}]))
+    await wait_for(lambda: model.service_key("shop", "late") in catalog.services, what="watching again")
+
+
 async def test_bookmarks_advance_the_watch(fake: FakeKubeAPI, start_source: StartSource) -> None:
     populate(fake)
     catalog = catalog_mod.Catalog([C1])
@@ -478,6 +545,49 @@ def test_backoff_delay_is_capped_exponential_with_equal_jitter() -> None:
     assert all(later > 1.5 * earlier for earlier, later in itertools.pairwise(means[:4])), means  # doubles
     assert all(0.5 <= m <= 1.0 for m in means[4:]), means  # capped at backoff_max
     api.close()
+
+
+def test_no_retry_waits_longer_than_the_shipped_cap_of_4_s() -> None:
+    """What bounds recovery once the API server is back (docs/kubernetes.md): the longest wait between attempts."""
+    api = kubernetes.client.ApiClient()
+    reflector = kube.Reflector(api_client=api, resource="services", decode=kubemodel.service_record, owner=_Owner(),
+                               problems=kubemodel.Problems(), options=kubesource.KubeOptions().reflector_options())
+    waits = {n: [reflector._delay(n) for _ in range(200)] for n in range(1, 40)}
+    assert max(max(w) for w in waits.values()) <= 4.0, {n: round(max(w), 1) for n, w in waits.items()}
+    assert min(waits[1]) >= 0.25 and max(waits[1]) <= 0.5  # the first retry: within half a second
+    assert min(waits[39]) >= 2.0  # a server that stays away is not hammered: at least 2 s between attempts
+    api.close()
+
+
+@pytest.mark.slow
+async def test_recovery_after_an_outage_takes_at_most_the_backoff_cap(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    """The API server is away long enough for six failed attempts in a row; once it is back, the cluster
+    converges to what changed meanwhile within the shipped backoff cap (4 s) and a list."""
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    shipped = kubesource.KubeOptions()
+    source = await synced(start_source, catalog, backoff_initial=shipped.backoff_initial,
+                          backoff_max=shipped.backoff_max)
+    with structlog.testing.capture_logs() as logs:
+        fake.set_unreachable(True)
+        fake.put("endpointslices", web_slice(endpoint("10.0.0.7", node_name="n1")))  # changed while we are away
+
+        def failed(resource: str) -> int:
+            return max((e["failures"] for e in logs
+                        if e["event"] == "kubernetes API request failed" and e["resource"] == resource), default=0)
+
+        await wait_for(lambda: all(failed(r) >= 6 for r in ("services", "endpointslices", "nodes", "pods")),
+                       timeout=60, what="six failures in a row for each kind")
+        outage = time.monotonic()
+        fake.set_unreachable(False)
+        await wait_for(lambda: not source.stale and set(addresses(catalog, WEB) or ()) == {"10.0.0.7", "10.0.0.3"},
+                       timeout=40,
+                       what="converged after the outage")
+    recovery = time.monotonic() - outage
+    print(f"converged {recovery:.2f} s after the API server came back")
+    assert recovery < 5.0, f"converged {recovery:.2f} s after the API server came back"  # the 4 s cap and a list
 
 
 async def test_retries_back_off_further_with_each_failure_and_start_over_after_recovery(

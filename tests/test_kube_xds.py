@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 
 from meshplane import aio, app
 from meshplane.xds import client as ads_client
@@ -239,3 +240,47 @@ async def test_a_proxy_that_reconnects_to_a_syncing_plane_with_what_it_holds_get
         update = await client.recv(timeout=10)
         assert update.type_url == typeurls.ENDPOINT
         assert ads_client.resource_names(update) == [WEB]
+
+
+async def test_only_ports_known_to_speak_http_are_served(
+    fake: FakeKubeAPI, start_plane: Any, tmp_path: Path
+) -> None:
+    """kube-dns's ports (DNS over UDP and TCP, metrics named without a convention) get no cluster and no
+    route; a port is served when its appProtocol, else its name's prefix, says HTTP, HTTP/2 or gRPC."""
+    fake.put("services", service("kube-dns", "default", [
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+        {"name": "metrics", "port": 9153, "protocol": "TCP", "targetPort": 9153},
+    ]))
+    fake.put("endpointslices", endpoint_slice("kube-dns-a", "default", "kube-dns",
+                                              [endpoint("10.0.5.1", node_name="n1")],
+                                              [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                               {"name": "dns-tcp", "port": 53}, {"name": "metrics", "port": 9153}]))
+    fake.put("services", service("shop", "default", [
+        {"name": "ui", "port": 8080, "appProtocol": "http"},
+        {"name": "api", "port": 8443, "appProtocol": "kubernetes.io/h2c"},
+        {"name": "grpc-orders", "port": 9090},
+        {"name": "db", "port": 5432},
+    ]))
+    fake.put("endpointslices", endpoint_slice("shop-a", "default", "shop", [endpoint("10.0.6.1", node_name="n1")],
+                                              [{"name": "ui", "port": 8080}, {"name": "api", "port": 8443},
+                                               {"name": "grpc-orders", "port": 9090}, {"name": "db", "port": 5432}]))
+    kubeconfig = fake.write_kubeconfig(tmp_path / "c1.yaml", cluster="c1")
+    plane = await start_plane(kubeconfigs=(f"c1={kubeconfig}",), kube=FAST)
+    await wait_for(plane.ready, what="c1 synced")
+    node = ads_client.node("sidecar-1", region="r1", zone="z1", cluster="c1")
+    async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as client:
+        await client.request(typeurls.CLUSTER)
+        cds = await client.recv()
+        assert sorted(n for n in ads_client.resource_names(cds) if "web" not in n and "steady" not in n) == [
+            "outbound|8080||shop.default.svc.cluster.local",
+            "outbound|8443||shop.default.svc.cluster.local",
+            "outbound|9090||shop.default.svc.cluster.local",
+        ]
+        await client.ack(cds)
+        await client.request(typeurls.ROUTE, ["outbound|http|default"])
+        rds = await client.recv()
+        [routes] = [route_pb2.RouteConfiguration.FromString(r.value) for r in rds.resources]
+        hosts = sorted(vh.name for vh in routes.virtual_hosts if "web" not in vh.name and "steady" not in vh.name)
+        assert hosts == ["shop.default.svc.cluster.local:8080", "shop.default.svc.cluster.local:8443",
+                         "shop.default.svc.cluster.local:9090"]

@@ -105,23 +105,32 @@ def test_locality(nodes: list[dict[str, Any]], slice_zone: str | None, default_r
     ("port", "protocol"),
     [
         ({"name": "http", "port": 80}, model.Protocol.HTTP),
-        ({"name": "web", "port": 80}, model.Protocol.HTTP),  # no convention: HTTP, like the file source
-        ({"name": "", "port": 80}, model.Protocol.HTTP),
+        ({"name": "http-web", "port": 80}, model.Protocol.HTTP),
+        ({"name": "web", "port": 80}, model.Protocol.TCP),  # no convention: not known to be HTTP, not served
+        ({"name": "", "port": 80}, model.Protocol.TCP),
+        ({"name": "dns-tcp", "port": 53}, model.Protocol.TCP),  # kube-dns
+        ({"name": "metrics", "port": 9153}, model.Protocol.TCP),  # kube-dns: HTTP, but nothing says so
+        ({"name": "httpd", "port": 80}, model.Protocol.TCP),  # a prefix is the part before the first dash
         ({"name": "http2-api", "port": 80}, model.Protocol.HTTP2),
         ({"name": "grpc", "port": 80}, model.Protocol.GRPC),
-        ({"name": "grpc-web", "port": 80}, model.Protocol.GRPC),  # Istio: the part before the first dash
+        ({"name": "grpc-web", "port": 80}, model.Protocol.GRPC),  # the part before the first dash
         ({"name": "tcp-db", "port": 80}, model.Protocol.TCP),
         ({"name": "tls", "port": 443}, model.Protocol.TCP),
         ({"name": "https-x", "port": 443}, model.Protocol.TCP),
         ({"name": "mysql", "port": 3306}, model.Protocol.TCP),
         ({"name": "HTTP2-upper", "port": 80}, model.Protocol.HTTP2),
         ({"name": "tcp-x", "port": 80, "appProtocol": "http"}, model.Protocol.HTTP),  # appProtocol first
+        ({"name": "web", "port": 80, "appProtocol": "HTTP"}, model.Protocol.HTTP),
+        ({"name": "web", "port": 80, "appProtocol": "kubernetes.io/ws"}, model.Protocol.HTTP),
         ({"name": "http", "port": 80, "appProtocol": "kubernetes.io/h2c"}, model.Protocol.HTTP2),
         ({"name": "http", "port": 80, "appProtocol": "http2"}, model.Protocol.HTTP2),
         ({"name": "http", "port": 80, "appProtocol": "grpc"}, model.Protocol.GRPC),
         ({"name": "http", "port": 80, "appProtocol": "https"}, model.Protocol.TCP),
         ({"name": "http", "port": 80, "appProtocol": "tls"}, model.Protocol.TCP),
-        ({"name": "grpc", "port": 80, "appProtocol": "example.com/custom"}, model.Protocol.GRPC),  # unknown: name
+        ({"name": "http", "port": 443, "appProtocol": "kubernetes.io/wss"}, model.Protocol.TCP),
+        # an appProtocol we do not know is a protocol we do not speak, whatever the name says (as Istio)
+        ({"name": "grpc", "port": 80, "appProtocol": "example.com/custom"}, model.Protocol.TCP),
+        ({"name": "http", "port": 80, "appProtocol": ""}, model.Protocol.HTTP),  # empty: not given
     ],
 )
 def test_protocol(port: dict[str, Any], protocol: model.Protocol) -> None:
@@ -155,8 +164,8 @@ def test_port_mapping(service_ports: list[tuple[str, int]], slice_ports: list[tu
     sl = eps(ports=[{"name": n, "port": p} if n is not None else {"port": p} for n, p in slice_ports])
     out = translate(service, sl, nodes=[node()])
     assert out.endpoints[0].ports == endpoint_ports
-    assert out.ports == tuple(model.ServicePort(n, p, model.Protocol.HTTP if n != "grpc" else model.Protocol.GRPC)
-                              for n, p in service_ports)
+    by_name = {"http": model.Protocol.HTTP, "grpc": model.Protocol.GRPC, "": model.Protocol.TCP}
+    assert out.ports == tuple(model.ServicePort(n, p, by_name[n]) for n, p in service_ports)
 
 
 def test_merged_over_slices_deduplicated_and_sorted() -> None:

@@ -15,7 +15,7 @@ Format::
     services:
       - name: mockb
         namespace: default        # optional, default "default"
-        ports: [{name: http, port: 8000, protocol: HTTP}]
+        ports: [{name: http, port: 8000, protocol: HTTP}]   # or appProtocol: http, as Kubernetes'
         endpoints:
           - address: 127.0.0.1
             port: 18001           # or ports: {http: 18001}
@@ -172,19 +172,35 @@ def _service(where: _Where, raw: Any, *, cluster: str, region: str) -> model.Ser
         pw = where.at(f"ports[{j}]")
         if not isinstance(p, dict):
             raise pw.error("must be a mapping with name, port, protocol")
-        protocol = str(p.get("protocol", "HTTP")).upper()
-        try:
-            proto = model.Protocol(protocol)
-        except ValueError:
-            choices = ", ".join(x.value for x in model.Protocol)
-            raise pw.error(f"protocol: {protocol!r} is not one of {choices}") from None
-        ports.append(model.ServicePort(name=pw.text(p, "name", required=True), port=pw.port(p, "port"), protocol=proto))
+        ports.append(model.ServicePort(name=pw.text(p, "name", required=True), port=pw.port(p, "port"),
+                                       protocol=_protocol(pw, p)))
     if not ports:
         raise where.error("ports: a service needs at least one port")
     endpoints = []
     for k, e in enumerate(where.items(raw, "endpoints")):
         endpoints.append(_endpoint(where.at(f"endpoints[{k}]"), e, ports=ports, cluster=cluster, region=region))
     return model.ServiceInCluster(name=name, namespace=namespace, ports=tuple(ports), endpoints=tuple(endpoints))
+
+
+def _protocol(where: _Where, raw: Mapping[str, Any]) -> model.Protocol:
+    """`protocol` (what Envoy speaks: HTTP, the default), or Kubernetes' `appProtocol`, or both if they agree."""
+    stated = None
+    if "protocol" in raw:
+        text = str(raw["protocol"]).upper()
+        try:
+            stated = model.Protocol(text)
+        except ValueError:
+            choices = ", ".join(x.value for x in model.Protocol)
+            raise where.error(f"protocol: {text!r} is not one of {choices}") from None
+    if raw.get("appProtocol") is None:
+        return stated or model.Protocol.HTTP
+    app = where.text(raw, "appProtocol")
+    implied = model.app_protocol(app)
+    if stated is not None and stated != implied:
+        raise where.at("appProtocol").error(
+            f"{app!r} is {implied.value}, but protocol says {stated.value} (protocol here is what Envoy speaks to "
+            "the port, not Kubernetes' TCP or UDP: give one of the two, or both alike)")
+    return implied
 
 
 def _endpoint(

@@ -18,13 +18,23 @@ ERROR event) means LIST again, and the new list is diffed against the store
 key by key, so only real changes reach the owner (deletions at the end, when
 the list is complete: a re-list never empties anything half way).
 
-Failures: a watch stream that drops is re-opened at once, once. A request that
-fails, or a stream that stays silent past its read timeout (a stalled server),
-makes the reflector report "unreachable", wait (capped exponential backoff,
-with jitter so that many clusters do not retry in step) and LIST again; the
-first list that succeeds reports "reachable". urllib3's own retries are turned
-off on a private copy of the client's configuration: they retry at once, with
-no backoff, and would hide an outage for several timeouts.
+Cuts: a watch that ends, cleanly or not (a load balancer or API proxy closing
+streams it finds idle, a server restarting, the watch's own timeoutSeconds), is
+re-opened at once from the last resourceVersion, as client-go's reflector does:
+the kinds that change least (nodes, services) are the ones whose watches such
+proxies cut, and a wait there is a change seen late. Only a watch that ended
+within a second with nothing in it counts as a drop (client-go's "very short
+watch"); drops in a row back off (the first re-opens at once), so a server or
+proxy that ends every watch as it opens is not spun on.
+
+Failures: a request that fails, or a stream that stays silent past its read
+timeout (a stalled server), makes the reflector report "unreachable", wait
+(capped exponential backoff, with jitter so that many clusters do not retry in
+step) and LIST again; the first list that succeeds reports "reachable". The cap
+(4 s, against client-go's 30 s) is what bounds how long after the server's
+return the cluster converges (docs/kubernetes.md, decision 0015). urllib3's own
+retries are turned off on a private copy of the client's configuration: they
+retry at once, with no backoff, and would hide an outage for several timeouts.
 
 Silence: a healthy watch may say nothing until its timeoutSeconds, so by
 default a stream counts as stalled only after the watch timeout plus the
@@ -121,7 +131,7 @@ class ReflectorOptions:
     connect_timeout: float = 5.0
     request_timeout: float = 30.0  # read timeout of a list; a watch may be silent watch_timeout longer
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 4.0  # bounds recovery once the server is back (module docstring)
     bookmark_silence: float = 120.0  # longest silence once the server has shown periodic bookmarks
     label_selector: str | None = None
 
@@ -145,11 +155,11 @@ class _WatchError(Exception):
 
 
 class _WatchClosed(Exception):
-    """A watch that ended at once with nothing in it."""
+    """A watch that ended within `_SHORT_WATCH` with nothing in it (a drop, not a cut)."""
 
 
-class _StreamBroken(Exception):
-    """A watch stream that failed after it had started; the cause says how."""
+class _StreamStalled(Exception):
+    """A watch stream silent past its read timeout; the cause is urllib3's ReadTimeoutError."""
 
 
 class _Stopped(Exception):
@@ -197,7 +207,7 @@ class Reflector(Generic[R]):
         self._resp: Any = None  # the response the worker is reading, for stop() to shut down
         self._rv = ""  # worker thread only from here on
         self._failures = 0  # requests failed in a row (unreachable): backoff, then list again
-        self._drops = 0  # streams dropped in a row with nothing read: backoff, then watch again
+        self._drops = 0  # watches in a row that ended within _SHORT_WATCH with nothing read: backoff, watch again
         self._unreachable = False  # as last reported to the owner
         self.periodic_bookmarks = False  # this server sends bookmarks during a watch (worker thread writes)
 
@@ -298,23 +308,21 @@ class Reflector(Generic[R]):
             except _Gone as exc:
                 log.info("resource version expired, listing again", **self._ctx, reason=str(exc))
                 need_list = True
+            except _WatchClosed as exc:
+                # The server answered, then ended the watch at once (a restart, a proxy refusing long requests):
+                # it is reachable and the watch goes on from where it was, but in a row these slow down.
+                self._drops += 1
+                log.info("watch ended at once with nothing in it, watching again", **self._ctx, error=str(exc),
+                         drops=self._drops)
+                if self._drops > 1:
+                    self._stopping.wait(self._delay(self._drops - 1))
             except Exception as exc:
                 if self._stopping.is_set():
                     return
-                cause = exc.__cause__ if isinstance(exc, _StreamBroken) and exc.__cause__ else exc
+                cause = exc.__cause__ if isinstance(exc, _StreamStalled) and exc.__cause__ else exc
                 error = _describe(cause)
-                if isinstance(cause, urllib3.exceptions.ReadTimeoutError):
+                if isinstance(exc, _StreamStalled):
                     self.periodic_bookmarks = False  # learn again, rather than misjudge a quiet watch twice
-                if isinstance(exc, _WatchClosed) or (
-                    isinstance(exc, _StreamBroken) and not isinstance(cause, urllib3.exceptions.ReadTimeoutError)
-                ):
-                    # The server answered, then hung up (a restart, a load balancer): it is reachable, and
-                    # the watch goes on from where it was. Only drops in a row, with nothing read, slow down.
-                    self._drops += 1
-                    log.info("watch dropped, watching again", **self._ctx, error=error, drops=self._drops)
-                    if self._drops > 1:
-                        self._stopping.wait(self._delay(self._drops - 1))
-                    continue
                 self._failures += 1
                 log.warning("kubernetes API request failed", **self._ctx, error=error,
                             failures=self._failures, exc_info=not isinstance(cause, _EXPECTED))
@@ -375,7 +383,7 @@ class Reflector(Generic[R]):
                 return
 
     def _watch(self) -> None:
-        """One watch from the last resourceVersion, until it ends."""
+        """One watch from the last resourceVersion, until it ends or is cut; then the caller watches again."""
         opened = time.monotonic()
         timeout = max(1, round(self.options.watch_timeout))
         resp = self._call(
@@ -384,6 +392,7 @@ class Reflector(Generic[R]):
         )
         self._resp = resp
         delivered = clean = False
+        cut: Exception | None = None
         try:
             if self._stopping.is_set():  # stop() came while we waited for the headers: it could not wake us
                 raise _Stopped()
@@ -405,17 +414,23 @@ class Reflector(Generic[R]):
             clean = True
         except (_Gone, _WatchError, _Stopped):
             raise
-        except Exception as exc:
-            raise _StreamBroken() from exc
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise _StreamStalled() from exc
+        except Exception as exc:  # the stream was cut (a proxy, a restart) or sent something unreadable
+            cut = exc
         finally:
             self._resp = None
             if not clean:
                 resp.close()
             resp.release_conn()
-        if not delivered and time.monotonic() - opened < timeout / 2 and not self._stopping.is_set():
-            # Closed at once with nothing in it: counted as a drop, so that it cannot spin.
-            raise _WatchClosed("watch closed at once by the server")
+        if self._stopping.is_set():
+            raise _Stopped()
+        lasted = time.monotonic() - opened
+        if not delivered and lasted < _SHORT_WATCH:
+            raise _WatchClosed(_describe(cut) if cut is not None else "watch ended at once by the server")
         self._failures = self._drops = 0
+        if cut is not None:
+            log.info("watch cut, watching again", **self._ctx, error=_describe(cut), after=round(lasted, 1))
 
     def _silence(self, timeout: float) -> float:
         """How long a watch stream may say nothing before it counts as stalled (a socket read timeout)."""
@@ -452,9 +467,8 @@ class Reflector(Generic[R]):
         return kind
 
 
-_EXPECTED = (
-    urllib3.exceptions.HTTPError, OSError, kubernetes.client.exceptions.ApiException, _WatchError, _WatchClosed,
-)
+_EXPECTED = (urllib3.exceptions.HTTPError, OSError, kubernetes.client.exceptions.ApiException, _WatchError)
+_SHORT_WATCH = 1.0  # seconds: a watch that ended sooner with nothing in it is a drop (client-go's "very short watch")
 
 
 def _lines(resp: Any, stopping: threading.Event) -> Iterator[bytes]:

@@ -10,12 +10,15 @@ Bad data is handled the way the Kubernetes API documents it and reported to a
 `Problems` sink, which logs each (problem, object) once however many events
 repeat it.
 
-Protocol of a service port (what Envoy should speak to it):
-  1. `appProtocol`: http, kubernetes.io/ws -> HTTP; http2, kubernetes.io/h2c -> HTTP2;
-     grpc -> GRPC; tcp, tls, https, kubernetes.io/wss (and anything carrying its own TLS) -> TCP.
-  2. else Istio's port-name convention `<protocol>[-<suffix>]`: http, http2, grpc,
-     and tcp, tls, https, mongo, mysql, redis (-> TCP).
-  3. else HTTP, as the file source defaults to (Istio would sniff; we cannot).
+Protocol of a service port (what Envoy should speak to it), as Istio reads it:
+  1. `appProtocol`, when set, decides (`model.app_protocol`): http, kubernetes.io/ws -> HTTP;
+     http2, kubernetes.io/h2c -> HTTP2; grpc -> GRPC; anything else (tcp, tls, https,
+     kubernetes.io/wss, a name of our own) -> TCP.
+  2. else the port name's prefix, Istio's convention `<protocol>[-<suffix>]`, read the same
+     way: http, http2, grpc; anything else (tcp-, mysql, dns-tcp, metrics, no name) -> TCP.
+  3. TCP is not served (no cluster, no route): a port is served only when something says it
+     speaks HTTP. Istio would sniff the rest; a control plane cannot, and serving DNS or a
+     database as HTTP breaks it.
 UDP and SCTP ports are left out: Envoy's clusters here carry TCP.
 """
 
@@ -39,24 +42,6 @@ _T = TypeVar("_T", bound=tuple[Any, ...])
 REGION_LABEL = "topology.kubernetes.io/region"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-
-_APP_PROTOCOLS = {
-    "http": model.Protocol.HTTP,
-    "kubernetes.io/ws": model.Protocol.HTTP,
-    "http2": model.Protocol.HTTP2,
-    "kubernetes.io/h2c": model.Protocol.HTTP2,
-    "grpc": model.Protocol.GRPC,
-    "tcp": model.Protocol.TCP,
-    "tls": model.Protocol.TCP,
-    "https": model.Protocol.TCP,
-    "kubernetes.io/wss": model.Protocol.TCP,
-}
-_NAME_PROTOCOLS = {
-    **{k: v for k, v in _APP_PROTOCOLS.items() if "/" not in k},
-    "mongo": model.Protocol.TCP,
-    "mysql": model.Protocol.TCP,
-    "redis": model.Protocol.TCP,
-}
 
 
 class Problems:
@@ -151,11 +136,12 @@ def resource_version(obj: Obj) -> str:
 
 
 def protocol(port: Obj) -> model.Protocol:
-    app = str(port.get("appProtocol") or "").lower()
-    if app in _APP_PROTOCOLS:
-        return _APP_PROTOCOLS[app]
-    prefix = str(port.get("name") or "").lower().split("-", 1)[0]
-    return _NAME_PROTOCOLS.get(prefix, model.Protocol.HTTP)
+    """A ServicePort's protocol: its appProtocol, else its name's prefix (module docstring)."""
+    app = port.get("appProtocol")
+    if app:
+        return model.app_protocol(str(app))
+    # A port name is a DNS label (no "/"), so only the un-prefixed values can match.
+    return model.app_protocol(str(port.get("name") or "").split("-", 1)[0])
 
 
 def service_record(obj: Obj, problems: Problems | None = None) -> ServiceRecord | None:

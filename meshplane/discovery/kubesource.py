@@ -56,7 +56,7 @@ class KubeOptions:
     page_size: int = 500
     watch_timeout: float = 300.0
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 4.0  # bounds recovery once the API server is back (docs/kubernetes.md)
     stale_ttl: float | None = None  # None: keep a lost cluster's endpoints forever; else drop them after this
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
     connect_timeout: float = 5.0

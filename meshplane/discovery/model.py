@@ -52,10 +52,31 @@ class Health(enum.Enum):
 
 
 class Protocol(enum.Enum):
+    """What Envoy speaks to a service port. TCP ports are not served (no cluster, no route)."""
+
     HTTP = "HTTP"
     HTTP2 = "HTTP2"
     GRPC = "GRPC"
     TCP = "TCP"
+
+
+_APP_PROTOCOLS = {
+    "http": Protocol.HTTP,
+    "kubernetes.io/ws": Protocol.HTTP,  # WebSocket over cleartext: an HTTP/1.1 upgrade
+    "http2": Protocol.HTTP2,
+    "kubernetes.io/h2c": Protocol.HTTP2,  # HTTP/2 over cleartext, prior knowledge
+    "grpc": Protocol.GRPC,
+}
+
+
+def app_protocol(value: str) -> Protocol:
+    """The protocol of a port whose Kubernetes `appProtocol` is `value` (case-insensitive).
+
+    http, kubernetes.io/ws -> HTTP; http2, kubernetes.io/h2c -> HTTP2; grpc -> GRPC; anything else
+    (tcp, tls, https, kubernetes.io/wss, mycompany.com/x) -> TCP: a protocol meshplane does not speak, so the
+    port is not served. Both sources read `appProtocol` through this one function.
+    """
+    return _APP_PROTOCOLS.get(value.lower(), Protocol.TCP)
 
 
 @dataclass(frozen=True, order=True, slots=True)

@@ -3,8 +3,9 @@
 Read-only (GET) API over plain HTTP with bearer tokens, for the real `kubernetes` client:
 lists with limit/continue pagination over consistent snapshots, chunked watch streams
 from a resourceVersion (with bookmarks, selectors, timeoutSeconds and 410 Gone once the
-history is compacted), and failure injection (dropped watches, an unreachable server on
-the same port, stalled responses). Tests change state with put()/delete().
+history is compacted), and failure injection (dropped watches, watches cut when idle as a
+proxy cuts them, an unreachable server on the same port, stalled responses). Tests change
+state with put()/delete().
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from tests.fakekube.store import Obj, Store
-from tests.fakekube.wire import RequestRecord, Server, WatchState
+from tests.fakekube.wire import IdleCut, RequestRecord, Server, WatchState
 
 
 class FakeKubeAPI:
@@ -33,6 +34,8 @@ class FakeKubeAPI:
         # The real server ends every watch after a while (--min-request-timeout, 30-60 min) even
         # without timeoutSeconds; set this to have watches without timeoutSeconds end after it.
         self.default_watch_timeout: float | None = None
+        self.cuts: list[tuple[str, float]] = []  # (resource, time.monotonic()) of each watch cut_idle_watches() cut
+        self._cut: IdleCut | None = None
         self._cond = threading.Condition()
         self._store = Store()
         self._watches: set[WatchState] = set()
@@ -176,6 +179,16 @@ class FakeKubeAPI:
     def drop_watches(self) -> None:
         self._hang_up(everything=False)
 
+    def cut_idle_watches(self, after: float | None, *, resources: tuple[str, ...] = (), clean: bool = False) -> None:
+        """From now on, cut every watch (of `resources`, or all) that has sent nothing for `after` seconds.
+
+        As a load balancer or API proxy closing idle streams does: it hangs up (no final chunk), or with
+        `clean` ends the stream as the server ends a watch. Each cut is recorded in `cuts`. None: no more cuts.
+        """
+        with self._cond:
+            self._cut = None if after is None else IdleCut(after=after, resources=resources, clean=clean)
+            self._cond.notify_all()
+
     def set_unreachable(self, unreachable: bool) -> None:
         """True: refuse connections (the port closes) and hang up every open one; False: listen again."""
         with self._cond:
@@ -203,7 +216,7 @@ class FakeKubeAPI:
                     watch.bookmark_at = self._store.rv
             self._cond.notify_all()
 
-    def open_watches(self) -> int:
-        """Watches whose response has begun (headers sent) and that have not ended."""
+    def open_watches(self, resource: str | None = None) -> int:
+        """Watches (of `resource`, or all) whose response has begun (headers sent) and that have not ended."""
         with self._cond:
-            return sum(1 for w in self._watches if w.started)
+            return sum(1 for w in self._watches if w.started and resource in (None, w.resource))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import select
 import socket
@@ -38,6 +39,7 @@ class RequestRecord:
     query: dict[str, str]
     watch: bool
     token: str | None = None  # the bearer token the client sent
+    at: float = dataclasses.field(default_factory=time.monotonic, compare=False)  # when it came
 
 
 def status(code: int, reason: str, message: str, **extra: Any) -> Obj:
@@ -77,11 +79,25 @@ def _truthy(value: str | None) -> bool:
     return (value or "").lower() in ("true", "1")
 
 
+@dataclass(frozen=True)
+class IdleCut:
+    """FakeKubeAPI.cut_idle_watches: which watches are cut after how long without sending, and how."""
+
+    after: float
+    resources: tuple[str, ...]  # empty: every watch
+    clean: bool
+
+    def applies_to(self, resource: str) -> bool:
+        return not self.resources or resource in self.resources
+
+
 class WatchState:
     """One open watch, shared between its connection's thread and the failure-injection methods."""
 
-    def __init__(self, conn: socket.socket, bookmarks: bool, pos: int) -> None:
+    def __init__(self, conn: socket.socket, resource: str, bookmarks: bool, pos: int) -> None:
         self.conn = conn
+        self.resource = resource
+        self.active = time.monotonic()  # when it opened or last sent something: idle since
         self.bookmarks = bookmarks
         self.pos = pos  # every event up to this resourceVersion has been sent or filtered out
         self.bookmark_at: int | None = None  # send_bookmarks() asked for a BOOKMARK at this resourceVersion
@@ -293,7 +309,7 @@ class Handler(BaseHTTPRequestHandler):
         expired = False
         with fake._cond:
             store = fake._store
-            watch = WatchState(self.connection, bookmarks, store.rv)
+            watch = WatchState(self.connection, kind.resource, bookmarks, store.rv)
             if start in ("", "0") or _truthy(query.get("sendInitialEvents")):
                 # "Get state and start at most recent": synthetic ADDED events for what exists now.
                 for _, obj in sorted(store.current[kind.resource].items(), key=lambda item: item[0]):
@@ -320,6 +336,8 @@ class Handler(BaseHTTPRequestHandler):
             while True:
                 for line in lines:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                if lines:
+                    watch.active = time.monotonic()
                 if expired:  # the stream ends after the ERROR event
                     break
                 with fake._cond:
@@ -341,14 +359,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def _next_lines(self, watch: WatchState, kind: Kind, visible: Callable[[Obj], bool],
                     deadline: float | None) -> list[bytes] | None:
-        """Wait (holding the server's condition) for something to send: lines, [] at the deadline, None if dropped."""
+        """Wait (holding the server's condition) for something to send: lines, [] at the deadline, None if dropped.
+
+        An idle cut (FakeKubeAPI.cut_idle_watches) is a deadline too: [] if it ends the watch cleanly, None if it
+        hangs up.
+        """
         fake = self.server.fake
         while True:
             if fake._closed or watch.dropped or _hung_up(watch.conn):
                 return None
-            remaining = deadline - time.monotonic() if deadline is not None else None
-            if remaining is not None and remaining <= 0:
+            now = time.monotonic()
+            cut = fake._cut if fake._cut is not None and fake._cut.applies_to(watch.resource) else None
+            if cut is not None and now >= watch.active + cut.after:
+                fake.cuts.append((watch.resource, now))
+                return [] if cut.clean else None
+            if deadline is not None and now >= deadline:
                 return []
+            ends = [t for t in (deadline, watch.active + cut.after if cut is not None else None) if t is not None]
+            remaining = min(ends) - now if ends else None
             if not fake._stalled:
                 store = fake._store
                 lines = []
