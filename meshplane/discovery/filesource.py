@@ -69,7 +69,9 @@ _FIRST = re.compile(r"^( *)(?:(-)(?: |$)|[^ \t\r\n#])", re.MULTILINE)
 
 def split(text: str) -> tuple[str, list[str]] | None:
     """The file without its `services` entries, and each entry's text (a block-style list item, as
-    written by hand or by yaml.safe_dump); None for any other layout (then the file is parsed whole)."""
+    written by hand or by yaml.safe_dump); None for any other layout (then the file is parsed whole).
+    Found with C-speed searches (a file of 10,000 services is 2.8 MB): a literal-prefixed regex for
+    where the list ends, str.split for the items."""
     found = _SERVICES.search(text)
     if found is None:
         return None
@@ -77,16 +79,17 @@ def split(text: str) -> tuple[str, list[str]] | None:
     first = _FIRST.search(text, body)
     if first is None or first.group(2) is None:
         return None  # `services:` followed by something else than a block list
-    indent = len(first.group(1))
+    pad = first.group(1)
+    indent = len(pad)
     # The list ends at the first line, neither blank nor a comment, indented less than its items (or as
     # much, but not an item).
-    ends = re.compile(rf"^(?: {{0,{indent - 1}}}[^ \t\r\n#]| {{{indent}}}[^ \t\r\n#-])" if indent else
-                      r"^[^ \t\r\n#-]", re.MULTILINE)
+    ends = re.compile(rf"\n(?: {{0,{indent - 1}}}[^ \t\r\n#]| {{{indent}}}[^ \t\r\n#-])" if indent else
+                      r"\n[^ \t\r\n#-]")
     stop = ends.search(text, first.start())
-    end = stop.start() if stop is not None else len(text)
-    starts = [m.start() for m in re.finditer(rf"^ {{{indent}}}-(?: |$)", text[:end], re.MULTILINE)
-              if m.start() >= first.start()]
-    entries = [text[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)]
+    end = stop.start() + 1 if stop is not None else len(text)
+    item = pad + "- "
+    pieces = text[first.start() + len(item):end].split("\n" + item)
+    entries = [f"{item}{piece}\n" for piece in pieces[:-1]] + [item + pieces[-1]]  # each a whole item's lines
     return text[:body] + text[end:], entries
 
 

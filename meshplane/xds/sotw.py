@@ -64,7 +64,6 @@ class SotwServer(adsbase.StreamServer):
         served, error = self._served_type(stream, type_url)
         if not served:
             return error
-        self._check_names(len(req.resource_names))
         sub = stream.types.get(type_url)
         if req.response_nonce:
             if sub is None or req.response_nonce != sub.nonce:
@@ -75,8 +74,9 @@ class SotwServer(adsbase.StreamServer):
         if sub is None:
             sub = stream.types[type_url] = streams.TypeState()
         if sub.names_key == request.names_key:
-            return None  # the same names as before (an ACK or NACK): nothing new to look at
-        sub.names_key, requested, explicit_wildcard = self._shared_names(request)
+            return None  # the same names as before (an ACK or NACK): nothing new to look at, or to check
+        key, requested, explicit_wildcard = self._shared_names(request)
+        sub.names_key = key
         look_at = _resubscribe(sub, requested, explicit_wildcard, first=first,
                                legacy_wildcard=type_url in typeurls.FULL_STATE)
         if first:
@@ -88,7 +88,9 @@ class SotwServer(adsbase.StreamServer):
     def _shared_names(self, request: wire.Request) -> tuple[bytes, frozenset[str], bool]:
         entry = self._name_sets.get(request.names_key)
         if entry is None:
-            names = {sys.intern(n) for n in request.message.resource_names}
+            decoded = request.names()
+            self._check_names(len(decoded))
+            names = {sys.intern(n) for n in decoded}
             explicit_wildcard = typeurls.WILDCARD in names
             names.discard(typeurls.WILDCARD)
             entry = (request.names_key, frozenset(names), explicit_wildcard)
