@@ -61,11 +61,11 @@ class Resource:
 
 def build(name: str, msg: pb_message.Message, *, type_url: str, seen_at: float | None) -> Resource:
     body = msg.SerializeToString(deterministic=True)
-    any_bytes = _length_delimited(_ANY_TYPE_URL, type_url.encode()) + _length_delimited(_ANY_VALUE, body)
+    any_bytes = length_delimited(_ANY_TYPE_URL, type_url.encode()) + length_delimited(_ANY_VALUE, body)
     version = hashlib.sha256(body).hexdigest()[:16]
-    field = _length_delimited(_RESOURCES, any_bytes)
-    version_field, name_field = _length_delimited(_RESOURCE_VERSION, version.encode()), \
-        _length_delimited(_RESOURCE_NAME, name.encode())
+    field = length_delimited(_RESOURCES, any_bytes)
+    version_field, name_field = length_delimited(_RESOURCE_VERSION, version.encode()), \
+        length_delimited(_RESOURCE_NAME, name.encode())
     return Resource(
         name=name,
         version=version,
@@ -103,12 +103,12 @@ def response(
     does-not-exist timer."""
     return b"".join(
         (
-            _length_delimited(_VERSION_INFO, version_info.encode()),
+            length_delimited(_VERSION_INFO, version_info.encode()),
             *(r.field for r in resources),
-            _length_delimited(_TYPE_URL, type_url.encode()),
-            _length_delimited(_NONCE, nonce.encode()),
+            length_delimited(_TYPE_URL, type_url.encode()),
+            length_delimited(_NONCE, nonce.encode()),
             control_plane,
-            *(_length_delimited(_RESOURCE_ERRORS, not_found_error(name, type_url)) for name in not_found),
+            *(length_delimited(_RESOURCE_ERRORS, not_found_error(name, type_url)) for name in not_found),
         )
     )
 
@@ -117,9 +117,9 @@ def not_found_error(name: str, type_url: str) -> bytes:
     """A ResourceError's bytes: NOT_FOUND, saying which resource of which type."""
     kind = type_url.rsplit(".", 1)[-1]
     status = b"".join((_varint_field(_STATUS_CODE, _NOT_FOUND),
-                       _length_delimited(_STATUS_MESSAGE, f"meshplane serves no {kind} {name!r}".encode())))
-    return _length_delimited(_ERROR_RESOURCE_NAME, _length_delimited(_RESOURCE_NAME_NAME, name.encode())) + \
-        _length_delimited(_ERROR_DETAIL, status)
+                       length_delimited(_STATUS_MESSAGE, f"meshplane serves no {kind} {name!r}".encode())))
+    return length_delimited(_ERROR_RESOURCE_NAME, length_delimited(_RESOURCE_NAME_NAME, name.encode())) + \
+        length_delimited(_ERROR_DETAIL, status)
 
 
 # ResourceError (envoy/service/discovery/v3/discovery.proto) and google.rpc.Status field numbers.
@@ -132,7 +132,7 @@ _NOT_FOUND = 5
 
 
 def control_plane_field(identifier: str, *, field_number: int = CONTROL_PLANE) -> bytes:
-    return _length_delimited(field_number, _length_delimited(_CONTROL_PLANE_IDENTIFIER, identifier.encode()))
+    return length_delimited(field_number, length_delimited(_CONTROL_PLANE_IDENTIFIER, identifier.encode()))
 
 
 # DeltaDiscoveryResponse and Resource field numbers (envoy/service/discovery/v3/discovery.proto).
@@ -152,16 +152,16 @@ def delta_response(
 ) -> bytes:
     """A serialised DeltaDiscoveryResponse, from the same encoded resources as state of the world:
     a `Resource` is its version, the already-encoded `Any` field and its name."""
-    parts = [_length_delimited(_DELTA_SYSTEM_VERSION_INFO, system_version_info.encode())]
+    parts = [length_delimited(_DELTA_SYSTEM_VERSION_INFO, system_version_info.encode())]
     for r in resources:
         parts += (r.delta_head, r.field, r.delta_tail)
-    parts += [_length_delimited(_DELTA_REMOVED, name.encode()) for name in removed]
-    parts += (_length_delimited(_DELTA_TYPE_URL, type_url.encode()), _length_delimited(_DELTA_NONCE, nonce.encode()),
+    parts += [length_delimited(_DELTA_REMOVED, name.encode()) for name in removed]
+    parts += (length_delimited(_DELTA_TYPE_URL, type_url.encode()), length_delimited(_DELTA_NONCE, nonce.encode()),
               control_plane)
     return b"".join(parts)
 
 
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
+def length_delimited(field_number: int, payload: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
 

@@ -18,6 +18,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 from google.protobuf.message import DecodeError
 
+from meshplane.xds import resources
+
 _BYTES = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
 _STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
 _REPEATED = descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
@@ -153,21 +155,7 @@ def _names_run(raw: bytes, message: Any) -> bytes | None:
 
 
 def _field(number: int, value: bytes, *, present: bool = False) -> bytes:
-    if not value and not present:
-        return b""
-    return bytes(_encode_varint(number << 3 | 2)) + bytes(_encode_varint(len(value))) + value
-
-
-def _encode_varint(value: int) -> bytearray:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return out
+    return resources.length_delimited(number, value) if value or present else b""
 
 
 def _varint(raw: bytes, pos: int) -> tuple[int, int]:
