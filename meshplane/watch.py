@@ -123,7 +123,8 @@ class Watch:
                             break
             else:  # nothing to watch with inotify (yet): poll until there is
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._moved.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):  # not wait_for: see _inotify
+                        await self._moved.wait()
                 yield False
 
     async def _inotify(self, dirs: list[Path]) -> AsyncGenerator[bool, None]:
@@ -139,8 +140,12 @@ class Watch:
                     notify.add_watch(directory, mask)
                 yield False  # watching from now on: look once, for what changed before
                 while True:
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+                    # that arrives as the awaited read completes, and then stop() waits for ever
+                    # (a test teardown hung so); this loop runs ten times a second.
                     try:
-                        event = await asyncio.wait_for(notify.get(), self.interval)
+                        async with asyncio.timeout(self.interval):
+                            event = await notify.get()
                     except TimeoutError:
                         yield True
                         continue

@@ -3,7 +3,9 @@ where that is unavailable; and an endpoint file edit costing what it changed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from meshplane import watch as watch_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import filesource, model
 from meshplane.policy import reload
@@ -169,3 +172,36 @@ def test_the_catalog_compares_only_what_a_source_says_changed() -> None:
     change = catalog.update(model.ClusterId("c1"), {}, [model.ServiceKey("default/svc0")], seen_at=3.0)
     assert change is not None and change.services == {model.ServiceKey("default/svc0")}
     assert sorted(catalog.services) == [model.ServiceKey("default/svc1"), model.ServiceKey("default/svc2")]
+
+
+async def test_a_watch_stops_when_cancelled_however_busy_its_directory(tmp_path: Path) -> None:
+    """Cancelled at any moment while events pour in, a watch ends and closes its inotify descriptor
+    (with asyncio.wait_for, Python 3.11 swallowed a cancellation that met a completed read: the watch
+    kept running, stop() waited for ever, and each such watch kept a descriptor open)."""
+    path = tmp_path / "c1.yaml"
+    path.write_text("x")
+    writing = True
+
+    async def writer() -> None:
+        i = 0
+        while writing:
+            path.write_text(str(i))
+            i += 1
+            await asyncio.sleep(0.0005)
+
+    async def watching() -> None:
+        async for _ in watch_mod.Watch([path], interval=0.002).events():
+            pass
+
+    busy = asyncio.create_task(writer())
+    rng = random.Random(7)
+    try:
+        for n in range(150):
+            task = asyncio.create_task(watching())
+            await asyncio.sleep(rng.random() * 0.01)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            assert done, f"watch {n} still running 1 s after it was cancelled"
+    finally:
+        writing = False
+        await busy
