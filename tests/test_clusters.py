@@ -86,7 +86,8 @@ async def test_kubeconfig_dir_adds_rotates_and_removes_clusters(
     directory = tmp_path / "clusters"
     directory.mkdir()
     fakes[0].write_kubeconfig(directory / "c1.yaml", cluster="c1")
-    plane = await start_plane(kubeconfig_dirs=(directory,), kube=FAST, kubeconfig_dir_interval=3600)  # inotify alone sees the edits
+    # A poll that never comes: inotify alone sees the edits.
+    plane = await start_plane(kubeconfig_dirs=(directory,), kube=FAST, kubeconfig_dir_interval=3600)
     await wait_for(lambda: localities(plane) == {"10.1.0.1": "r1/z1/c1"}, what="c1 from the directory")
 
     fakes[1].write_kubeconfig(directory / "east.yaml", cluster="c2")  # a new file: a new cluster
