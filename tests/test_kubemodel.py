@@ -113,7 +113,11 @@ def test_locality(nodes: list[dict[str, Any]], slice_zone: str | None, default_r
         ({"name": "httpd", "port": 80}, model.Protocol.TCP),  # a prefix is the part before the first dash
         ({"name": "http2-api", "port": 80}, model.Protocol.HTTP2),
         ({"name": "grpc", "port": 80}, model.Protocol.GRPC),
-        ({"name": "grpc-web", "port": 80}, model.Protocol.GRPC),  # the part before the first dash
+        ({"name": "grpc-orders", "port": 80}, model.Protocol.GRPC),  # the part before the first dash
+        ({"name": "grpc-web", "port": 80}, model.Protocol.HTTP),  # gRPC-Web is HTTP (as Istio)
+        ({"name": "grpc-web-ui", "port": 80}, model.Protocol.HTTP),
+        ({"name": "grpc-webhook", "port": 80}, model.Protocol.GRPC),  # not grpc-web: its prefix is grpc
+        ({"name": "x", "port": 80, "appProtocol": "grpc-web"}, model.Protocol.HTTP),
         ({"name": "tcp-db", "port": 80}, model.Protocol.TCP),
         ({"name": "tls", "port": 443}, model.Protocol.TCP),
         ({"name": "https-x", "port": 443}, model.Protocol.TCP),

@@ -140,8 +140,12 @@ def protocol(port: Obj) -> model.Protocol:
     app = port.get("appProtocol")
     if app:
         return model.app_protocol(str(app))
-    # A port name is a DNS label (no "/"), so only the un-prefixed values can match.
-    return model.app_protocol(str(port.get("name") or "").split("-", 1)[0])
+    # A port name is a DNS label (no "/"), so only the un-prefixed values can match. `grpc-web` is the
+    # one protocol with a dash in it, so it is looked for first, as Istio does.
+    name = str(port.get("name") or "").lower()
+    if name == "grpc-web" or name.startswith("grpc-web-"):
+        return model.Protocol.HTTP
+    return model.app_protocol(name.split("-", 1)[0])
 
 
 def service_record(obj: Obj, problems: Problems | None = None) -> ServiceRecord | None:

@@ -66,13 +66,14 @@ _APP_PROTOCOLS = {
     "http2": Protocol.HTTP2,
     "kubernetes.io/h2c": Protocol.HTTP2,  # HTTP/2 over cleartext, prior knowledge
     "grpc": Protocol.GRPC,
+    "grpc-web": Protocol.HTTP,  # gRPC-Web: HTTP/1.1 (or 2) from browsers, not gRPC (Istio's GRPCWeb)
 }
 
 
 def app_protocol(value: str) -> Protocol:
     """The protocol of a port whose Kubernetes `appProtocol` is `value` (case-insensitive).
 
-    http, kubernetes.io/ws -> HTTP; http2, kubernetes.io/h2c -> HTTP2; grpc -> GRPC; anything else
+    http, kubernetes.io/ws, grpc-web -> HTTP; http2, kubernetes.io/h2c -> HTTP2; grpc -> GRPC; anything else
     (tcp, tls, https, kubernetes.io/wss, mycompany.com/x) -> TCP: a protocol meshplane does not speak, so the
     port is not served. Both sources read `appProtocol` through this one function.
     """
