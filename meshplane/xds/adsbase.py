@@ -11,6 +11,7 @@ resources and content versions, on the same gRPC port.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,15 @@ class StreamServer:
         raise NotImplementedError
 
     # shared
+
+    def _take_dirty(self, stream: streams.Stream) -> dict[str, streams.Dirty]:
+        """What changed since the stream's last push, taken (the stream is clean again); the push's
+        queueing time is counted from the oldest of it."""
+        dirty, stream.dirty = stream.dirty, {}
+        if stream.dirty_since is not None:
+            self._callbacks.push_started(stream, time.monotonic() - stream.dirty_since)
+            stream.dirty_since = None
+        return dirty
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         refusal = self._too_many(context.peer())

@@ -92,10 +92,7 @@ class DeltaServer(adsbase.StreamServer):
         watch = stream.watch
         if watch is None:
             return []
-        dirty, stream.dirty = stream.dirty, {}
-        if stream.dirty_since is not None:
-            self._callbacks.push_started(stream, time.monotonic() - stream.dirty_since)
-            stream.dirty_since = None
+        dirty = self._take_dirty(stream)
         out: list[bytes] = []
         cds = stream.types.get(typeurls.CLUSTER)
         removed_clusters: list[str] = []

@@ -125,10 +125,7 @@ class SotwServer(adsbase.StreamServer):
         watch = stream.watch
         if watch is None:
             return []
-        dirty, stream.dirty = stream.dirty, {}
-        if stream.dirty_since is not None:
-            self._callbacks.push_started(stream, time.monotonic() - stream.dirty_since)
-            stream.dirty_since = None
+        dirty = self._take_dirty(stream)
         out: list[bytes] = []
         cds = stream.types.get(typeurls.CLUSTER)
         removed: dict[str, resources.Resource] = {}

@@ -29,7 +29,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 
 from meshplane.discovery import model
-from meshplane.policy import routing, rules
+from meshplane.policy import rules
 from meshplane.xds import listeners, proxy, routeconfig, translate, typeurls
 from meshplane.xds.generators import base, sidecar
 
@@ -47,17 +47,6 @@ def listener_names(service: model.Service, port: model.ServicePort, namespace: s
     if service.namespace == namespace:
         names.insert(0, service.name)
     return [f"{n}:{port.port}" for n in names]
-
-
-def _everyone(key: proxy.ViewKey) -> None:
-    return None
-
-
-def _subsets(policy: rules.Policy, service: model.Service) -> list[tuple[routing.Backend, model.ServicePort]]:
-    """The parts of `service` the mesh routes send to on a gRPC port (not the whole service)."""
-    ports = {p.port: p for p in _grpc_ports(service)}
-    return [(b, ports[b.port]) for b in sorted(policy.backends(routing.MESH, service.key), key=lambda b: b.subset)
-            if b.subset and b.port in ports]
 
 
 def grpc_outlier_detection(cluster: cluster_pb2.Cluster, od: rules.OutlierDetection | None) -> None:
@@ -95,16 +84,12 @@ def _grpc_cluster(cluster: cluster_pb2.Cluster, settings: rules.ServicePolicy) -
     return cluster
 
 
-def _service_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
-    return policy.for_service(key), policy.backends(routing.MESH, key)
-
-
 def _clusters(service: model.Service, policy: rules.Policy, scope: None) -> base.Built:
     settings = policy.for_service(service.key)
     out = {translate.cluster_name(service, port): _grpc_cluster(translate.build_cluster(service, port, settings),
                                                                 settings)
            for port in _grpc_ports(service)}
-    for backend, port in _subsets(policy, service):
+    for backend, port in sidecar.mesh_subsets(policy, service, _grpc_ports(service)):
         cluster = _grpc_cluster(translate.build_backend_cluster(service, port, settings, backend), settings)
         out[cluster.name] = cluster
     return out
@@ -144,32 +129,16 @@ def _assignments(service: model.Service, policy: rules.Policy, origin: sidecar.O
     for port in _grpc_ports(service):
         name = translate.cluster_name(service, port)
         out[name] = grpc_assignment(translate.build_load_assignment(name, port.name, placements))
-    for backend, port in _subsets(policy, service):
+    for backend, port in sidecar.mesh_subsets(policy, service, _grpc_ports(service)):
         name = translate.backend_cluster_name(backend)
         out[name] = grpc_assignment(translate.build_load_assignment(
             name, port.name, sidecar.ranked(service, policy, origin, backend)))
     return out
 
 
-def _origin(key: proxy.ViewKey) -> sidecar.Origin:
-    return sidecar.Origin(key.locality, key.labels)
-
-
-def _placement_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
-    return policy.for_service(key).locality, policy.backends(routing.MESH, key)
-
-
-def _namespace(key: proxy.ViewKey) -> str:
-    return key.namespace
-
-
 def _shape(service: model.Service | None) -> object:
     """What listeners and route configurations read of a service: its identity and gRPC ports."""
     return None if service is None else (service.name, service.namespace, tuple(_grpc_ports(service)))
-
-
-def _no_policy(policy: rules.Policy, scope: object) -> None:
-    return None
 
 
 def _listeners(services: Mapping[model.ServiceKey, model.Service], policy: rules.Policy,
@@ -183,10 +152,6 @@ def _listeners(services: Mapping[model.ServiceKey, model.Service], policy: rules
     return out
 
 
-def _route_reads(policy: rules.Policy, scope: None) -> object:
-    return policy.retries, tuple(r for r in policy.routes if any(p.kind == "Service" for p in r.parents))
-
-
 def _routes(services: Mapping[model.ServiceKey, model.Service], policy: rules.Policy, scope: None) -> base.Built:
     out = {}
     for service in services.values():
@@ -196,10 +161,12 @@ def _routes(services: Mapping[model.ServiceKey, model.Service], policy: rules.Po
     return out
 
 
-CLUSTERS = base.PerService(scope=_everyone, reads_policy=_service_reads, build=_clusters)
-ASSIGNMENTS = base.PerService(scope=_origin, reads_policy=_placement_reads, build=_assignments)
-LISTENERS = base.PerView(scope=_namespace, reads_service=_shape, reads_policy=_no_policy, build=_listeners)
-ROUTES = base.PerView(scope=_everyone, reads_service=_shape, reads_policy=_route_reads, build=_routes)
+CLUSTERS = base.PerService(scope=sidecar.everyone, reads_policy=sidecar.mesh_service_reads, build=_clusters)
+ASSIGNMENTS = base.PerService(scope=sidecar.origin, reads_policy=sidecar.mesh_placement_reads, build=_assignments)
+LISTENERS = base.PerView(scope=sidecar.namespace_of, reads_service=_shape, reads_policy=sidecar.no_policy,
+                         build=_listeners)
+ROUTES = base.PerView(scope=sidecar.everyone, reads_service=_shape, reads_policy=sidecar.mesh_route_reads,
+                      build=_routes)
 
 GENERATOR = base.Generator(
     kind=proxy.Kind.GRPC,

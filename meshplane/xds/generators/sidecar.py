@@ -13,7 +13,7 @@ cluster and an assignment for that part, ranked nearest first like the rest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from meshplane.discovery import model
@@ -32,18 +32,24 @@ class Origin:
     labels: tuple[tuple[str, str], ...]
 
 
-def _everyone(key: proxy.ViewKey) -> None:
+def http_ports(service: model.Service) -> list[model.ServicePort]:
+    """The ports a sidecar serves: every HTTP-family one (TCP ports are not served)."""
+    return [p for p in service.ports if p.protocol != model.Protocol.TCP]
+
+
+def everyone(key: proxy.ViewKey) -> None:
     return None
 
 
-def _subsets(policy: rules.Policy, service: model.Service) -> list[tuple[routing.Backend, model.ServicePort]]:
-    """The parts of `service` the mesh routes send to (not the whole service), with their ports."""
-    ports = {p.port: p for p in service.ports if p.protocol != model.Protocol.TCP}
+def mesh_subsets(policy: rules.Policy, service: model.Service,
+                 served: Sequence[model.ServicePort]) -> list[tuple[routing.Backend, model.ServicePort]]:
+    """The parts of `service` the mesh routes send to (not the whole service) on the ports `served`."""
+    ports = {p.port: p for p in served}
     return [(b, ports[b.port]) for b in sorted(policy.backends(routing.MESH, service.key), key=lambda b: b.subset)
             if b.subset and b.port in ports]
 
 
-def _service_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
+def mesh_service_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
     return policy.for_service(key), policy.backends(routing.MESH, key)
 
 
@@ -51,19 +57,19 @@ def _clusters(service: model.Service, policy: rules.Policy, scope: None) -> base
     settings = policy.for_service(service.key)
     out = {
         translate.cluster_name(service, port): translate.build_cluster(service, port, settings)
-        for port in service.ports if port.protocol != model.Protocol.TCP
+        for port in http_ports(service)
     }
-    for backend, port in _subsets(policy, service):
+    for backend, port in mesh_subsets(policy, service, http_ports(service)):
         cluster = translate.build_backend_cluster(service, port, settings, backend)
         out[cluster.name] = cluster
     return out
 
 
-def _origin(key: proxy.ViewKey) -> Origin:
+def origin(key: proxy.ViewKey) -> Origin:
     return Origin(key.locality, key.labels)
 
 
-def _placement_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
+def mesh_placement_reads(policy: rules.Policy, key: model.ServiceKey, scope: object) -> object:
     return policy.for_service(key).locality, policy.backends(routing.MESH, key)
 
 
@@ -79,16 +85,15 @@ def ranked(service: model.Service, policy: rules.Policy, origin: Origin,
                                    client_labels=dict(origin.labels), settings=settings, spread=routing.Spread.NEAREST)
 
 
-def _assignments(service: model.Service, policy: rules.Policy, origin: Origin) -> base.Built:
-    placements = ranked(service, policy, origin)
+def _assignments(service: model.Service, policy: rules.Policy, where: Origin) -> base.Built:
+    placements = ranked(service, policy, where)
     out = {}
-    for port in service.ports:
-        if port.protocol != model.Protocol.TCP:
-            name = translate.cluster_name(service, port)
-            out[name] = translate.build_load_assignment(name, port.name, placements)
-    for backend, port in _subsets(policy, service):
+    for port in http_ports(service):
+        name = translate.cluster_name(service, port)
+        out[name] = translate.build_load_assignment(name, port.name, placements)
+    for backend, port in mesh_subsets(policy, service, http_ports(service)):
         name = translate.backend_cluster_name(backend)
-        out[name] = translate.build_load_assignment(name, port.name, ranked(service, policy, origin, backend),
+        out[name] = translate.build_load_assignment(name, port.name, ranked(service, policy, where, backend),
                                                     standby=len(backend.clusters) > 1)
     return out
 
@@ -101,7 +106,7 @@ def _no_service(service: model.Service | None) -> None:
     return None
 
 
-def _no_policy(policy: rules.Policy, scope: object) -> None:
+def no_policy(policy: rules.Policy, scope: object) -> None:
     return None
 
 
@@ -115,7 +120,7 @@ def _listener(
     )}
 
 
-def _namespace(key: proxy.ViewKey) -> str:
+def namespace_of(key: proxy.ViewKey) -> str:
     return key.namespace
 
 
@@ -124,7 +129,7 @@ def _shape(service: model.Service | None) -> object:
     return None if service is None else (service.name, service.namespace, service.ports)
 
 
-def _route_reads(policy: rules.Policy, namespace: str) -> object:
+def mesh_route_reads(policy: rules.Policy, scope: object) -> object:
     return policy.retries, tuple(r for r in policy.routes if any(p.kind == "Service" for p in r.parents))
 
 
@@ -133,10 +138,10 @@ def _routes(services: Mapping[model.ServiceKey, model.Service], policy: rules.Po
             routeconfig.sidecar_route_config(namespace, services.values(), policy)}
 
 
-CLUSTERS = base.PerService(scope=_everyone, reads_policy=_service_reads, build=_clusters)
-ASSIGNMENTS = base.PerService(scope=_origin, reads_policy=_placement_reads, build=_assignments)
-LISTENERS = base.PerView(scope=_listener_scope, reads_service=_no_service, reads_policy=_no_policy, build=_listener)
-ROUTES = base.PerView(scope=_namespace, reads_service=_shape, reads_policy=_route_reads, build=_routes)
+CLUSTERS = base.PerService(scope=everyone, reads_policy=mesh_service_reads, build=_clusters)
+ASSIGNMENTS = base.PerService(scope=origin, reads_policy=mesh_placement_reads, build=_assignments)
+LISTENERS = base.PerView(scope=_listener_scope, reads_service=_no_service, reads_policy=no_policy, build=_listener)
+ROUTES = base.PerView(scope=namespace_of, reads_service=_shape, reads_policy=mesh_route_reads, build=_routes)
 
 GENERATOR = base.Generator(
     kind=proxy.Kind.SIDECAR,
