@@ -103,20 +103,21 @@ def parse_changed(
     parts = split(text)
     if parts is not None:
         try:
-            parsed = _parse_parts(*parts, path=path, last=last)
+            parsed, changed = _parse_parts(*parts, path=path, last=last)
         except (EndpointFileError, yaml.YAMLError, ValueError):
             pass  # said exactly by the whole-file parse below (or it parses whole where an entry alone did not)
         else:
-            reused = last is not None and (last.cluster, last.region) == (parsed.cluster, parsed.region)
-            known = last.entries if reused and last is not None else {}
-            changed = {key: parsed.services[key] for entry, key in parsed.entries.items() if entry not in known}
             return model.ClusterId(parsed.cluster), parsed, changed, old.keys() - parsed.services.keys()
     cluster, services = parse(text, path=path)
     changed = {k: v for k, v in services.items() if old.get(k) != v}
     return cluster, Parsed(cluster, "", services), changed, old.keys() - services.keys()
 
 
-def _parse_parts(rest: str, entries: list[str], *, path: str, last: Parsed | None) -> Parsed:
+def _parse_parts(
+    rest: str, entries: list[str], *, path: str, last: Parsed | None
+) -> tuple[Parsed, dict[model.ServiceKey, model.ServiceInCluster]]:
+    """The file parsed entry by entry, reusing `last`'s services for the entries it has word for word;
+    and the services of the entries parsed anew."""
     doc = yaml.load(rest, Loader=_LOADER)
     if not isinstance(doc, dict) or "services" not in doc or doc["services"] is not None:
         raise ValueError("not the layout split() expects")
@@ -126,6 +127,7 @@ def _parse_parts(rest: str, entries: list[str], *, path: str, last: Parsed | Non
     reuse = last is not None and (last.cluster, last.region) == (cluster, region)
     known = last.entries if reuse and last is not None else {}
     services: dict[model.ServiceKey, model.ServiceInCluster] = {}
+    fresh: dict[model.ServiceKey, model.ServiceInCluster] = {}
     keys: dict[str, model.ServiceKey] = {}
     for i, entry in enumerate(entries):
         key = known.get(entry)
@@ -137,11 +139,12 @@ def _parse_parts(rest: str, entries: list[str], *, path: str, last: Parsed | Non
                 raise ValueError("an entry that is not one list item")
             svc = _service(where.at(f"services[{i}]"), items[0], cluster=cluster, region=region)
             key = svc.key
+            fresh[key] = svc
         if key in services:
             raise EndpointFileError(f"{path}: services[{i}]: duplicate service {key}")
         services[key] = svc
         keys[entry] = key
-    return Parsed(cluster, region, services, keys)
+    return Parsed(cluster, region, services, keys), fresh
 
 
 def parse(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:

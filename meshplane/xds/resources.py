@@ -87,7 +87,18 @@ def type_version(resources: Iterable[Resource]) -> str:
     """The version_info of a set of resources: the sum of their marks (hashes of name and version),
     modulo 2**64. Equal sets have equal versions on every replica, and a sum needs no sorting: a
     view of 10,000 assignments is versioned in a fraction of a millisecond, not tens."""
-    return f"{sum(map(_MARK, resources)) & _MASK64:016x}"
+    return version_of(marks(resources))
+
+
+def marks(resources: Iterable[Resource]) -> int:
+    """The sum of the resources' marks, unbounded: kept up to date as resources come and go, it gives
+    a type's version without summing it all again (`version_of`)."""
+    return sum(map(_MARK, resources))
+
+
+def version_of(total: int) -> str:
+    """The version_info of a set of resources whose marks sum to `total`."""
+    return f"{total & _MASK64:016x}"
 
 
 _MASK64 = (1 << 64) - 1

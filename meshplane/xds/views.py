@@ -45,7 +45,7 @@ class BuildError:
 class _Piece:
     """What one builder built for one scope, shared by the views whose keys have that scope."""
 
-    __slots__ = ("builder", "by_service", "resources", "scope", "type_url", "version", "views")
+    __slots__ = ("builder", "by_service", "marks", "resources", "scope", "type_url", "version", "views")
 
     def __init__(self, type_url: str, builder: base.Builder, scope: Hashable) -> None:
         self.type_url = type_url
@@ -53,16 +53,20 @@ class _Piece:
         self.scope = scope
         self.by_service: dict[model.ServiceKey, Resources] = {}  # PerService builders only
         self.resources: cache.ResourceMap = _NOTHING  # replaced, never changed, once handed out
-        self.version = ""  # of `resources`, hashed when first asked for
+        self.version = ""  # of `resources`, made when first asked for
+        self.marks: int | None = None  # of `resources` (resources.marks), once summed; then kept up to date
         self.views = 0
 
     def current_version(self) -> str:
         if not self.version:
-            self.version = resources.type_version(self.resources.values())
+            if self.marks is None:
+                self.marks = resources.marks(self.resources.values())
+            self.version = resources.version_of(self.marks)
         return self.version
 
-    def replace(self, new: cache.ResourceMap) -> None:
-        self.resources, self.version = new, ""
+    def replace(self, new: cache.ResourceMap, marks: int | None = None) -> None:
+        """`new` replaces the resources; `marks`: its sum of marks, if known."""
+        self.resources, self.version, self.marks = new, "", marks
 
 
 class View:
@@ -278,11 +282,18 @@ class ViewCache:
                     if name in new:
                         fresh[name] = new[name]
         if names:
+            # A copy of a dict that never lost a key is a memcpy (CPython), so a name still there is replaced
+            # in place, not removed and added again: a piece of 10,000 is copied in a tenth of the time.
             merged = dict(piece.resources)
+            marks = piece.marks  # kept up to date with what changed: a piece of 10,000 is not summed again
             for name in names:
-                merged.pop(name, None)
+                gone = merged.get(name) if name in fresh else merged.pop(name, None)
+                if marks is not None and gone is not None:
+                    marks -= gone.mark
             merged.update(fresh)
-            piece.replace(merged)
+            if marks is not None:
+                marks += resources.marks(fresh.values())
+            piece.replace(merged, marks)
         return frozenset(names)
 
     def _rebuild_whole(self, piece: _Piece, *, seen_at: float | None) -> frozenset[str]:
