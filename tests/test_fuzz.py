@@ -698,13 +698,7 @@ def sotw_requests(draw: st.DrawFn, nodes: st.SearchStrategy[base_pb2.Node | None
         version_info=draw(st.text(max_size=20)), resource_names=draw(resource_names), type_url=draw(type_urls),
         response_nonce=draw(nonces),
     )
-    node = draw(nodes)
-    if node is not None:
-        req.node.CopyFrom(node)
-    error = draw(error_details)
-    if error is not None:
-        req.error_detail.CopyFrom(error)
-    return req.SerializeToString()
+    return _with_node_and_error(draw, req, nodes)
 
 
 @st.composite
@@ -715,6 +709,14 @@ def delta_requests(draw: st.DrawFn, nodes: st.SearchStrategy[base_pb2.Node | Non
     )
     req.initial_resource_versions.update(draw(st.dictionaries(st.text(max_size=20), st.text(max_size=10),
                                                               max_size=4)))
+    return _with_node_and_error(draw, req, nodes)
+
+
+def _with_node_and_error(
+    draw: st.DrawFn, req: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
+    nodes: st.SearchStrategy[base_pb2.Node | None],
+) -> bytes:
+    """The request serialised, perhaps with a node and an error_detail drawn for it."""
     node = draw(nodes)
     if node is not None:
         req.node.CopyFrom(node)
