@@ -5,12 +5,13 @@ the one they were made with (docs/security.md)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import structlog
+
+from meshplane import watch
 
 log = structlog.get_logger(__name__)
 
@@ -44,15 +45,8 @@ class ServerTls:
     def _paths(self) -> list[Path]:
         return [p for p in (self.files.cert, self.files.key, self.files.client_ca) if p is not None]
 
-    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
-        out: list[tuple[int, int, int] | None] = []
-        for path in self._paths():
-            try:
-                st = os.stat(path)  # follows symlinks: a secret volume swaps its ..data link
-                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+    def _stat(self) -> tuple[watch.Stat | None, ...]:
+        return tuple(watch.stat_of(path) for path in self._paths())  # follows symlinks: a secret's ..data swap
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         def read(path: Path, what: str) -> bytes:

@@ -184,9 +184,9 @@ class StreamServer:
             return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"{len(self._registry)} streams open; at most {limits.streams} (--max-streams)", "streams")
         address = streams.peer_address(peer)
-        if limits.streams_per_peer and self._registry.from_address(address) >= limits.streams_per_peer:
+        if limits.streams_per_peer and (open_ := self._registry.from_address(address)) >= limits.streams_per_peer:
             return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{self._registry.from_address(address)} streams open from {address}; at most "
+                           f"{open_} streams open from {address}; at most "
                            f"{limits.streams_per_peer} per address (--max-streams-per-peer)", "streams_per_peer")
         return None
 

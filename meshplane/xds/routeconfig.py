@@ -263,6 +263,13 @@ GRPC_RETRY_ON = frozenset({"cancelled", "deadline-exceeded", "internal", "resour
 """The `retry_on` conditions gRPC honours (gRFC A44): status codes. The others need a proxy."""
 
 
+def grpc_dial_names(service: model.Service) -> tuple[str, ...]:
+    """The names a gRPC client may dial a service by (with `:PORT`): its short name (from its own
+    namespace only), NAME.NAMESPACE, NAME.NAMESPACE.svc and the full hostname."""
+    return (service.name, f"{service.name}.{service.namespace}", f"{service.name}.{service.namespace}.svc",
+            service.hostname)
+
+
 def grpc_route_config_name(service: model.Service, port: model.ServicePort) -> str:
     """A gRPC service port's route configuration, named after the name its listeners all mean."""
     return f"{service.hostname}:{port.port}"
@@ -273,8 +280,6 @@ def grpc_route_config(
 ) -> route_pb2.RouteConfiguration:
     """One virtual host for the port, whose domains are every name a client may dial it by; its routes
     are the mesh routes attached to the service (port), else everything to the service."""
-    names = (service.name, f"{service.name}.{service.namespace}", f"{service.name}.{service.namespace}.svc",
-             service.hostname)
     mine = [r for r in policy.mesh_routes(service.key)
             if any(p.kind == "Service" and p.port in (None, port.port) for p in _parents_of(r, service))]
     if mine:
@@ -285,7 +290,8 @@ def grpc_route_config(
     return route_pb2.RouteConfiguration(
         name=grpc_route_config_name(service, port),
         virtual_hosts=[route_components_pb2.VirtualHost(
-            name=f"{service.hostname}:{port.port}", domains=[f"{n}:{port.port}" for n in names], routes=entries)],
+            name=f"{service.hostname}:{port.port}", domains=[f"{n}:{port.port}" for n in grpc_dial_names(service)],
+            routes=entries)],
     )
 
 

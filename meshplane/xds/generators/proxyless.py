@@ -43,9 +43,8 @@ def _grpc_ports(service: model.Service) -> list[model.ServicePort]:
 
 def listener_names(service: model.Service, port: model.ServicePort, namespace: str) -> list[str]:
     """The names a client of `namespace` may dial the port by (its short name only in its own namespace)."""
-    names = [f"{service.name}.{service.namespace}", f"{service.name}.{service.namespace}.svc", service.hostname]
-    if service.namespace == namespace:
-        names.insert(0, service.name)
+    short, *qualified = routeconfig.grpc_dial_names(service)
+    names = [short, *qualified] if service.namespace == namespace else qualified
     return [f"{n}:{port.port}" for n in names]
 
 
