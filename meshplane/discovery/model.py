@@ -18,6 +18,11 @@ ClusterId = NewType("ClusterId", str)
 ServiceKey = NewType("ServiceKey", str)
 """`namespace/name` of a service: unique across the mesh."""
 
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+"""A Kubernetes Service name or namespace (a DNS-1123 label, with NAME_RULE's length): what the policy and
+the endpoint files accept, so that a name one can hold the other can name."""
+NAME_RULE = "at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+
 
 def service_key(namespace: str, name: str) -> ServiceKey:
     return ServiceKey(f"{namespace}/{name}")

@@ -9,7 +9,6 @@ rest of meshplane reads; nothing outside `meshplane.policy` sees these models.
 
 from __future__ import annotations
 
-import difflib
 import typing
 from typing import Annotated, Any, Literal
 
@@ -22,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from meshplane import problems
 from meshplane.discovery import model
 from meshplane.policy import gatewayapi, routing, rules, shape
 from meshplane.policy.durations import Duration, duration_ms
@@ -31,7 +31,7 @@ API_VERSIONS = ("meshplane.io/v1", "meshplane.io/v2")
 
 # A Kubernetes Service name / namespace (DNS-1035 / DNS-1123 label): a typo here
 # would silently never match a service, so the shape is checked.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_PATTERN = model.NAME_PATTERN
 
 
 Count = Annotated[StrictInt, Field(ge=0)]
@@ -237,22 +237,9 @@ def to_policy(
 # Error wording: what an operator reads in `meshplane validate` and in the logs.
 
 
-def show(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    text = safe_repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def safe_repr(value: Any) -> str:
-    """repr(), except for what repr() refuses (an int of more than 4,300 digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 10_000:
-        return f"a number of {value.bit_length() * 3 // 10} digits or so"
-    return repr(value)
+# Shared with the endpoint files (meshplane/problems.py).
+show = problems.show
+safe_repr = problems.safe_repr
 
 
 def error_reason(err: ErrorDetails) -> str:
@@ -260,7 +247,7 @@ def error_reason(err: ErrorDetails) -> str:
     kind, loc, value = err["type"], err["loc"], err.get("input")
     last = loc[-1] if loc else ""
     if kind == "extra_forbidden":
-        return f"unknown field {safe_repr(last)}" + _known_fields_hint(loc)
+        return problems.unknown_field(last, _fields_at(loc[:-1]))
     if kind == "missing":
         if loc == ("apiVersion",):
             return "required: start the file with apiVersion: meshplane.io/v1 (meshplane.io/v2 for gateways and routes)"
@@ -302,8 +289,7 @@ def _pattern_reason(loc: tuple[str | int, ...], value: Any) -> str:
             field == "name" and any(p in ("set", "add") for p in loc)):
         return f"{value!r} is not an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"
     return (
-        f"{value!r} is not a Kubernetes name: at most 63 lowercase letters, digits and '-', "
-        "starting and ending with a letter or digit"
+        f"{value!r} is not a Kubernetes name: {model.NAME_RULE}"
     )
 
 
@@ -319,16 +305,6 @@ def _range_reason(loc: tuple[str | int, ...], value: Any) -> str:
     if loc[-1] == "attempts":
         return f"{safe_repr(value)} retries: must be from 0 to 10"
     return f"{safe_repr(value)} is negative; a count must be 0 or more (0 disables the detector)"
-
-
-def _known_fields_hint(loc: tuple[str | int, ...]) -> str:
-    known = _fields_at(loc[:-1])
-    if not known:
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-    if close:
-        return f"; did you mean {close[0]!r}?"
-    return f"; known fields here: {', '.join(known)}"
 
 
 def _fields_at(loc: tuple[str | int, ...]) -> list[str]:

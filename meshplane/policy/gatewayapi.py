@@ -21,7 +21,7 @@ from meshplane.policy import routing, shape
 from meshplane.policy.durations import Duration, duration_ms
 
 HOSTNAME_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+NAME_PATTERN = model.NAME_PATTERN
 # An HTTP header name (RFC 9110 token); pseudo-headers (":path") cannot be matched or set here.
 HEADER_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
 
+from meshplane import problems, yamlpos
 from meshplane.discovery import model
-from meshplane.policy import document, routecheck, rules, yamlpos
+from meshplane.policy import document, routecheck, rules
 
-Severity = Literal["error", "warning"]
+# Shared with the endpoint files (meshplane/problems.py): one way to say `file:line: field: reason`.
+Severity = problems.Severity
+Problem = problems.Problem
 
 Known = routecheck.Known
 # Istio rejects these in failoverPriority next to `failover` (both would order regions).
@@ -28,18 +31,6 @@ NO_OUTLIER_DETECTION = (
     "failover needs outlier detection: without it Envoy only fails over on endpoints "
     "the control plane reports unhealthy"
 )
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    line: int
-    field: str
-    reason: str
-    severity: Severity
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.reason}"
 
 
 @dataclass(frozen=True)
