@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="watch services, endpoint slices and pods only in these namespaces (repeatable; "
                            "default: all); nodes are always watched cluster-wide")
 
-    val = sub.add_parser("validate", help="check a policy file; prints file:line: field: reason")
-    val.add_argument("policy", type=Path)
+    val = sub.add_parser("validate", help="check a policy file and endpoint files; prints file:line: field: reason "
+                                          "for every problem")
+    val.add_argument("policy", type=Path, nargs="?", help="the policy YAML file (may be left out with --endpoints)")
     val.add_argument("--endpoints", "-e", type=Path, action="append", default=[],
-                     help="endpoint files to check the policy's services, ports and clusters against (repeatable)")
+                     help="an endpoint file to check, and to check the policy's services, ports and clusters against "
+                          "(repeatable)")
 
     server_help = f"the control plane's HTTP port (its serve --http; default {ask.DEFAULT_SERVER})"
     status = sub.add_parser("status", help="every connected proxy and, per type, SYNCED / STALE / NACKED / NOT SENT")
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.log_level or ("warning" if args.command == "demo" else "info"), args.log_format)
     if args.command == "validate":
+        if args.policy is None and not args.endpoints:
+            val.error("give a policy file, --endpoints FILE, or both")
         return _validate(args.policy, args.endpoints)
     if args.command == "serve":
         return _run(_serve(args))
@@ -152,21 +156,29 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _validate(path: Path, endpoint_files: list[Path]) -> int:
+def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
+    """Every problem of every file given, errors on stderr; exit 1 if there is an error."""
     from meshplane.discovery import catalog, filesource
     from meshplane.policy import validate
 
-    known = None
-    if endpoint_files:
-        merged = catalog.Catalog()
-        for endpoints in endpoint_files:
-            try:
-                cluster, services = filesource.parse(endpoints.read_text(), path=str(endpoints))
-            except (OSError, filesource.EndpointFileError) as exc:
-                print(f"meshplane: {exc}", file=sys.stderr)
-                return 1
-            merged.apply(cluster, services, seen_at=0.0)
-        known = app.known_from(merged.services, merged.status())
+    merged = catalog.Catalog()
+    broken = False
+    for endpoints in endpoint_files:
+        try:
+            cluster, services, _ = filesource.read(endpoints)
+        except filesource.EndpointFileError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            print(f"{endpoints}: {len(exc.problems)} error(s); endpoint file rejected", file=sys.stderr)
+            broken = True
+            continue
+        merged.apply(cluster, services, seen_at=0.0)
+        print(f"{endpoints}: ok")
+    if path is None:
+        return 1 if broken else 0
+    # Checked against the endpoint files only when all of them are good: a broken one would make the
+    # policy's references to its services look wrong.
+    known = app.known_from(merged.services, merged.status()) if endpoint_files and not broken else None
     result = validate.load_policy_file(path, known=known)
     for problem in (*result.errors, *result.warnings):
         prefix = "" if problem.severity == "error" else "warning: "
@@ -175,7 +187,7 @@ def _validate(path: Path, endpoint_files: list[Path]) -> int:
         print(f"{path}: {len(result.errors)} error(s); policy rejected", file=sys.stderr)
         return 1
     print(f"{path}: ok")
-    return 0
+    return 1 if broken else 0
 
 
 def _ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -49,7 +49,7 @@ async def test_serve_refuses_a_broken_endpoint_file(tmp_path: Path) -> None:
                       "    endpoints:\n      - {address: 10.0.0.1, zone: z1, health: sick}\n")
     result = _meshplane("serve", "--endpoints", str(broken), "--ads", "127.0.0.1:0", "--http", "127.0.0.1:0")
     assert result.returncode == 1
-    assert f"{broken}: services[0].endpoints[0]: health: 'sick'" in result.stderr, result.stderr
+    assert f"{broken}:7: services[0].endpoints[0].health: 'sick'" in result.stderr, result.stderr
 
 
 async def test_serve_becomes_ready_and_stops_on_sigint(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import yaml
 
 from meshplane import watch as watch_mod
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import filesource, model
+from meshplane.discovery import filemodel, filesource, model
 from meshplane.policy import reload
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
@@ -112,17 +112,18 @@ def test_only_the_entries_whose_text_changed_are_parsed_again(monkeypatch: pytes
     _, parsed, changed, removed = filesource.parse_changed(_many(50), path="c1.yaml", last=None)
     assert len(changed) == 50 and not removed
     calls: list[int] = []
-    real = filesource._service
-    monkeypatch.setattr(filesource, "_service", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = filemodel.service
+    monkeypatch.setattr(filemodel, "service", lambda *a, **k: calls.append(1) or real(*a, **k))
     _, again, changed, removed = filesource.parse_changed(_many(50, changed=7), path="c1.yaml", last=parsed)
     assert list(changed) == [model.ServiceKey("default/svc7")] and not removed
     assert len(calls) == 1  # one entry parsed, 49 reused
-    assert again.services == filesource.parse(_many(50, changed=7), path="c1.yaml")[1]
+    assert again.services == filesource.parse_whole(_many(50, changed=7), path="c1.yaml")[1]
     # An entry moved is not a change; one removed is reported removed.
     text = _many(50, changed=7)
-    head, entries = filesource.split(text) or ("", [])
-    _, _, changed, removed = filesource.parse_changed(head + "".join(reversed(entries[1:])), path="c1.yaml",
-                                                      last=again)
+    layout = filesource.split(text)
+    assert layout is not None
+    moved = layout.rest + "".join(reversed(layout.entries[1:]))
+    _, _, changed, removed = filesource.parse_changed(moved, path="c1.yaml", last=again)
     assert not changed and removed == {model.ServiceKey("default/svc0")}
 
 
@@ -141,7 +142,7 @@ def test_only_the_entries_whose_text_changed_are_parsed_again(monkeypatch: pytes
 ])
 def test_every_layout_parses_as_the_whole_file_does(text: str) -> None:
     cluster, parsed, changed, _ = filesource.parse_changed(text, path="c1.yaml", last=None)
-    assert (cluster, parsed.services) == filesource.parse(text, path="c1.yaml")
+    assert (cluster, parsed.services) == filesource.parse_whole(text, path="c1.yaml")
     assert sorted(changed) == [model.ServiceKey("default/a"), model.ServiceKey("default/b")]
 
 
@@ -154,7 +155,7 @@ def test_every_layout_parses_as_the_whole_file_does(text: str) -> None:
 ])
 def test_errors_are_the_whole_files(text: str) -> None:
     with pytest.raises(filesource.EndpointFileError) as whole:
-        filesource.parse(text, path="c1.yaml")
+        filesource.parse_whole(text, path="c1.yaml")
     with pytest.raises(filesource.EndpointFileError) as changed:
         filesource.parse_changed(text, path="c1.yaml", last=None)
     assert str(changed.value) == str(whole.value)

@@ -6,9 +6,11 @@ unavailable (meshplane/watch.py); a `touch` or the same bytes rewritten is
 no change. An edit costs what it changed: each entry of `services` is
 parsed on its own, and only the entries whose text changed are parsed
 again and handed to the catalog (`Catalog.update`). A broken edit is
-logged with the file and the field, and the last good content stays.
+logged with every problem (`file:line: field: reason`), and the last good
+content stays.
 
-Format::
+The fields and their rules are meshplane/discovery/filemodel.py's
+(docs/serving.md lists them, docs/endpoints.schema.json is their schema)::
 
     cluster: cluster-1            # the cluster id (sub_zone for Envoy)
     region: cn-hangzhou
@@ -17,7 +19,7 @@ Format::
         namespace: default        # optional, default "default"
         ports: [{name: http, port: 8000, protocol: HTTP}]   # or appProtocol: http, as Kubernetes'
         endpoints:
-          - address: 127.0.0.1
+          - address: 127.0.0.1    # an IPv4 or IPv6 address
             port: 18001           # or ports: {http: 18001}
             zone: cn-hangzhou-h
             labels: {version: v1}
@@ -31,25 +33,27 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 import yaml
 
-from meshplane import aio, watch
+from meshplane import aio, problems, watch, yamlpos
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import model
+from meshplane.discovery import filemodel, model
 
 log = structlog.get_logger(__name__)
 
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 class EndpointFileError(ValueError):
-    """A broken endpoint file: the message names the file and the field."""
+    """A broken endpoint file: str() is every problem, one `file:line: field: reason` a line."""
+
+    def __init__(self, message: str | None = None, *, found: Sequence[problems.Problem] = ()) -> None:
+        self.problems = tuple(found)
+        super().__init__(message if message is not None else "\n".join(map(str, self.problems)))
 
 
 class Parsed:
@@ -62,16 +66,53 @@ class Parsed:
         self.entries = entries or {}
 
 
+class _NeedsPositions(Exception):
+    """A mapping with a key twice (or merged keys): only yamlpos can say which, and where."""
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's loader (plain values, no lines), refusing what yamlpos refuses: a key given twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        value: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        if len(value) != len(node.value):
+            raise _NeedsPositions
+        return value
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain values only
+
+
 _SERVICES = re.compile(r"^services:[ \t]*(?:#.*)?$", re.MULTILINE)
 # The first line that is neither blank nor a comment; group 2: it is a list item.
 _FIRST = re.compile(r"^( *)(?:(-)(?: |$)|[^ \t\r\n#])", re.MULTILINE)
 
 
-def split(text: str) -> tuple[str, list[str]] | None:
-    """The file without its `services` entries, and each entry's text (a block-style list item, as
-    written by hand or by yaml.safe_dump); None for any other layout (then the file is parsed whole).
-    Found with C-speed searches (a file of 10,000 services is 2.8 MB): a literal-prefixed regex for
-    where the list ends, str.split for the items."""
+# An anchor (`&name`), or something like one: PyYAML refuses an anchor defined twice in one document, which
+# two entries parsed apart cannot see, so a file with anchors is parsed whole.
+_ANCHOR = re.compile(r"(?:^|[\s\[{,])&[^\s\[\]{},]")
+# Line breaks to YAML besides "\n" (a lone "\r" ends a line there too).
+_OTHER_BREAKS = re.compile("[\r\x85\u2028\u2029]")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A file cut into its `services` entries: `rest` is the file without them, `entries` each entry's text
+    (a whole list item's lines); `text[body:end]` is the list, its first item starting at `first`."""
+
+    text: str
+    rest: str
+    entries: list[str]
+    body: int
+    end: int
+    first: int
+
+
+def split(text: str) -> Layout | None:
+    """The file cut into its `services` entries (a block-style list, as written by hand or by yaml.safe_dump);
+    None for any other layout (then the file is parsed whole). Found with C-speed searches (a file of 10,000
+    services is 2.8 MB): a literal-prefixed regex for where the list ends, str.split for the items."""
     found = _SERVICES.search(text)
     if found is None:
         return None
@@ -90,7 +131,30 @@ def split(text: str) -> tuple[str, list[str]] | None:
     item = pad + "- "
     pieces = text[first.start() + len(item):end].split("\n" + item)
     entries = [f"{item}{piece}\n" for piece in pieces[:-1]] + [item + pieces[-1]]  # each a whole item's lines
-    return text[:body] + text[end:], entries
+    return Layout(text=text, rest=text[:body] + text[end:], entries=entries, body=body, end=end, first=first.start())
+
+
+def parse(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:
+    """The file's cluster and services; EndpointFileError lists every problem."""
+    cluster, parsed, _, _ = parse_changed(text, path=path, last=None)
+    return cluster, parsed.services
+
+
+def read(path: Path) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster], str]:
+    """Read and parse a file once (`meshplane validate`): its cluster, its services and its text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EndpointFileError(found=[problems.Problem(
+            str(path), 0, "(file)", f"cannot read the endpoint file: {exc.strerror or exc}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise EndpointFileError(found=[problems.Problem(
+            str(path), line, "(file)", f"not UTF-8 text: {exc.reason}")]) from None
+    cluster, services = parse(text, path=str(path))
+    return cluster, services, text
 
 
 def parse_changed(
@@ -98,188 +162,148 @@ def parse_changed(
 ) -> tuple[model.ClusterId, Parsed, dict[model.ServiceKey, model.ServiceInCluster], set[model.ServiceKey]]:
     """Parse `text`, reusing `last` for the service entries whose text is unchanged: the cluster, the file
     as parsed, the services that are new or changed, and the keys no longer in the file. Any layout
-    `split` does not know, or any error, parses the whole file (whose errors name the field)."""
+    `split` does not know, or YAML the entries alone cannot say (broken, or an anchor of one entry used in
+    another), parses the whole file."""
     old = last.services if last is not None else {}
-    parts = split(text)
-    if parts is not None:
+    layout = split(text)
+    if layout is not None:
         try:
-            parsed, changed = _parse_parts(*parts, path=path, last=last)
-        except (EndpointFileError, yaml.YAMLError, ValueError):
-            pass  # said exactly by the whole-file parse below (or it parses whole where an entry alone did not)
+            parsed, changed = _parse_parts(layout, path=path, last=last)
+        except _Whole:
+            pass
         else:
             return model.ClusterId(parsed.cluster), parsed, changed, old.keys() - parsed.services.keys()
-    cluster, services = parse(text, path=path)
+    cluster, services = parse_whole(text, path=path)
     changed = {k: v for k, v in services.items() if old.get(k) != v}
     return cluster, Parsed(cluster, "", services), changed, old.keys() - services.keys()
 
 
+class _Whole(Exception):
+    """The entries alone cannot say what the file holds: parse it whole."""
+
+
 def _parse_parts(
-    rest: str, entries: list[str], *, path: str, last: Parsed | None
+    layout: Layout, *, path: str, last: Parsed | None
 ) -> tuple[Parsed, dict[model.ServiceKey, model.ServiceInCluster]]:
     """The file parsed entry by entry, reusing `last`'s services for the entries it has word for word;
     and the services of the entries parsed anew."""
-    doc = yaml.load(rest, Loader=_LOADER)
+    if _ANCHOR.search(layout.rest):
+        raise _Whole
+    try:
+        doc = _load(layout.rest)
+    except (yaml.YAMLError, _NeedsPositions):
+        raise _Whole from None
     if not isinstance(doc, dict) or "services" not in doc or doc["services"] is not None:
-        raise ValueError("not the layout split() expects")
-    where = _Where(path)
-    cluster = where.text(doc, "cluster", required=True)
-    region = where.text(doc, "region", required=True)
-    reuse = last is not None and (last.cluster, last.region) == (cluster, region)
-    known = last.entries if reuse and last is not None else {}
+        raise _Whole  # not the layout split() expects
+    report = filemodel.Report()
+    place = filemodel.cluster_and_region(doc, report)
+    cluster, region = place or ("", "")
+    known = last.entries if last is not None and place is not None and (last.cluster, last.region) == place else {}
     services: dict[model.ServiceKey, model.ServiceInCluster] = {}
     fresh: dict[model.ServiceKey, model.ServiceInCluster] = {}
     keys: dict[str, model.ServiceKey] = {}
-    for i, entry in enumerate(entries):
+    first: dict[model.ServiceKey, int] = {}
+    for i, entry in enumerate(layout.entries):
         key = known.get(entry)
-        if key is not None and last is not None:
-            svc = last.services[key]
-        else:
-            items = yaml.load(entry, Loader=_LOADER)
-            if not isinstance(items, list) or len(items) != 1:
-                raise ValueError("an entry that is not one list item")
-            svc = _service(where.at(f"services[{i}]"), items[0], cluster=cluster, region=region)
-            key = svc.key
-            fresh[key] = svc
-        if key in services:
-            raise EndpointFileError(f"{path}: services[{i}]: duplicate service {key}")
-        services[key] = svc
-        keys[entry] = key
+        if key is not None and last is not None:  # unchanged: the hot path of an edit, kept to dict operations
+            if first.setdefault(key, i) == i:
+                services[key] = last.services[key]
+                keys[entry] = key
+            else:
+                _first(key, i, first, report)
+            continue
+        if _ANCHOR.search(entry):
+            raise _Whole
+        try:
+            items = _load(entry)
+        except (yaml.YAMLError, _NeedsPositions):
+            raise _Whole from None
+        if not isinstance(items, list) or len(items) != 1:
+            raise _Whole  # an entry that is not one list item
+        svc = filemodel.service(items[0], loc=("services", i), cluster=cluster, region=region, report=report)
+        if _first(filemodel.key_of(items[0]), i, first, report) and svc is not None:
+            services[svc.key] = fresh[svc.key] = svc
+            keys[entry] = svc.key
+    if report.found:
+        if _OTHER_BREAKS.search(layout.text):
+            raise _Whole  # lines YAML counts and str.count("\n") does not: let yamlpos count them all
+        raise _rejected(report, path=path, line=_EntryLines(layout).line)
     return Parsed(cluster, region, services, keys), fresh
 
 
-def parse(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:
+def parse_whole(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:
+    """The whole document at once, with its lines: any layout (flow style, an anchor used across entries),
+    and the reference the parse entry by entry is tested against."""
     try:
-        doc = yaml.load(text, Loader=_LOADER)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}" if mark is not None else "0"
-        raise EndpointFileError(f"{path}:{line}: not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise EndpointFileError(f"{path}: top level must be a mapping with cluster, region, services")
-    where = _Where(path)
-    cluster = where.text(doc, "cluster", required=True)
-    region = where.text(doc, "region", required=True)
+        located = yamlpos.load(text, fast=True)
+    except yamlpos.YamlError as exc:
+        raise EndpointFileError(found=[problems.Problem(path, exc.line, yamlpos.render_loc(exc.loc), exc.reason)]
+                                ) from None
+    report = filemodel.Report()
+    place = filemodel.cluster_and_region(located.value, report)
+    cluster, region = place or ("", "")
     services: dict[model.ServiceKey, model.ServiceInCluster] = {}
-    for i, raw in enumerate(where.items(doc, "services")):
-        svc = _service(where.at(f"services[{i}]"), raw, cluster=cluster, region=region)
-        if svc.key in services:
-            raise EndpointFileError(f"{path}: services[{i}]: duplicate service {svc.key}")
-        services[svc.key] = svc
+    first: dict[model.ServiceKey, int] = {}
+    entries = filemodel.services_of(located.value, report) if isinstance(located.value, dict) else []
+    for i, raw in enumerate(entries):
+        svc = filemodel.service(raw, loc=("services", i), cluster=cluster, region=region, report=report)
+        if _first(filemodel.key_of(raw), i, first, report) and svc is not None:
+            services[svc.key] = svc
+    if report.found:
+        raise _rejected(report, path=path, line=located.line_for)
     return model.ClusterId(cluster), services
 
 
-def _service(where: _Where, raw: Any, *, cluster: str, region: str) -> model.ServiceInCluster:
-    if not isinstance(raw, dict):
-        raise where.error("must be a mapping")
-    name = where.text(raw, "name", required=True)
-    namespace = where.text(raw, "namespace") or "default"
-    ports = []
-    for j, p in enumerate(where.items(raw, "ports")):
-        pw = where.at(f"ports[{j}]")
-        if not isinstance(p, dict):
-            raise pw.error("must be a mapping with name, port, protocol")
-        ports.append(model.ServicePort(name=pw.text(p, "name", required=True), port=pw.port(p, "port"),
-                                       protocol=_protocol(pw, p)))
-    if not ports:
-        raise where.error("ports: a service needs at least one port")
-    endpoints = []
-    for k, e in enumerate(where.items(raw, "endpoints")):
-        endpoints.append(_endpoint(where.at(f"endpoints[{k}]"), e, ports=ports, cluster=cluster, region=region))
-    return model.ServiceInCluster(name=name, namespace=namespace, ports=tuple(ports), endpoints=tuple(endpoints))
+def _first(key: model.ServiceKey | None, i: int, first: dict[model.ServiceKey, int], report: filemodel.Report) -> bool:
+    """Whether entry `i` is the first of its service (reported if not)."""
+    if key is None or first.setdefault(key, i) == i:
+        return True
+    report.error(("services", i, "name"), f"duplicate service {key}", first=("services", first[key], "name"))
+    return False
 
 
-def _protocol(where: _Where, raw: Mapping[str, Any]) -> model.Protocol:
-    """`protocol` (what Envoy speaks: HTTP, the default), or Kubernetes' `appProtocol`, or both if they agree."""
-    stated = None
-    if "protocol" in raw:
-        text = str(raw["protocol"]).upper()
-        try:
-            stated = model.Protocol(text)
-        except ValueError:
-            choices = ", ".join(x.value for x in model.Protocol)
-            raise where.error(f"protocol: {text!r} is not one of {choices}") from None
-    if raw.get("appProtocol") is None:
-        return stated or model.Protocol.HTTP
-    app = where.text(raw, "appProtocol")
-    implied = model.app_protocol(app)
-    if stated is not None and stated != implied:
-        raise where.at("appProtocol").error(
-            f"{app!r} is {implied.value}, but protocol says {stated.value} (protocol here is what Envoy speaks to "
-            "the port, not Kubernetes' TCP or UDP: give one of the two, or both alike)")
-    return implied
+def _rejected(report: filemodel.Report, *, path: str, line: Callable[[yamlpos.Loc], int]) -> EndpointFileError:
+    found = []
+    for f in report.found:
+        reason = f.reason if f.first is None else f"{f.reason} (first at line {line(f.first)})"
+        found.append(problems.Problem(path, line(f.loc), yamlpos.render_loc(f.loc), reason))
+    return EndpointFileError(found=sorted(found, key=lambda p: (p.line, p.field)))
 
 
-def _endpoint(
-    where: _Where, raw: Any, *, ports: list[model.ServicePort], cluster: str, region: str
-) -> model.Endpoint:
-    if not isinstance(raw, dict):
-        raise where.error("must be a mapping")
-    if "port" in raw:
-        if len(ports) != 1:
-            raise where.error("port: the service has several ports; use ports: {name: number}")
-        port_map = {ports[0].name: where.port(raw, "port")}
-    elif isinstance(raw.get("ports"), dict):
-        port_map = {str(k): where.port(raw["ports"], k) for k in raw["ports"]}
-        unknown = set(port_map) - {p.name for p in ports}
-        if unknown:
-            raise where.error(f"ports: {sorted(unknown)} are not ports of the service")
-    else:
-        port_map = {p.name: p.port for p in ports}
-    health_text = str(raw.get("health", "healthy")).lower()
+class _EntryLines:
+    """Where each problem of a file parsed entry by entry is: an entry is parsed again with its lines only
+    when it has a problem, and its lines shifted to where it starts in the file; the rest of the file has
+    its own lines up to the list, and is shifted by the list's length after it."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._entries: dict[int, tuple[int, yamlpos.Located]] = {}
+        self._rest: yamlpos.Located | None = None
+
+    def line(self, loc: yamlpos.Loc) -> int:
+        if len(loc) >= 2 and loc[0] == "services" and isinstance(loc[1], int):
+            start, located = self._entry(loc[1])
+            return start + located.line_for((0, *loc[2:])) - 1
+        layout = self.layout
+        if self._rest is None:
+            self._rest = _located(layout.rest)
+        line = self._rest.line_for(loc)
+        head = layout.text.count("\n", 0, layout.body)
+        return line if line <= head else line + layout.text.count("\n", layout.body, layout.end)
+
+    def _entry(self, i: int) -> tuple[int, yamlpos.Located]:
+        if i not in self._entries:
+            entries = self.layout.entries
+            start = self.layout.text.count("\n", 0, self.layout.first) + 1 + sum(e.count("\n") for e in entries[:i])
+            self._entries[i] = (start, _located(entries[i]))
+        return self._entries[i]
+
+
+def _located(text: str) -> yamlpos.Located:
     try:
-        health = model.Health(health_text)
-    except ValueError:
-        raise where.error(f"health: {health_text!r} is not one of healthy, draining, unhealthy") from None
-    labels = raw.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise where.error("labels: must be a mapping of strings")
-    weight = raw.get("weight", 1)
-    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 128:
-        raise where.error(f"weight: {weight!r} must be an integer from 1 to 128")
-    return model.Endpoint(
-        address=where.text(raw, "address", required=True),
-        ports=tuple(sorted(port_map.items())),
-        locality=model.Locality(region=region, zone=where.text(raw, "zone"), cluster=cluster),
-        labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
-        health=health,
-        weight=weight,
-    )
-
-
-class _Where:
-    """Builds error messages that say which file and which field."""
-
-    def __init__(self, path: str, field: str = "") -> None:
-        self.path = path
-        self.field = field
-
-    def at(self, sub: str) -> _Where:
-        return _Where(self.path, f"{self.field}.{sub}" if self.field else sub)
-
-    def error(self, reason: str) -> EndpointFileError:
-        return EndpointFileError(f"{self.path}: {self.field or '(top)'}: {reason}")
-
-    def text(self, raw: Mapping[str, Any], key: str, *, required: bool = False) -> str:
-        value = raw.get(key)
-        if value is None:
-            if required:
-                raise self.at(key).error("required")
-            return ""
-        if not isinstance(value, str | int) or isinstance(value, bool):
-            raise self.at(key).error(f"must be a string, not {value!r}")
-        return str(value)
-
-    def port(self, raw: Mapping[Any, Any], key: Any) -> int:
-        value = raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-            raise self.at(str(key)).error(f"{value!r} is not a port number (1-65535)")
-        return value
-
-    def items(self, raw: Mapping[str, Any], key: str) -> list[Any]:
-        value = raw.get(key) or []
-        if not isinstance(value, list):
-            raise self.at(key).error("must be a list")
-        return value
+        return yamlpos.load(text, fast=True)
+    except yamlpos.YamlError:
+        raise _Whole from None  # what libyaml read and yamlpos refuses (a key that is not a string)
 
 
 class FileSource:
