@@ -74,7 +74,8 @@ class ControlPlane:
         self.config = config
         self.metrics = metrics_mod.Metrics()
         self.catalog = catalog_mod.Catalog()
-        self.sources = [filesource.FileSource(p, interval=config.poll_interval, inotify=config.inotify)
+        claims = filesource.Claims()  # one file per cluster, across every endpoint file
+        self.sources = [filesource.FileSource(p, interval=config.poll_interval, inotify=config.inotify, claims=claims)
                         for p in config.endpoint_files]
         self.policy_watcher = reload.PolicyWatcher(
             config.policy_file, on_change=self._on_policy, interval=config.poll_interval, known=self._known,

@@ -162,10 +162,14 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     from meshplane.policy import validate
 
     merged = catalog.Catalog()
+    claims = filesource.Claims()
     broken = False
     for endpoints in endpoint_files:
         try:
-            cluster, services, _ = filesource.read(endpoints)
+            cluster, services, text = filesource.read(endpoints)
+            taken = claims.claim(cluster, path=endpoints, text=text)
+            if taken is not None:
+                raise taken
         except filesource.EndpointFileError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)

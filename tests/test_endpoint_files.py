@@ -1,5 +1,5 @@
 """Endpoint files as an operator meets them: the JSON Schema agreeing with `meshplane validate --endpoints`,
-and a broken edit never reaching a real Envoy."""
+one file per cluster (at start and on an edit), and a broken edit never reaching a real Envoy."""
 
 from __future__ import annotations
 
@@ -105,8 +105,50 @@ def test_the_schema_and_the_validator_agree_on_addresses(address: str) -> None:
         ipaddress.ip_address(address)
 
 
+# --- one file per cluster -----------------------------------------------------------------------------------
+
+
 def _doc(cluster: str, port: int = 9001) -> dict[str, Any]:
     return cluster_doc(cluster, "r1", {f"svc-{cluster}": [{"zone": "z1", "port": port}]})
+
+
+async def test_two_files_of_one_cluster_are_refused_at_start_naming_both(start_plane: Any, tmp_path: Path) -> None:
+    first = write_yaml(tmp_path / "a.yaml", _doc("c1"))
+    second = write_yaml(tmp_path / "b.yaml", _doc("c1", 9002))
+    with pytest.raises(filesource.EndpointFileError) as error:
+        await start_plane(endpoint_files=(first, second))
+    assert str(error.value) == (f"{second}:1: cluster: 'c1' is already the cluster of {first}: each cluster has one "
+                                "endpoint file (a second would replace the first's services)")
+
+    result = _meshplane("serve", "--endpoints", str(first), "--endpoints", str(second),
+                        "--ads", "127.0.0.1:0", "--http", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert result.stderr.endswith(f"\nmeshplane: {error.value}\n"), result.stderr  # after a's "loaded" line
+
+
+async def test_an_edit_claiming_another_files_cluster_is_rejected_and_the_last_good_kept(
+    start_plane: Any, tmp_path: Path
+) -> None:
+    a = write_yaml(tmp_path / "a.yaml", _doc("c1"))
+    b = write_yaml(tmp_path / "b.yaml", _doc("c2"))
+    plane = await start_plane(endpoint_files=(a, b))
+    catalog = plane.catalog
+    write_yaml(b, _doc("c1", 9002))  # b now says it is c1, which a feeds
+    await wait_for(lambda: catalog.status()[model.ClusterId("c2")].stale, what="the edit rejected")
+    assert catalog.status()[model.ClusterId("c2")].error == (
+        f"{b}:1: cluster: 'c1' is already the cluster of {a}: each cluster has one endpoint file (a second would "
+        "replace the first's services)")
+    assert sorted(catalog.services) == ["default/svc-c1", "default/svc-c2"]  # both kept as they were
+    assert catalog.services[model.ServiceKey("default/svc-c1")].clusters == ("c1",)
+    assert not catalog.status()[model.ClusterId("c1")].stale
+
+    write_yaml(a, _doc("c9"))  # a moves away: c1 is free
+    await wait_for(lambda: "default/svc-c9" in catalog.services, what="a's move")
+    write_yaml(b, _doc("c1", 9003))
+    await wait_for(lambda: "default/svc-c1" in catalog.services and model.ClusterId("c2") not in catalog.status(),
+                   what="b taking the free cluster")
+    assert sorted(catalog.services) == ["default/svc-c1", "default/svc-c9"]
+    assert [ep.port_for("http") for ep in catalog.services[model.ServiceKey("default/svc-c1")].endpoints] == [9003]
 
 
 # --- `meshplane validate --endpoints` --------------------------------------------------------------------------
@@ -139,7 +181,11 @@ def test_validate_endpoints_ok_with_and_without_a_policy(tmp_path: Path) -> None
     assert (result.returncode, result.stdout) == (0, f"{one}: ok\n{policy}: ok\n"), result.stderr
 
 
-def test_validate_needs_something_to_check() -> None:
+def test_validate_refuses_two_files_of_one_cluster_and_needs_something_to_check(tmp_path: Path) -> None:
+    one, two = write_yaml(tmp_path / "a.yaml", _doc("c1")), write_yaml(tmp_path / "b.yaml", _doc("c1"))
+    result = _meshplane("validate", "-e", str(one), "-e", str(two))
+    assert result.returncode == 1
+    assert f"{two}:1: cluster: 'c1' is already the cluster of {one}" in result.stderr, result.stderr
     nothing = _meshplane("validate")
     assert nothing.returncode == 2
     assert "give a policy file, --endpoints FILE, or both" in nothing.stderr

@@ -7,7 +7,8 @@ no change. An edit costs what it changed: each entry of `services` is
 parsed on its own, and only the entries whose text changed are parsed
 again and handed to the catalog (`Catalog.update`). A broken edit is
 logged with every problem (`file:line: field: reason`), and the last good
-content stays.
+content stays. Each cluster has one file (`Claims`): a file naming a
+cluster another file feeds is refused, at start-up and on an edit.
 
 The fields and their rules are meshplane/discovery/filemodel.py's
 (docs/serving.md lists them, docs/endpoints.schema.json is their schema)::
@@ -306,13 +307,39 @@ def _located(text: str) -> yamlpos.Located:
         raise _Whole from None  # what libyaml read and yamlpos refuses (a key that is not a string)
 
 
+class Claims:
+    """Which endpoint file feeds which cluster. Two files feeding one cluster would each replace the other's
+    services on every edit, so the second is refused, naming the first."""
+
+    def __init__(self) -> None:
+        self._files: dict[model.ClusterId, Path] = {}
+
+    def claim(self, cluster: model.ClusterId, *, path: Path, text: str) -> EndpointFileError | None:
+        """Record that `path` feeds `cluster`, or say why it cannot (another file does)."""
+        other = self._files.setdefault(cluster, path)
+        if other == path:
+            return None
+        found = re.search(r"^cluster[ \t]*:", text, re.MULTILINE)
+        line = text.count("\n", 0, found.start()) + 1 if found is not None else 1
+        return EndpointFileError(found=[problems.Problem(
+            str(path), line, "cluster", f"{cluster!r} is already the cluster of {other}: each cluster has one "
+            "endpoint file (a second would replace the first's services)")])
+
+    def release(self, cluster: model.ClusterId, *, path: Path) -> None:
+        if self._files.get(cluster) == path:
+            del self._files[cluster]
+
+
 class FileSource:
     """Feeds one endpoint file into the catalog, now and on every edit."""
 
-    def __init__(self, path: Path, *, interval: float = 0.1, inotify: bool = True) -> None:
+    def __init__(self, path: Path, *, interval: float = 0.1, inotify: bool = True,
+                 claims: Claims | None = None) -> None:
+        """`claims`: shared by every file source of one catalog, so that no two feed one cluster."""
         self.path = path
         self.interval = interval
         self.inotify = inotify
+        self.claims = claims if claims is not None else Claims()
         self.cluster: model.ClusterId | None = None
         self._seen: watch.Seen | None = None
         self._parsed: Parsed | None = None
@@ -366,8 +393,13 @@ class FileSource:
         except EndpointFileError as exc:
             self._fail(catalog, exc, raise_errors)
             return
+        taken = self.claims.claim(cluster, path=self.path, text=text)
+        if taken is not None:
+            self._fail(catalog, taken, raise_errors)
+            return
         self._last_error = ""
         if self.cluster is not None and cluster != self.cluster:
+            self.claims.release(self.cluster, path=self.path)
             catalog.remove_cluster(self.cluster, seen_at=seen_at)
             self._parsed = None
         if self._parsed is None:
