@@ -200,18 +200,28 @@ def _parse_parts(
     place = filemodel.cluster_and_region(doc, report)
     cluster, region = place or ("", "")
     known = last.entries if last is not None and place is not None and (last.cluster, last.region) == place else {}
+    reused = last.services if last is not None else {}
     services: dict[model.ServiceKey, model.ServiceInCluster] = {}
     fresh: dict[model.ServiceKey, model.ServiceInCluster] = {}
     keys: dict[str, model.ServiceKey] = {}
-    first: dict[model.ServiceKey, int] = {}
+    broken: dict[model.ServiceKey, int] = {}  # entries with a problem, by the service they name
+
+    def twice(key: model.ServiceKey | None, i: int) -> bool:
+        """Whether entry `i` names a service an entry before it named (reported if so)."""
+        if key is None or (key not in services and key not in broken):
+            return False
+        j = broken[key] if key in broken else next(j for j, e in enumerate(layout.entries) if keys.get(e) == key)
+        _duplicate(key, i, j, report)
+        return True
+
     for i, entry in enumerate(layout.entries):
         key = known.get(entry)
-        if key is not None and last is not None:  # unchanged: the hot path of an edit, kept to dict operations
-            if first.setdefault(key, i) == i:
-                services[key] = last.services[key]
-                keys[entry] = key
+        if key is not None:  # unchanged: the hot path of an edit, kept to a few dict operations
+            if key in services or (broken and key in broken):
+                twice(key, i)
             else:
-                _first(key, i, first, report)
+                services[key] = reused[key]
+                keys[entry] = key
             continue
         if _ANCHOR.search(entry):
             raise _Whole
@@ -222,9 +232,14 @@ def _parse_parts(
         if not isinstance(items, list) or len(items) != 1:
             raise _Whole  # an entry that is not one list item
         svc = filemodel.service(items[0], loc=("services", i), cluster=cluster, region=region, report=report)
-        if _first(filemodel.key_of(items[0]), i, first, report) and svc is not None:
+        key = filemodel.key_of(items[0])
+        if twice(key, i):
+            continue
+        if svc is not None:
             services[svc.key] = fresh[svc.key] = svc
             keys[entry] = svc.key
+        elif key is not None:
+            broken[key] = i
     if report.found:
         if _OTHER_BREAKS.search(layout.text):
             raise _Whole  # lines YAML counts and str.count("\n") does not: let yamlpos count them all
@@ -259,8 +274,12 @@ def _first(key: model.ServiceKey | None, i: int, first: dict[model.ServiceKey, i
     """Whether entry `i` is the first of its service (reported if not)."""
     if key is None or first.setdefault(key, i) == i:
         return True
-    report.error(("services", i, "name"), f"duplicate service {key}", first=("services", first[key], "name"))
+    _duplicate(key, i, first[key], report)
     return False
+
+
+def _duplicate(key: model.ServiceKey, i: int, first: int, report: filemodel.Report) -> None:
+    report.error(("services", i, "name"), f"duplicate service {key}", first=("services", first, "name"))
 
 
 def _rejected(report: filemodel.Report, *, path: str, line: Callable[[yamlpos.Loc], int]) -> EndpointFileError:
