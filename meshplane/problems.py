@@ -33,10 +33,16 @@ def unknown_field(key: object, known: Sequence[str]) -> str:
     reason = f"unknown field {safe_repr(key)}"
     if not known:
         return reason
-    close = difflib.get_close_matches(str(key), known, n=1)
-    if close:
-        return f"{reason}; did you mean {close[0]!r}?"
+    close = did_you_mean(key, known)
+    if close is not None:
+        return f"{reason}; did you mean {close!r}?"
     return f"{reason}; known fields here: {', '.join(known)}"
+
+
+def did_you_mean(word: object, known: Sequence[str]) -> str | None:
+    """The one of `known` that `word` is most likely a typo of, if any is close."""
+    close = difflib.get_close_matches(str(word), known, n=1)
+    return close[0] if close else None
 
 
 def show(value: Any) -> str:

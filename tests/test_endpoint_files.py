@@ -68,7 +68,7 @@ def test_every_example_is_valid_to_the_schema_and_the_validator() -> None:
 
 
 # What the schema cannot say alone: values related to each other, and YAML itself (a key twice, broken text).
-RELATED = {"port-of-several", "ports-name", "port-name-twice", "port-number-twice", "endpoint-twice",
+RELATED = {"port-of-several", "ports-name", "ports-name-far", "port-name-twice", "port-number-twice", "endpoint-twice",
            "ipv6-twice-written-apart", "service-twice", "key-twice", "yaml-one-line", "control-character"}
 
 

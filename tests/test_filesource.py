@@ -100,6 +100,9 @@ CASES = [
     pytest.param(TWO_PORTS + "  - {address: 10.0.0.1, zone: z1, ports: {htp: 8080}}\n",
                  "c1.yaml:7: services[0].endpoints[0].ports.htp: 'htp' is not a port of the service; did you mean "
                  "'http'?", id="ports-name"),
+    pytest.param(TWO_PORTS + "  - {address: 10.0.0.1, zone: z1, ports: {admin: 8080}}\n",
+                 "c1.yaml:7: services[0].endpoints[0].ports.admin: 'admin' is not a port of the service (its ports: "
+                 "http, grpc)", id="ports-name-far"),
     pytest.param(TWO_PORTS + "  - {address: 10.0.0.1, zone: z1, ports: {}}\n",
                  "c1.yaml:7: services[0].endpoints[0].ports: must map at least one of the service's port names to the "
                  "port this endpoint listens on, got a mapping", id="ports-empty"),

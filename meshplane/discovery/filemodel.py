@@ -277,7 +277,8 @@ def _endpoint_ports(raw: Mapping[str, Any], loc: Loc, ports: Sequence[model.Serv
     for key in value:
         number = _port(value, key, where, report, required=True)
         if names is not None and key not in names:
-            hint = problems.unknown_field(key, names).removeprefix(f"unknown field {problems.safe_repr(key)}")
+            close = problems.did_you_mean(key, names)
+            hint = f"; did you mean {close!r}?" if close is not None else f" (its ports: {', '.join(names)})"
             report.error((*where, key), f"{key!r} is not a port of the service{hint}")
         elif number is not None:
             out[key] = number
