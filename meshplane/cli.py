@@ -170,6 +170,11 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
             taken = claims.claim(cluster, path=endpoints, text=text)
             if taken is not None:
                 raise taken
+        except OSError as exc:
+            print(f"meshplane validate: --endpoints {endpoints}: cannot read it: {exc.strerror or exc}",
+                  file=sys.stderr)
+            broken = True
+            continue
         except filesource.EndpointFileError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)

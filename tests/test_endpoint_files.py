@@ -171,6 +171,13 @@ def test_validate_endpoints_alone_prints_every_problem_and_exits_1(tmp_path: Pat
     assert result.stdout == f"{good}: ok\n"
 
 
+def test_validate_names_a_file_it_cannot_read_and_checks_the_others(tmp_path: Path) -> None:
+    missing, good = tmp_path / "nosuch.yaml", write_yaml(tmp_path / "c2.yaml", _doc("c2"))
+    result = _meshplane("validate", "-e", str(missing), "-e", str(good))
+    assert (result.returncode, result.stdout) == (1, f"{good}: ok\n")
+    assert result.stderr == f"meshplane validate: --endpoints {missing}: cannot read it: No such file or directory\n"
+
+
 def test_validate_endpoints_ok_with_and_without_a_policy(tmp_path: Path) -> None:
     one, two = write_yaml(tmp_path / "c1.yaml", _doc("c1")), write_yaml(tmp_path / "c2.yaml", _doc("c2"))
     result = _meshplane("validate", "-e", str(one), "-e", str(two))

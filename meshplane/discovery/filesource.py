@@ -142,12 +142,9 @@ def parse(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceK
 
 
 def read(path: Path) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster], str]:
-    """Read and parse a file once (`meshplane validate`): its cluster, its services and its text."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EndpointFileError(found=[problems.Problem(
-            str(path), 0, "(file)", f"cannot read the endpoint file: {exc.strerror or exc}")]) from None
+    """Read and parse a file once (`meshplane validate`): its cluster, its services and its text. OSError if
+    it cannot be read."""
+    data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
