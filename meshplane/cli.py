@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     val = sub.add_parser("validate", help="check a policy file and endpoint files; prints file:line: field: reason "
                                           "for every problem")
-    val.add_argument("policy", type=Path, nargs="?", help="the policy YAML file (may be left out with --endpoints)")
-    val.add_argument("--endpoints", "-e", type=Path, action="append", default=[],
+    val.add_argument("policy", type=Path, nargs="?", metavar="POLICY_FILE",
+                     help="the policy YAML file (may be left out with --endpoints)")
+    val.add_argument("--endpoints", "-e", type=Path, action="append", default=[], metavar="FILE",
                      help="an endpoint file to check, and to check the policy's services, ports and clusters against "
                           "(repeatable)")
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.log_level or ("warning" if args.command == "demo" else "info"), args.log_format)
     if args.command == "validate":
         if args.policy is None and not args.endpoints:
-            val.error("give a policy file, --endpoints FILE, or both")
+            val.error("give a POLICY_FILE, --endpoints FILE, or both")
         return _validate(args.policy, args.endpoints)
     if args.command == "serve":
         return _run(_serve(args))

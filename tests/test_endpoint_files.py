@@ -195,7 +195,7 @@ def test_validate_refuses_two_files_of_one_cluster_and_needs_something_to_check(
     assert f"{two}:1: cluster: 'c1' is already the cluster of {one}" in result.stderr, result.stderr
     nothing = _meshplane("validate")
     assert nothing.returncode == 2
-    assert "give a policy file, --endpoints FILE, or both" in nothing.stderr
+    assert "give a POLICY_FILE, --endpoints FILE, or both" in nothing.stderr
 
 
 def test_the_validate_example_in_the_docs_is_what_validate_prints(tmp_path: Path) -> None:
