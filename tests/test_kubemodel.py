@@ -254,3 +254,13 @@ def test_records_ignore_what_we_do_not_keep() -> None:
     assert kubemodel.node_record(a) == kubemodel.node_record(b)
     assert kubemodel.object_key(a) == "n1"
     assert kubemodel.object_key(eps()) == "shop/web-abc"
+
+
+@pytest.mark.parametrize(("version", "other", "expected"), [
+    ("12", "12", True), ("13", "12", True), ("9", "10", False),  # numbers, not strings: "9" > "10" as text
+    ("123456789012345678901234567890", "2", True),  # no limit on length
+    ("", "12", None), ("12", "", None), ("012", "12", None), ("0", "1", None), ("a1", "1", None),
+    ("١٢", "1", None),  # decimal digits, but not ASCII ones
+])
+def test_resource_versions_compare_as_kubernetes_defines_it(version: str, other: str, expected: bool | None) -> None:
+    assert kubemodel.version_at_least(version, other) is expected

@@ -135,6 +135,20 @@ def resource_version(obj: Obj) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
+def version_at_least(version: str, other: str) -> bool | None:
+    """Whether resourceVersion `version` is at or past `other`; None if either is not one that compares.
+
+    As client-go's CompareResourceVersion (KEP-5504): a positive decimal integer without leading zeros.
+    """
+    if not (_comparable(version) and _comparable(other)):
+        return None
+    return int(version) >= int(other)
+
+
+def _comparable(version: str) -> bool:
+    return version.isdecimal() and version.isascii() and not version.startswith("0")
+
+
 def protocol(port: Obj) -> model.Protocol:
     """A ServicePort's protocol: its appProtocol, else its name's prefix (module docstring)."""
     app = port.get("appProtocol")
