@@ -424,13 +424,17 @@ async def test_service_deleted_before_its_slices(fake: FakeKubeAPI, start_source
     assert orphan_warnings(logs) == []  # gone within the grace: nothing to tell the operator
 
 
+@pytest.mark.parametrize("lag", ["within the grace", "past the grace"])
 async def test_a_slice_whose_service_comes_on_a_later_watch_event_gives_no_warning(
-    fake: FakeKubeAPI, start_source: StartSource
+    fake: FakeKubeAPI, start_source: StartSource, lag: str
 ) -> None:
-    """A Service and its slice written a millisecond apart, the slice's watch delivering first."""
+    """A Service and its slice written a millisecond apart, the slice's watch delivering first.
+
+    Past the grace, time alone does not decide: the services watch has not reached the slice's resourceVersion.
+    """
     populate(fake)
     catalog = catalog_mod.Catalog([C1])
-    source = await synced(start_source, catalog)
+    source = await synced(start_source, catalog, **({"orphan_grace": 0.1} if lag == "past the grace" else {}))
     slices = source._by_resource["endpointslices"][""]
     with structlog.testing.capture_logs() as logs:
         fake.hold_watches(("services",))
@@ -438,26 +442,10 @@ async def test_a_slice_whose_service_comes_on_a_later_watch_event_gives_no_warni
         fake.put("endpointslices", cart_slice("10.0.2.1"))
         await wait_for(lambda: "shop/cart-a" in slices.store and source._flush_handle is None and not source._dirty,
                        what="the slice handled before its service")
+        if lag == "past the grace":
+            await wait_for(lambda: orphan_warnings(logs) or source._orphans.waiting(CART),
+                           what="the slice past its grace, waiting for the services watch")
         assert CART not in catalog.services
-        fake.hold_watches(())
-        await wait_for(lambda: addresses(catalog, CART) == {"10.0.2.1": model.Health.HEALTHY},
-                       what="cart served once its service came")
-    assert orphan_warnings(logs) == []
-
-
-async def test_a_services_watch_lagging_past_the_grace_gives_no_warning(
-    fake: FakeKubeAPI, start_source: StartSource
-) -> None:
-    """Time alone does not decide: the services watch has not yet reached the slice's resourceVersion."""
-    populate(fake)
-    catalog = catalog_mod.Catalog([C1])
-    source = await synced(start_source, catalog, orphan_grace=0.1)
-    with structlog.testing.capture_logs() as logs:
-        fake.hold_watches(("services",))
-        fake.put("services", service("cart", "shop", ports=HTTP))
-        fake.put("endpointslices", cart_slice("10.0.2.1"))
-        await wait_for(lambda: orphan_warnings(logs) or source._orphans.waiting(CART),
-                       what="the slice past its grace, waiting for the services watch")
         fake.hold_watches(())
         await wait_for(lambda: addresses(catalog, CART) == {"10.0.2.1": model.Health.HEALTHY},
                        what="cart served once its service came")
