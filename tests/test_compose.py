@@ -12,8 +12,6 @@ import copy
 import json
 import re
 import shlex
-import shutil
-import subprocess
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -22,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import docker_engine
 from tests.test_deploy import DOCKERFILE, parse_dockerfile, stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,14 +177,8 @@ def test_compose_files_point_at_what_exists() -> None:
 
 # ---- the stack, up (needs a Docker engine) ----------------------------------------------------------------------
 
-def _docker_engine() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _docker_engine(), reason="no Docker engine on this machine (docker is only a client here)")
+@pytest.mark.skipif(not docker_engine(), reason="no Docker engine on this machine (docker is only a client here)")
 def test_compose_stack_serves_envoy() -> None:
     from testcontainers.compose import DockerCompose
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import shutil
 import socket
 import subprocess
 import urllib.parse
@@ -26,7 +25,7 @@ from meshplane import app
 from meshplane.demo import envoy
 from meshplane.demo.ports import free_port
 from meshplane.xds import translate
-from tests.conftest import cluster_doc, wait_for, write_yaml
+from tests.conftest import cluster_doc, required_tool, wait_for, write_yaml
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, service
 from tests.test_clusters import FAST
 from tests.test_dashboard import DASHBOARD, load_generator
@@ -40,11 +39,7 @@ WINDOW = "20s"  # what $__rate_interval stands for here: scrapes every second
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        pytest.fail("prometheus is not installed: scripts/test.sh installs Debian's package "
-                    "(apt-get install prometheus)")
-    return found
+    return required_tool("prometheus", why="scripts/test.sh installs Debian's package (apt-get install prometheus)")
 
 
 class Prometheus:
@@ -232,9 +227,7 @@ async def _positive(prom: Prometheus, expr: str) -> bool:
 
 
 def test_promtool_checks_the_shipped_prometheus_files() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed: scripts/test.sh installs Debian's prometheus package")
+    promtool = required_tool("promtool", why="scripts/test.sh installs Debian's prometheus package")
     for args in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERT_TESTS)],
                  ["check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml")]):
         result = subprocess.run([promtool, *args], capture_output=True, text=True, check=False)

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -31,6 +30,7 @@ import pytest
 import yaml
 
 from meshplane.policy import validate
+from tests.conftest import docker_engine, required_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -66,11 +66,8 @@ Doc = dict[str, Any]
 # ---- the manifests ----------------------------------------------------------------------------------------------
 
 def kubectl() -> str:
-    found = shutil.which("kubectl")
-    if found is None:
-        pytest.fail("kubectl is not installed: its built-in kustomize (`kubectl kustomize`) renders the overlays, "
-                    "as `kubectl apply -k` does")
-    return found
+    return required_tool("kubectl", why="its built-in kustomize (`kubectl kustomize`) renders the overlays, "
+                                        "as `kubectl apply -k` does")
 
 
 @functools.cache
@@ -927,14 +924,8 @@ def test_the_docs_name_the_build_command_and_every_manifest() -> None:
 
 # ---- the image, built and run (needs a Docker engine) -----------------------------------------------------------
 
-def _docker_engine() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _docker_engine(), reason="no Docker engine on this machine (docker is only a client here)")
+@pytest.mark.skipif(not docker_engine(), reason="no Docker engine on this machine (docker is only a client here)")
 def test_the_image_builds_and_runs_read_only_as_non_root() -> None:
     tag = f"meshplane-test:{uuid.uuid4().hex[:12]}"
     subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=1800)
