@@ -229,6 +229,18 @@ def test_bad_data_logged_once(obj: dict[str, Any], problem: str) -> None:
     assert name in logs[0]["object"]
 
 
+def test_forgetting_one_problem_of_an_object_keeps_its_others() -> None:
+    problems = kubemodel.Problems()
+    with structlog.testing.capture_logs() as logs:
+        problems.report("a", "Service shop/web")
+        problems.report("b", "Service shop/web")
+        problems.forget("Service shop/web", "a")
+        for problem in ("a", "b"):
+            problems.report(problem, "Service shop/web")
+    assert [entry["event"] for entry in logs] == ["a", "b", "a"]
+    assert ("b", "Service shop/web") in problems
+
+
 def test_bad_slices_are_skipped_not_fatal() -> None:
     problems = kubemodel.Problems()
     assert kubemodel.slice_record(eps(address_type="FQDN"), problems) is None

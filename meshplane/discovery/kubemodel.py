@@ -64,9 +64,15 @@ class Problems:
             seen.add(problem)
         log.warning(problem, object=obj, cluster=self.cluster, **fields)
 
-    def forget(self, obj: str) -> None:
+    def forget(self, obj: str, problem: str | None = None) -> None:
+        """Forget every problem of `obj`, or only `problem`: the next report of it is logged again."""
         with self._lock:
-            self._seen.pop(obj, None)
+            if problem is None:
+                self._seen.pop(obj, None)
+            elif (seen := self._seen.get(obj)) is not None:
+                seen.discard(problem)
+                if not seen:
+                    del self._seen[obj]
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         problem, obj = item

@@ -315,7 +315,7 @@ class KubeSource:
 
     def _not_orphaned(self, key: model.ServiceKey, *, found: bool) -> None:
         if self._orphans.resolve(key):  # it was reported: say that it is over, and report it again if it recurs
-            self._problems.forget(f"Service {key}")
+            self._problems.forget(f"Service {key}", ORPHANED)
             if found:
                 log.info("endpoint slices have their service now", object=f"Service {key}", cluster=self.cluster)
 
