@@ -87,9 +87,15 @@ def _parents_of(route: routing.Route, service: model.Service) -> list[routing.Pa
 def gateway_route_config(
     gateway: routing.Gateway, port: int, policy: rules.Policy
 ) -> route_pb2.RouteConfiguration:
-    """The routes of one gateway port: a virtual host per hostname its listeners and routes serve."""
+    """The routes of one gateway port: a virtual host per hostname its listeners and routes serve.
+
+    A port in the Host header is ignored when picking the virtual host, as Gateway API says (`curl
+    http://example.com:8080/` sends `Host: example.com:8080`), and kept in what the backend receives
+    (Envoy Gateway's choice too; `strip_any_host_port` would rewrite the header). Sidecars keep ports:
+    there the port picks the service port's virtual host."""
     config = route_pb2.RouteConfiguration(
-        name=gateway_route_config_name(gateway.name, port), validate_clusters=wrappers_pb2.BoolValue(value=False)
+        name=gateway_route_config_name(gateway.name, port), validate_clusters=wrappers_pb2.BoolValue(value=False),
+        ignore_port_in_host_matching=True,
     )
     by_host: dict[str, list[routing.Route]] = {}
     for listener in (ln for ln in gateway.listeners if ln.port == port):
