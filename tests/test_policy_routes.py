@@ -114,7 +114,8 @@ def test_rejected(text: str, expected: str) -> None:
 def test_references_unknown_to_discovery_are_warnings() -> None:
     known = routecheck.Known(services={model.ServiceKey("default/s"): frozenset({80})}, clusters=frozenset({"c1"}))
     result = load(route("- backendRefs: [{name: s, port: 81}, {name: t, port: 80}, {name: s, port: 80, "
-                        "clusters: [c1, c2]}]\n"), known=known)
+                        "clusters: [c1, c2]}]\n") + "defaults: {outlierDetection: {consecutive5xxErrors: 1}}\n",
+                  known=known)
     assert result.policy is not None and result.errors == ()
     assert problems(result) == [
         "10: routes[0].rules[0].backendRefs[0].port: service default/s has no port 81 (ports: 80)",
@@ -163,3 +164,42 @@ def test_a_route_resolves_to_what_the_generators_read() -> None:
     assert policy.gateway_routes("edge") == (r,) and policy.mesh_routes(model.ServiceKey("shop/cart")) == (r,)
     assert policy.backends("edge", model.ServiceKey("shop/cart")) == {standby.selects()}
     assert policy.backends(routing.MESH, model.ServiceKey("other/cart")) == {subset.selects()}
+
+
+# --- active-standby needs outlier detection (issue 18, item 11) ---------------------------------
+
+STANDBY = "- backendRefs: [{name: s, port: 80, clusters: [cluster-1, cluster-2]}]\n"
+
+
+def test_active_standby_without_outlier_detection_warns_but_applies() -> None:
+    result = load(route(STANDBY))
+    assert result.errors == () and result.policy is not None
+    assert [str(w) for w in result.warnings] == [
+        "/nonexistent/policy.yaml:10: routes[0].rules[0].backendRefs[0].clusters: active-standby needs outlier "
+        "detection (service default/s has none): an endpoint of cluster-1 that refuses connections is never "
+        "ejected, so every request that meets it fails there first and is retried in cluster-2, and cluster-1 "
+        "never empties; set outlierDetection in defaults or on the service"]
+
+
+def test_active_standby_whose_outlier_detection_ejects_nothing_warns() -> None:
+    services = "services:\n  - name: s\n    outlierDetection: {consecutive5xxErrors: 0}\n"
+    result = load(route(STANDBY) + services)
+    assert [(w.line, w.field) for w in result.warnings] == [(10, "routes[0].rules[0].backendRefs[0].clusters")]
+    assert "the outlierDetection in effect for default/s ejects nothing" in result.warnings[0].reason
+
+
+@pytest.mark.parametrize("extra", [
+    # The defaults' outlier detection, or the service's own; maxEjectionPercent does not matter here:
+    # an active-standby cluster may always eject all of its endpoints.
+    pytest.param("defaults:\n  outlierDetection: {consecutive5xxErrors: 1}\n", id="defaults"),
+    pytest.param("services:\n  - name: s\n    outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 0}\n",
+                 id="service"),
+])
+def test_active_standby_with_outlier_detection_gives_no_warning(extra: str) -> None:
+    result = load(route(STANDBY) + extra)
+    assert result.errors == () and result.warnings == (), problems(result)
+
+
+def test_one_cluster_pinned_is_not_active_standby_and_gives_no_warning() -> None:
+    result = load(route("- backendRefs: [{name: s, port: 80, clusters: [cluster-2]}]\n"))
+    assert result.errors == () and result.warnings == (), problems(result)
