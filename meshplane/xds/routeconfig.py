@@ -15,7 +15,9 @@ otherwise (Istio's default: 2 retries on connection failure, refused
 stream, gRPC unavailable or cancelled, and 503), each retry on another host
 (`previous_hosts`) and in another priority when the first was tried
 (`previous_priorities`): so the request that meets a broken replica, or a
-broken zone or region, is retried on the next one instead of failing.
+broken zone or region, is retried on the next one instead of failing. A
+rule with an active-standby backend first retries in the same cluster
+(another host), and only then in the next cluster (decision 0018).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _PATH_RANK = {routing.PathKind.EXACT: 0, routing.PathKind.REGEX: 1, routing.PathKind.PREFIX: 2}
 _HOST_SELECTION_ATTEMPTS = 5  # Istio's: look this often for a host not tried yet
+STANDBY_TRIES_PER_PRIORITY = 2
+"""previous_priorities' update_frequency for active-standby rules (Istio's for retryRemoteLocalities)."""
 
 
 def route_config_name(namespace: str) -> str:
@@ -202,7 +206,8 @@ def _action(rule: routing.Rule, default_retries: routing.Retries) -> route_compo
         action.timeout.CopyFrom(_duration(rule.timeout_ms))
     retries = rule.retries if rule.retries is not None else default_retries
     if retries.attempts > 0:
-        action.retry_policy.CopyFrom(retry_policy(retries))
+        standby = any(len(b.clusters) > 1 for b in rule.backends)
+        action.retry_policy.CopyFrom(retry_policy(retries, standby=standby))
     rewrite = rule.rewrite
     if rewrite is not None:
         if rewrite.hostname is not None:
@@ -234,7 +239,13 @@ def _re_escape(text: str) -> str:
     return "".join("\\" + c if not (c.isalnum() or c in "/-_~") else c for c in text)
 
 
-def retry_policy(retries: routing.Retries) -> route_components_pb2.RetryPolicy:
+def retry_policy(retries: routing.Retries, *, standby: bool = False) -> route_components_pb2.RetryPolicy:
+    """Retries on another host (`previous_hosts`) and in another priority than the ones tried
+    (`previous_priorities`). `standby`: the rule sends to an active-standby backend, whose next
+    cluster may serve only once the first has no healthy endpoint: every other try uses the priority
+    load as it is (the first retry goes to another host of the same cluster, if it has one), and only
+    then leaves the priorities tried (decision 0018). Nearest-first backends leave the priority at
+    once, so that a broken zone or region costs no request (decision 0010)."""
     policy = route_components_pb2.RetryPolicy(
         retry_on=",".join(retries.retry_on),
         num_retries=wrappers_pb2.UInt32Value(value=retries.attempts),
@@ -248,7 +259,8 @@ def retry_policy(retries: routing.Retries) -> route_components_pb2.RetryPolicy:
     policy.retry_host_predicate.append(route_components_pb2.RetryPolicy.RetryHostPredicate(
         name="envoy.retry_host_predicates.previous_hosts", typed_config=hosts))
     priorities = any_pb2.Any()
-    priorities.Pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
+    priorities.Pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(
+        update_frequency=STANDBY_TRIES_PER_PRIORITY if standby else 1))
     policy.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
         name="envoy.retry_priorities.previous_priorities", typed_config=priorities))
     return policy
