@@ -351,3 +351,10 @@ def test_a_redirect_with_backends_warns_that_they_are_not_used_and_a_mirror_to_a
                     known=known)
     assert problems(mirrored) == [
         "11: routes[0].rules[0].filters[0].requestMirror.backendRef.name: no source knows service default/nope yet"]
+
+
+def test_an_empty_replace_prefix_match_is_gateway_apis_slash() -> None:
+    result = load(_filter("{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: ''}}}"))
+    assert result.policy is not None, problems(result)
+    [rule] = result.policy.routes[0].rules
+    assert rule.rewrite == routing.Rewrite(prefix="/")

@@ -291,7 +291,7 @@ def _replaced(path: PathModifierDoc | None) -> tuple[str | None, str | None]:
         return None, None
     if path.type == "ReplaceFullPath":
         return path.replace_full_path, None
-    return None, path.replace_prefix_match
+    return None, path.replace_prefix_match or "/"  # Gateway API: an empty prefix is "/"
 
 
 def _mirror(doc: RequestMirrorDoc, namespace: str) -> routing.Mirror:

@@ -294,8 +294,8 @@ def _check_path_modifier(path: gatewayapi.PathModifierDoc, where: Loc, prefix_on
     if path.type == "ReplacePrefixMatch":
         if path.replace_prefix_match is None:
             error(where, "type ReplacePrefixMatch needs replacePrefixMatch")
-        elif not path.replace_prefix_match.startswith("/"):
-            error((*where, "replacePrefixMatch"), "a path starts with '/'")
+        elif path.replace_prefix_match and not path.replace_prefix_match.startswith("/"):
+            error((*where, "replacePrefixMatch"), "a path starts with '/' (or is empty: the same as '/')")
         if not prefix_only:
             error(where, "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match")
     elif path.replace_full_path is None:
