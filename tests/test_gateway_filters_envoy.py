@@ -146,3 +146,34 @@ def _route(dump: dict[str, Any], prefix: str) -> dict[str, Any]:
     [config] = [r["route_config"] for r in section["dynamic_route_configs"]]
     routes: list[dict[str, Any]] = config["virtual_hosts"][0]["routes"]
     return next(r for r in routes if r["match"].get("path_separated_prefix") == prefix)
+
+
+SIDECAR_POLICY = """\
+apiVersion: meshplane.io/v2
+routes:
+  - name: web
+    parentRefs: [{kind: Service, name: web, port: 8000}]
+    rules:
+      - matches: [{path: {value: /moved}}]
+        filters: [{type: RequestRedirect, requestRedirect: {hostname: other.example.com}}]
+      - filters:
+          - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-set, value: set}]}}
+        backendRefs: [{name: web, port: 8000}]
+"""
+
+
+async def test_a_sidecar_applies_the_filters_of_a_mesh_route(tmp_path: Path) -> None:
+    """A sidecar's listener is the service port: a redirect that names only a hostname keeps it."""
+    world = Edge(tmp_path, {"web": [HERE]}, gateway_at=HERE, echo=True, sidecar=True)
+    try:
+        await world.start(SIDECAR_POLICY)
+
+        async def served() -> bool:
+            return (await world.exchange(world.port, "web", "/"))[1].get("x-set") == "set"
+
+        await wait_for(served, what="the sidecar serving the mesh route")
+        status, headers, _ = await world.exchange(world.port, "web:8000", "/moved/x")
+        assert (status, headers["location"]) == (302, "http://other.example.com:8000/moved/x")
+        assert world.nacks() == 0
+    finally:
+        await world.stop()

@@ -271,7 +271,7 @@ def error_reason(err: ErrorDetails) -> str:
         return f"required field {safe_repr(last)} is missing"
     if kind == "literal_error" and loc == ("apiVersion",):
         return f"unsupported apiVersion {safe_repr(value)}; this meshplane reads {' and '.join(API_VERSIONS)}"
-    if kind == "literal_error" and loc[-3:-1] == ("filters", loc[-2]) and last == "type":
+    if kind == "literal_error" and len(loc) >= 3 and loc[-3] == "filters" and last == "type":
         return _filter_type_reason(value)
     if kind == "literal_error" and last in ("group", "kind") and any(p in ("backendRefs", "backendRef") for p in loc):
         return f"{safe_repr(value)}: meshplane sends requests to Kubernetes Services only (group \"\", kind Service)"
