@@ -349,7 +349,7 @@ def _known_fields_hint(loc: tuple[str | int, ...]) -> str:
 
 def _filter_type_reason(value: Any) -> str:
     supported = ", ".join(gatewayapi.FILTER_TYPES)
-    if value in gatewayapi.UNSUPPORTED_FILTER_TYPES:
+    if value in gatewayapi.UNSUPPORTED_FILTERS:
         return (f"{value} is a Gateway API HTTPRoute filter meshplane does not support "
                 f"(supported: {supported})")
     close = difflib.get_close_matches(str(value), gatewayapi.FILTER_TYPES, n=1)

@@ -7,7 +7,7 @@ meshplane's additions to a backendRef (`clusters`, `labels`, `spread`) say
 which of a service's endpoints it means. Retries take Istio's shape
 (`retries`: `attempts`, `perTryTimeout`, `retryOn`) or Gateway API's (`retry`, GEP-1731: `codes`,
 `attempts`, `backoff`). Gateway API fields meshplane does not support are refused by name
-(`unsupported` of a model, `UNSUPPORTED_FILTER_TYPES`). Rules across fields live in
+(`unsupported` of a model, `UNSUPPORTED_FILTERS`). Rules across fields live in
 `meshplane.policy.routecheck`; `to_*` turn a checked document into
 `meshplane.policy.routes` values.
 """
@@ -121,18 +121,17 @@ class RequestRedirectDoc(shape.Doc):
     status_code: Literal[301, 302, 303, 307, 308] = Field(302, alias="statusCode")
 
 
-FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "RequestRedirect", "URLRewrite")
 FILTER_FIELDS = {"RequestHeaderModifier": "requestHeaderModifier", "ResponseHeaderModifier": "responseHeaderModifier",
                  "RequestMirror": "requestMirror", "RequestRedirect": "requestRedirect", "URLRewrite": "urlRewrite"}
-"""Each filter type and the field that configures it."""
-UNSUPPORTED_FILTER_TYPES = ("CORS", "ExternalAuth", "ExtensionRef")
-"""Gateway API's other HTTPRoute filter types, refused by name (docs/policy.md)."""
+"""Each filter type meshplane takes (FilterDoc.type), and the field that configures it."""
+FILTER_TYPES = tuple(FILTER_FIELDS)
+UNSUPPORTED_FILTERS = {"CORS": "cors", "ExternalAuth": "externalAuth", "ExtensionRef": "extensionRef"}
+"""Gateway API's other HTTPRoute filter types and their fields, refused by name (docs/policy.md)."""
 
 
 class FilterDoc(shape.Doc):
     unsupported: ClassVar[Mapping[str, str]] = {
-        name: f"Gateway API's {kind} filter is not supported"
-        for kind, name in (("CORS", "cors"), ("ExternalAuth", "externalAuth"), ("ExtensionRef", "extensionRef"))}
+        field: f"Gateway API's {kind} filter is not supported" for kind, field in UNSUPPORTED_FILTERS.items()}
 
     type: Literal["RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "RequestRedirect",
                   "URLRewrite"]

@@ -204,7 +204,7 @@ def _check_rule(
         error((*loc, "backendRefs"), "a rule needs at least one backendRef (or a RequestRedirect filter)")
     elif rule.backend_refs and not redirects and not any(b.weight for b in rule.backend_refs):
         error((*loc, "backendRefs"), "every weight is 0: no request could be sent anywhere")
-    _check_timeouts(rule, loc, error)
+    _check_timeouts_and_retries(rule, loc, error)
     if known is not None:
         for j, f in enumerate(rule.filters):
             if f.request_mirror is not None:
@@ -244,7 +244,9 @@ def _check_filters(rule: gatewayapi.RuleDoc, loc: Loc, prefix_only: bool, error:
         wanted = gatewayapi.FILTER_FIELDS[f.type]
         if kinds.count(f.type) > 1 and kinds.index(f.type) != j and f.type != "RequestMirror":
             error((*where, "type"), f"a rule takes one {f.type} filter")
-        given = [k for k in gatewayapi.FILTER_FIELDS.values() if getattr(f, _attribute(k)) is not None]
+        given = [alias for attribute, field in gatewayapi.FilterDoc.model_fields.items()
+                 if (alias := field.alias or attribute) in gatewayapi.FILTER_FIELDS.values()
+                 and getattr(f, attribute) is not None]
         if wanted not in given:
             error(where, f"type {f.type} needs {wanted}")
         for other in (k for k in given if k != wanted):
@@ -268,12 +270,7 @@ def _check_filters(rule: gatewayapi.RuleDoc, loc: Loc, prefix_only: bool, error:
               "RequestMirror has nothing to copy: the rule's RequestRedirect sends no request to a backend")
 
 
-def _attribute(alias: str) -> str:
-    """The model attribute of a filter's YAML field (requestHeaderModifier -> request_header_modifier)."""
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in alias)
-
-
-def _check_timeouts(rule: gatewayapi.RuleDoc, loc: Loc, error: Report) -> None:
+def _check_timeouts_and_retries(rule: gatewayapi.RuleDoc, loc: Loc, error: Report) -> None:
     if rule.retry is not None and rule.retries is not None:
         error((*loc, "retry"), "give retry (Gateway API) or retries (Istio's shape), not both")
     timeouts = rule.timeouts

@@ -136,6 +136,11 @@ class Backend:
             parts.append(f"lb={self.spread.value}")
         return ",".join(parts)
 
+    @property
+    def standby(self) -> bool:
+        """Whether the backend is an active-standby order of clusters (two or more)."""
+        return len(self.clusters) > 1
+
     def selects(self) -> Backend:
         """This backend without its weight: what its Envoy cluster depends on."""
         return Backend(self.service, self.port, 1, self.clusters, self.labels, self.spread)
@@ -167,7 +172,7 @@ class Rule:
     @property
     def standby(self) -> bool:
         """Whether the rule sends to an active-standby backend (an order of clusters)."""
-        return any(len(b.clusters) > 1 for b in self.backends)
+        return any(b.standby for b in self.backends)
 
 
 @dataclass(frozen=True, slots=True)
