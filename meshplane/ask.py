@@ -127,6 +127,8 @@ def format_explain(answer: Mapping[str, Any]) -> str:
         for backend in answer["backends"]:
             lines.append(f"  backend {backend['upstream']} (weight {backend['weight']})")
             lines.extend(_table(backend, indent="    "))
+        if answer.get("note"):  # a redirect: no backend
+            lines.append(f"  {answer['note']}")
         return "\n".join(lines)
     labels = "".join(f" {k}={v}" for k, v in answer.get("labels", {}).items())
     return "\n".join([f"{answer['service']} from {answer['from']}{labels}{down}", *_table(answer, indent="  ")])

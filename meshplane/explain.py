@@ -117,20 +117,24 @@ def gateway(
     request_path, _, query = path.partition("?")
     params = dict(p.partition("=")[::2] for p in query.split("&") if p)
     lowered = {k.lower(): v for k, v in headers.items()}
+    hostname = routing.without_port(host)  # as the gateway matches: whatever port the Host has
     for port in sorted({ln.port for ln in found.listeners}):
         for listener in (ln for ln in found.listeners if ln.port == port):
             attached = [r for r in policy.gateway_routes(name)
                         if any(p.kind == "Gateway" and p.name == name and p.section in (None, listener.name)
                                for p in r.parents)
-                        and any(_host_matches(h, host) for h in routing.hostnames_for(listener, r))]
+                        and any(_host_matches(h, hostname) for h in routing.hostnames_for(listener, r))]
             for route, i, j, match in routeconfig.ordered(attached):
                 if _matches(match, request_path, params, lowered, method):
                     rule = route.rules[i]
-                    return {"gateway": name, "host": host, "path": path, "from": str(client),
-                            "down": [f"{d.what}={d.value}" for d in down],
-                            "matched": {"route": route.key, "rule": i, "match": j, "port": port},
-                            "backends": [_backend(services, policy, b, gateway_gen.Place(name, client), down)
-                                         for b in rule.backends]}
+                    out = {"gateway": name, "host": host, "path": path, "from": str(client),
+                           "down": [f"{d.what}={d.value}" for d in down],
+                           "matched": {"route": route.key, "rule": i, "match": j, "port": port}}
+                    if rule.redirect is not None:
+                        return {**out, "backends": [],
+                                "note": f"the gateway answers {rule.redirect.status_code}: a RequestRedirect"}
+                    return {**out, "backends": [_backend(services, policy, b, gateway_gen.Place(name, client), down)
+                                                for b in rule.backends]}
     return {"gateway": name, "host": host, "path": path, "matched": None, "backends": [],
             "note": "no route matches: the gateway answers 404"}
 

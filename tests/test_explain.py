@@ -12,7 +12,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from meshplane import explain
 from meshplane.demo import topology
 from meshplane.discovery import catalog, filesource, model
-from meshplane.policy import rules, validate
+from meshplane.policy import routing, rules, validate
 
 HZ_H = "cn-hangzhou/cn-hangzhou-h/cluster-1"
 AP_A = "ap-northeast-1/ap-northeast-1a/cluster-2"
@@ -153,6 +153,12 @@ def test_gateway_explains_the_matching_route_and_each_backends_table() -> None:
     missing = explain.gateway(services, policy, name="edge", origin="", host="example.com", path="/nothing",
                               headers={}, method="GET", down=[])
     assert missing["matched"] is None
+    # As the gateway matches: a port in the Host is ignored (also an IPv6 address's).
+    with_port = explain.gateway(services, policy, name="edge", origin="", host="example.com:8080", path="/mocka",
+                                headers={}, method="GET", down=[])
+    assert with_port["matched"] is not None and with_port["matched"]["rule"] == 0
+    assert routing.without_port("[::1]:8080") == "[::1]" and routing.without_port("[::1]") == "[::1]"
+    assert routing.without_port("example.com") == "example.com"
     with pytest.raises(explain.ExplainError, match="no gateway 'west' in the policy"):
         explain.gateway(services, policy, name="west", origin="", host="h", path="/", headers={}, method="GET",
                         down=[])
