@@ -116,11 +116,11 @@ def status(server: str, *, filters: Mapping[str, str], wait_synced: float | None
         waiting = [c["node"] for c in clients if c["state"] != "SYNCED"]
         if not clients:
             why = "no client connected" + (f" matching {_filters(filters)}" if filters else "") \
-                + " (--allow-none: that is fine)"
+                + f" after {wait_synced:g}s (--allow-none: that is fine)"
         else:
-            why = f"{len(waiting)} of {len(clients)} clients not SYNCED" + (
+            why = f"{len(waiting)} of {len(clients)} clients not SYNCED after {wait_synced:g}s" + (
                 f": {', '.join(waiting)}" if waiting else "; a change is still being built")
-        print(f"meshplane status: after {wait_synced:g}s, {why}", file=sys.stderr)
+        print(f"meshplane status: {why}", file=sys.stderr)
         return 1
     return 0
 

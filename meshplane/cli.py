@@ -32,7 +32,8 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
                         help="log lines for a person, or one JSON object each (default: console)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (the docs are checked against it: tests/test_docs_commands.py)."""
     parser = argparse.ArgumentParser(
         prog="meshplane", formatter_class=flags.Help, description=meshplane.__doc__,
         epilog="`meshplane COMMAND --help` for a command's options; docs/operating.md for the client commands")
@@ -173,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code = _dispatch(parser, args)
