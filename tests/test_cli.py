@@ -46,6 +46,15 @@ def test_validate_reports_file_line_field_reason(tmp_path: Path) -> None:
     assert "policy rejected" in result.stderr
 
 
+def test_validate_names_an_endpoint_file_it_cannot_read(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: meshplane.io/v1\n")
+    missing = tmp_path / "nosuch.yaml"
+    result = _meshplane("validate", str(policy), "-e", str(missing))
+    assert result.returncode == 1
+    assert result.stderr == f"meshplane validate: --endpoints {missing}: cannot read it: No such file or directory\n"
+
+
 async def test_serve_refuses_a_broken_endpoint_file(tmp_path: Path) -> None:
     broken = tmp_path / "c1.yaml"
     broken.write_text("cluster: c1\nregion: r1\nservices:\n  - name: svc\n    ports: [{name: http, port: 80}]\n"
