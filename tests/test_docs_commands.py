@@ -16,7 +16,8 @@ from meshplane import cli
 ROOT = Path(__file__).parent.parent
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 _BLOCK = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.S | re.M)  # indented too (in a list)
-_COMMAND = re.compile(r"^(?:\$ )?(?:\S*/)?meshplane (?:--\S+ )*(serve|validate|status|config-dump|explain|demo)(?=\s|$)")
+_COMMAND = re.compile(r"^(?:\$ )?(?:\S*/)?meshplane (?:--\S+ )*"
+                      r"(serve|validate|status|config-dump|explain|demo)(?=\s|$)")
 
 
 def _blocks() -> list[tuple[str, str, str]]:
