@@ -35,8 +35,8 @@ class Unanswered(Exception):
 
 
 def server_url(text: str) -> str:
-    """`--server`: a URL, or HOST:PORT (as `serve --http` takes it); ValueError says what is wrong."""
-    url = text if "://" in text else f"http://{text}"
+    """`--server`: a URL, or HOST:PORT or :PORT (as `serve --http` takes it); ValueError says what is wrong."""
+    url = text if "://" in text else f"http://{'127.0.0.1' if text.startswith(':') else ''}{text}"
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"{text!r}: the control plane's HTTP port is http://HOST:PORT, not {parts.scheme}://")

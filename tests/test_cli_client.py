@@ -74,6 +74,8 @@ async def test_the_version_is_in_status_ready_and_a_metric(s1_plane: app.Control
     code, out, err = await meshplane("status", "--server", server)  # HOST:PORT, as serve --http takes it
     assert code == 0, err
     assert out.splitlines() == [f"meshplane {VERSION} at http://{server}", "no clients connected"]
+    code, out, err = await meshplane("status", "--server", f":{s1_plane.http_port}")  # :PORT, as --http too
+    assert (code, out.splitlines()[0]) == (0, f"meshplane {VERSION} at http://{server}"), err
     _, _, ready = await http(s1_plane, "/ready")
     assert ready["version"] == VERSION
     _, _, metrics = await http(s1_plane, "/metrics")
