@@ -116,7 +116,7 @@ def status(server: str, *, filters: Mapping[str, str], wait_synced: float | None
         waiting = [c["node"] for c in clients if c["state"] != "SYNCED"]
         if not clients:
             why = "no client connected" + (f" matching {_filters(filters)}" if filters else "") \
-                + f" after {wait_synced:g}s (--allow-none: that is fine)"
+                + f" after {wait_synced:g}s (--allow-none accepts none)"
         else:
             why = f"{len(waiting)} of {len(clients)} clients not SYNCED after {wait_synced:g}s" + (
                 f": {', '.join(waiting)}" if waiting else "; a change is still being built")
@@ -136,9 +136,9 @@ def format_page(answer: Mapping[str, Any], *, server: str) -> str:
     return "\n".join(parts)
 
 
-SECTIONS: list[Callable[[Mapping[str, Any]], str]] = []
-"""What `status` prints under the table, in order: each takes /debug/syncz's answer and returns its
-lines (or nothing to say)."""
+SECTIONS: tuple[Callable[[Mapping[str, Any]], str], ...] = ()
+"""What `status` prints under the table, in order: each a function of this module that takes
+/debug/syncz's answer and returns its lines (or "" when it has nothing to say)."""
 
 
 def format_status(clients: Sequence[Mapping[str, Any]], *, narrow: bool = False) -> str:

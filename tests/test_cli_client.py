@@ -123,7 +123,7 @@ async def test_wait_synced_with_no_client_fails_unless_allowed(s1_plane: app.Con
     server = f"127.0.0.1:{s1_plane.http_port}"
     code, _, err = await meshplane("status", "--server", server, "--wait-synced", "0.5")
     assert code == 1
-    assert err == "meshplane status: no client connected after 0.5s (--allow-none: that is fine)\n"
+    assert err == "meshplane status: no client connected after 0.5s (--allow-none accepts none)\n"
     code, _, err = await meshplane("status", "--server", server, "--kind", "gateway", "--wait-synced", "0.5")
     assert code == 1 and "no client connected matching --kind gateway" in err, err
     code, out, err = await meshplane("status", "--server", server, "--wait-synced", "0.5", "--allow-none")
