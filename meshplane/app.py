@@ -33,9 +33,6 @@ from meshplane.xds import metrics as metrics_mod
 
 log = structlog.get_logger(__name__)
 
-EXPLAIN_PARAMETERS = ("service", "from", "label", "down", "gateway", "host", "path", "header", "method")
-"""/debug/explain's query parameters: `meshplane explain`'s flags."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
@@ -358,50 +355,17 @@ class ControlPlane:
         }))
 
     def _explain_page(self, query: Mapping[str, str]) -> admin.Reply:
-        """`meshplane explain`: the priority table a client receives and why; with `down`, what if.
-
-        Repeated parameters (`label`, `down`, `header`) arrive joined by commas. What the command line
-        refuses is refused here too (400 naming the parameter): scripts read this page directly."""
-        def many(name: str) -> list[str]:
-            return [v for v in query.get(name, "").split(",") if v]
-
-        def pairs(name: str, form: str) -> dict[str, str]:
-            split = [item.partition("=") for item in many(name)]
-            bad = next(("".join(p) for p in split if not (p[0] and p[1])), None)
-            if bad is not None:
-                raise explain.ExplainError(f"{name} {bad!r}: write {form}")
-            return {k: v for k, _, v in split}
-
+        """`meshplane explain`: the priority table a client receives and why; with `down`, what if."""
         if self.cache is None:
             return admin.Reply(503, "application/json", _json({"error": "not started"}))
+
+        def running(gateway: str) -> str:
+            """Where a connected proxy of that gateway says it runs (for `spread: nearest` backends)."""
+            return next((str(s.proxy.locality) for s in self.streams if s.proxy is not None
+                         and s.proxy.gateway == gateway and s.proxy.locality.known), "")
+
         try:
-            unknown = sorted(set(query) - set(EXPLAIN_PARAMETERS))
-            if unknown:
-                raise explain.ExplainError(
-                    f"unknown parameter {unknown[0]!r} (parameters: {', '.join(EXPLAIN_PARAMETERS)})")
-            gateway_only = sorted(set(query) & {"host", "path", "header", "method"})
-            if not query.get("gateway") and not query.get("service"):
-                raise explain.ExplainError("give service=NAMESPACE/NAME, or gateway=NAME (with host, path, header)")
-            if query.get("gateway") and query.get("service"):
-                raise explain.ExplainError("give a service, or a gateway (with host, path, header, method): not both")
-            if query.get("gateway") and "label" in query:
-                raise explain.ExplainError("label is a sidecar client's: a gateway's placement reads none")
-            if not query.get("gateway") and gateway_only:
-                raise explain.ExplainError(f"{gateway_only[0]} is for a request at a gateway: give gateway=NAME")
-            down = [explain.Down.parse(d) for d in many("down")]
-            if query.get("gateway"):
-                # Where the gateway runs matters for `spread: nearest` backends: by default, where a
-                # connected proxy of that gateway says it is.
-                running = [str(s.proxy.locality) for s in self.streams
-                           if s.proxy is not None and s.proxy.gateway == query["gateway"] and s.proxy.locality.known]
-                origin = query.get("from") or (running[0] if running else "")
-                answer = explain.gateway(
-                    self.catalog.services, self.cache.policy, name=query["gateway"], origin=origin,
-                    host=query.get("host", ""), path=query.get("path", "/"), headers=pairs("header", "NAME=VALUE"),
-                    method=query.get("method", "GET"), down=down)
-            else:
-                answer = explain.sidecar(self.catalog.services, self.cache.policy, service=query.get("service", ""),
-                                         origin=query.get("from", ""), labels=pairs("label", "KEY=VALUE"), down=down)
+            answer = explain.from_query(self.catalog.services, self.cache.policy, query, running=running)
         except explain.ExplainError as exc:
             return admin.Reply(400, "application/json", _json({"error": str(exc)}))
         return admin.Reply(200, "application/json", _json(answer))

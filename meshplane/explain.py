@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,49 @@ def locality(text: str, services: Mapping[model.ServiceKey, model.Service]) -> m
                            "give REGION/ZONE/CLUSTER")
     clusters = {loc.cluster for loc in seen}
     return model.Locality(regions.pop(), zone, cluster or (clusters.pop() if len(clusters) == 1 else ""))
+
+
+PARAMETERS = ("service", "from", "label", "down", "gateway", "host", "path", "header", "method")
+"""/debug/explain's query parameters: `meshplane explain`'s flags."""
+
+
+def from_query(
+    services: Mapping[model.ServiceKey, model.Service], policy: rules.Policy, query: Mapping[str, str], *,
+    running: Callable[[str], str],
+) -> dict[str, Any]:
+    """/debug/explain: the answer to its query (repeated values joined by commas); `running(gateway)` is
+    where a connected proxy of that gateway runs, its default `from`. What the command line refuses
+    is refused here too, naming the parameter: scripts read this page directly."""
+    def many(name: str) -> list[str]:
+        return [v for v in query.get(name, "").split(",") if v]
+
+    def pairs(name: str, form: str) -> dict[str, str]:
+        split = [item.partition("=") for item in many(name)]
+        bad = next(("".join(p) for p in split if not (p[0] and p[1])), None)
+        if bad is not None:
+            raise ExplainError(f"{name} {bad!r}: write {form}")
+        return {k: v for k, _, v in split}
+
+    unknown = sorted(set(query) - set(PARAMETERS))
+    if unknown:
+        raise ExplainError(f"unknown parameter {unknown[0]!r} (parameters: {', '.join(PARAMETERS)})")
+    name = query.get("gateway", "")
+    if not name and not query.get("service"):
+        raise ExplainError("give service=NAMESPACE/NAME, or gateway=NAME (with host, path, header)")
+    if name and query.get("service"):
+        raise ExplainError("give a service, or a gateway (with host, path, header, method): not both")
+    if name and "label" in query:
+        raise ExplainError("label is a sidecar client's: a gateway's placement reads none")
+    gateway_only = sorted(set(query) & {"host", "path", "header", "method"})
+    if not name and gateway_only:
+        raise ExplainError(f"{gateway_only[0]} is for a request at a gateway: give gateway=NAME")
+    down = [Down.parse(d) for d in many("down")]
+    if name:
+        return gateway(services, policy, name=name, origin=query.get("from") or running(name),
+                       host=query.get("host", ""), path=query.get("path", "/"),
+                       headers=pairs("header", "NAME=VALUE"), method=query.get("method", "GET"), down=down)
+    return sidecar(services, policy, service=query["service"], origin=query.get("from", ""),
+                   labels=pairs("label", "KEY=VALUE"), down=down)
 
 
 def service_key(name: str) -> model.ServiceKey:
