@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
 
 from meshplane.xds import cache, identity, proxy, resources, slots, streams, typeurls, wire
+from meshplane.xds.limits import Limits as Limits  # re-exported: it lives where the command line reads it without gRPC
 
 log = structlog.get_logger(__name__)
 
@@ -31,15 +31,7 @@ push slots. One changed endpoint's push to a thousand proxies is a thousand smal
 which go out as fast as the floor's; waiting in line for slots would double its time."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one client may ask of the server (docs/security.md); 0: no limit."""
-
-    streams: int = 20_000  # open streams, all clients together
-    streams_per_peer: int = 1_000  # open streams from one address (a node hosts at most a few hundred pods)
-    node_bytes: int = 64 * 1024  # a request's node, encoded (Istio's run to a few KB)
-    names: int = 50_000  # resource names in one request (subscribed, or subscribed and unsubscribed)
-    request_bytes: int = 4 * 1024 * 1024  # one request, encoded (gRPC's own default)
+DEFAULTS = Limits()
 
 
 class Refusal(Exception):
@@ -67,7 +59,7 @@ class StreamServer:
         push_slots: slots.PushSlots,
         identifier: str = "meshplane",
         trust_domain: str = "cluster.local",
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULTS,
     ) -> None:
         self._trust_domain = trust_domain
         self.limits = limits
