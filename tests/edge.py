@@ -88,9 +88,11 @@ class Edge:
     """`replicas`: service -> the places of its replicas (a place twice: two replicas there)."""
 
     def __init__(self, workdir: Path, replicas: Mapping[str, Sequence[Place]], *, gateway_at: Place,
-                 echo: bool = False, sidecar: bool = False) -> None:
-        """`sidecar`: the proxy is a sidecar (its outbound listener on `self.port`), not the gateway `edge`."""
+                 echo: bool = False, sidecar: bool = False, service_ports: Sequence[int] = (8000,)) -> None:
+        """`sidecar`: the proxy is a sidecar (its outbound listener on `self.port`), not the gateway `edge`.
+        `service_ports`: every service's ports, each served by every replica on its own one port."""
         self.workdir = workdir
+        self.service_ports = tuple(service_ports)
         self.gateway_at = gateway_at
         self.sidecar = sidecar
         self.port = free_port()
@@ -105,6 +107,7 @@ class Edge:
                         service=service, zone=place.zone, region=place.region, cluster=place.cluster, port=port,
                         next_service=None, sidecar_port=None))
                 self.replicas.append(Replica(service, place, port, server))
+        self.absent: set[str] = set()  # services left out of the endpoint files altogether
         self.plane: app.ControlPlane | None = None
         self.gateway: envoy.EnvoyProcess | None = None
         self.policy_path = workdir / "policy.yaml"
@@ -114,14 +117,17 @@ class Edge:
         for cluster, region in sorted(self.clusters.items()):
             services: dict[str, list[Replica]] = {}
             for r in self.replicas:
-                if r.place.cluster == cluster:
+                if r.place.cluster == cluster and r.service not in self.absent:
                     services.setdefault(r.service, [])
                     if r.listed:
                         services[r.service].append(r)
+            names = ["http"] + [f"http-{port}" for port in self.service_ports[1:]]
             doc: dict[str, Any] = {"cluster": cluster, "region": region, "services": [
-                {"name": service, "ports": [{"name": "http", "port": 8000, "protocol": "HTTP"}],
-                 "endpoints": [{"address": "127.0.0.1", "port": r.port, "zone": r.place.zone, "health": r.health,
-                                "labels": dict(r.place.labels)} for r in reps]}
+                {"name": service,
+                 "ports": [{"name": n, "port": port, "protocol": "HTTP"}
+                           for n, port in zip(names, self.service_ports, strict=True)],
+                 "endpoints": [{"address": "127.0.0.1", "ports": dict.fromkeys(names, r.port), "zone": r.place.zone,
+                                "health": r.health, "labels": dict(r.place.labels)} for r in reps]}
                 for service, reps in sorted(services.items())
             ]}
             path = self.workdir / f"{cluster}.yaml"
