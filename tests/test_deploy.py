@@ -424,7 +424,6 @@ MUTATIONS: list[tuple[Callable[[list[Doc]], None], str, Mutation]] = [
         _set("Deployment", f"{_C}.args", ["pip install --no-cache-dir meshplane && exec meshplane serve"]))),
     (check_nothing_installed_at_start, "pip in args", _args(lambda a: ["pip", "install", "meshplane", *a])),
     (check_serve_flags, "unknown flag", _args(lambda a: [*a, "--no-such-flag=1"])),
-    (check_serve_flags, "global flag after serve", _args(lambda a: [*a, "--log-format=json"])),
     (check_serve_flags, "unknown global flag", _args(lambda a: ["--verbose", *a])),
     (check_serve_flags, "missing --client-ca", _args(lambda a: [w for w in a if not w.startswith("--client-ca")])),
     (check_serve_flags, "plaintext ADS", _args(lambda a: [*a, "--ads-plaintext=0.0.0.0:18002"])),
