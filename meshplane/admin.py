@@ -37,7 +37,15 @@ class Reply:
 
 
 Page = Callable[[Mapping[str, str]], Reply]
-"""Query parameters -> the reply."""
+"""Query parameters (a repeated one's values joined by commas) -> the reply."""
+
+
+def index_page(title: str, pages: Mapping[str, str]) -> Page:
+    """A plain-text list of the pages served (path -> what it is), for `/` and `/debug`."""
+    width = max(map(len, pages), default=0)
+    body = "\n".join([title, "", *(f"{path:<{width}}  {about}" for path, about in pages.items())]) + "\n"
+    reply = Reply(200, "text/plain; charset=utf-8", body.encode())
+    return lambda query: reply
 
 
 class HttpPort:
@@ -69,7 +77,10 @@ class HttpPort:
 
 def _handler(page: Page) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
-        reply = page(request.query)
+        # A parameter given twice (`?down=zone=a&down=zone=b`) counts as its values joined by commas,
+        # as the command line sends them: never only the first of them.
+        query = {key: ",".join(request.query.getall(key)) for key in request.query}
+        reply = page(query)
         return web.Response(status=reply.status, body=reply.body, headers={"Content-Type": reply.content_type})
 
     return handle

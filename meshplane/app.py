@@ -22,6 +22,7 @@ import grpc
 import structlog
 from prometheus_client import exposition
 
+import meshplane
 from meshplane import admin, aio, explain
 from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
@@ -266,28 +267,40 @@ class ControlPlane:
     # HTTP: metrics, readiness, debug
 
     def _pages(self) -> dict[str, admin.Page]:
-        return {
-            "/metrics": self._metrics_page,
-            "/healthz": lambda query: admin.Reply(200, "text/plain", b"ok\n"),
-            "/ready": self._ready_page,
-            "/debug/views": self._views_page,
-            "/debug/placements": self._placements,
-            "/debug/syncz": self._syncz_page,
-            "/debug/explain": self._explain_page,
-            "/debug/config_dump": self._config_dump_page,
+        listed: dict[str, tuple[admin.Page, str]] = {
+            "/metrics": (self._metrics_page, "Prometheus metrics"),
+            "/healthz": (lambda query: admin.Reply(200, "text/plain", b"ok\n"), "200 while the process runs"),
+            "/ready": (self._ready_page, "200 once start-up is over (503 before); each cluster, build errors, version"),
+            "/debug/syncz": (self._syncz_page, "every connected proxy and, per type, SYNCED / STALE / NACKED / "
+                                               "NOT SENT (meshplane status; ?kind= &locality= &state=)"),
+            "/debug/config_dump": (self._config_dump_page, "what was sent to one proxy and what it ACKed "
+                                                           "(meshplane config-dump; ?proxy=NODE_ID)"),
+            "/debug/explain": (self._explain_page, "where a client's traffic goes and why, and what if "
+                                                   "(meshplane explain; ?service=S&from=R/Z/C, &down=...)"),
+            "/debug/placements": (self._placements, "the priority table alone (?service=S&region=R&zone=Z&cluster=C)"),
+            "/debug/views": (self._views_page, "the distinct views served, their streams and resources"),
         }
+        index = admin.index_page(f"meshplane {meshplane.version()}: this HTTP port serves (docs/serving.md)",
+                                 {path: about for path, (_, about) in listed.items()})
+        return {"/": index, "/debug": index, "/debug/": index, **{path: page for path, (page, _) in listed.items()}}
 
     def _syncz_page(self, query: Mapping[str, str]) -> admin.Reply:
         """Every connected client and, per type, SYNCED / STALE / NACKED / NOT SENT (`meshplane status`)."""
-        table = syncz.select(syncz.clients(self.streams, now=time.time(), now_monotonic=time.monotonic()), query)
+        try:
+            table = syncz.select(syncz.clients(self.streams, now=time.time(), now_monotonic=time.monotonic()), query)
+        except ValueError as exc:
+            return admin.Reply(400, "application/json", _json({"error": str(exc)}))
         pending = self.push.pending_since() if self.push is not None else None
         # A change seen but not yet handed to the views: every client may be behind it.
         behind = None if pending is None else round(time.monotonic() - pending, 3)
-        return admin.Reply(200, "application/json", _json({"pending_change_s": behind, "clients": table}))
+        return admin.Reply(200, "application/json", _json(
+            {"version": meshplane.version(), "pending_change_s": behind, "clients": table}))
 
     def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:
         """What was sent to one client (`?proxy=NODE_ID`) and what it ACKed, per type."""
         node = query.get("proxy", "")
+        if not node:
+            return admin.Reply(400, "application/json", _json({"error": "give the proxy: ?proxy=NODE_ID"}))
         found = [s for s in self.streams if s.proxy is not None and s.proxy.id == node]
         if not found:
             known = sorted({s.proxy.id for s in self.streams if s.proxy is not None})
@@ -302,7 +315,7 @@ class ControlPlane:
 
     def _ready_page(self, query: Mapping[str, str]) -> admin.Reply:
         ok = self.ready()
-        body = {"ready": ok, "clusters": self._cluster_status(),
+        body = {"ready": ok, "version": meshplane.version(), "clusters": self._cluster_status(),
                 "build_errors": [{"service": e.service, "type": e.type, "error": e.error}
                                  for e in self.build_errors()]}
         return admin.Reply(200 if ok else 503, "application/json", _json(body))
@@ -319,6 +332,8 @@ class ControlPlane:
         """Where traffic from a locality goes for a service, and why (the priority table we send)."""
         def arg(name: str) -> str:
             return query.get(name, "")
+        if not arg("service"):
+            return admin.Reply(400, "application/json", _json({"error": "give the service: ?service=NAMESPACE/NAME"}))
         key = explain.service_key(arg("service"))
         service = self.catalog.services.get(key)
         if service is None or self.cache is None:
@@ -341,32 +356,17 @@ class ControlPlane:
         }))
 
     def _explain_page(self, query: Mapping[str, str]) -> admin.Reply:
-        """`meshplane explain`: the priority table a client receives and why; with `down`, what if.
-
-        Repeated parameters (`label`, `down`, `header`) arrive joined by commas."""
-        def many(name: str) -> list[str]:
-            return [v for v in query.get(name, "").split(",") if v]
-
-        def pairs(name: str, sep: str) -> dict[str, str]:
-            return {k: v for k, _, v in (item.partition(sep) for item in many(name))}
-
+        """`meshplane explain`: the priority table a client receives and why; with `down`, what if."""
         if self.cache is None:
             return admin.Reply(503, "application/json", _json({"error": "not started"}))
+
+        def running(gateway: str) -> str:
+            """Where a connected proxy of that gateway says it runs (for `spread: nearest` backends)."""
+            return next((str(s.proxy.locality) for s in self.streams if s.proxy is not None
+                         and s.proxy.gateway == gateway and s.proxy.locality.known), "")
+
         try:
-            down = [explain.Down.parse(d) for d in many("down")]
-            if query.get("gateway"):
-                # Where the gateway runs matters for `spread: nearest` backends: by default, where a
-                # connected proxy of that gateway says it is.
-                running = [str(s.proxy.locality) for s in self.streams
-                           if s.proxy is not None and s.proxy.gateway == query["gateway"] and s.proxy.locality.known]
-                origin = query.get("from") or (running[0] if running else "")
-                answer = explain.gateway(
-                    self.catalog.services, self.cache.policy, name=query["gateway"], origin=origin,
-                    host=query.get("host", ""), path=query.get("path", "/"), headers=pairs("header", "="),
-                    method=query.get("method", "GET"), down=down)
-            else:
-                answer = explain.sidecar(self.catalog.services, self.cache.policy, service=query.get("service", ""),
-                                         origin=query.get("from", ""), labels=pairs("label", "="), down=down)
+            answer = explain.from_query(self.catalog.services, self.cache.policy, query, running=running)
         except explain.ExplainError as exc:
             return admin.Reply(400, "application/json", _json({"error": str(exc)}))
         return admin.Reply(200, "application/json", _json(answer))

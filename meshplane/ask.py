@@ -8,74 +8,149 @@ served. They talk to `--server` (default the `serve --http` default).
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 DEFAULT_SERVER = "http://127.0.0.1:18001"
 TYPES = ("cds", "eds", "lds", "rds")
+KINDS = ("sidecar", "gateway", "grpc")
+"""The kinds of client (meshplane/xds/proxy.py's Kind; this module imports nothing of the server's)."""
+STATES = ("SYNCED", "STALE", "NACKED", "NOT SENT")
+"""Where a type of a client stands (meshplane/xds/streams.py's Sync)."""
+TIMEOUT = 10.0
 
 
 class Unanswered(Exception):
-    """The control plane could not be asked, or said no; the message says which."""
+    """The control plane could not be asked, or said no; the message says which, in one line."""
+
+    def __init__(self, message: str, answer: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.answer = answer or {}
+
+
+def server_url(text: str) -> str:
+    """`--server`: a URL, or HOST:PORT or :PORT (as `serve --http` takes it); ValueError says what is wrong."""
+    url = text if "://" in text else f"http://{'127.0.0.1' if text.startswith(':') else ''}{text}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{text!r}: the control plane's HTTP port is http://HOST:PORT, not {parts.scheme}://")
+    try:
+        parts.port  # noqa: B018 (it checks the port)
+    except ValueError:
+        raise ValueError(f"{text!r}: the port is not a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"{text!r}: give HOST:PORT (serve --http's address), e.g. 127.0.0.1:18001")
+    return url.rstrip("/")
 
 
 def get(server: str, path: str, params: Mapping[str, str | Sequence[str]] | None = None) -> Any:
     query = {k: ",".join(v) if isinstance(v, list | tuple) else v for k, v in (params or {}).items() if v}
     url = f"{server.rstrip('/')}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return json.loads(response.read())
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            body = response.read()
     except urllib.error.HTTPError as error:
         with error:
-            body = error.read().decode(errors="replace")
+            text = error.read().decode(errors="replace")
         try:
-            raise Unanswered(json.loads(body).get("error", body)) from None
+            answer = json.loads(text)
         except json.JSONDecodeError:
-            raise Unanswered(f"{url}: {error.code} {body.strip()}") from None
+            answer = None
+        if isinstance(answer, dict) and "error" in answer:
+            raise Unanswered(str(answer["error"]), answer) from None
+        raise Unanswered(f"{url} answered {error.code} {error.reason}: is {server} (--server) the HTTP port "
+                         "of `meshplane serve` (its --http)?") from None
     except (OSError, ValueError) as exc:
-        raise Unanswered(f"cannot ask {url}: {exc}") from None
+        raise Unanswered(f"no control plane answers at {server} (--server): {_reason(exc)}; is `meshplane serve` "
+                         "running with that --http address?") from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise Unanswered(f"{url} did not answer JSON: is {server} (--server) the HTTP port of `meshplane serve` "
+                         "(its --http)?") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a request failed, in words: urllib wraps the socket's error in its own."""
+    cause = exc.reason if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException) else exc
+    if isinstance(cause, socket.gaierror):
+        return "cannot resolve its host name"
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {TIMEOUT:g} s"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror[0].lower() + cause.strerror[1:]
+    return str(cause)
 
 
 # status
 
 
 def status(server: str, *, filters: Mapping[str, str], wait_synced: float | None, as_json: bool,
-           out: TextIO = sys.stdout) -> int:
-    """The sync table; with `wait_synced`, wait until every listed client is SYNCED (exit 1 if not in time)."""
+           allow_none: bool = False, out: TextIO = sys.stdout) -> int:
+    """The sync table; with `wait_synced`, wait until every listed client is SYNCED (exit 1 if not in
+    time). Waiting with no client listed fails too (a rollout gated on no proxy has checked nothing),
+    unless `allow_none`."""
     deadline = time.monotonic() + (wait_synced or 0)
     while True:
         answer = get(server, "/debug/syncz", filters)
         clients = answer["clients"]
         # A change the control plane has seen but not yet handed to its views puts every client behind.
-        synced = answer["pending_change_s"] is None and all(c["state"] == "SYNCED" for c in clients)
+        synced = answer["pending_change_s"] is None and all(c["state"] == "SYNCED" for c in clients) \
+            and (bool(clients) or allow_none)
         if wait_synced is None or synced or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
     if as_json:
         print(json.dumps(clients, indent=2), file=out)
     else:
-        print(format_status(clients), file=out)
+        print(format_page(answer, server=server), file=out)
     if wait_synced is not None and not synced:
         waiting = [c["node"] for c in clients if c["state"] != "SYNCED"]
-        print(f"meshplane status: {len(waiting)} of {len(clients)} clients not SYNCED after {wait_synced:g}s"
-              + (f": {', '.join(waiting)}" if waiting else "; a change is still being built"), file=sys.stderr)
+        if not clients:
+            why = "no client connected" + (f" matching {_filters(filters)}" if filters else "") \
+                + f" after {wait_synced:g}s (--allow-none accepts none)"
+        else:
+            why = f"{len(waiting)} of {len(clients)} clients not SYNCED after {wait_synced:g}s" + (
+                f": {', '.join(waiting)}" if waiting else "; a change is still being built")
+        print(f"meshplane status: {why}", file=sys.stderr)
         return 1
     return 0
 
 
-def format_status(clients: Sequence[Mapping[str, Any]], *, now: float | None = None) -> str:
-    """A table in the manner of `istioctl proxy-status`, with NACK messages under their client."""
+def _filters(filters: Mapping[str, str]) -> str:
+    return " ".join(f"--{k} {v!r}" if " " in v else f"--{k} {v}" for k, v in filters.items())
+
+
+def format_page(answer: Mapping[str, Any], *, server: str) -> str:
+    """What `meshplane status` prints: which control plane answered, the table, then each of SECTIONS."""
+    parts = [f"meshplane {answer.get('version', 'unknown')} at {server}", format_status(answer["clients"])]
+    parts += [text for section in SECTIONS if (text := section(answer))]
+    return "\n".join(parts)
+
+
+SECTIONS: tuple[Callable[[Mapping[str, Any]], str], ...] = ()
+"""What `status` prints under the table, in order: each a function of this module that takes
+/debug/syncz's answer and returns its lines (or "" when it has nothing to say)."""
+
+
+def format_status(clients: Sequence[Mapping[str, Any]], *, narrow: bool = False) -> str:
+    """A table in the manner of `istioctl proxy-status`, with NACK messages under their client;
+    `narrow` (the demo's, in 80 columns) leaves out the locality, the view and when it connected."""
     if not clients:
         return "no clients connected"
-    rows = [["NAME", "KIND", "XDS", "LOCALITY", *(t.upper() for t in TYPES), "VIEW", "CONNECTED"]]
+    wide = not narrow
+    rows = [["NAME", "KIND", "XDS", *["LOCALITY"] * wide, *(t.upper() for t in TYPES), *["VIEW", "CONNECTED"] * wide]]
     notes: dict[int, list[str]] = {}
     for client in clients:
-        cells = [client["node"], client["kind"], client.get("protocol", ""), client["locality"]]
+        cells = [client["node"], client["kind"], client.get("protocol", ""), *[client["locality"]] * wide]
         for t in TYPES:
             entry = client["types"].get(t)
             if entry is None:
@@ -88,7 +163,7 @@ def format_status(clients: Sequence[Mapping[str, Any]], *, now: float | None = N
                 nack = entry["last_nack"]
                 notes.setdefault(len(rows), []).append(
                     f"    {t} NACKED version {nack['rejected']} at {nack['at']}: {nack['message']}")
-        cells += [client.get("view") or "", client["connected_since"]]
+        cells += [client.get("view") or "", client["connected_since"]] * wide
         rows.append(cells)
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -102,7 +177,16 @@ def format_status(clients: Sequence[Mapping[str, Any]], *, now: float | None = N
 
 
 def config_dump(server: str, node: str, out: TextIO = sys.stdout) -> int:
-    print(json.dumps(get(server, "/debug/config_dump", {"proxy": node}), indent=2), file=out)
+    try:
+        answer = get(server, "/debug/config_dump", {"proxy": node})
+    except Unanswered as exc:
+        if "connected" not in exc.answer:
+            raise
+        ids = list(exc.answer["connected"])
+        more = f" and {len(ids) - 10} more (meshplane status lists them)" if len(ids) > 10 else ""
+        shown = ", ".join(ids[:10]) + more
+        raise Unanswered(f"{exc}; connected: {shown or 'none'}") from None
+    print(json.dumps(answer, indent=2), file=out)
     return 0
 
 
@@ -115,7 +199,8 @@ def explain(server: str, params: Mapping[str, str | Sequence[str]], *, as_json: 
     return 0
 
 
-def format_explain(answer: Mapping[str, Any]) -> str:
+def format_explain(answer: Mapping[str, Any], *, narrow: bool = False) -> str:
+    """`narrow` (the demo's, in 80 columns): each row's reason and endpoints on a line of their own."""
     down = f" with {', '.join(answer['down'])} down" if answer.get("down") else ""
     if "gateway" in answer:
         head = f"gateway {answer['gateway']}: {answer['host']}{answer['path']}{down}"
@@ -126,13 +211,16 @@ def format_explain(answer: Mapping[str, Any]) -> str:
                  f"port {matched['port']}"]
         for backend in answer["backends"]:
             lines.append(f"  backend {backend['upstream']} (weight {backend['weight']})")
-            lines.extend(_table(backend, indent="    "))
+            lines.extend(_table(backend, indent="    ", narrow=narrow))
+        if answer.get("note"):  # a redirect: no backend
+            lines.append(f"  {answer['note']}")
         return "\n".join(lines)
     labels = "".join(f" {k}={v}" for k, v in answer.get("labels", {}).items())
-    return "\n".join([f"{answer['service']} from {answer['from']}{labels}{down}", *_table(answer, indent="  ")])
+    return "\n".join([f"{answer['service']} from {answer['from']}{labels}{down}",
+                      *_table(answer, indent="  ", narrow=narrow)])
 
 
-def _table(answer: Mapping[str, Any], *, indent: str) -> list[str]:
+def _table(answer: Mapping[str, Any], *, indent: str, narrow: bool) -> list[str]:
     if answer.get("note"):
         return [f"{indent}{answer['note']}"]
     lines = []
@@ -141,8 +229,11 @@ def _table(answer: Mapping[str, Any], *, indent: str) -> list[str]:
         endpoints = ", ".join(
             f"{e['address']}:{'/'.join(str(p) for p in e['ports'].values())} {e['health']}"
             + (", down" if e["down"] else "") for e in row["endpoints"])
-        lines.append(f"{indent}priority {row['priority']}  {row['locality']:<{width}}  weight {row['weight']:<3} "
-                     f"{row['reason']}  [{endpoints}]")
+        head = f"{indent}priority {row['priority']}  {row['locality']:<{width}}  weight {row['weight']:<3}"
+        if narrow:
+            lines += [head.rstrip(), f"{indent}    {row['reason']}  [{endpoints}]"]
+        else:
+            lines.append(f"{head} {row['reason']}  [{endpoints}]")
     if answer["traffic"]:
         shares = ", ".join(f"{t['share']:g}% to priority {t['priority']}" for t in answer["traffic"])
         lines.append(f"{indent}traffic: {shares}")

@@ -6,47 +6,70 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-import structlog
+import meshplane
+from meshplane import ask, flags
+from meshplane.xds import limits
 
-from meshplane import app, ask
-from meshplane.xds import adsbase
+# Only what every command needs is imported here: `status`, `config-dump` and `explain` are a question
+# over HTTP, and start in a tenth of a second because they never load the server (gRPC, protobuf,
+# the Kubernetes client); `serve`, `validate` and `demo` import it when they run.
+
+CLIENT_COMMANDS = ("status", "config-dump", "explain")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meshplane", description=__doc__)
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="default: info (warning for the demo, whose screen is the traffic)")
-    parser.add_argument("--log-format", default="console", choices=["console", "json"])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--log-level and --log-format, before the command or after it: a subcommand's copy defaults to
+    nothing, so that it never overwrites what was given before the command."""
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None if top else argparse.SUPPRESS,
+                        help="how much is logged (default: info; warning for the demo, whose screen is the traffic)")
+    parser.add_argument("--log-format", choices=["console", "json"], default="console" if top else argparse.SUPPRESS,
+                        help="log lines for a person, or one JSON object each (default: console)")
 
-    serve = sub.add_parser("serve", help="run the control plane from endpoint files and a policy file")
-    serve.add_argument("--endpoints", "-e", type=Path, action="append", default=[],
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (the docs are checked against it: tests/test_docs_commands.py)."""
+    parser = argparse.ArgumentParser(
+        prog="meshplane", formatter_class=flags.Help, description=meshplane.__doc__,
+        epilog="`meshplane COMMAND --help` for a command's options; docs/operating.md for the client commands")
+    parser.add_argument("--version", action=flags.Version, help="print meshplane's version and exit")
+    _global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        found = sub.add_parser(name, help=about, description=about, formatter_class=flags.Help)
+        _global_options(found, top=False)
+        return found
+
+    serve = command("serve", "run the control plane from endpoint files and a policy file")
+    serve.add_argument("--endpoints", "-e", type=Path, action="append", default=[], metavar="FILE",
                        help="an endpoint source file (one per cluster; repeatable)")
-    serve.add_argument("--policy", "-p", type=Path, help="the policy YAML file")
-    serve.add_argument("--ads", default="127.0.0.1:18000", help="HOST:PORT for the ADS gRPC server")
-    serve.add_argument("--http", default="127.0.0.1:18001",
-                       help="HOST:PORT for /metrics, /ready and /debug")
-    serve.add_argument("--debounce", type=float, default=0.005,
-                       help="seconds of quiet before a burst of changes is pushed")
-    serve.add_argument("--max-delay", type=float, default=0.1,
+    serve.add_argument("--policy", "-p", type=Path, metavar="FILE", help="the policy YAML file")
+    serve.add_argument("--ads", default="127.0.0.1:18000", metavar="HOST:PORT",
+                       help="where the ADS gRPC server listens")
+    serve.add_argument("--http", default="127.0.0.1:18001", metavar="HOST:PORT",
+                       help="where /metrics, /ready and /debug are served")
+    serve.add_argument("--debounce", type=flags.seconds, default=0.005, metavar="SECONDS",
+                       help="quiet before a burst of changes is pushed")
+    serve.add_argument("--max-delay", type=flags.seconds, default=0.1, metavar="SECONDS",
                        help="longest a change waits for a burst to end")
-    serve.add_argument("--poll-interval", type=float, default=0.1,
-                       help="seconds between checks of the endpoint and policy files for edits where inotify "
+    serve.add_argument("--poll-interval", type=flags.positive_seconds, default=0.1, metavar="SECONDS",
+                       help="between checks of the endpoint and policy files for edits where inotify "
                             "is unavailable (with inotify, edits are seen at once and this is a backstop)")
     serve.add_argument("--no-inotify", dest="inotify", action="store_false",
                        help="find file edits by polling only (network filesystems, where inotify misses "
                             "writes made on other machines)")
-    serve.add_argument("--max-concurrent-pushes", type=_positive_int, default=100,
+    serve.add_argument("--max-concurrent-pushes", type=flags.positive_int, default=100, metavar="N",
                        help="streams composing and writing at once; bounds memory in a reconnect storm")
-    serve.add_argument("--max-connection-age", type=float, default=1800.0, metavar="SECONDS",
+    serve.add_argument("--max-connection-age", type=flags.seconds, default=1800.0, metavar="SECONDS",
                        help="close each ADS connection after about this long (+-10 %%), so proxies rebalance "
                             "over replicas (docs/deploying.md); 0: never")
-    serve.add_argument("--max-connection-age-grace", type=float, default=10.0, metavar="SECONDS",
+    serve.add_argument("--max-connection-age-grace", type=flags.seconds, default=10.0, metavar="SECONDS",
                        help="how long a closing connection's streams may go on before they are ended")
     sec = serve.add_argument_group("TLS and identity on the ADS port (docs/security.md)")
     sec.add_argument("--tls-cert", type=Path, metavar="PEM",
@@ -55,23 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     sec.add_argument("--client-ca", type=Path, metavar="PEM",
                      help="check client certificates against this CA; a client's SPIFFE id must match its node")
     sec.add_argument("--client-cert", choices=["required", "optional"], default="required",
-                     help="with --client-ca: whether a client without a certificate is refused (default required)")
-    sec.add_argument("--trust-domain", default="cluster.local",
+                     help="with --client-ca: whether a client without a certificate is refused")
+    sec.add_argument("--trust-domain", default="cluster.local", metavar="DOMAIN",
                      help="the trust domain of client SPIFFE ids (spiffe://TRUST_DOMAIN/ns/NS/sa/SA)")
     sec.add_argument("--ads-plaintext", metavar="HOST:PORT",
                      help="with --tls-cert: also serve plaintext ADS here (off unless asked for)")
     lim = serve.add_argument_group("limits on clients (docs/security.md; 0: none)")
-    default = adsbase.Limits()
-    lim.add_argument("--max-streams", type=_count, default=default.streams, metavar="N",
-                     help=f"open ADS streams, all clients together (default {default.streams})")
-    lim.add_argument("--max-streams-per-peer", type=_count, default=default.streams_per_peer, metavar="N",
-                     help=f"open ADS streams from one address (default {default.streams_per_peer})")
-    lim.add_argument("--max-node-bytes", type=_count, default=default.node_bytes, metavar="BYTES",
-                     help=f"a request's node, encoded (default {default.node_bytes})")
-    lim.add_argument("--max-names", type=_count, default=default.names, metavar="N",
-                     help=f"resource names in one request (default {default.names})")
-    lim.add_argument("--max-request-bytes", type=_count, default=default.request_bytes, metavar="BYTES",
-                     help=f"one request, encoded (default {default.request_bytes})")
+    default = limits.Limits()
+    lim.add_argument("--max-streams", type=flags.count, default=default.streams, metavar="N",
+                     help="open ADS streams, all clients together")
+    lim.add_argument("--max-streams-per-peer", type=flags.count, default=default.streams_per_peer, metavar="N",
+                     help="open ADS streams from one address")
+    lim.add_argument("--max-node-bytes", type=flags.count, default=default.node_bytes, metavar="BYTES",
+                     help="a request's node, encoded")
+    lim.add_argument("--max-names", type=flags.count, default=default.names, metavar="N",
+                     help="resource names in one request")
+    lim.add_argument("--max-request-bytes", type=flags.count, default=default.request_bytes, metavar="BYTES",
+                     help="one request, encoded")
     kube = serve.add_argument_group("Kubernetes clusters (docs/kubernetes.md)")
     kube.add_argument("--local-cluster", metavar="ID[=KUBECONFIG[#CONTEXT]]",
                       help="the cluster meshplane runs in (service account in a pod, else the current context)")
@@ -81,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="one kubeconfig per file, cluster id = file name; files may come and go")
     kube.add_argument("--remote-secrets", metavar="NAMESPACE",
                       help='discover clusters from Secrets labelled meshplane.io/multicluster="true" there')
-    kube.add_argument("--sync-timeout", type=float, default=30.0,
-                      help="seconds a cluster may take to list before readiness goes on without it")
-    kube.add_argument("--stale-ttl", type=float, default=None,
-                      help="drop an unreachable cluster's endpoints after this many seconds (default: keep)")
-    kube.add_argument("--default-region", default="",
+    kube.add_argument("--sync-timeout", type=flags.seconds, default=30.0, metavar="SECONDS",
+                      help="how long a cluster may take to list before readiness goes on without it")
+    kube.add_argument("--stale-ttl", type=flags.seconds, default=None, metavar="SECONDS",
+                      help="drop an unreachable cluster's endpoints after this long (default: keep them)")
+    kube.add_argument("--default-region", default="", metavar="REGION",
                       help="region of endpoints whose node has no topology.kubernetes.io/region label")
     kube.add_argument("--no-pod-labels", action="store_true",
                       help="do not watch pods (endpoints then carry no labels)")
@@ -93,63 +116,89 @@ def main(argv: list[str] | None = None) -> int:
                       help="watch services, endpoint slices and pods only in these namespaces (repeatable; "
                            "default: all); nodes are always watched cluster-wide")
 
-    val = sub.add_parser("validate", help="check a policy file and endpoint files; prints file:line: field: reason "
-                                          "for every problem")
+    val = command("validate", "check a policy file and endpoint files; prints file:line: field: reason for every "
+                              "problem")
     val.add_argument("policy", type=Path, nargs="?", metavar="POLICY_FILE",
                      help="the policy YAML file (may be left out with --endpoints)")
     val.add_argument("--endpoints", "-e", type=Path, action="append", default=[], metavar="FILE",
                      help="an endpoint file to check, and to check the policy's services, ports and clusters against "
                           "(repeatable)")
 
-    server_help = f"the control plane's HTTP port (its serve --http; default {ask.DEFAULT_SERVER})"
-    status = sub.add_parser("status", help="every connected proxy and, per type, SYNCED / STALE / NACKED / NOT SENT")
-    status.add_argument("--server", default=ask.DEFAULT_SERVER, help=server_help)
-    status.add_argument("--kind", choices=["sidecar", "gateway"], help="only proxies of this kind")
+    server_help = "the control plane's HTTP port: serve --http's HOST:PORT, or a URL"
+
+    def server(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--server", type=flags.server, default=ask.DEFAULT_SERVER, metavar="URL", help=server_help)
+
+    status = command("status", "every connected proxy and, per type, SYNCED / STALE / NACKED / NOT SENT")
+    server(status)
+    status.add_argument("--kind", choices=ask.KINDS, help="only proxies of this kind")
     status.add_argument("--locality", metavar="REGION[/ZONE[/CLUSTER]]", help="only proxies in this locality")
-    status.add_argument("--state", choices=["SYNCED", "STALE", "NACKED", "NOT SENT"],
-                        help="only proxies with a type in this state")
-    status.add_argument("--wait-synced", type=float, metavar="TIMEOUT",
-                        help="wait until every listed proxy is SYNCED; exit 1 if one is not after TIMEOUT seconds")
+    status.add_argument("--state", type=str.upper, choices=ask.STATES,
+                        help="only proxies with a type in this state (any case)")
+    status.add_argument("--wait-synced", type=flags.seconds, metavar="TIMEOUT",
+                        help="wait until every listed proxy is SYNCED; exit 1 if one is not after TIMEOUT seconds, "
+                             "or if none is listed")
+    status.add_argument("--allow-none", action="store_true",
+                        help="with --wait-synced: no proxy listed counts as synced")
     status.add_argument("--json", action="store_true", help="print /debug/syncz's JSON")
 
-    dump = sub.add_parser("config-dump", help="what meshplane sent one proxy and what it ACKed, per type")
+    dump = command("config-dump", "what meshplane sent one proxy and what it ACKed, per type")
     dump.add_argument("node", metavar="NODE_ID", help="the proxy's node id (as `meshplane status` lists it)")
-    dump.add_argument("--server", default=ask.DEFAULT_SERVER, help=server_help)
+    server(dump)
 
-    exp = sub.add_parser("explain", help="where a client's traffic for a service goes and why; with --down, what if")
-    exp.add_argument("service", nargs="?", help="NAMESPACE/NAME (default namespace: default); not with --gateway")
+    exp = command("explain", "where a client's traffic for a service goes and why; with --down, what if")
+    exp.add_argument("service", nargs="?", metavar="SERVICE",
+                     help="NAMESPACE/NAME (default namespace: default); not with --gateway")
     exp.add_argument("--from", dest="origin", metavar="REGION/ZONE/CLUSTER",
                      help="the client's locality (a zone alone if the catalog knows its region); with "
                           "--gateway, default: where a connected proxy of that gateway runs")
-    exp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+    exp.add_argument("--label", action="append", default=[], type=flags.pair("KEY=VALUE"), metavar="KEY=VALUE",
                      help="a label of the client's (repeatable; failoverPriority and distribute rules read them)")
     exp.add_argument("--down", action="append", default=[],
                      metavar="zone=Z|cluster=C|region=R|endpoint=ADDR[:PORT]",
                      help="suppose these endpoints failed (repeatable)")
     exp.add_argument("--gateway", metavar="NAME", help="explain a request at this gateway instead of a service")
-    exp.add_argument("--host", default="", help="with --gateway: the request's Host")
-    exp.add_argument("--path", default="/", help="with --gateway: the request's path (and ?query)")
-    exp.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+    exp.add_argument("--host", help="with --gateway: the request's Host (default: none)")
+    exp.add_argument("--path", help="with --gateway: the request's path (and ?query) (default: /)")
+    exp.add_argument("--header", action="append", default=[], type=flags.pair("NAME=VALUE"), metavar="NAME=VALUE",
                      help="with --gateway: a request header (repeatable)")
-    exp.add_argument("--method", default="GET", help="with --gateway: the request's method")
+    exp.add_argument("--method", help="with --gateway: the request's method (default: GET)")
     exp.add_argument("--json", action="store_true", help="print /debug/explain's JSON")
-    exp.add_argument("--server", default=ask.DEFAULT_SERVER, help=server_help)
+    server(exp)
 
-    demo = sub.add_parser("demo", help="a local multi-cluster mesh with real Envoys; break things and watch")
-    demo.add_argument("--workdir", type=Path, help="where to write files and logs (default: a temp dir)")
-    demo.add_argument("--interval", type=float, default=1.0, help="seconds between rounds of requests")
-    demo.add_argument("--script", help="commands to run instead of reading the keyboard, ';'-separated")
+    demo = command("demo", "a local multi-cluster mesh with real Envoys; break things and watch")
+    demo.add_argument("--workdir", type=Path, metavar="DIR", help="where to write files and logs (default: a temp dir)")
+    demo.add_argument("--interval", type=flags.positive_seconds, default=1.0, metavar="SECONDS",
+                      help="between rounds of requests")
+    demo.add_argument("--script", metavar="COMMANDS",
+                      help="commands to run instead of reading the keyboard, ';'-separated; exit 1 at the first "
+                           "that fails")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        code = _dispatch(parser, args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`meshplane explain --json | head -1`): nothing more to say, to anyone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command in CLIENT_COMMANDS:
+        return _ask(parser, args)  # logs nothing: no logging to configure
     _configure_logging(args.log_level or ("warning" if args.command == "demo" else "info"), args.log_format)
     if args.command == "validate":
         if args.policy is None and not args.endpoints:
-            val.error("give a POLICY_FILE, --endpoints FILE, or both")
+            _subparser(parser, "validate").error("give a POLICY_FILE, --endpoints FILE, or both")
         return _validate(args.policy, args.endpoints)
     if args.command == "serve":
         return _run(_serve(args))
-    if args.command in ("status", "config-dump", "explain"):
-        return _ask(parser, args)
     if args.command == "demo":
         from meshplane.demo import run as demo_run
 
@@ -159,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     """Every problem of every file given, errors on stderr; exit 1 if there is an error."""
+    from meshplane import app
     from meshplane.discovery import catalog, filesource
     from meshplane.policy import validate
 
@@ -205,35 +255,36 @@ def _ask(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.command == "status":
             filters = {"kind": args.kind, "locality": args.locality, "state": args.state}
             return ask.status(args.server, filters={k: v for k, v in filters.items() if v},
-                              wait_synced=args.wait_synced, as_json=args.json)
+                              wait_synced=args.wait_synced, allow_none=args.allow_none, as_json=args.json)
         if args.command == "config-dump":
             return ask.config_dump(args.server, args.node)
-        if bool(args.gateway) == bool(args.service):
-            parser.error("explain: give a SERVICE, or --gateway NAME (with --host, --path, --header)")
-        params = {"from": args.origin or "", "label": args.label, "down": args.down}
-        if args.gateway:
-            params |= {"gateway": args.gateway, "host": args.host, "path": args.path, "header": args.header,
-                       "method": args.method}
-        else:
-            params["service"] = args.service
-        return ask.explain(args.server, params, as_json=args.json)
+        return ask.explain(args.server, _explain_params(_subparser(parser, "explain"), args), as_json=args.json)
     except ask.Unanswered as exc:
         print(f"meshplane {args.command}: {exc}", file=sys.stderr)
         return 1
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, not {value}")
-    return value
+def _explain_params(usage: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str | list[str]]:
+    """/debug/explain's parameters; a mix the page would refuse is a usage error here."""
+    if bool(args.gateway) == bool(args.service):
+        usage.error("give a SERVICE, or --gateway NAME (with --host, --path, --header): one of them")
+    params: dict[str, str | list[str]] = {"from": args.origin or "", "down": args.down}
+    if args.service:
+        for flag in ("host", "path", "header", "method"):
+            if getattr(args, flag):
+                usage.error(f"--{flag} is for a request at a gateway: give --gateway NAME, not a SERVICE")
+        return params | {"service": args.service, "label": args.label}
+    if args.label:
+        usage.error("--label is a sidecar client's: a gateway's placement reads none")
+    return params | {"gateway": args.gateway, "host": args.host or "", "path": args.path or "/",
+                     "header": args.header, "method": args.method or "GET"}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """A command's own parser, so that its usage errors print its usage."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found: argparse.ArgumentParser = action.choices[name]
+    return found
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -242,6 +293,7 @@ def _split(address: str) -> tuple[str, int]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from meshplane import app
     from meshplane.discovery import filesource
     from meshplane.policy import validate
 
@@ -266,9 +318,9 @@ async def _serve(args: argparse.Namespace) -> int:
         max_concurrent_pushes=args.max_concurrent_pushes,
         max_connection_age=args.max_connection_age, max_connection_age_grace=args.max_connection_age_grace,
         tls=tls_files, ads_plaintext=args.ads_plaintext, trust_domain=args.trust_domain,
-        limits=adsbase.Limits(streams=args.max_streams, streams_per_peer=args.max_streams_per_peer,
-                              node_bytes=args.max_node_bytes, names=args.max_names,
-                              request_bytes=args.max_request_bytes),
+        limits=limits.Limits(streams=args.max_streams, streams_per_peer=args.max_streams_per_peer,
+                             node_bytes=args.max_node_bytes, names=args.max_names,
+                             request_bytes=args.max_request_bytes),
         local_cluster=args.local_cluster, kubeconfigs=tuple(args.kubeconfig),
         kubeconfig_dirs=tuple(args.kubeconfig_dir), remote_secrets_namespace=args.remote_secrets,
         sync_timeout=args.sync_timeout,
@@ -325,6 +377,10 @@ def _run(coro: object) -> int:
 
 
 def _configure_logging(level: str, fmt: str) -> None:
+    import logging
+
+    import structlog
+
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )

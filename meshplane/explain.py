@@ -14,8 +14,9 @@ overprovisioning factor the assignment carries.
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,27 +48,68 @@ class Down:
     def parse(cls, text: str) -> Down:
         what, sep, value = text.partition("=")
         if not sep or what not in ("zone", "cluster", "region", "endpoint") or not value:
-            raise ExplainError(f"--down {text!r}: write zone=Z, cluster=C, region=R or endpoint=ADDR")
+            raise ExplainError(f"--down {text!r}: write zone=Z, cluster=C, region=R or endpoint=ADDR[:PORT]")
+        if what == "endpoint":
+            address, port = _address_and_port(value)
+            if port is not None and not 1 <= port <= 65535:
+                raise ExplainError(f"--down {text!r}: {port} is not a port number (1-65535)")
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ExplainError(f"--down {text!r}: {address!r} is not an IP address "
+                                   "(endpoint=10.1.0.2 or endpoint=10.1.0.2:8080)") from None
+            value = address if port is None else f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         return cls(what, value)
 
     def covers(self, where: base_pb2.Locality, address: str, port: int) -> bool:
-        if self.what == "zone":
-            return bool(where.zone == self.value)
-        if self.what == "cluster":
-            return bool(where.sub_zone == self.value)
-        if self.what == "region":
-            return bool(where.region == self.value)
-        want, _, want_port = self.value.partition(":")
-        return address == want and (not want_port or want_port == str(port))
+        return self._covers(model.Locality(where.region, where.zone, where.sub_zone), address, (port,))
 
     def covers_endpoint(self, ep: model.Endpoint) -> bool:
-        where = base_pb2.Locality(region=ep.locality.region, zone=ep.locality.zone, sub_zone=ep.locality.cluster)
-        return any(self.covers(where, ep.address, port) for _, port in ep.ports)
+        return self._covers(ep.locality, ep.address, tuple(port for _, port in ep.ports))
+
+    def _covers(self, where: model.Locality, address: str, ports: tuple[int, ...]) -> bool:
+        if self.what != "endpoint":
+            return bool(getattr(where, self.what) == self.value)
+        want, want_port = _address_and_port(self.value)
+        return address == want and (want_port is None or want_port in ports)
+
+
+def _address_and_port(text: str) -> tuple[str, int | None]:
+    """ADDR, ADDR:PORT, or an IPv6 address bare or as [ADDR]:PORT; a port that is not a number is refused."""
+    if text.startswith("["):
+        address, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        address, _, port = text.partition(":")
+    else:
+        address, port = text, None
+    if port is None:
+        return address, None
+    if not port.isdigit():
+        raise ExplainError(f"--down 'endpoint={text}': {port!r} is not a port number (1-65535)")
+    return address, int(port)
+
+
+def check_down(down: Sequence[Down], services: Mapping[model.ServiceKey, model.Service]) -> None:
+    """Refuse a `down` that matches nothing in the catalog, naming what exists: a misspelt zone
+    would otherwise answer "nothing changes"."""
+    endpoints = [ep for s in services.values() for ep in s.endpoints]
+    for d in down:
+        if any(d.covers_endpoint(ep) for ep in endpoints):
+            continue
+        if d.what == "endpoint":
+            raise ExplainError(f"--down endpoint={d.value}: no endpoint in the catalog is at {d.value} "
+                               "(`meshplane explain SERVICE` lists a service's endpoints)")
+        known = sorted({getattr(ep.locality, d.what) for ep in endpoints} - {""})
+        raise ExplainError(f"--down {d.what}={d.value}: no endpoint of the catalog is in that {d.what} "
+                           f"({d.what}s: {', '.join(known) or 'none'})")
 
 
 def locality(text: str, services: Mapping[model.ServiceKey, model.Service]) -> model.Locality:
     """REGION/ZONE/CLUSTER; a missing region (or cluster) is taken from the endpoints the catalog has
     in that zone, or refused: a locality without a region ranks nothing."""
+    if text.count("/") > 2:
+        raise ExplainError(f"--from {text!r} is not REGION/ZONE/CLUSTER (or a zone alone)")
     parts = [*text.split("/"), "", ""][:3] if "/" in text else ["", text, ""]
     region, zone, cluster = parts
     if region:
@@ -84,6 +126,49 @@ def locality(text: str, services: Mapping[model.ServiceKey, model.Service]) -> m
     return model.Locality(regions.pop(), zone, cluster or (clusters.pop() if len(clusters) == 1 else ""))
 
 
+PARAMETERS = ("service", "from", "label", "down", "gateway", "host", "path", "header", "method")
+"""/debug/explain's query parameters: `meshplane explain`'s flags."""
+
+
+def from_query(
+    services: Mapping[model.ServiceKey, model.Service], policy: rules.Policy, query: Mapping[str, str], *,
+    running: Callable[[str], str],
+) -> dict[str, Any]:
+    """/debug/explain: the answer to its query (repeated values joined by commas); `running(gateway)` is
+    where a connected proxy of that gateway runs, its default `from`. What the command line refuses
+    is refused here too, naming the parameter: scripts read this page directly."""
+    def many(name: str) -> list[str]:
+        return [v for v in query.get(name, "").split(",") if v]
+
+    def pairs(name: str, form: str) -> dict[str, str]:
+        split = [item.partition("=") for item in many(name)]
+        bad = next(("".join(p) for p in split if not (p[0] and p[1])), None)
+        if bad is not None:
+            raise ExplainError(f"{name} {bad!r}: write {form}")
+        return {k: v for k, _, v in split}
+
+    unknown = sorted(set(query) - set(PARAMETERS))
+    if unknown:
+        raise ExplainError(f"unknown parameter {unknown[0]!r} (parameters: {', '.join(PARAMETERS)})")
+    name = query.get("gateway", "")
+    if not name and not query.get("service"):
+        raise ExplainError("give service=NAMESPACE/NAME, or gateway=NAME (with host, path, header)")
+    if name and query.get("service"):
+        raise ExplainError("give a service, or a gateway (with host, path, header, method): not both")
+    if name and "label" in query:
+        raise ExplainError("label is a sidecar client's: a gateway's placement reads none")
+    gateway_only = sorted(set(query) & {"host", "path", "header", "method"})
+    if not name and gateway_only:
+        raise ExplainError(f"{gateway_only[0]} is for a request at a gateway: give gateway=NAME")
+    down = [Down.parse(d) for d in many("down")]
+    if name:
+        return gateway(services, policy, name=name, origin=query.get("from") or running(name),
+                       host=query.get("host", ""), path=query.get("path", "/"),
+                       headers=pairs("header", "NAME=VALUE"), method=query.get("method", "GET"), down=down)
+    return sidecar(services, policy, service=query["service"], origin=query.get("from", ""),
+                   labels=pairs("label", "KEY=VALUE"), down=down)
+
+
 def service_key(name: str) -> model.ServiceKey:
     return model.ServiceKey(name if "/" in name else f"default/{name}")
 
@@ -97,6 +182,7 @@ def sidecar(
     if found is None:
         raise ExplainError(f"no service {key} in the catalog")
     client = locality(origin, services)
+    check_down(down, services)
     origin_ = sidecar_gen.Origin(client, tuple(sorted(labels.items())))
     served = sidecar_gen.ASSIGNMENTS.build(found, policy, origin_) or {}
     port = next((p for p in found.ports if p.protocol != model.Protocol.TCP), None)
@@ -114,23 +200,28 @@ def gateway(
         raise ExplainError(f"no gateway {name!r} in the policy (gateways: "
                            f"{', '.join(g.name for g in policy.gateways) or 'none'})")
     client = locality(origin, services) if origin else model.Locality()
+    check_down(down, services)
     request_path, _, query = path.partition("?")
     params = dict(p.partition("=")[::2] for p in query.split("&") if p)
     lowered = {k.lower(): v for k, v in headers.items()}
+    hostname = routing.without_port(host)  # as the gateway matches: whatever port the Host has
     for port in sorted({ln.port for ln in found.listeners}):
         for listener in (ln for ln in found.listeners if ln.port == port):
             attached = [r for r in policy.gateway_routes(name)
                         if any(p.kind == "Gateway" and p.name == name and p.section in (None, listener.name)
                                for p in r.parents)
-                        and any(_host_matches(h, host) for h in routing.hostnames_for(listener, r))]
+                        and any(_host_matches(h, hostname) for h in routing.hostnames_for(listener, r))]
             for route, i, j, match in routeconfig.ordered(attached):
                 if _matches(match, request_path, params, lowered, method):
                     rule = route.rules[i]
-                    return {"gateway": name, "host": host, "path": path, "from": str(client),
-                            "down": [f"{d.what}={d.value}" for d in down],
-                            "matched": {"route": route.key, "rule": i, "match": j, "port": port},
-                            "backends": [_backend(services, policy, b, gateway_gen.Place(name, client), down)
-                                         for b in rule.backends]}
+                    out = {"gateway": name, "host": host, "path": path, "from": str(client),
+                           "down": [f"{d.what}={d.value}" for d in down],
+                           "matched": {"route": route.key, "rule": i, "match": j, "port": port}}
+                    if rule.redirect is not None:
+                        return {**out, "backends": [],
+                                "note": f"the gateway answers {rule.redirect.status_code}: a RequestRedirect"}
+                    return {**out, "backends": [_backend(services, policy, b, gateway_gen.Place(name, client), down)
+                                                for b in rule.backends]}
     return {"gateway": name, "host": host, "path": path, "matched": None, "backends": [],
             "note": "no route matches: the gateway answers 404"}
 

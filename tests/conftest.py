@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from math import comb
@@ -50,6 +52,21 @@ async def wait_for(
             return last
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def required_tool(name: str, *, why: str) -> str:
+    """The path of a program a test needs; without it the test fails (never skips), saying `why`."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: {why}")
+    return found
+
+
+def docker_engine() -> bool:
+    """Whether a Docker engine answers (on these machines `docker` is only a client)."""
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
 
 
 def binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:

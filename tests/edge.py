@@ -31,11 +31,17 @@ class Place:
 
 
 class EchoServer:
-    """A replica that answers with its name, the path it was asked and the request's headers (JSON)."""
+    """A replica that answers with its name, the path it was asked and the request's headers (JSON),
+    and keeps what it was asked (`seen`). A request steers its answer with headers:
+    `x-respond-NAME: V` adds the response header `NAME: V`; `x-fail-status: 500` with
+    `x-fail-count: N` fails the first N tries of the request (by its x-request-id, which Envoy keeps
+    across retries); `x-delay: SECONDS` answers that late."""
 
     def __init__(self, name: str, port: int) -> None:
         self.name = name
         self.port = port
+        self.seen: list[dict[str, Any]] = []
+        self._tries: Counter[str] = Counter()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -43,8 +49,18 @@ class EchoServer:
             headers: dict[str, str] = {}
             for name, value in request.headers.items():  # a repeated header: its values joined
                 headers[name.lower()] = f"{headers[name.lower()]}, {value}" if name.lower() in headers else value
-            return web.json_response({"name": self.name, "path": request.path_qs, "method": request.method,
-                                      "headers": headers})
+            answer = {"name": self.name, "path": request.path_qs, "method": request.method, "headers": headers}
+            self.seen.append(answer)
+            key = headers.get("x-request-id", "")
+            self._tries[key] += 1
+            answer["try"] = self._tries[key]
+            if "x-delay" in headers:
+                await asyncio.sleep(float(headers["x-delay"]))
+            status = 200
+            if "x-fail-status" in headers and self._tries[key] <= int(headers.get("x-fail-count", "1")):
+                status = int(headers["x-fail-status"])
+            extra = {k.removeprefix("x-respond-"): v for k, v in headers.items() if k.startswith("x-respond-")}
+            return web.json_response(answer, status=status, headers=extra)
 
         app_ = web.Application()
         app_.router.add_route("*", "/{tail:.*}", echo)
@@ -72,9 +88,11 @@ class Edge:
     """`replicas`: service -> the places of its replicas (a place twice: two replicas there)."""
 
     def __init__(self, workdir: Path, replicas: Mapping[str, Sequence[Place]], *, gateway_at: Place,
-                 echo: bool = False, sidecar: bool = False) -> None:
-        """`sidecar`: the proxy is a sidecar (its outbound listener on `self.port`), not the gateway `edge`."""
+                 echo: bool = False, sidecar: bool = False, service_ports: Sequence[int] = (8000,)) -> None:
+        """`sidecar`: the proxy is a sidecar (its outbound listener on `self.port`), not the gateway `edge`.
+        `service_ports`: every service's ports, each served by every replica on its own one port."""
         self.workdir = workdir
+        self.service_ports = tuple(service_ports)
         self.gateway_at = gateway_at
         self.sidecar = sidecar
         self.port = free_port()
@@ -89,6 +107,7 @@ class Edge:
                         service=service, zone=place.zone, region=place.region, cluster=place.cluster, port=port,
                         next_service=None, sidecar_port=None))
                 self.replicas.append(Replica(service, place, port, server))
+        self.absent: set[str] = set()  # services left out of the endpoint files altogether
         self.plane: app.ControlPlane | None = None
         self.gateway: envoy.EnvoyProcess | None = None
         self.policy_path = workdir / "policy.yaml"
@@ -98,14 +117,17 @@ class Edge:
         for cluster, region in sorted(self.clusters.items()):
             services: dict[str, list[Replica]] = {}
             for r in self.replicas:
-                if r.place.cluster == cluster:
+                if r.place.cluster == cluster and r.service not in self.absent:
                     services.setdefault(r.service, [])
                     if r.listed:
                         services[r.service].append(r)
+            names = ["http"] + [f"http-{port}" for port in self.service_ports[1:]]
             doc: dict[str, Any] = {"cluster": cluster, "region": region, "services": [
-                {"name": service, "ports": [{"name": "http", "port": 8000, "protocol": "HTTP"}],
-                 "endpoints": [{"address": "127.0.0.1", "port": r.port, "zone": r.place.zone, "health": r.health,
-                                "labels": dict(r.place.labels)} for r in reps]}
+                {"name": service,
+                 "ports": [{"name": n, "port": port, "protocol": "HTTP"}
+                           for n, port in zip(names, self.service_ports, strict=True)],
+                 "endpoints": [{"address": "127.0.0.1", "ports": dict.fromkeys(names, r.port), "zone": r.place.zone,
+                                "health": r.health, "labels": dict(r.place.labels)} for r in reps]}
                 for service, reps in sorted(services.items())
             ]}
             path = self.workdir / f"{cluster}.yaml"
@@ -148,11 +170,17 @@ class Edge:
 
     async def request(self, port: int, host: str, path: str = "/", headers: Mapping[str, str] | None = None,
                       method: str = "GET") -> tuple[int, str]:
+        status, _, body = await self.exchange(port, host, path, headers, method=method)
+        return status, body
+
+    async def exchange(self, port: int, host: str, path: str = "/", headers: Mapping[str, str] | None = None,
+                       method: str = "GET") -> tuple[int, dict[str, str], str]:
+        """One request: (status, response headers, body); status 0 and the error's name if it failed."""
         try:
-            status, _, body = await backend.http_request(port, host, path, headers=headers, method=method)
+            status, got, body = await backend.http_request(port, host, path, headers=headers, method=method)
         except (OSError, TimeoutError) as exc:
-            return 0, f"!{type(exc).__name__}"
-        return status, body.strip()
+            return 0, {}, f"!{type(exc).__name__}"
+        return status, got, body.strip()
 
     async def tally(self, n: int, port: int, host: str, path: str = "/",
                     headers: Mapping[str, str] | None = None, batch: int = 20) -> Counter[tuple[int, str]]:

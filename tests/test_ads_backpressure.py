@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,19 @@ class SlowProxy:
             SlowProxy.active -= 1
         self.written.append(discovery_pb2.DiscoveryResponse.FromString(message))
 
-    async def abort(self, code: Any, details: str) -> None:
-        raise AssertionError(f"aborted: {details}")
+    def set_code(self, code: Any) -> None:
+        raise AssertionError(f"stream ended with {code}")
+
+    def set_details(self, details: str) -> None:
+        raise AssertionError(f"stream ended: {details}")
 
     def done(self) -> bool:
         return False
 
-    async def request_stream(self) -> AsyncIterator[bytes]:
-        while (req := await self.requests.get()) is not None:
-            yield req.SerializeToString()  # the server decodes requests itself
+    async def read(self) -> Any:
+        """The next request, encoded (the server decodes requests itself); EOF once the test puts None."""
+        req = await self.requests.get()
+        return grpc.aio.EOF if req is None else req.SerializeToString()
 
 
 def _cluster(weight: int) -> dict[model.ServiceKey, model.ServiceInCluster]:
@@ -84,7 +87,7 @@ def _plane(
 
 
 async def _connect(ads: sotw.SotwServer, proxy: SlowProxy, name: str) -> asyncio.Task[None]:
-    serving = asyncio.create_task(ads._serve(proxy.request_stream(), proxy))  # type: ignore[arg-type]
+    serving = asyncio.create_task(ads._serve(None, proxy))  # type: ignore[arg-type]
     req = discovery_pb2.DiscoveryRequest(type_url=typeurls.ENDPOINT, resource_names=[MOCKB])
     req.node.CopyFrom(ads_client.node(name, region="r1", zone="z1", cluster="c1"))
     await proxy.requests.put(req)

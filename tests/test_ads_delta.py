@@ -268,3 +268,56 @@ async def test_stream_state_is_freed_when_the_stream_ends(start_plane: Any, endp
         await wait_for(lambda: len(plane.streams) == 0, what="the stream's state dropped")
     assert _metric(plane, "meshplane_xds_connected_proxies") == 0
     assert all(v.streams == 0 for v in plane.cache.views.values())  # type: ignore[union-attr]
+
+
+async def test_a_route_waits_until_its_new_cluster_and_its_endpoints_are_acked(
+    start_plane: Any, endpoints: Path
+) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    async with _client(plane) as c:
+        for type_url, names in ((typeurls.CLUSTER, ["*"]), (typeurls.ENDPOINT, [MOCKB, MOCKC]),
+                                (typeurls.LISTENER, ["*"]), (typeurls.ROUTE, ["outbound|http|default"])):
+            await c.delta(type_url, names)
+            await c.ack_delta(await c.recv_delta())
+        write_yaml(endpoints, _doc(mockd=True))
+        clusters = await c.recv_delta()
+        assert clusters.type_url == typeurls.CLUSTER and _names(clusters) == [MOCKD]
+        await c.expect_nothing(0.2)  # the route naming mockd waits: its cluster is not ACKed
+        await c.delta(typeurls.ENDPOINT, [MOCKD])  # as Envoy asks for a cluster's endpoints before its ACK
+        assignments = await c.recv_delta()
+        assert _names(assignments) == [MOCKD]
+        await c.ack_delta(clusters)
+        await c.expect_nothing(0.2)  # and its endpoints are not ACKed yet
+        (entry,) = json.loads(await _get(plane, "/debug/syncz"))["clients"]
+        assert entry["types"]["rds"]["state"] == "STALE"  # what waits is not SYNCED
+        await c.ack_delta(assignments)
+        routes = await c.recv_delta()
+        assert routes.type_url == typeurls.ROUTE and _names(routes) == ["outbound|http|default"]
+
+
+async def test_a_reconnect_learning_of_a_changed_cluster_gets_its_endpoints_though_it_reports_them_current(
+    start_plane: Any, tmp_path: Path
+) -> None:
+    endpoints = write_yaml(tmp_path / "c1.yaml", _doc())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 1s\n")
+    plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
+    async with _client(plane) as c:
+        await c.delta(typeurls.CLUSTER, ["*"])
+        await c.ack_delta(await c.recv_delta())
+        await c.delta(typeurls.ENDPOINT, [MOCKB, MOCKC])
+        await c.ack_delta(await c.recv_delta())
+        held = {t: dict(v) for t, v in c.held.items()}
+    # The clusters change while the proxy is away; their endpoints do not.
+    policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 2s\n")
+    assert plane.cache is not None
+    cache = plane.cache
+    await wait_for(lambda: cache.policy.defaults.connect_timeout_ms == 2000, what="the edit applied")
+    async with _client(plane) as c:
+        # Envoy asks for the clusters first, and for their endpoints once it has the clusters.
+        await c.delta(typeurls.CLUSTER, ["*"], initial_versions=held[typeurls.CLUSTER])
+        clusters = await c.recv_delta()
+        assert _names(clusters) == [MOCKB, MOCKC]
+        await c.delta(typeurls.ENDPOINT, [MOCKB, MOCKC], initial_versions=held[typeurls.ENDPOINT])
+        assignments = await c.recv_delta()
+        assert assignments.type_url == typeurls.ENDPOINT and _names(assignments) == [MOCKB, MOCKC]

@@ -184,11 +184,14 @@ async def test_first_request_without_node_is_rejected(start_plane: Any, endpoint
 
 
 async def test_make_before_break_order(start_plane: Any, endpoints: Path) -> None:
+    mockd = "outbound|8000||mockd.default.svc.cluster.local"
     plane = await start_plane(endpoint_files=(endpoints,))
     async with _client(plane) as c:
         await c.request(typeurls.CLUSTER)
         cds = await c.recv()
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC])
         await c.ack(cds)
+        await c.ack(await c.recv())
         await c.request(typeurls.LISTENER)
         lds = await c.recv()
         await c.ack(lds)
@@ -196,14 +199,23 @@ async def test_make_before_break_order(start_plane: Any, endpoints: Path) -> Non
         rds = await c.recv()
         await c.ack(rds)
 
-        # A new service: its cluster arrives before the route that names it.
+        # A new service: its cluster arrives first, the route that names it only once the client has ACKed
+        # the cluster and its endpoints (it asks for them, as Envoy does for a cluster it warms).
         doc = _doc()
         doc["services"].append(cluster_doc("c1", "r1", {"mockd": [{"zone": "z1", "port": 9003}]})["services"][0])
         write_yaml(endpoints, doc)
-        first, second = await c.recv(), await c.recv()
-        assert [first.type_url, second.type_url] == [typeurls.CLUSTER, typeurls.ROUTE]
-        assert "outbound|8000||mockd.default.svc.cluster.local" in ads_client.resource_names(first)
+        first = await c.recv()
+        assert first.type_url == typeurls.CLUSTER
+        assert mockd in ads_client.resource_names(first)
+        await c.expect_nothing(0.2)  # not the route: the cluster is not ACKed
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC, mockd])
+        eds = await c.recv()
+        assert ads_client.resource_names(eds) == [mockd]
         await c.ack(first)
+        await c.expect_nothing(0.2)  # not the route: the endpoints are not ACKed
+        await c.ack(eds, [MOCKB, MOCKC, mockd])
+        second = await c.recv()
+        assert second.type_url == typeurls.ROUTE
         await c.ack(second)
 
         # mockd goes away: routes stop naming it before its cluster is removed.
@@ -325,3 +337,37 @@ async def test_node_metadata_as_istio_writes_it_is_accepted(start_plane: Any, en
     lds.resources[0].Unpack(listener)
     assert (listener.address.socket_address.address, listener.address.socket_address.port_value) == (
         "127.0.0.1", 15002)
+
+
+async def test_a_reconnect_learning_of_changed_clusters_gets_their_endpoints_though_it_reports_them_current(
+    start_plane: Any, endpoints: Path, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 1s\n")
+    plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
+    async with _client(plane) as c:
+        await c.request(typeurls.CLUSTER)
+        cds = await c.recv()
+        await c.ack(cds)
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC])
+        eds = await c.recv()
+        await c.ack(eds)
+    policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 2s\n")
+    assert plane.cache is not None
+    cache = plane.cache
+    await wait_for(lambda: cache.policy.defaults.connect_timeout_ms == 2000, what="the edit applied")
+    async with _client(plane) as c:
+        # It reports the versions it holds: the clusters' is old, the endpoints' current.
+        await c.request(typeurls.CLUSTER, version_info=cds.version_info)
+        again = await c.recv()
+        assert again.type_url == typeurls.CLUSTER and again.version_info != cds.version_info
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=eds.version_info)
+        assignments = await c.recv()
+        assert assignments.type_url == typeurls.ENDPOINT and assignments.version_info == eds.version_info
+        assert sorted(ads_client.resource_names(assignments)) == [MOCKB, MOCKC]
+
+    # A reconnect that holds what is served is sent nothing, endpoints included.
+    async with _client(plane) as c:
+        await c.request(typeurls.CLUSTER, version_info=again.version_info)
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=eds.version_info)
+        await c.expect_nothing(0.3)

@@ -68,4 +68,4 @@ def test_compose_provisions_prometheus_and_grafana_from_the_repository() -> None
     source = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text())
     (datasource,) = source["datasources"]
     assert datasource["type"] == "prometheus"
-    assert datasource["url"] == "http://prometheus:" + compose["prometheus"]["ports"][0].split(":")[1]
+    assert datasource["url"] == "http://prometheus:" + compose["prometheus"]["ports"][0].split(":")[-1]

@@ -1,14 +1,15 @@
 """Every query of the committed dashboard, run by a real Prometheus (Debian's `prometheus`, installed by
 the test command) scraping a running meshplane with real Envoys connected, returns data in the
 situation its panel shows: a NACK forced, a cluster's API server down, a broken policy edit, a
-build failure, an endpoint change pushed and ACKed. The shipped alert rules load and evaluate too."""
+build failure, an endpoint change pushed and ACKed. The same Prometheus scrapes another process too,
+in meshplane's job and in a job of its own (as a shared Prometheus does): no panel charts it. The
+shipped alert rules load and evaluate too, and promtool runs their unit tests."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
-import shutil
 import socket
 import subprocess
 import urllib.parse
@@ -24,7 +25,7 @@ from meshplane import app
 from meshplane.demo import envoy
 from meshplane.demo.ports import free_port
 from meshplane.xds import translate
-from tests.conftest import cluster_doc, wait_for, write_yaml
+from tests.conftest import cluster_doc, required_tool, wait_for, write_yaml
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, service
 from tests.test_clusters import FAST
 from tests.test_dashboard import DASHBOARD, load_generator
@@ -33,25 +34,29 @@ pytestmark = [pytest.mark.envoy, pytest.mark.slow, pytest.mark.any_protocol]
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 WINDOW = "20s"  # what $__rate_interval stands for here: scrapes every second
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        pytest.fail("prometheus is not installed: scripts/test.sh installs Debian's package "
-                    "(apt-get install prometheus)")
-    return found
+    return required_tool("prometheus", why="scripts/test.sh installs Debian's package (apt-get install prometheus)")
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str) -> None:
+    """Scrapes `target` in the job meshplane, beside `also` (more targets of that job, e.g. a port nothing
+    answers on); and itself, a process with process_* metrics of its own, in meshplane's job and in another."""
+
+    def __init__(self, workdir: Path, target: str, *, also: tuple[str, ...] = ()) -> None:
         self.port = free_port()
+        self.itself = f"127.0.0.1:{self.port}"
         self.config = workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": "meshplane", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [
+                {"job_name": "meshplane", "static_configs": [{"targets": [target, self.itself, *also]}]},
+                {"job_name": "prometheus", "static_configs": [{"targets": [self.itself]}]},
+            ],
         }))
         self.data = workdir / "tsdb"
         self.log = workdir / "prometheus.log"
@@ -66,7 +71,7 @@ class Prometheus:
         await wait_for(self._ready, timeout=30, what=f"Prometheus ready (log: {self.log})")
 
         async def scraped() -> bool:  # Prometheus hands new targets to its scrapers every 5 s
-            return any(s["value"][1] == "1" for s in await self.query('up{job="meshplane"}'))
+            return sum(s["value"][1] == "1" for s in await self.query("up")) >= 3
 
         await wait_for(scraped, timeout=30, what=f"Prometheus scraping meshplane (log: {self.log})")
 
@@ -88,6 +93,11 @@ class Prometheus:
 
     async def get(self, path: str) -> Any:
         return await asyncio.to_thread(self._get, path)
+
+    async def label_values(self, label: str, selector: str) -> list[str]:
+        """What Grafana's `label_values(selector, label)` variable query lists."""
+        answer = await self.get(f"/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": selector}))
+        return list(answer["data"])
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -123,7 +133,9 @@ async def test_every_panel_has_data_in_its_situation(
     plane: app.ControlPlane = await start_plane(
         endpoint_files=(endpoints,), policy_file=policy, kube=FAST,
         kubeconfigs=(f"kc={kube.write_kubeconfig(tmp_path / 'kc.yaml', cluster='kc')}",))
-    prom = Prometheus(tmp_path, f"127.0.0.1:{plane.http_port}")
+    meshplane = f"127.0.0.1:{plane.http_port}"
+    nothing_there = f"127.0.0.1:{free_port()}"  # a meshplane that is down
+    prom = Prometheus(tmp_path, meshplane, also=(nothing_there,))
     proxies = [envoy.EnvoyProcess(
         node=envoy.EnvoyNode(id=f"sidecar-{z}", cluster="t", region="r1", zone=z, sub_zone="c1",
                              metadata={"listener_port": free_port(), "listener_address": "127.0.0.1"}),
@@ -154,10 +166,22 @@ async def test_every_panel_has_data_in_its_situation(
         write_yaml(endpoints, cluster_doc("c1", "r1", {"svc": [{"zone": "z1", "port": 9009}],
                                                       "broken": [{"zone": "z1", "port": 9011}]}))
 
+        # The variables at the top, as Grafana fills them (All: its regex of the values its query found, for
+        # instance `.*`): only meshplane's job and instance, though another process is in that job too.
+        variables = {v["name"]: v for v in committed["templating"]["list"]}
+        assert variables["job"]["query"] == "label_values(meshplane_xds_connected_proxies, job)"
+        jobs = await prom.label_values("job", "meshplane_xds_connected_proxies")
+        assert jobs == ["meshplane"]
+        job_all = "(" + "|".join(jobs) + ")"
+        instance_query = variables["instance"]["query"].replace("$job", job_all)
+        selector, label = instance_query.removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
+        assert await prom.label_values(label, selector) == [meshplane]
+
         for spec in generator.PANELS:
             panel = next(p for p in committed["panels"] if p.get("title") == spec.title)
             for target, query in zip(panel["targets"], spec.queries, strict=True):
-                expr = target["expr"].replace("$instance", ".*").replace("$__rate_interval", WINDOW)
+                expr = (target["expr"].replace("$job", job_all).replace("$instance", variables["instance"]["allValue"])
+                        .replace("$__rate_interval", WINDOW))
 
                 async def answered(expr: str = expr) -> list[float]:
                     return _values(await prom.query(expr))
@@ -168,6 +192,9 @@ async def test_every_panel_has_data_in_its_situation(
                     await wait_for(lambda expr=expr: _positive(prom, expr), timeout=30,
                                    what=f"a non-zero value for {spec.title!r} ({spec.shows}): {expr}")
                 assert found
+                charted = {(s["metric"].get("job"), s["metric"].get("instance")) for s in await prom.query(expr)}
+                if "{{instance}}" in query.legend:  # one series per instance: meshplane's, not Prometheus'
+                    assert charted == {("meshplane", meshplane)}, f"{spec.title!r} charts {charted}: {expr}"
 
         # The shipped alert rules load and evaluate without error against the same metrics.
         rules = (await prom.get("/api/v1/rules"))["data"]["groups"]
@@ -180,6 +207,14 @@ async def test_every_panel_has_data_in_its_situation(
             return any(a["labels"]["alertname"] == "MeshplaneProxyRejectedConfig" for a in alerts)
 
         await wait_for(nack_alert_firing, timeout=20, what="the NACK alert")
+
+        async def down_alert() -> set[tuple[str, str]]:  # pending: it fires after its `for: 1m`
+            alerts = (await prom.get("/api/v1/alerts"))["data"]["alerts"]
+            return {(a["labels"].get("instance", ""), a["state"]) for a in alerts
+                    if a["labels"]["alertname"] in ("MeshplaneDown", "MeshplaneAbsent")}
+
+        assert await wait_for(down_alert, timeout=20, what="MeshplaneDown for the target that is down") == {
+            (nothing_there, "pending")}
     finally:
         for proxy in (*proxies, stuck):
             await proxy.stop()
@@ -192,10 +227,8 @@ async def _positive(prom: Prometheus, expr: str) -> bool:
 
 
 def test_promtool_checks_the_shipped_prometheus_files() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is not installed: scripts/test.sh installs Debian's prometheus package")
-    for args in (["check", "rules", str(ALERTS)],
+    promtool = required_tool("promtool", why="scripts/test.sh installs Debian's prometheus package")
+    for args in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERT_TESTS)],
                  ["check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml")]):
         result = subprocess.run([promtool, *args], capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -29,6 +29,23 @@ async def _demo(workdir: Path, *args: str) -> asyncio.subprocess.Process:
     )
 
 
+def _rows(text: str, label: str) -> list[list[str]]:
+    """The rounds' rows for one request: [status, the zone of each hop...] (a hop that left its
+    caller's zone is marked *, a failed one !)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(f"  {label} "):
+            rest = line[len(label) + 3:].split()
+            if rest and (rest[0].isdigit() or rest[0] == "-"):
+                out.append(rest)
+    return out
+
+
+def _wide(out: str, workdir: Path) -> list[str]:
+    """Lines wider than a terminal's 80 columns (a path of the work directory cannot be broken)."""
+    return [ln for ln in out.splitlines() if len(ln) > 80 and str(workdir) not in ln]
+
+
 async def test_demo_script_shows_same_region_then_cross_region_failover(tmp_path: Path) -> None:
     script = ("sleep 1; status; break mockb ap-northeast-1a; sleep 2.5; where mockb ap-northeast-1a; "
               "where mockb ap-northeast-1a zone=ap-northeast-1b; break-region mockb ap-northeast-1; sleep 2.5; quit")
@@ -38,44 +55,75 @@ async def test_demo_script_shows_same_region_then_cross_region_failover(tmp_path
     assert proc.returncode == 0, out
     healthy, _, rest = out.partition("break: mockb in ap-northeast-1a")
     same_region, _, cross_region = rest.partition("break-region: mockb in")
-    line = "  from ap-northeast-1a "
-    assert "mocka@ap-northeast-1a > mockb@ap-northeast-1a > mockc@ap-northeast-1a" in healthy, out
-    rounds = [ln for ln in same_region.splitlines() if line in ln]
-    assert "mocka@ap-northeast-1a > mockb@ap-northeast-1b" in rounds[-1], out
+    label = "from ap-northeast-1a"
+    assert ["200", "ap-northeast-1a", "ap-northeast-1a", "ap-northeast-1a"] in _rows(healthy, label), out
+    # mockb moved to the other zone of the region, and is marked as having left its caller's zone.
+    assert _rows(same_region, label)[-1] == ["200", "ap-northeast-1a", "ap-northeast-1b*", "ap-northeast-1b"], out
     # `status`: every Envoy (four sidecars and the gateway) has ACKed every type.
     table = [ln for ln in healthy.splitlines() if ln.startswith(("sidecar~", "gateway~"))]
     assert len(table) == 5 and all(ln.count("SYNCED") == 4 for ln in table), out
     # `where` explains the table and says where traffic goes with the broken replica down (what the
     # rounds show), and where it would go if the next zone failed too.
-    where, _, what_if = same_region.partition("zone=ap-northeast-1b down")
+    where, _, what_if = same_region.partition("zone=ap-northeast-1b")
     assert "priority 0  ap-northeast-1/ap-northeast-1a/cluster-2" in where, out
     assert "same region, zone and cluster" in where and "same region, another zone" in where, out
     assert "traffic: 100% to priority 1" in where, out
     assert "traffic: 100% to priority 2" in what_if, out
-    last = [ln for ln in cross_region.splitlines() if line in ln][-1]
-    assert "mocka@ap-northeast-1a > mockb@cn-hangzhou-" in last, out
+    last = _rows(cross_region, label)[-1]
+    assert last[:2] == ["200", "ap-northeast-1a"] and last[2].startswith("cn-hangzhou-") and last[2].endswith("*"), out
+    assert not _wide(out, tmp_path), _wide(out, tmp_path)
     assert not _processes_under(tmp_path), "the demo left processes behind"
 
 
 async def test_demo_gateway_canary_and_active_standby_moving_when_a_cluster_breaks(tmp_path: Path) -> None:
-    proc = await _demo(tmp_path, "--script", "sleep 1.2; break-cluster cluster-1; sleep 1.5; quit")
+    script = "sleep 1.2; help; break-cluster cluster-1; sleep 1.5; where mocka cn-hangzhou-h zone=nope; sleep 30; quit"
+    proc = await _demo(tmp_path, "--script", script)
     stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     out = stdout.decode()
-    assert proc.returncode == 0, out
     healthy, _, cluster_down = out.partition("break-cluster: every replica in cluster-1")
 
-    def lines(text: str, label: str) -> list[str]:
-        return [ln for ln in text.splitlines() if ln.startswith(f"  gw {label}")]
-
     # Active-active reaches both clusters; the canary only cluster-2's mocka.
-    everywhere = " ".join(lines(healthy, "example.com/mocka"))
-    assert "mocka@cn-hangzhou-" in everywhere and "mocka@ap-northeast-1" in everywhere, out
-    assert all(" 200  mocka@ap-northeast-1" in ln for ln in lines(out, "  canary: cluster-2")), out
+    everywhere = [row[1] for row in _rows(healthy, "gw /mocka")]
+    assert any(z.startswith("cn-hangzhou-") for z in everywhere), out
+    assert any(z.startswith("ap-northeast-1") for z in everywhere), out
+    canary = _rows(out, "gw /mocka +canary")
+    assert canary and all(row[0] == "200" and row[1].startswith("ap-northeast-1") for row in canary), out
     # Active-standby: cluster-1 (cn-hangzhou) while it has a healthy mocka; then cluster-2, no request lost.
-    before, after = lines(healthy, "example.com/standby"), lines(cluster_down, "example.com/standby")
-    assert before and all(" 200  mocka@cn-hangzhou-" in ln for ln in before), out
-    assert after and all(" 200  mocka@ap-northeast-1" in ln for ln in after), out
+    before, after = _rows(healthy, "gw /standby"), _rows(cluster_down, "gw /standby")
+    assert before and all(row[0] == "200" and row[1].startswith("cn-hangzhou-") for row in before), out
+    assert after and all(row[0] == "200" and row[1].startswith("ap-northeast-1") for row in after), out
+    # `help` lists the commands again; a command that fails ends the script, and the demo exits 1.
+    assert healthy.count("Commands (type help to see them again):") == 2, out
+    said = " ".join(out.split())  # (wrapped to 80 columns)
+    assert "meshplane demo: cannot 'where mocka cn-hangzhou-h zone=nope': --down zone=nope: no endpoint" in said, out
+    assert "stopped; the script failed at 'where mocka cn-hangzhou-h zone=nope'" in said, out
+    assert proc.returncode == 1, out
+    assert not _wide(out, tmp_path), _wide(out, tmp_path)
     assert not _processes_under(tmp_path), "the demo left processes behind"
+
+
+@pytest.mark.parametrize(("script", "says"), [
+    ("sleep 1; brake mockb ap-northeast-1a", "unknown command 'brake' (commands: break, fix,"),
+    ("break mockx ap-northeast-1a", "'break mockx ap-northeast-1a': no service 'mockx' "
+                                    "(services: mocka, mockb, mockc)"),
+    ("fix mockb ap-northeast-1c", "no zone 'ap-northeast-1c' (zones: cn-hangzhou-h, cn-hangzhou-k, "
+                                  "ap-northeast-1a, ap-northeast-1b)"),
+    ("break-region mockb eu-west-1", "no region 'eu-west-1' (regions: cn-hangzhou, ap-northeast-1)"),
+    ("break-cluster cluster-3", "no cluster 'cluster-3' (clusters: cluster-1, cluster-2)"),
+    ("where mockb", "'where mockb': write where SERVICE ZONE [zone=Z|cluster=C|region=R ...]"),
+    ("sleep soon", "'sleep soon': 'soon' is not a number of seconds"),
+])
+async def test_a_script_with_a_bad_command_exits_2_before_starting_anything(
+    tmp_path: Path, script: str, says: str
+) -> None:
+    proc = await _demo(tmp_path, "--script", f"{script}; quit")
+    stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    out = stdout.decode()
+    assert proc.returncode == 2, out
+    said = " ".join(out.split())  # (wrapped to 80 columns)
+    assert said.startswith("meshplane demo: --script: ") and says in said, out
+    assert "starting" not in out, out
+    assert not _processes_under(tmp_path)
 
 
 async def test_demo_ctrl_c_stops_everything(tmp_path: Path) -> None:

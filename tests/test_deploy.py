@@ -1,10 +1,11 @@
 """The container image (Dockerfile, .dockerignore) and the Kubernetes manifests (deploy/kubernetes).
 
-Checked everywhere without a cluster or a Docker engine: every manifest against the Kubernetes schemas
-(kubernetes-validate, strict), the Deployment's production facts, the Dockerfile with hadolint-like rules
-written here. Each check is a function that asserts; each is also run on a broken copy (MUTATIONS,
-DOCKERFILE_MUTATIONS) to show it can fail. Building and running the image needs a Docker engine
-(skipped without one, as tests/test_compose.py does).
+Checked everywhere without a cluster or a Docker engine: the manifests each overlay renders (kubectl's
+built-in kustomize, `kubectl kustomize deploy/kubernetes/overlays/<cluster>`, what `kubectl apply -k`
+applies) against the Kubernetes schemas (kubernetes-validate, strict), the Deployment's production facts
+in each, the Dockerfile with hadolint-like rules written here. Each check is a function that asserts;
+each is also run on a broken copy (MUTATIONS, DOCKERFILE_MUTATIONS) to show it can fail. Building and
+running the image needs a Docker engine (skipped without one, as tests/test_compose.py does).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,9 +30,13 @@ import pytest
 import yaml
 
 from meshplane.policy import validate
+from tests.conftest import docker_engine, required_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
+BASE = DEPLOY / "base"
+# One overlay per Kubernetes cluster meshplane runs in, named after the cluster's id (--local-cluster).
+OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 EXAMPLE_POLICY = ROOT / "deploy" / "examples" / "policy.yaml"
@@ -43,9 +47,8 @@ XDS_PORT, HTTP_PORT = 18000, 18001
 # kubernetes-validate 1.37 bundles the schemas of Kubernetes 1.25 to 1.37: the newest it knows, and an
 # older release the manifests must still fit (matchLabelKeys of topologySpreadConstraints: on from 1.27).
 KUBERNETES_VERSIONS = ("1.30", "1.37")
-# What the Deployment runs `meshplane serve` with (docs/deploying.md).
+# What the Deployment runs `meshplane serve` with (docs/deploying.md), besides the overlay's --local-cluster.
 SERVE_ARGS = {
-    "--local-cluster": "cluster-1",
     "--remote-secrets": NAMESPACE,
     "--policy": "/etc/meshplane/policy/policy.yaml",
     "--ads": f"0.0.0.0:{XDS_PORT}",
@@ -62,27 +65,38 @@ Doc = dict[str, Any]
 
 # ---- the manifests ----------------------------------------------------------------------------------------------
 
-def load_manifests() -> list[tuple[str, Doc]]:
-    """(file name, document) for every document of every deploy/kubernetes/*.yaml, in file order."""
-    out = []
-    for path in sorted(DEPLOY.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                out.append((path.name, doc))
-    return out
+def kubectl() -> str:
+    return required_tool("kubectl", why="its built-in kustomize (`kubectl kustomize`) renders the overlays, "
+                                        "as `kubectl apply -k` does")
 
 
-MANIFESTS = load_manifests()
+@functools.cache
+def _rendered(overlay: str) -> tuple[Doc, ...]:
+    result = subprocess.run([kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)], capture_output=True,
+                            text=True, check=False, timeout=120)
+    assert result.returncode == 0, f"kubectl kustomize deploy/kubernetes/overlays/{overlay}: {result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc is not None)
+
+
+def render(overlay: str) -> list[Doc]:
+    """Every document the overlay renders to, as `kubectl apply -k deploy/kubernetes/overlays/<overlay>` applies."""
+    return copy.deepcopy(list(_rendered(overlay)))
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
 
 
 @pytest.fixture
-def docs() -> list[Doc]:
-    return copy.deepcopy([doc for _, doc in MANIFESTS])
+def docs(overlay: str) -> list[Doc]:
+    return render(overlay)
 
 
 def one(docs: list[Doc], kind: str, name: str = "meshplane") -> Doc:
     found = [d for d in docs if d.get("kind") == kind and d.get("metadata", {}).get("name") == name]
-    assert len(found) == 1, f"expected one {kind} {name!r} in deploy/kubernetes, found {len(found)}"
+    assert len(found) == 1, f"expected one {kind} {name!r} in the rendered manifests, found {len(found)}"
     return found[0]
 
 
@@ -184,6 +198,8 @@ def check_serve_flags(docs: list[Doc]) -> None:
         assert name in cli_flags("serve"), f"{name} is not a flag of `meshplane serve`"
     for name, value in SERVE_ARGS.items():
         assert serve.get(name) == value, f"serve {name}: {serve.get(name)!r}, expected {value!r}"
+    local = serve.get("--local-cluster")
+    assert local and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", local), f"--local-cluster {local!r}: no cluster id"
     assert "--ads-plaintext" not in serve, "--ads-plaintext: ADS is served over mTLS only"
 
 
@@ -408,12 +424,14 @@ MUTATIONS: list[tuple[Callable[[list[Doc]], None], str, Mutation]] = [
         _set("Deployment", f"{_C}.args", ["pip install --no-cache-dir meshplane && exec meshplane serve"]))),
     (check_nothing_installed_at_start, "pip in args", _args(lambda a: ["pip", "install", "meshplane", *a])),
     (check_serve_flags, "unknown flag", _args(lambda a: [*a, "--no-such-flag=1"])),
-    (check_serve_flags, "global flag after serve", _args(lambda a: [*a, "--log-format=json"])),
     (check_serve_flags, "unknown global flag", _args(lambda a: ["--verbose", *a])),
     (check_serve_flags, "missing --client-ca", _args(lambda a: [w for w in a if not w.startswith("--client-ca")])),
     (check_serve_flags, "plaintext ADS", _args(lambda a: [*a, "--ads-plaintext=0.0.0.0:18002"])),
     (check_serve_flags, "flag and value as two words", _args(
         lambda a: [*a[:a.index("serve") + 1], "--local-cluster", "cluster-1", *a[a.index("serve") + 2:]])),
+    (check_serve_flags, "no --local-cluster", _args(lambda a: [w for w in a if not w.startswith("--local-cluster")])),
+    (check_serve_flags, "empty --local-cluster", _args(
+        lambda a: [("--local-cluster=" if w.startswith("--local-cluster") else w) for w in a])),
     (check_serve_flags, "no serve", _args(lambda a: [w for w in a if w != "serve"])),
     (check_probes, "readiness on /healthz", _set("Deployment", f"{_C}.readinessProbe.httpGet.path", "/healthz")),
     (check_probes, "liveness on the xDS port", _set("Deployment", f"{_C}.livenessProbe.httpGet.port", XDS_PORT)),
@@ -484,23 +502,50 @@ def test_every_check_has_a_mutation() -> None:
 
 # ---- the Kubernetes schemas -------------------------------------------------------------------------------------
 
+def base_files() -> list[str]:
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    return list(kustomization["resources"])
+
+
 def test_the_manifests_are_the_expected_files() -> None:
-    names = {path.name for path in DEPLOY.glob("*.yaml")}
-    assert {"meshplane.yaml", "policy-configmap.yaml", "rbac-control-plane.yaml", "rbac-remote-reader.yaml"} <= names
-    assert all(doc.get("apiVersion") and doc.get("kind") for _, doc in MANIFESTS)
+    assert base_files() == ["rbac-remote-reader.yaml", "rbac-control-plane.yaml", "policy-configmap.yaml",
+                            "meshplane.yaml"]
+    assert {p.name for p in BASE.glob("*.yaml")} == {"kustomization.yaml", *base_files()}, "a base file not in use"
+    assert OVERLAYS == ["cluster-1", "cluster-2"]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize(("file", "doc"), MANIFESTS,
-                         ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in MANIFESTS])
-def test_every_manifest_validates_against_the_kubernetes_schema(file: str, doc: Doc, version: str) -> None:
+def test_every_manifest_validates_against_the_kubernetes_schema(overlay: str, version: str) -> None:
     """Strict: an unknown or misspelt field fails, as `kubectl apply --validate=strict` would."""
-    try:
-        validated = kubernetes_validate.validate(doc, version, strict=True)
-    except kubernetes_validate.ValidationError as exc:
-        where = ".".join(str(p) for p in exc.path)
-        pytest.fail(f"{file}: {doc['kind']} {doc['metadata']['name']}: {where}: {exc.message}")
-    assert validated == version
+    docs = render(overlay)
+    assert docs and all(doc.get("apiVersion") and doc.get("kind") for doc in docs)
+    problems = []
+    for doc in docs:
+        try:
+            assert kubernetes_validate.validate(doc, version, strict=True) == version
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            problems.append(f"{doc['kind']} {doc['metadata']['name']}: {where}: {exc.message}")
+    assert problems == [], f"overlays/{overlay}, Kubernetes {version}:\n" + "\n".join(problems)
+
+
+def test_each_overlay_is_the_base_for_its_own_cluster(overlay: str) -> None:
+    """What `kubectl apply -k overlays/<id>` applies: every base document, --local-cluster=<id> added, nothing else."""
+    docs = render(overlay)
+    _, serve = serve_args(docs)
+    local = serve.get("--local-cluster")
+    assert local == overlay, f"overlays/{overlay} runs --local-cluster={local}"
+    base = [doc for name in base_files() for doc in yaml.safe_load_all((BASE / name).read_text()) if doc is not None]
+    args = container(base)["args"]
+    assert not any(a.startswith("--local-cluster") for a in args), "the base names a cluster"
+    args.append(f"--local-cluster={overlay}")
+    key = lambda d: (d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"])  # noqa: E731
+    assert sorted(map(json.dumps, _normalised(docs, key))) == sorted(map(json.dumps, _normalised(base, key)))
+
+
+def _normalised(docs: list[Doc], key: Callable[[Doc], tuple[str, str, str]]) -> list[Doc]:
+    """Sorted by kind and name; YAML 1.1's octal (0440) read as kustomize writes it (288)."""
+    return sorted(json.loads(json.dumps(docs, sort_keys=True)), key=key)
 
 
 @pytest.mark.parametrize(("what", "mutate"), [
@@ -870,20 +915,16 @@ def test_the_dockerignore_matcher(patterns: list[str], path: str, excluded: bool
 def test_the_docs_name_the_build_command_and_every_manifest() -> None:
     docs = (ROOT / "docs" / "deploying.md").read_text()
     assert "docker build -t meshplane:dev ." in docs
-    for path in sorted(DEPLOY.glob("*.yaml")):
-        assert f"deploy/kubernetes/{path.name}" in docs, path.name
+    for name in base_files():
+        assert f"deploy/kubernetes/base/{name}" in docs, name
+    for overlay in OVERLAYS:
+        assert f"kubectl apply -k deploy/kubernetes/overlays/{overlay}" in docs, overlay
 
 
 # ---- the image, built and run (needs a Docker engine) -----------------------------------------------------------
 
-def _docker_engine() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _docker_engine(), reason="no Docker engine on this machine (docker is only a client here)")
+@pytest.mark.skipif(not docker_engine(), reason="no Docker engine on this machine (docker is only a client here)")
 def test_the_image_builds_and_runs_read_only_as_non_root() -> None:
     tag = f"meshplane-test:{uuid.uuid4().hex[:12]}"
     subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=1800)

@@ -12,7 +12,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from meshplane import explain
 from meshplane.demo import topology
 from meshplane.discovery import catalog, filesource, model
-from meshplane.policy import rules, validate
+from meshplane.policy import routing, rules, validate
 
 HZ_H = "cn-hangzhou/cn-hangzhou-h/cluster-1"
 AP_A = "ap-northeast-1/ap-northeast-1a/cluster-2"
@@ -30,7 +30,7 @@ def _s1() -> tuple[dict[model.ServiceKey, model.Service], rules.Policy]:
 
 
 def _cla(*groups: tuple[int, list[tuple[str, int]]], factor: int | None = None) -> endpoint_pb2.ClusterLoadAssignment:
-    """priority -> [(address, health)], health 1 healthy, 0 unhealthy."""
+    """priority -> [(host, health)], health 1 healthy, 0 unhealthy; host a is 10.0.0.1, b 10.0.0.2..."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name="c")
     if factor is not None:
         cla.policy.overprovisioning_factor.value = factor
@@ -38,7 +38,7 @@ def _cla(*groups: tuple[int, list[tuple[str, int]]], factor: int | None = None) 
         group = cla.endpoints.add(priority=priority, locality=base_pb2.Locality(region="r", zone=f"z{priority}"))
         for address, up in hosts:
             lb = group.lb_endpoints.add(health_status=health_check_pb2.HEALTHY if up else health_check_pb2.UNHEALTHY)
-            lb.endpoint.address.socket_address.address = address
+            lb.endpoint.address.socket_address.address = f"10.0.0.{ord(address) - ord('a') + 1}"
             lb.endpoint.address.socket_address.port_value = 80
     return cla
 
@@ -47,7 +47,7 @@ def _cla(*groups: tuple[int, list[tuple[str, int]]], factor: int | None = None) 
     pytest.param(_cla((0, [("a", 1), ("b", 1)]), (1, [("c", 1)])), [], {0: 100.0}, id="healthy-p0-takes-all"),
     # Envoy's docs: P0 at 50 % healthy x 1.4 = 70 %, P1 healthy takes the other 30 %.
     pytest.param(_cla((0, [("a", 1), ("b", 0)]), (1, [("c", 1)])), [], {0: 70.0, 1: 30.0}, id="p0-half-healthy"),
-    pytest.param(_cla((0, [("a", 1), ("b", 1)]), (1, [("c", 1)])), ["endpoint=a"], {0: 70.0, 1: 30.0},
+    pytest.param(_cla((0, [("a", 1), ("b", 1)]), (1, [("c", 1)])), ["endpoint=10.0.0.1"], {0: 70.0, 1: 30.0},
                  id="down-counts-as-ejected"),
     pytest.param(_cla((0, [("a", 1), ("b", 1)]), (1, [("c", 1)])), ["zone=z0"], {1: 100.0}, id="zone-down"),
     # Every priority degraded: the healths are normalised (70 + 35 = 105 > 100: not normalised; P1 gets 30).
@@ -59,7 +59,8 @@ def _cla(*groups: tuple[int, list[tuple[str, int]]], factor: int | None = None) 
     # Active-standby's factor: one healthy endpoint of three keeps all of the traffic.
     pytest.param(_cla((0, [("a", 1), ("b", 0), ("c", 0)]), (1, [("d", 1)]), factor=1_000_000), [], {0: 100.0},
                  id="standby-factor"),
-    pytest.param(_cla((0, [("a", 1)]), (1, [("b", 1)])), ["endpoint=a", "endpoint=b"], {}, id="nothing-left"),
+    pytest.param(_cla((0, [("a", 1)]), (1, [("b", 1)])), ["endpoint=10.0.0.1", "endpoint=10.0.0.2"], {},
+                 id="nothing-left"),
 ])
 def test_priority_load_follows_envoys_algorithm(
     cla: endpoint_pb2.ClusterLoadAssignment, down: list[str], shares: dict[int, float]
@@ -153,6 +154,12 @@ def test_gateway_explains_the_matching_route_and_each_backends_table() -> None:
     missing = explain.gateway(services, policy, name="edge", origin="", host="example.com", path="/nothing",
                               headers={}, method="GET", down=[])
     assert missing["matched"] is None
+    # As the gateway matches: a port in the Host is ignored (also an IPv6 address's).
+    with_port = explain.gateway(services, policy, name="edge", origin="", host="example.com:8080", path="/mocka",
+                                headers={}, method="GET", down=[])
+    assert with_port["matched"] is not None and with_port["matched"]["rule"] == 0
+    assert routing.without_port("[::1]:8080") == "[::1]" and routing.without_port("[::1]") == "[::1]"
+    assert routing.without_port("example.com") == "example.com"
     with pytest.raises(explain.ExplainError, match="no gateway 'west' in the policy"):
         explain.gateway(services, policy, name="west", origin="", host="h", path="/", headers={}, method="GET",
                         down=[])

@@ -533,6 +533,23 @@ def test_stall_hangs_requests_and_holds_back_watch_events(
     assert [s.metadata.name for s in core.list_namespaced_service("shop").items] == ["web"]
 
 
+def test_held_watches_deliver_late_and_in_order_while_others_carry_on(
+        fake: FakeKubeAPI, core: client.CoreV1Api, streamers: Callable[..., Streamer]) -> None:
+    start = fake.resource_version
+    services = streamers(core.list_namespaced_service, "shop", resource_version=start)
+    pods = streamers(core.list_namespaced_pod, "shop", resource_version=start)
+    poll(lambda: fake.open_watches() == 2, what="both watches to open")
+    fake.hold_watches(("services",))
+    fake.put("services", service("web", "shop"))
+    fake.put("services", service("api", "shop"))
+    fake.put("pods", pod("p", "shop", {"app": "web"}))  # written after the services, delivered before them
+    poll(lambda: pods.events, what="the pod event, not held")
+    assert services.events == []
+    fake.hold_watches(())
+    poll(lambda: len(services.events) == 2, what="the held-back services events")
+    assert services.summary() == [("ADDED", "web"), ("ADDED", "api")]
+
+
 def test_two_instances_are_independent(start_fake: Callable[[str], FakeKubeAPI]) -> None:
     east, west = start_fake("east"), start_fake("west")
     assert east.url != west.url

@@ -148,3 +148,56 @@ async def test_the_gateway_holds_what_meshplane_sent(edge: Edge) -> None:
         == [("cluster-1", 0, 9), ("cluster-2", 1, 1)]
     assert standby["policy"]["overprovisioning_factor"] == 1_000_000
     assert edge.nacks() == 0
+
+
+# --- the standby only when the first cluster has nothing left, also for retries (issue 18, item 13) ---
+
+STANDBY_PORT = free_port()
+IN_A, IN_B = "standby@cn-beijing-a", "standby@cn-beijing-b"
+STANDBY_POLICY = f"""\
+apiVersion: meshplane.io/v2
+defaults:
+  outlierDetection:
+    # Three refused connections before an ejection: several requests meet the dead endpoint first.
+    consecutive5xxErrors: 3
+    consecutiveLocalOriginFailures: 3
+    splitExternalLocalOriginErrors: true
+    interval: 30s
+    baseEjectionTime: 5m
+gateways:
+  - name: edge
+    listeners: [{{name: http, port: {STANDBY_PORT}}}]
+routes:
+  - name: standby
+    parentRefs: [{{PARENT}}]
+    rules:
+      - backendRefs: [{{name: standby, port: 8000, clusters: [cluster-1, cluster-2]}}]
+"""
+GATEWAY_PARENT, SIDECAR_PARENT = "{name: edge}", "{kind: Service, name: standby, port: 8000}"
+
+
+@pytest.mark.parametrize("sidecar", [False, True], ids=["gateway", "sidecar"])
+async def test_a_retry_stays_in_the_first_cluster_while_it_has_a_healthy_endpoint(
+        tmp_path: Path, sidecar: bool) -> None:
+    """Cluster-1 has a dead endpoint (listed, refusing connections) and a healthy one, cluster-2 one.
+    A request that meets the dead one is retried on cluster-1's healthy one, not in cluster-2: no
+    request reaches cluster-2, none fails. (Before: each retry left the priority it failed in.)"""
+    world = Edge(tmp_path, {"standby": [C1, C1, C2]}, gateway_at=C1, sidecar=sidecar)
+    port, host = (world.port, "standby") if sidecar else (STANDBY_PORT, "example.com")
+    try:
+        await world.start(STANDBY_POLICY.replace("{PARENT}", SIDECAR_PARENT if sidecar else GATEWAY_PARENT))
+        await wait_for(lambda: _tally_is(world, port, host, {(200, IN_A): 10}), what="cluster-1 serving")
+        dead = next(r for r in world.replicas if r.place == C1)
+        await dead.server.stop()
+        got = await world.tally(60, port, host, "/", batch=1)
+        assert got == {(200, IN_A): 60}, got
+        assert world.gateway is not None
+        stats = await world.gateway.stats(filter=r"cluster=cluster-1>cluster-2.*\.upstream_rq_retry$")
+        assert sum(stats.values()) >= 1, stats  # the dead endpoint was met, and the request retried
+        assert world.nacks() == 0
+    finally:
+        await world.stop()
+
+
+async def _tally_is(world: Edge, port: int, host: str, expected: dict[tuple[int, str], int]) -> bool:
+    return await world.tally(sum(expected.values()), port, host, "/") == expected

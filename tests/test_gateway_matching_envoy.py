@@ -129,9 +129,22 @@ async def _name(world: Edge, path: str, **kw: Any) -> str:
     ("/anything", {"host": "example.org"}, "404"),  # *.example.org is not example.org
     ("/pre", {"host": "other.com"}, "404"),
     ("/empty", {}, "503"),  # a backend no source knows: no endpoint
+    # Gateway API ignores a port in the Host header when matching hostnames (curl http://example.com:8080/).
+    ("/pre", {"host": f"example.com:{PORT}"}, "prefix-short"),
+    ("/pre", {"host": "example.com:80"}, "prefix-short"),
+    ("/anything", {"host": f"shop.example.org:{PORT}"}, "wildcard"),
+    ("/anything", {"host": f"example.org:{PORT}"}, "404"),
+    ("/pre", {"host": f"other.com:{PORT}"}, "404"),
 ])
 async def test_matching_and_precedence(edge: Edge, path: str, kw: dict[str, Any], reaches: str) -> None:
     assert await _name(edge, path, **kw) == reaches
+
+
+async def test_a_host_with_a_port_reaches_its_backend_with_the_port_kept(edge: Edge) -> None:
+    """The port is ignored for matching only: the backend sees the Host the client sent."""
+    status, seen = await _call(edge, "/pre", host=f"example.com:{PORT}")
+    assert status == 200 and seen["name"].startswith("prefix-short"), seen
+    assert seen["headers"]["host"] == f"example.com:{PORT}"
 
 
 async def test_filters_set_add_remove_headers_and_rewrite_the_prefix(edge: Edge) -> None:

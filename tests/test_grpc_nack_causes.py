@@ -181,3 +181,42 @@ async def test_grpc_nacks_the_envoy_form_and_acks_meshplanes(case: Case) -> None
     finally:
         await replica.stop()
 
+
+
+REDIRECTING = """\
+apiVersion: meshplane.io/v2
+routes:
+- name: echo
+  parentRefs: [{kind: Service, name: echo, port: 50051}]
+  rules:
+  - matches: [{headers: [{name: x-moved, value: "yes"}]}]
+    filters: [{type: RequestRedirect, requestRedirect: {hostname: other.example.com}}]
+  - filters:
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-a, value: "1"}]}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 50051}}}
+    retry: {codes: [503], attempts: 2, backoff: 20ms}
+    backendRefs: [{name: echo, port: 50051}]
+"""
+
+
+async def test_grpc_takes_gateway_api_filters_a_redirect_fails_its_calls_others_are_served() -> None:
+    """A RequestRedirect stays a redirect for gRPC, which fails the calls it matches (UNAVAILABLE), as a
+    proxy's redirect fails a gRPC call; the other filters are left out. Nothing is NACKed."""
+    loaded = validate.load_policy_text(REDIRECTING, path="policy.yaml")
+    assert loaded.policy is not None, loaded.errors
+    replica = grpcecho.Replica("echo", "z1", free_port())
+    await replica.start()
+    try:
+        resources = {**_base(replica.port),
+                     typeurls.ROUTE: [routeconfig.grpc_route_config(SERVICE, PORT, loaded.policy)]}
+        async with FixedAds(resources) as ads:
+            boot = bootstrap(ads.port, node_id="grpc-filters", region="r1", zone="z1", cluster="c1")
+            async with XdsClient(boot, f"xds:///{LISTENER}", rate=20) as served, \
+                    XdsClient(boot, f"xds:///{LISTENER}", rate=20, headers=("x-moved=yes",)) as moved:
+                start = time.monotonic()
+                await wait_for(lambda: served.ok_in({"z1"}, start, 3) and len(moved.since(start)) >= 3,
+                               timeout=20, what="calls answered")
+                assert not served.nacks() and not moved.nacks(), (served.nacks(), moved.nacks())
+                assert {(c.ok, c.code) for c in moved.since(start)[-3:]} == {(False, "UNAVAILABLE")}, moved.calls
+    finally:
+        await replica.stop()

@@ -22,7 +22,7 @@ from tests.conftest import wait_for
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, kubeconfig_secret, node, pod, service
 from tests.test_clusters import FAST
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "base"
 Grant = tuple[str, str, str]  # API group, resource, verb
 
 

@@ -388,7 +388,23 @@ async def test_pagination_with_a_thousand_services(fake: FakeKubeAPI, start_sour
     assert not any(r.path == "/api/v1/pods" for r in fake.requests)  # watch_pods=False
 
 
+ORPHANED = "endpoint slices without their service: left out"  # the line an operator sees
+
+
+def orphan_warnings(logs: list[dict[str, Any]]) -> list[str]:
+    return [e["object"] for e in logs if e["event"] == ORPHANED and e["log_level"] == "warning"]
+
+
+def cart_slice(*addresses: str, name: str = "cart-a", service_name: str = "cart") -> dict[str, Any]:
+    return endpoint_slice(name, "shop", service_name, [endpoint(a, node_name="n1") for a in addresses],
+                          ports=[{"name": "http", "port": 8080}])
+
+
+CART = model.service_key("shop", "cart")
+
+
 async def test_service_deleted_before_its_slices(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    """The EndpointSlice controller removes a deleted Service's slices a moment later: a normal ordering."""
     populate(fake)
     catalog = catalog_mod.Catalog([C1])
     recorder = Recorder(catalog)
@@ -405,8 +421,102 @@ async def test_service_deleted_before_its_slices(fake: FakeKubeAPI, start_source
                                                   ports=[{"name": "grpc", "port": 9091}]))
         await wait_for(lambda: addresses(catalog, API) == {"10.0.1.2": model.Health.HEALTHY}, what="api still works")
     assert [c.services for c, _ in recorder.seen[n:]] == [{API}]  # the orphan slices published nothing
-    orphans = [e for e in logs if e["event"].startswith("endpoint slices without their service")]
-    assert len(orphans) == 1 and orphans[0]["object"] == "Service shop/web"
+    assert orphan_warnings(logs) == []  # gone within the grace: nothing to tell the operator
+
+
+@pytest.mark.parametrize("lag", ["within the grace", "past the grace"])
+async def test_a_slice_whose_service_comes_on_a_later_watch_event_gives_no_warning(
+    fake: FakeKubeAPI, start_source: StartSource, lag: str
+) -> None:
+    """A Service and its slice written a millisecond apart, the slice's watch delivering first.
+
+    Past the grace, time alone does not decide: the services watch has not reached the slice's resourceVersion.
+    """
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    source = await synced(start_source, catalog, **({"orphan_grace": 0.1} if lag == "past the grace" else {}))
+    slices = source._by_resource["endpointslices"][""]
+    with structlog.testing.capture_logs() as logs:
+        fake.hold_watches(("services",))
+        fake.put("services", service("cart", "shop", ports=HTTP))
+        fake.put("endpointslices", cart_slice("10.0.2.1"))
+        await wait_for(lambda: "shop/cart-a" in slices.store and source._flush_handle is None and not source._dirty,
+                       what="the slice handled before its service")
+        if lag == "past the grace":
+            await wait_for(lambda: orphan_warnings(logs) or source._orphans.waiting(CART),
+                           what="the slice past its grace, waiting for the services watch")
+        assert CART not in catalog.services
+        fake.hold_watches(())
+        await wait_for(lambda: addresses(catalog, CART) == {"10.0.2.1": model.Health.HEALTHY},
+                       what="cart served once its service came")
+    assert orphan_warnings(logs) == []
+
+
+async def test_a_real_orphan_is_reported_once_when_the_services_watch_has_caught_up(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    populate(fake)
+    fake.put("endpointslices", cart_slice("10.0.3.1", name="ghost-a", service_name="ghost"))  # no Service, ever
+    catalog = catalog_mod.Catalog([C1])
+    with structlog.testing.capture_logs() as logs:
+        source = await synced(start_source, catalog, orphan_grace=0.1)
+        # Listed at one resourceVersion: the services list has caught up with the slices already.
+        await wait_for(lambda: orphan_warnings(logs), what="the orphan from the first list reported")
+        # After the sync: the services watch reaches the slice's version only with a bookmark (nothing else
+        # changes in services), and the slice is held back until then.
+        fake.put("endpointslices", cart_slice("10.0.3.2", name="lost-a", service_name="lost"))
+        lost = model.service_key("shop", "lost")
+        await wait_for(lambda: len(orphan_warnings(logs)) > 1 or source._orphans.waiting(lost),
+                       what="the new orphan waiting for the services watch")
+        assert orphan_warnings(logs) == ["Service shop/ghost"]
+        fake.send_bookmarks()
+        await wait_for(lambda: len(orphan_warnings(logs)) == 2, what="the new orphan reported")
+        # A Service deleted for good while its slices stay: reported too, once it has been so for the grace.
+        fake.delete("services", "shop", "web")
+        await wait_for(lambda: len(orphan_warnings(logs)) == 3, what="the deleted service's slices reported")
+        for i in range(3):  # the orphans' slices change; the sources settle again and again
+            fake.put("endpointslices", cart_slice(f"10.0.4.{i}", name="ghost-a", service_name="ghost"))
+            fake.put("endpointslices", cart_slice(f"10.0.5.{i}", name="lost-a", service_name="lost"))
+            fake.put("endpointslices", web_slice(endpoint(f"10.0.6.{i}", node_name="n1")))
+            fake.send_bookmarks()
+        fake.put("endpointslices", endpoint_slice("api-a", "shop", "api", [endpoint("10.0.1.2", node_name="n1")],
+                                                  ports=[{"name": "grpc", "port": 9091}]))
+        await wait_for(lambda: addresses(catalog, API) == {"10.0.1.2": model.Health.HEALTHY},
+                       what="the slice events after them handled")
+        await wait_for(lambda: source._orphan_handle is None, what="no orphan left to judge")
+    assert orphan_warnings(logs) == ["Service shop/ghost", "Service shop/lost", "Service shop/web"]
+    assert [e["slices"] for e in logs if e["event"] == ORPHANED] == [1, 1, 2]
+    assert WEB not in catalog.services and CART not in catalog.services
+
+
+async def test_an_orphan_is_reported_after_the_backstop_when_the_services_watch_says_nothing(
+    fake: FakeKubeAPI, start_source: StartSource
+) -> None:
+    """A server that sends no bookmarks: a services watch silent for bookmark_silence is not hiding a Service."""
+    populate(fake)
+    catalog = catalog_mod.Catalog([C1])
+    with structlog.testing.capture_logs() as logs:
+        source = await synced(start_source, catalog, orphan_grace=0.1, bookmark_silence=0.5)
+        fake.put("endpointslices", cart_slice("10.0.3.2", name="lost-a", service_name="lost"))
+        await wait_for(lambda: orphan_warnings(logs), what="the orphan reported after the backstop")
+    (warning,) = [e for e in logs if e["event"] == ORPHANED]
+    assert warning["object"] == "Service shop/lost" and warning["for_seconds"] >= 0.5
+    assert source._orphan_handle is None
+
+
+async def test_an_orphan_that_recurs_is_reported_again(fake: FakeKubeAPI, start_source: StartSource) -> None:
+    populate(fake)
+    fake.put("endpointslices", cart_slice("10.0.3.1"))
+    catalog = catalog_mod.Catalog([C1])
+    with structlog.testing.capture_logs() as logs:
+        await synced(start_source, catalog, orphan_grace=0.1)
+        await wait_for(lambda: orphan_warnings(logs), what="reported")
+        fake.put("services", service("cart", "shop", ports=HTTP))
+        await wait_for(lambda: CART in catalog.services, what="its service came")
+        fake.delete("services", "shop", "cart")
+        await wait_for(lambda: len(orphan_warnings(logs)) == 2, what="reported again")
+    assert [e["event"] for e in logs if e.get("object") == "Service shop/cart"] == [
+        ORPHANED, "endpoint slices have their service now", ORPHANED]
 
 
 async def test_bad_data_is_skipped_and_logged_once_not_per_event(fake: FakeKubeAPI, start_source: StartSource) -> None:

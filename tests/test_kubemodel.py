@@ -229,6 +229,18 @@ def test_bad_data_logged_once(obj: dict[str, Any], problem: str) -> None:
     assert name in logs[0]["object"]
 
 
+def test_forgetting_one_problem_of_an_object_keeps_its_others() -> None:
+    problems = kubemodel.Problems()
+    with structlog.testing.capture_logs() as logs:
+        problems.report("a", "Service shop/web")
+        problems.report("b", "Service shop/web")
+        problems.forget("Service shop/web", "a")
+        for problem in ("a", "b"):
+            problems.report(problem, "Service shop/web")
+    assert [entry["event"] for entry in logs] == ["a", "b", "a"]
+    assert ("b", "Service shop/web") in problems
+
+
 def test_bad_slices_are_skipped_not_fatal() -> None:
     problems = kubemodel.Problems()
     assert kubemodel.slice_record(eps(address_type="FQDN"), problems) is None
@@ -254,3 +266,13 @@ def test_records_ignore_what_we_do_not_keep() -> None:
     assert kubemodel.node_record(a) == kubemodel.node_record(b)
     assert kubemodel.object_key(a) == "n1"
     assert kubemodel.object_key(eps()) == "shop/web-abc"
+
+
+@pytest.mark.parametrize(("version", "other", "expected"), [
+    ("12", "12", True), ("13", "12", True), ("9", "10", False),  # numbers, not strings: "9" > "10" as text
+    ("123456789012345678901234567890", "2", True),  # no limit on length
+    ("", "12", None), ("12", "", None), ("012", "12", None), ("0", "1", None), ("a1", "1", None),
+    ("١٢", "1", None),  # decimal digits, but not ASCII ones
+])
+def test_resource_versions_compare_as_kubernetes_defines_it(version: str, other: str, expected: bool | None) -> None:
+    assert kubemodel.version_at_least(version, other) is expected

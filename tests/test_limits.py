@@ -3,14 +3,19 @@ flag, and a count in meshplane_xds_refused_streams_total; a client under the lim
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from bench import common, refusals
 from meshplane import app
-from meshplane.xds import adsbase, typeurls
+from meshplane.xds import adsbase, streams, typeurls
 from meshplane.xds import client as ads_client
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
@@ -118,3 +123,96 @@ async def test_default_limits_refuse_three_megabytes_of_metadata(start_plane: An
             error = await _refusal(fat)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-node-bytes" in (error.details() or "")
     assert len(plane.streams) == 0
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    """No cyclic garbage collection during the test: what `serve` is like once cli.tune_gc has frozen the
+    heap and raised the thresholds (a quiet server may go hours without a collection). Whatever a stream
+    leaves in a reference cycle stays; only what reference counting frees is freed."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+@pytest.mark.parametrize("ending", ["served", "node_size", "names", "bad_node"])
+async def test_a_closed_stream_is_freed_without_the_collector(
+    start_plane: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_collector: None, delta: bool, ending: str
+) -> None:
+    """A stream is freed as it closes, served or refused: before, the watch (served) and gRPC's AbortError
+    (refused) each held the stream in a cycle, with its view and node, until a full collection."""
+    plane = await _plane(start_plane, tmp_path, names=5)
+    opened: list[weakref.ref[streams.Stream]] = []
+    open_stream = plane.streams.open_stream
+
+    def recorded(*args: Any, **kwargs: Any) -> streams.Stream:
+        stream = open_stream(*args, **kwargs)
+        opened.append(weakref.ref(stream))
+        return stream
+
+    monkeypatch.setattr(plane.streams, "open_stream", recorded)
+    metadata: dict[str, Any] = {"labels": {"pad": "x" * 60_000}}  # a node of 60 KB, as in the issue
+    if ending == "node_size":
+        metadata = {"labels": {"pad": "x" * 70_000}}
+    elif ending == "bad_node":
+        metadata["listener_port"] = 70000
+    names = [f"outbound|8000||s{i}.default.svc.cluster.local" for i in range(6)] if ending == "names" else []
+    type_url = typeurls.ENDPOINT if names else typeurls.CLUSTER
+    async with _client(plane, delta=delta, **metadata) as client:
+        try:
+            if isinstance(client, ads_client.DeltaClient):
+                await client.delta(type_url, names)
+                received = [r.name for r in (await client.recv_delta()).resources]
+            else:
+                await client.request(type_url, names)
+                received = ads_client.resource_names(await client.recv())
+        except grpc.aio.AioRpcError as error:
+            assert ending != "served", error
+            assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), error
+        else:
+            assert ending == "served" and received == [MOCKB], received
+    await wait_for(lambda: len(plane.streams) == 0, what="the stream closed")
+    assert len(opened) == 1
+    await wait_for(lambda: opened[0]() is None, what="the closed stream freed without a collection")
+
+
+REFUSED_ROUNDS = 4
+"""Rounds of bench.refusals.refused_streams(): ~144 MB of refused requests each, 577 MB in all."""
+
+WORKING_SET_MIB = 128
+"""What the server may keep over idle after any number of refusals: the allocator keeps, for reuse, about
+the peak that the requests in flight needed (5 at once here, each of up to 5 MiB, and its decoding).
+Measured: 28-71 MiB. Before the fix RSS grew by the bytes refused: 270, 411, 568, 706 MiB after the
+four rounds, from 86 MiB idle."""
+
+
+@pytest.mark.slow
+async def test_rss_levels_off_near_idle_under_rounds_of_refused_streams(tmp_path: Path) -> None:
+    """Streams refused for every limit (node too large, bad node data, too many names, request too large),
+    round after round against `meshplane serve` with the shipped limits: the server's RSS levels off near
+    idle (docs/security.md)."""
+    mesh = common.Mesh(services=10, endpoints=2)
+    files = mesh.write(tmp_path)
+    policy = common.write_policy(tmp_path / "policy.yaml")
+    refused = refusals.refused_streams()
+    assert {s.reason for s in refused} == {"node_size", "bad_request", "names", "request_size"}
+    with common.Meshplane(tmp_path, files, policy) as server:
+        await asyncio.to_thread(server.wait_ready, 60)
+        idle = common.memory_mib(server.pid)["rss_mib"]
+        after = []
+        for _ in range(REFUSED_ROUNDS):
+            codes = await refusals.send(server.target, refused, concurrency=5)
+            assert codes == [s.code for s in refused]  # each refused with its limit's status
+            after.append(common.memory_mib(server.pid)["rss_mib"])
+        counted = {dict(labels)["reason"]: value for (name, labels), value in server.metrics().items()
+                   if name == "meshplane_xds_refused_streams_total" and value}
+    per_round = sum(len(s.raw) for s in refused) / 2**20
+    assert counted == {reason: REFUSED_ROUNDS * sum(1 for s in refused if s.reason == reason)
+                       for reason in ("node_size", "bad_request", "names", "request_size")}
+    rounds = ", ".join(f"{rss:.0f}" for rss in after)
+    # Levels off: the three rounds after the first (~410 MiB refused) add less than half of one round.
+    assert max(after[1:]) - after[0] < per_round / 2, f"RSS idle {idle:.0f} MiB, after each round {rounds} MiB"
+    assert max(after) - idle < WORKING_SET_MIB, f"RSS idle {idle:.0f} MiB, after each round {rounds} MiB"

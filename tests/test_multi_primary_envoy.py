@@ -206,9 +206,11 @@ async def test_two_replicas_serve_identical_resources_and_versions(start_plane: 
                     [HELLO] if type_url == typeurls.ENDPOINT else ["outbound|http|default"])
                 await sotw.request(type_url, names)
                 response = await sotw.recv()
+                await sotw.ack(response)  # a route is sent once the clusters it names are ACKed
                 got[type_url] = (response.version_info, [r.SerializeToString() for r in response.resources])
                 await delta.delta(type_url, names or ["*"])
                 dresponse = await delta.recv_delta()
+                await delta.ack_delta(dresponse)
                 got[type_url + "/delta"] = (dresponse.system_version_info,
                                             sorted((r.name, r.version, r.resource.SerializeToString())
                                                    for r in dresponse.resources))

@@ -659,6 +659,8 @@ def _editor_schema() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads((ROOT / "docs/policy.schema.json").read_text()))
 
 
+V2_ROUTE = ("apiVersion: meshplane.io/v2\ngateways: [{{name: edge, listeners: [{{name: http, port: 80}}]}}]\n"
+            "routes: [{{name: r, parentRefs: [{{name: edge}}], rules: [{rule}]}}]\n")
 SHAPES = [
     pytest.param("", True, id="empty-file"),
     pytest.param("# nothing yet\n", True, id="comments-only"),
@@ -672,6 +674,18 @@ SHAPES = [
     pytest.param(HEAD + "defaults: {outlierDetection: {maxEjectionPercent: 101}}\n", False, id="out-of-range"),
     pytest.param("- apiVersion: meshplane.io/v1\n", False, id="a-list"),
     pytest.param("42\n", False, id="a-number"),
+    # Gateway API's HTTPRoute fields: what both take, and what both refuse.
+    pytest.param(V2_ROUTE.format(rule="{retry: {codes: [500], attempts: 1, backoff: 10ms}, timeouts: "
+                                      "{request: 0s, backendRequest: 1s}, backendRefs: [{name: s, port: 80}]}"),
+                 True, id="gep-1731-retry-and-timeouts"),
+    pytest.param(V2_ROUTE.format(rule="{filters: [{type: RequestRedirect, requestRedirect: {scheme: https, "
+                                      "statusCode: 301}}]}"), True, id="redirect-without-backends"),
+    pytest.param(V2_ROUTE.format(rule="{filters: [{type: CORS}], backendRefs: [{name: s, port: 80}]}"), False,
+                 id="cors-refused"),
+    pytest.param(V2_ROUTE.format(rule="{retry: {codes: [600]}, backendRefs: [{name: s, port: 80}]}"), False,
+                 id="retry-code-out-of-range"),
+    pytest.param(V2_ROUTE.format(rule="{sessionPersistence: {}, backendRefs: [{name: s, port: 80}]}"), False,
+                 id="session-persistence-refused"),
 ]
 
 

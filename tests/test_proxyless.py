@@ -144,6 +144,45 @@ def test_no_retry_policy_when_no_condition_is_a_grpc_status() -> None:
     assert not any(r.route.HasField("retry_policy") for r in config.virtual_hosts[0].routes)
 
 
+FILTERED = """\
+apiVersion: meshplane.io/v2
+routes:
+  - name: echo
+    parentRefs: [{kind: Service, name: echo, port: 50051}]
+    rules:
+      - matches: [{path: {type: Exact, value: /echo.Echo/Old}}]
+        filters: [{type: RequestRedirect, requestRedirect: {hostname: other.example.com}}]
+      - matches: [{path: {type: Exact, value: /echo.Echo/Call}}]
+        filters:
+          - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-a, value: "1"}]}}
+          - {type: RequestMirror, requestMirror: {backendRef: {name: echo, port: 50051}}}
+        retry: {codes: [503], attempts: 3, backoff: 50ms}
+        timeouts: {request: 5s, backendRequest: 1s}
+        backendRefs: [{name: echo, port: 50051}]
+      - matches: [{path: {type: Exact, value: /echo.Echo/Once}}]
+        retries: {attempts: 0}
+        timeouts: {request: 5s, backendRequest: 1s}
+        backendRefs: [{name: echo, port: 50051}]
+"""
+
+
+def test_gateway_api_filters_timeouts_and_retries_become_what_grpc_does_with_the_same_meaning() -> None:
+    config = _generate(_policy(FILTERED))[typeurls.ROUTE]["echo.default.svc.cluster.local:50051"]
+    assert isinstance(config, route_pb2.RouteConfiguration)
+    redirected, call, once = config.virtual_hosts[0].routes
+    # A redirect stays one: gRPC fails the calls it matches (UNAVAILABLE), as through a proxy.
+    assert redirected.WhichOneof("action") == "redirect"
+    # Header changes and mirrors are not applied: gRPC has neither.
+    assert not call.response_headers_to_add and not call.route.request_mirror_policies
+    # GEP-1731: of its conditions gRPC keeps the status codes it knows, and the back-off (gRFC A44).
+    policy = call.route.retry_policy
+    assert (policy.retry_on, policy.num_retries.value) == ("unavailable,cancelled", 3)
+    assert policy.retry_back_off.base_interval.ToMilliseconds() == 50
+    # gRPC has no timeout per try: the call's deadline is the request's, or without retries the backend's.
+    assert call.route.max_stream_duration.max_stream_duration.seconds == 5
+    assert once.route.max_stream_duration.max_stream_duration.seconds == 1
+
+
 def _cluster(policy: rules.Policy) -> cluster_pb2.Cluster:
     cluster = _generate(policy)[typeurls.CLUSTER]["outbound|50051||echo.default.svc.cluster.local"]
     assert isinstance(cluster, cluster_pb2.Cluster)

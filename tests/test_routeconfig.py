@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import random
 
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
+from envoy.type.v3 import percent_pb2
+
 from meshplane.discovery import model
 from meshplane.policy import placement, routing, rules
-from meshplane.xds import routeconfig, translate
+from meshplane.xds import routeactions, routeconfig, translate
 
 S = model.ServiceKey("default/s")
 
@@ -133,3 +139,101 @@ def test_a_gateway_spreads_by_endpoint_count_unless_asked_for_nearest() -> None:
                                      client=here, client_labels={}, settings=rules.LocalitySettings(),
                                      spread=routing.Spread.EVERYWHERE)
     assert {p.locality.cluster for p in pinned} == {"c1"}
+
+
+# --- Gateway API filters, timeouts and retries (issue 18, item 14) --------------------------------
+
+AT_EXAMPLE = routeactions.Listening("http", 8080, "example.com")
+
+
+def _entry(rule: routing.Rule, where: routeactions.Listening = AT_EXAMPLE,
+           retries: routing.Retries | None = None) -> route_components_pb2.Route:
+    [entry] = routeconfig.route_entries([routing.Route("r", "default", (), rules=(rule,))],
+                                        retries or routing.Retries(), where=where)
+    return entry
+
+
+REDIRECTS = [  # redirect, where it came in -> (scheme, host, port) of the Location Envoy builds
+    (routing.Redirect(scheme="https"), routeactions.Listening("http", 8080, "example.com"),
+     ("https", "example.com", 0)),  # the scheme's own port: none written
+    (routing.Redirect(hostname="b.example"), routeactions.Listening("http", 8080, "example.com"),
+     ("", "b.example", 8080)),  # no port given: the listener's
+    (routing.Redirect(), routeactions.Listening("https", 443, "example.com"), ("", "example.com", 0)),
+    (routing.Redirect(port=8443, scheme="https"), routeactions.Listening("http", 80, None), ("https", "", 8443)),
+    # A wildcard host: Envoy keeps the request's host and needs a port to drop the request's.
+    (routing.Redirect(scheme="https"), routeactions.Listening("http", 8080, None), ("https", "", 443)),
+    (routing.Redirect(port=80), routeactions.Listening("http", 8080, "example.com"), ("", "example.com", 0)),
+]
+
+
+@pytest.mark.parametrize(("redirect", "where", "location"), REDIRECTS)
+def test_a_redirect_gets_gateway_apis_port(redirect: routing.Redirect, where: routeactions.Listening,
+                                          location: tuple[str, str, int]) -> None:
+    entry = _entry(routing.Rule(matches=(_prefix("/a"),), redirect=redirect), where)
+    assert entry.WhichOneof("action") == "redirect"
+    got = entry.redirect
+    assert (got.scheme_redirect, got.host_redirect, got.port_redirect) == location
+    assert got.response_code == route_components_pb2.RedirectAction.FOUND  # Gateway API's default, 302
+
+
+def test_a_redirects_path_and_status() -> None:
+    prefix = _entry(routing.Rule(matches=(_prefix("/old"),), redirect=routing.Redirect(prefix="/new", status_code=308)))
+    assert prefix.redirect.prefix_rewrite == "/new"
+    assert prefix.redirect.response_code == route_components_pb2.RedirectAction.PERMANENT_REDIRECT
+    root = _entry(routing.Rule(matches=(_prefix("/old"),), redirect=routing.Redirect(prefix="/")))
+    assert (root.redirect.regex_rewrite.pattern.regex, root.redirect.regex_rewrite.substitution) == ("^(?:/old)/*", "/")
+    full = _entry(routing.Rule(redirect=routing.Redirect(full_path="/here", status_code=301)))
+    assert full.redirect.path_redirect == "/here"
+    assert full.redirect.response_code == route_components_pb2.RedirectAction.MOVED_PERMANENTLY
+
+
+def test_response_headers_mirrors_and_the_rule_name() -> None:
+    rule = _rule(_prefix("/a"))
+    rule = routing.Rule(
+        matches=rule.matches, backends=rule.backends, name="first",
+        response_headers=routing.HeaderModifier(set=(("x-s", "1"),), add=(("x-a", "2"),), remove=("x-r",)),
+        mirrors=(routing.Mirror(routing.Backend(model.ServiceKey("default/m"), 81)),
+                 routing.Mirror(routing.Backend(model.ServiceKey("other/m"), 82), per_million=250_000)))
+    entry = _entry(rule)
+    assert entry.name == "default/r/first"
+    assert [(h.header.key, h.header.value, h.append_action) for h in entry.response_headers_to_add] == [
+        ("x-s", "1", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD),
+        ("x-a", "2", base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD)]
+    assert list(entry.response_headers_to_remove) == ["x-r"]
+    everything, quarter = entry.route.request_mirror_policies
+    assert everything.cluster == "outbound|81||m.default.svc.cluster.local"
+    assert not everything.HasField("runtime_fraction")
+    assert quarter.cluster == "outbound|82||m.other.svc.cluster.local"
+    fraction = quarter.runtime_fraction.default_value
+    assert (fraction.numerator, fraction.denominator) == (250_000, percent_pb2.FractionalPercent.MILLION)
+
+
+def test_a_backend_request_timeout_is_each_tries_or_without_retries_the_requests() -> None:
+    rule = routing.Rule(matches=(_prefix("/a"),), backends=_rule().backends, timeout_ms=10_000,
+                        backend_timeout_ms=300)
+    tried = _entry(rule).route
+    assert (tried.timeout.ToMilliseconds(), tried.retry_policy.per_try_timeout.ToMilliseconds()) == (10_000, 300)
+    once = _entry(rule, retries=routing.Retries(attempts=0)).route
+    assert once.timeout.ToMilliseconds() == 300 and not once.HasField("retry_policy")
+    unbounded = _entry(routing.Rule(backends=_rule().backends, timeout_ms=0)).route
+    assert unbounded.HasField("timeout") and unbounded.timeout.ToMilliseconds() == 0  # 0s: no timeout
+
+
+def test_active_standby_rules_try_twice_per_priority_others_once() -> None:
+    standby = _entry(routing.Rule(backends=(routing.Backend(S, 80, clusters=("c1", "c2")),))).route
+    nearest = _entry(routing.Rule(backends=(routing.Backend(S, 80, clusters=("c1",)),))).route
+
+    def frequency(action: route_components_pb2.RouteAction) -> int:
+        config = previous_priorities_config_pb2.PreviousPrioritiesConfig()
+        action.retry_policy.retry_priority.typed_config.Unpack(config)
+        return config.update_frequency
+
+    assert (frequency(standby), frequency(nearest)) == (2, 1)
+
+
+def test_gateway_route_configurations_ignore_the_port_of_the_host_sidecars_do_not() -> None:
+    gateway = routing.Gateway("edge", (routing.Listener("http", 8080, "HTTP", "example.com"),))
+    assert routeconfig.gateway_route_config(gateway, 8080, rules.Policy(gateways=(gateway,))) \
+        .ignore_port_in_host_matching
+    service = model.Service("s", "default", (model.ServicePort("http", 80),))
+    assert not routeconfig.sidecar_route_config("default", [service], rules.Policy()).ignore_port_in_host_matching

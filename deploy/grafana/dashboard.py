@@ -24,7 +24,12 @@ OUT = Path(__file__).resolve().parent / "dashboards" / "meshplane.json"
 UID = "meshplane"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
-ON = '{instance=~"$instance"}'  # every query reads the instances chosen at the top (all by default)
+# Every query reads the jobs and instances chosen at the top. Both lists hold only what exports meshplane's
+# metrics; "All" jobs is that list (Grafana's regex of its values), "All" instances any of those jobs'.
+ON = '{job=~"$job", instance=~"$instance"}'
+# process_* metrics are every exporter's: keep the series of processes that are meshplane, whatever else a
+# job scrapes (a `kubernetes-pods` job scrapes every annotated pod under one job name).
+MESHPLANE_ONLY = f"and on (job, instance) meshplane_xds_connected_proxies{ON}"
 
 
 @dataclass(frozen=True)
@@ -131,11 +136,12 @@ PANELS: tuple[PanelSpec, ...] = (
     PanelSpec(
         "Process", "CPU",
         "CPU time per second of the meshplane process (1 = one core).",
-        "percentunit", (Query(f"rate(process_cpu_seconds_total{ON}[{RATE}])", "{{instance}}"),), "serving"),
+        "percentunit", (Query(f"rate(process_cpu_seconds_total{ON}[{RATE}]) {MESHPLANE_ONLY}", "{{instance}}"),),
+        "serving"),
     PanelSpec(
         "Process", "Memory",
         "Resident memory of the meshplane process.",
-        "bytes", (Query(f"process_resident_memory_bytes{ON}", "{{instance}}"),), "serving"),
+        "bytes", (Query(f"process_resident_memory_bytes{ON} {MESHPLANE_ONLY}", "{{instance}}"),), "serving"),
 )
 
 
@@ -148,8 +154,14 @@ def build() -> dashboard.Dashboard:
         .time("now-30m", "now")
         .with_variable(dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
         .with_variable(
+            dashboard.QueryVariable("job").label("job").datasource(DATASOURCE)
+            .query("label_values(meshplane_xds_connected_proxies, job)")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .multi(True).include_all(True)  # no custom "All": the regex of the jobs found, never `.*`
+        )
+        .with_variable(
             dashboard.QueryVariable("instance").label("instance").datasource(DATASOURCE)
-            .query("label_values(meshplane_xds_connected_proxies, instance)")
+            .query('label_values(meshplane_xds_connected_proxies{job=~"$job"}, instance)')
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .multi(True).include_all(True).all_value(".*")
         )

@@ -197,6 +197,10 @@ class Reflector(Generic[R]):
         self.store: dict[str, R] = {}  # loop thread only
         self.synced = False  # listed at least once (loop thread)
         self.listing = False  # a list is under way and its deletions are not known yet (loop thread)
+        # The resourceVersion the store is known to be current at: the last list's, event's or bookmark's
+        # (loop thread; "" before the first list). Lets the owner tell a watch that lags from one that has
+        # seen a point in the server's history.
+        self.version = ""
         self._decode = decode
         self._owner = owner
         self._problems = problems
@@ -253,19 +257,22 @@ class Reflector(Generic[R]):
             self._seen.add(key)
             self._put(key, record, seen_at)
 
-    def _listed(self, seen_at: float) -> None:
+    def _listed(self, seen_at: float, version: str) -> None:
         if self._stopping.is_set():
             return
         for key in [k for k in self.store if k not in self._seen]:
             self._delete(key, seen_at)
         self._seen = set()
         self.listing = False
+        self.version = version
         self.synced = True
         self._owner.on_listed(self, seen_at)
 
-    def _put(self, key: str, record: R | None, seen_at: float) -> None:
+    def _put(self, key: str, record: R | None, seen_at: float, version: str = "") -> None:
         if self._stopping.is_set():
             return
+        if version:  # before any early return: an event that changes nothing we keep still moves us on
+            self.version = version
         old = self.store.get(key)
         if record is None:
             if old is None:
@@ -277,9 +284,13 @@ class Reflector(Generic[R]):
             self.store[key] = record
         self._owner.on_change(self, key, old, record, seen_at)
 
-    def _delete(self, key: str, seen_at: float) -> None:
+    def _delete(self, key: str, seen_at: float, version: str = "") -> None:
         self._problems.forget(f"{self.kind} {key}")  # problems are reported as "<Kind> <key>"
-        self._put(key, None, seen_at)
+        self._put(key, None, seen_at, version)
+
+    def _advance(self, version: str) -> None:
+        if not self._stopping.is_set() and version:
+            self.version = version
 
     def _reachable(self, reachable: bool, error: str) -> None:
         if not self._stopping.is_set():
@@ -379,7 +390,7 @@ class Reflector(Generic[R]):
             cont = meta.get("continue") or None
             if cont is None:
                 self._rv = str(meta.get("resourceVersion") or "")
-                self._post(self._listed, seen_at)
+                self._post(self._listed, seen_at, self._rv)
                 return
 
     def _watch(self) -> None:
@@ -457,10 +468,12 @@ class Reflector(Generic[R]):
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             key = kubemodel.object_key(obj)
             if kind == "DELETED":
-                self._post(self._delete, key, seen_at)
+                self._post(self._delete, key, seen_at, rv)
             else:
-                self._post(self._put, key, self._record(obj), seen_at)
-        elif kind != "BOOKMARK":
+                self._post(self._put, key, self._record(obj), seen_at, rv)
+        elif kind == "BOOKMARK":
+            self._post(self._advance, rv)  # about once a minute: nothing changed, but the watch has moved on
+        else:
             log.warning("unknown watch event type ignored", **self._ctx, type=kind)
             return kind
         self._rv = rv or self._rv

@@ -64,9 +64,15 @@ class Problems:
             seen.add(problem)
         log.warning(problem, object=obj, cluster=self.cluster, **fields)
 
-    def forget(self, obj: str) -> None:
+    def forget(self, obj: str, problem: str | None = None) -> None:
+        """Forget every problem of `obj`, or only `problem`: the next report of it is logged again."""
         with self._lock:
-            self._seen.pop(obj, None)
+            if problem is None:
+                self._seen.pop(obj, None)
+            elif (seen := self._seen.get(obj)) is not None:
+                seen.discard(problem)
+                if not seen:
+                    del self._seen[obj]
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         problem, obj = item
@@ -133,6 +139,20 @@ def object_key(obj: Obj) -> str:
 
 def resource_version(obj: Obj) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def version_at_least(version: str, other: str) -> bool | None:
+    """Whether resourceVersion `version` is at or past `other`; None if either is not one that compares.
+
+    As client-go's CompareResourceVersion (KEP-5504): a positive decimal integer without leading zeros.
+    """
+    if not (_comparable(version) and _comparable(other)):
+        return None
+    return int(version) >= int(other)
+
+
+def _comparable(version: str) -> bool:
+    return version.isdecimal() and version.isascii() and not version.startswith("0")
 
 
 def protocol(port: Obj) -> model.Protocol:

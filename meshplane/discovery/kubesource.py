@@ -17,6 +17,8 @@ ignorance) asks:
   -> services with that pod), into a dict of per-service values of which only
   those entries are replaced; the catalog diffs the whole mapping.
 - Bursts coalesce: at most one apply per `_COALESCE` window.
+- Slices without their Service are left out at once, and reported only once
+  the watches have settled and it is still missing (orphans.py).
 
 Stale policy: while the API server is unreachable the cluster is marked
 stale in the catalog and its last known endpoints stay. With `stale_ttl` set,
@@ -42,11 +44,12 @@ from typing import Any
 import structlog
 
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import kube, kubemodel, model
+from meshplane.discovery import kube, kubemodel, model, orphans
 
 log = structlog.get_logger(__name__)
 
 _COALESCE = 0.005  # seconds: one apply for a burst of events (a rollout, a re-list)
+ORPHANED = "endpoint slices without their service: left out"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +65,7 @@ class KubeOptions:
     connect_timeout: float = 5.0
     request_timeout: float = 30.0  # read timeout of a list; a watch may be silent watch_timeout longer
     bookmark_silence: float = 120.0  # ... or this long, once the server has shown periodic bookmarks
+    orphan_grace: float = 10.0  # slices without their Service are reported only after this (orphans.py)
 
     def reflector_options(self) -> kube.ReflectorOptions:
         return kube.ReflectorOptions(
@@ -107,6 +111,8 @@ class KubeSource:
         self._unreachable: dict[str, str] = {}  # reflector name -> error
         self._flush_handle: asyncio.TimerHandle | None = None
         self._ttl_handle: asyncio.TimerHandle | None = None
+        self._orphans = orphans.Orphans(grace=options.orphan_grace, backstop=options.bookmark_silence)
+        self._orphan_handle: asyncio.TimerHandle | None = None
         self._synced_event = asyncio.Event()
         self._stopped = False
 
@@ -145,7 +151,7 @@ class KubeSource:
 
     async def stop(self) -> None:
         self._stopped = True
-        for handle in (self._flush_handle, self._ttl_handle):
+        for handle in (self._flush_handle, self._ttl_handle, self._orphan_handle):
             if handle is not None:
                 handle.cancel()
         for reflector in self._reflectors:
@@ -285,6 +291,34 @@ class KubeSource:
         self._removed = True
         self._catalog.remove_cluster(self.cluster, seen_at=time.monotonic())
 
+    # --- slices without their service (orphans.py) --------------------------------------
+
+    def _watch_orphans(self) -> None:
+        if self._orphan_handle is None and not self._stopped:
+            delay = self._orphans.next_check(time.monotonic())
+            if delay is not None:
+                self._orphan_handle = asyncio.get_running_loop().call_later(delay, self._judge_orphans)
+
+    def _judge_orphans(self) -> None:
+        self._orphan_handle = None
+        if self._stopped:
+            return
+        if not self._unreachable and not any(r.listing for r in self._reflectors):  # else: not settled yet
+            for key, age in self._orphans.due(time.monotonic(), self._services_caught_up):
+                self._problems.report(ORPHANED, f"Service {key}", slices=len(tuple(_members(self._slices_of_service,
+                                      key))), for_seconds=round(age, 1))
+        self._watch_orphans()
+
+    def _services_caught_up(self, key: model.ServiceKey, version: str) -> bool | None:
+        reflector = self._reflector("services", key)
+        return None if reflector is None else kubemodel.version_at_least(reflector.version, version)
+
+    def _not_orphaned(self, key: model.ServiceKey, *, found: bool) -> None:
+        if self._orphans.resolve(key):  # it was reported: say that it is over, and report it again if it recurs
+            self._problems.forget(f"Service {key}", ORPHANED)
+            if found:
+                log.info("endpoint slices have their service now", object=f"Service {key}", cluster=self.cluster)
+
     # --- computing -----------------------------------------------------------------------
 
     def _recompute(self, key: model.ServiceKey) -> None:
@@ -298,10 +332,14 @@ class KubeSource:
         service = self._lookup("services", key)
         slice_keys = tuple(_members(self._slices_of_service, key))
         if service is None:
-            if slice_keys:  # the Service went first (or comes later): no ports, nothing to route
-                self._problems.report("endpoint slices without their service: left out", f"Service {key}",
-                                      slices=len(slice_keys))
+            if slice_keys:  # no ports, nothing to route; its Service may be late, or gone for good (orphans.py)
+                watch = self._reflector("endpointslices", key)
+                self._orphans.note(key, now=time.monotonic(), after=watch.version if watch is not None else "")
+                self._watch_orphans()
+            else:
+                self._not_orphaned(key, found=False)
             return None
+        self._not_orphaned(key, found=True)
         slices = [s for k in sorted(slice_keys) if (s := self._lookup("endpointslices", k)) is not None]
         return kubemodel.service_in_cluster(
             service, slices, cluster=self.cluster, default_region=self.options.default_region,
@@ -309,9 +347,12 @@ class KubeSource:
         )
 
     def _lookup(self, resource: str, key: str) -> Any:
-        by_namespace = self._by_resource.get(resource, {})
-        reflector = by_namespace.get("") or by_namespace.get(key.partition("/")[0])
+        reflector = self._reflector(resource, key)
         return reflector.store.get(key) if reflector is not None else None
+
+    def _reflector(self, resource: str, key: str) -> kube.Reflector[Any] | None:
+        by_namespace = self._by_resource.get(resource, {})
+        return by_namespace.get("") or by_namespace.get(key.partition("/")[0])
 
     def _node(self, name: str) -> kubemodel.NodeRecord | None:
         node: kubemodel.NodeRecord | None = self._lookup("nodes", name)

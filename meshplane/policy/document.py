@@ -10,6 +10,7 @@ rest of meshplane reads; nothing outside `meshplane.policy` sees these models.
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -247,6 +248,9 @@ def error_reason(err: ErrorDetails) -> str:
     kind, loc, value = err["type"], err["loc"], err.get("input")
     last = loc[-1] if loc else ""
     if kind == "extra_forbidden":
+        unsupported = _unsupported(loc)
+        if unsupported is not None:
+            return f"{unsupported}; see docs/policy.md for the Gateway API fields meshplane takes"
         return problems.unknown_field(last, _fields_at(loc[:-1]))
     if kind == "missing":
         if loc == ("apiVersion",):
@@ -254,6 +258,10 @@ def error_reason(err: ErrorDetails) -> str:
         return f"required field {safe_repr(last)} is missing"
     if kind == "literal_error" and loc == ("apiVersion",):
         return f"unsupported apiVersion {safe_repr(value)}; this meshplane reads {' and '.join(API_VERSIONS)}"
+    if kind == "literal_error" and len(loc) >= 3 and loc[-3] == "filters" and last == "type":
+        return _filter_type_reason(value)
+    if kind == "literal_error" and last in ("group", "kind") and any(p in ("backendRefs", "backendRef") for p in loc):
+        return f"{safe_repr(value)}: meshplane sends requests to Kubernetes Services only (group \"\", kind Service)"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"must be a mapping, got {show(value)}"
     if kind in ("list_type", "tuple_type"):
@@ -282,6 +290,9 @@ def error_reason(err: ErrorDetails) -> str:
 
 def _pattern_reason(loc: tuple[str | int, ...], value: Any) -> str:
     field = next((p for p in reversed(loc) if isinstance(p, str)), "")
+    if field == "hostname" and "requestRedirect" in loc:
+        return (f"{value!r} is not a hostname: lowercase DNS labels separated by '.' "
+                "(no wildcard, no port, no trailing dot)")
     if field in ("hostnames", "hostname"):
         return (f"{value!r} is not a hostname: lowercase DNS labels separated by '.', "
                 "optionally starting with '*.' (no port, no trailing dot)")
@@ -302,22 +313,50 @@ def _range_reason(loc: tuple[str | int, ...], value: Any) -> str:
         return f"{safe_repr(value)} is not a port number (1-65535)"
     if loc[-1] == "weight":
         return f"weight {safe_repr(value)} must be from 0 to 1000000"
+    if loc[-1] == "attempts" and len(loc) >= 2 and loc[-2] == "retry":
+        return (f"{safe_repr(value)} retries: must be from 1 to 10 (Gateway API's retry takes at least 1; "
+                "retries: {attempts: 0} turns retries off)")
     if loc[-1] == "attempts":
         return f"{safe_repr(value)} retries: must be from 0 to 10"
+    if len(loc) >= 2 and loc[-2] == "codes":
+        return f"{safe_repr(value)} is not an HTTP status code to retry (400-599)"
     return f"{safe_repr(value)} is negative; a count must be 0 or more (0 disables the detector)"
 
 
+def _filter_type_reason(value: Any) -> str:
+    supported = ", ".join(gatewayapi.FILTER_TYPES)
+    if value in gatewayapi.UNSUPPORTED_FILTERS:
+        return (f"{value} is a Gateway API HTTPRoute filter meshplane does not support "
+                f"(supported: {supported})")
+    close = problems.did_you_mean(value, gatewayapi.FILTER_TYPES)
+    hint = f"; did you mean {close!r}?" if close else ""
+    return f"unknown filter type {show(value)}{hint} (supported: {supported})"
+
+
+def _unsupported(loc: tuple[str | int, ...]) -> str | None:
+    """Why a Gateway API field that meshplane's model leaves out is not taken, if it is one."""
+    cls = _model_at(loc[:-1])
+    known: Mapping[str, str] = getattr(cls, "unsupported", {}) if cls is not None else {}
+    return known.get(str(loc[-1]))
+
+
 def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
-    """The YAML keys allowed by the model at `loc`, found by walking the models' annotations."""
+    """The YAML keys allowed by the model at `loc`."""
+    cls = _model_at(loc)
+    if cls is None:
+        return []
+    return [f.alias or n for n, f in cls.model_fields.items()]
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model of the mapping at `loc`, found by walking the models' annotations."""
     cls: type[BaseModel] | None = PolicyDoc
     for part in loc:
         if isinstance(part, int) or cls is None:
             continue
         field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == part), None)
         cls = _model_in(field.annotation) if field is not None else None
-    if cls is None:
-        return []
-    return [f.alias or n for n, f in cls.model_fields.items()]
+    return cls
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

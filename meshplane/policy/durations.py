@@ -14,8 +14,9 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h))+$"
 
 
-def duration_ms(text: str) -> int:
-    """ "1m30s" -> 90000. Raises ValueError naming the text if it is not a duration of >= 1ms."""
+def duration_ms(text: str, *, zero: bool = False) -> int:
+    """ "1m30s" -> 90000. Raises ValueError naming the text if it is not a duration of >= 1ms
+    (`zero`: or of 0, which Gateway API's timeouts take to mean "no timeout")."""
     pos = 0
     total = Decimal(0)
     for match in _DURATION_PART.finditer(text):
@@ -29,21 +30,21 @@ def duration_ms(text: str) -> int:
         raise ValueError(
             f"{text!r} is not a duration; write a number and a unit, e.g. 100ms, 30s, 5m, 1m30s"
         )
-    if total < 1:
+    if total < 1 and not (zero and total == 0):
         raise ValueError(f"duration {text!r} is shorter than the minimum of 1ms")
     if total != total.to_integral_value():
         raise ValueError(f"duration {text!r} is not a whole number of milliseconds")
     return int(total)
 
 
-def _check_duration(value: Any) -> Any:
+def _check_duration(value: Any, *, zero: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         reason = f"must be a duration such as 30s, got {value!r}"
     elif not isinstance(value, str):
         reason = f"duration needs a unit, e.g. 30s (got {value!r}; units: ms, s, m, h)"
     else:
         try:
-            duration_ms(value)
+            duration_ms(value, zero=zero)
         except ValueError as exc:
             reason = str(exc)
         else:
@@ -63,3 +64,15 @@ Duration = Annotated[
         }
     ),
 ]
+Timeout = Annotated[
+    str,
+    BeforeValidator(lambda value: _check_duration(value, zero=True)),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "Go style duration, units ms, s, m, h: 100ms, 30s, 5m, 1m30s; 0s: no timeout.",
+        }
+    ),
+]
+"""A Gateway API timeout: a duration, or 0s for none (GEP-2257, GEP-1742)."""

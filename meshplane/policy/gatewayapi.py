@@ -5,28 +5,33 @@ Field names are the Kubernetes Gateway API's (`Gateway.spec.listeners`,
 backendRefs / timeouts`), so that an operator's HTTPRoute carries over;
 meshplane's additions to a backendRef (`clusters`, `labels`, `spread`) say
 which of a service's endpoints it means. Retries take Istio's shape
-(`attempts`, `perTryTimeout`, `retryOn`). Rules across fields live in
+(`retries`: `attempts`, `perTryTimeout`, `retryOn`) or Gateway API's (`retry`, GEP-1731: `codes`,
+`attempts`, `backoff`). Gateway API fields meshplane does not support are refused by name
+(`unsupported` of a model, `UNSUPPORTED_FILTERS`). Rules across fields live in
 `meshplane.policy.routecheck`; `to_*` turn a checked document into
 `meshplane.policy.routes` values.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, StrictInt, StrictStr
 
 from meshplane.discovery import model
 from meshplane.policy import routing, shape
-from meshplane.policy.durations import Duration, duration_ms
+from meshplane.policy.durations import Duration, Timeout, duration_ms
 
 HOSTNAME_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+PRECISE_HOSTNAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 NAME_PATTERN = model.NAME_PATTERN
 # An HTTP header name (RFC 9110 token); pseudo-headers (":path") cannot be matched or set here.
 HEADER_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN, max_length=63)]
 Hostname = Annotated[StrictStr, Field(pattern=HOSTNAME_PATTERN, max_length=253)]
+PreciseHostname = Annotated[StrictStr, Field(pattern=PRECISE_HOSTNAME_PATTERN, max_length=253)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 HeaderName = Annotated[StrictStr, Field(pattern=HEADER_PATTERN, max_length=256)]
 RetryAttempts = Annotated[StrictInt, Field(ge=0, le=10)]
@@ -82,18 +87,68 @@ class URLRewriteDoc(shape.Doc):
     path: PathModifierDoc | None = None
 
 
-class FilterDoc(shape.Doc):
-    type: Literal["RequestHeaderModifier", "URLRewrite"]
-    request_header_modifier: HeaderModifierDoc | None = Field(None, alias="requestHeaderModifier")
-    url_rewrite: URLRewriteDoc | None = Field(None, alias="urlRewrite")
+class ServiceRefDoc(shape.Doc):
+    """A Service port (Gateway API BackendObjectReference; meshplane's backends are Services)."""
 
-
-class BackendRefDoc(shape.Doc):
-    """A Service port, or part of its endpoints (meshplane's `clusters`, `labels`, `spread`)."""
-
+    group: Literal[""] = Field("", description="The core API group (\"\"): a Kubernetes Service.")
+    kind: Literal["Service"] = "Service"
     name: Name = Field(description="The Service.")
     namespace: Name | None = Field(None, description="Default: the route's namespace.")
     port: Port = Field(description="The Service port.")
+
+
+class FractionDoc(shape.Doc):
+    numerator: Annotated[StrictInt, Field(ge=0)]
+    denominator: Annotated[StrictInt, Field(ge=1)] = 100
+
+
+class RequestMirrorDoc(shape.Doc):
+    """A copy of the requests to another Service; its answers are dropped."""
+
+    backend_ref: ServiceRefDoc = Field(alias="backendRef")
+    percent: Annotated[StrictInt, Field(ge=0, le=100)] | None = Field(
+        None, description="Share of the requests copied (default all); or give fraction.")
+    fraction: FractionDoc | None = None
+
+
+class RequestRedirectDoc(shape.Doc):
+    """Answer with a redirect; what is left out is the request's (the port: the listener's)."""
+
+    scheme: Literal["http", "https"] | None = None
+    hostname: PreciseHostname | None = None
+    path: PathModifierDoc | None = None
+    port: Port | None = None
+    status_code: Literal[301, 302, 303, 307, 308] = Field(302, alias="statusCode")
+
+
+FILTER_FIELDS = {"RequestHeaderModifier": "requestHeaderModifier", "ResponseHeaderModifier": "responseHeaderModifier",
+                 "RequestMirror": "requestMirror", "RequestRedirect": "requestRedirect", "URLRewrite": "urlRewrite"}
+"""Each filter type meshplane takes (FilterDoc.type), and the field that configures it."""
+FILTER_TYPES = tuple(FILTER_FIELDS)
+UNSUPPORTED_FILTERS = {"CORS": "cors", "ExternalAuth": "externalAuth", "ExtensionRef": "extensionRef"}
+"""Gateway API's other HTTPRoute filter types and their fields, refused by name (docs/policy.md)."""
+
+
+class FilterDoc(shape.Doc):
+    unsupported: ClassVar[Mapping[str, str]] = {
+        field: f"Gateway API's {kind} filter is not supported" for kind, field in UNSUPPORTED_FILTERS.items()}
+
+    type: Literal["RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "RequestRedirect",
+                  "URLRewrite"]
+    request_header_modifier: HeaderModifierDoc | None = Field(None, alias="requestHeaderModifier")
+    response_header_modifier: HeaderModifierDoc | None = Field(None, alias="responseHeaderModifier")
+    request_mirror: RequestMirrorDoc | None = Field(None, alias="requestMirror")
+    request_redirect: RequestRedirectDoc | None = Field(None, alias="requestRedirect")
+    url_rewrite: URLRewriteDoc | None = Field(None, alias="urlRewrite")
+
+
+class BackendRefDoc(ServiceRefDoc):
+    """A Service port, or part of its endpoints (meshplane's `clusters`, `labels`, `spread`)."""
+
+    unsupported: ClassVar[Mapping[str, str]] = {
+        "filters": "per-backend filters (Gateway API HTTPBackendRef.filters) are not supported: put the "
+                   "filters on the rule"}
+
     weight: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = Field(
         1, description="Share of the rule's requests, relative to the other backends' weights.")
     clusters: tuple[StrictStr, ...] = Field(
@@ -113,19 +168,38 @@ class RetriesDoc(shape.Doc):
                     "(connect-failure, refused-stream, unavailable, cancelled, retriable-status-codes, 503).")
 
 
+class RetryDoc(shape.Doc):
+    """Gateway API's HTTPRoute retry (GEP-1731): `codes` and connection errors are retried."""
+
+    codes: tuple[Annotated[StrictInt, Field(ge=400, le=599)], ...] = Field(
+        (), description="HTTP status codes to retry (400-599), besides connection errors.")
+    attempts: Annotated[StrictInt, Field(ge=1, le=10)] = Field(2, description="Retries after the first try.")
+    backoff: Duration | None = Field(None, description="Envoy's base interval between retries (default 25ms).")
+
+
 class TimeoutsDoc(shape.Doc):
-    request: Duration | None = Field(None, description="The whole request, retries included.")
+    request: Timeout | None = Field(None, description="The whole request, retries included; 0s: none.")
+    backend_request: Timeout | None = Field(
+        None, alias="backendRequest", description="Each try's request to a backend; 0s: none.")
 
 
 class RuleDoc(shape.Doc):
+    unsupported: ClassVar[Mapping[str, str]] = {
+        "sessionPersistence": "Gateway API's sessionPersistence (experimental) is not supported"}
+
+    name: Name | None = Field(None, description="Unique within the route; names the Envoy route.")
     matches: tuple[MatchDoc, ...] = Field((), description="Any one must match; none: every request.")
     filters: tuple[FilterDoc, ...] = ()
-    backend_refs: tuple[BackendRefDoc, ...] = Field(alias="backendRefs")
+    backend_refs: tuple[BackendRefDoc, ...] = Field(
+        (), alias="backendRefs", description="At least one, unless a RequestRedirect answers the rule.")
     timeouts: TimeoutsDoc | None = None
+    retry: RetryDoc | None = Field(None, description="Gateway API's retry (GEP-1731); or retries.")
     retries: RetriesDoc | None = Field(None, description="Default: the policy's defaults.retries.")
 
 
 class ParentRefDoc(shape.Doc):
+    group: Literal["gateway.networking.k8s.io", ""] | None = Field(
+        None, description="gateway.networking.k8s.io for a Gateway, \"\" (core) for a Service.")
     kind: Literal["Gateway", "Service"] = Field(
         "Gateway", description="Gateway: a gateway of this policy; Service: sidecars' traffic to it (mesh).")
     name: Name
@@ -167,6 +241,14 @@ class GatewayDoc(shape.Doc):
 # To the resolved values (the document is known to be well formed; durations already checked).
 
 
+def to_retry(doc: RetryDoc) -> routing.Retries:
+    """GEP-1731 as Istio maps it, with reset (disconnects and timed-out tries) as the GEP asks."""
+    codes = tuple(dict.fromkeys(doc.codes))
+    retry_on = (*routing.GATEWAY_API_RETRY_ON, "retriable-status-codes") if codes else routing.GATEWAY_API_RETRY_ON
+    return routing.Retries(attempts=doc.attempts, retry_on=retry_on, status_codes=codes,
+                           backoff_ms=None if doc.backoff is None else duration_ms(doc.backoff))
+
+
 def to_retries(doc: RetriesDoc) -> routing.Retries:
     retry_on: tuple[str, ...] = routing.ISTIO_RETRY_ON
     codes: tuple[int, ...] = (503,)
@@ -197,23 +279,52 @@ def to_route(doc: RouteDoc) -> routing.Route:
     )
 
 
+def _header_modifier(doc: HeaderModifierDoc) -> routing.HeaderModifier:
+    return routing.HeaderModifier(add=tuple((h.name, h.value) for h in doc.add),
+                                  set=tuple((h.name, h.value) for h in doc.set), remove=doc.remove)
+
+
+def _replaced(path: PathModifierDoc | None) -> tuple[str | None, str | None]:
+    """(ReplaceFullPath, ReplacePrefixMatch) of a rewrite's or a redirect's path."""
+    if path is None:
+        return None, None
+    if path.type == "ReplaceFullPath":
+        return path.replace_full_path, None
+    return None, path.replace_prefix_match or "/"  # Gateway API: an empty prefix is "/"
+
+
+def _mirror(doc: RequestMirrorDoc, namespace: str) -> routing.Mirror:
+    ref = doc.backend_ref
+    share = 1_000_000
+    if doc.percent is not None:
+        share = doc.percent * 10_000
+    elif doc.fraction is not None:
+        share = doc.fraction.numerator * 1_000_000 // doc.fraction.denominator
+    return routing.Mirror(routing.Backend(model.service_key(ref.namespace or namespace, ref.name), ref.port), share)
+
+
 def _rule(doc: RuleDoc, namespace: str) -> routing.Rule:
-    headers: routing.HeaderModifier | None = None
+    headers = response_headers = None
     rewrite: routing.Rewrite | None = None
+    redirect: routing.Redirect | None = None
+    mirrors: list[routing.Mirror] = []
     for f in doc.filters:
         if f.type == "RequestHeaderModifier" and f.request_header_modifier is not None:
-            m = f.request_header_modifier
-            headers = routing.HeaderModifier(
-                add=tuple((h.name, h.value) for h in m.add), set=tuple((h.name, h.value) for h in m.set),
-                remove=m.remove,
-            )
+            headers = _header_modifier(f.request_header_modifier)
+        elif f.type == "ResponseHeaderModifier" and f.response_header_modifier is not None:
+            response_headers = _header_modifier(f.response_header_modifier)
         elif f.type == "URLRewrite" and f.url_rewrite is not None:
-            u = f.url_rewrite
-            rewrite = routing.Rewrite(
-                hostname=u.hostname,
-                prefix=u.path.replace_prefix_match if u.path and u.path.type == "ReplacePrefixMatch" else None,
-                full_path=u.path.replace_full_path if u.path and u.path.type == "ReplaceFullPath" else None,
-            )
+            full, prefix = _replaced(f.url_rewrite.path)
+            rewrite = routing.Rewrite(hostname=f.url_rewrite.hostname, prefix=prefix, full_path=full)
+        elif f.type == "RequestRedirect" and f.request_redirect is not None:
+            r = f.request_redirect
+            full, prefix = _replaced(r.path)
+            redirect = routing.Redirect(scheme=r.scheme, hostname=r.hostname, port=r.port, full_path=full,
+                                        prefix=prefix, status_code=r.status_code)
+        elif f.type == "RequestMirror" and f.request_mirror is not None:
+            mirrors.append(_mirror(f.request_mirror, namespace))
+    timeouts = doc.timeouts or TimeoutsDoc.model_validate({})
+    retries = to_retry(doc.retry) if doc.retry is not None else to_retries(doc.retries) if doc.retries else None
     return routing.Rule(
         matches=tuple(_match(m) for m in doc.matches) or (routing.Match(),),
         backends=tuple(
@@ -229,8 +340,14 @@ def _rule(doc: RuleDoc, namespace: str) -> routing.Rule:
         ),
         headers=headers,
         rewrite=rewrite,
-        timeout_ms=duration_ms(doc.timeouts.request) if doc.timeouts and doc.timeouts.request else None,
-        retries=to_retries(doc.retries) if doc.retries is not None else None,
+        timeout_ms=None if timeouts.request is None else duration_ms(timeouts.request, zero=True),
+        retries=retries,
+        name=doc.name,
+        response_headers=response_headers,
+        redirect=redirect,
+        mirrors=tuple(m for m in mirrors if m.per_million > 0),
+        backend_timeout_ms=None if timeouts.backend_request is None
+        else duration_ms(timeouts.backend_request, zero=True),
     )
 
 

@@ -130,7 +130,7 @@ def place_backend(
     nearest first as `place` ranks them.
     """
     chosen = [ep for ep in endpoints if selects(backend, ep)]
-    if len(backend.clusters) > 1:
+    if backend.standby:
         order = {cluster: i for i, cluster in enumerate(backend.clusters)}
         groups = _group(chosen)
         return _placements((order[loc.cluster], loc, eps, f"active-standby: {loc.cluster} is "

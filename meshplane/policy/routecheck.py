@@ -19,6 +19,7 @@ import re2
 
 from meshplane.discovery import model
 from meshplane.policy import gatewayapi
+from meshplane.policy.durations import duration_ms
 
 Loc = tuple[str | int, ...]
 Report = Callable[[Loc, str], None]
@@ -105,8 +106,14 @@ def check(
         names.setdefault(key, i)
         for j, parent in enumerate(route.parent_refs):
             _check_parent(parent, (*loc, "parentRefs", j), route, listeners, error, warning, known)
+        rule_names: dict[str, int] = {}
         for j, rule in enumerate(route.rules):
             _check_rule(rule, (*loc, "rules", j), route.namespace, error, warning, known)
+            if rule.name is not None and rule.name in rule_names:
+                error((*loc, "rules", j, "name"),
+                      f"duplicate rule name {rule.name!r} (first given to rules[{rule_names[rule.name]}])")
+            if rule.name is not None:
+                rule_names.setdefault(rule.name, j)
 
 
 def _check_gateways(
@@ -150,6 +157,9 @@ def _check_parent(
     listeners: Mapping[str, Mapping[str, gatewayapi.ListenerDoc]], error: Report, warning: Report,
     known: Known | None,
 ) -> None:
+    expected_group = "gateway.networking.k8s.io" if parent.kind == "Gateway" else ""
+    if parent.group is not None and parent.group != expected_group:
+        error((*loc, "group"), f"a {parent.kind} parent's group is {expected_group!r}, not {parent.group!r}")
     if parent.kind == "Gateway":
         if parent.port is not None:
             error((*loc, "port"), "a Gateway parent takes sectionName, not port")
@@ -185,19 +195,22 @@ def _check_rule(
         for k, param in enumerate(match.query_params):
             if param.type == "RegularExpression" and (reason := check_regex(param.value)):
                 error((*where, "queryParams", k, "value"), reason)
-    kinds = [f.type for f in rule.filters]
-    for j, f in enumerate(rule.filters):
-        where = (*loc, "filters", j)
-        if kinds.count(f.type) > 1 and kinds.index(f.type) != j:
-            error((*where, "type"), f"a rule takes one {f.type} filter")
-        if f.type == "RequestHeaderModifier" and f.request_header_modifier is None:
-            error(where, "type RequestHeaderModifier needs requestHeaderModifier")
-        if f.type == "URLRewrite":
-            _check_rewrite(f, where, prefix_only, error)
-    if not rule.backend_refs:
-        error((*loc, "backendRefs"), "a rule needs at least one backendRef")
-    elif not any(b.weight for b in rule.backend_refs):
+    _check_filters(rule, loc, prefix_only, error)
+    kinds = {f.type for f in rule.filters}
+    redirects = "RequestRedirect" in kinds
+    if redirects and rule.backend_refs:
+        warning((*loc, "backendRefs"), "ignored: the rule's RequestRedirect answers every request itself")
+    if not rule.backend_refs and not redirects:
+        error((*loc, "backendRefs"), "a rule needs at least one backendRef (or a RequestRedirect filter)")
+    elif rule.backend_refs and not redirects and not any(b.weight for b in rule.backend_refs):
         error((*loc, "backendRefs"), "every weight is 0: no request could be sent anywhere")
+    _check_timeouts_and_retries(rule, loc, error)
+    if known is not None:
+        for j, f in enumerate(rule.filters):
+            if f.request_mirror is not None:
+                ref = f.request_mirror.backend_ref
+                _check_service(ref.name, ref.namespace or namespace, ref.port,
+                               (*loc, "filters", j, "requestMirror", "backendRef"), warning, known)
     for j, backend in enumerate(rule.backend_refs):
         where = (*loc, "backendRefs", j)
         if len(set(backend.clusters)) != len(backend.clusters):
@@ -222,20 +235,64 @@ def _check_path(path: gatewayapi.PathMatchDoc, loc: Loc, error: Report) -> None:
         error((*loc, "value"), f"{path.value!r}: a prefix has no empty segment ('//')")
 
 
-def _check_rewrite(f: gatewayapi.FilterDoc, loc: Loc, prefix_only: bool, error: Report) -> None:
-    rewrite = f.url_rewrite
-    if rewrite is None:
-        error(loc, "type URLRewrite needs urlRewrite")
+def _check_filters(rule: gatewayapi.RuleDoc, loc: Loc, prefix_only: bool, error: Report) -> None:
+    """Gateway API's rules for a rule's filters: each type's field and no other, one of a type (except
+    RequestMirror), not RequestRedirect with URLRewrite; a mirror's share; paths of rewrites and redirects."""
+    kinds = [f.type for f in rule.filters]
+    for j, f in enumerate(rule.filters):
+        where: Loc = (*loc, "filters", j)
+        wanted = gatewayapi.FILTER_FIELDS[f.type]
+        if kinds.count(f.type) > 1 and kinds.index(f.type) != j and f.type != "RequestMirror":
+            error((*where, "type"), f"a rule takes one {f.type} filter")
+        given = [alias for attribute, field in gatewayapi.FilterDoc.model_fields.items()
+                 if (alias := field.alias or attribute) in gatewayapi.FILTER_FIELDS.values()
+                 and getattr(f, attribute) is not None]
+        if wanted not in given:
+            error(where, f"type {f.type} needs {wanted}")
+        for other in (k for k in given if k != wanted):
+            error((*where, other), f"{other} is not for a filter of type {f.type} (it needs {wanted})")
+        if f.url_rewrite is not None and f.url_rewrite.path is not None:
+            _check_path_modifier(f.url_rewrite.path, (*where, "urlRewrite", "path"), prefix_only, error)
+        if f.request_redirect is not None and f.request_redirect.path is not None:
+            _check_path_modifier(f.request_redirect.path, (*where, "requestRedirect", "path"), prefix_only, error)
+        mirror = f.request_mirror
+        if mirror is not None and mirror.percent is not None and mirror.fraction is not None:
+            error((*where, "requestMirror"), "give percent or fraction, not both")
+        share = mirror.fraction if mirror is not None else None
+        if share is not None and share.numerator > share.denominator:
+            error((*where, "requestMirror", "fraction"),
+                  f"numerator {share.numerator} is more than denominator {share.denominator}")
+    if "RequestRedirect" in kinds and "URLRewrite" in kinds:
+        error((*loc, "filters", kinds.index("URLRewrite"), "type"),
+              "a rule takes a RequestRedirect or a URLRewrite filter, not both")
+    if "RequestRedirect" in kinds and "RequestMirror" in kinds:
+        error((*loc, "filters", kinds.index("RequestMirror"), "type"),
+              "RequestMirror has nothing to copy: the rule's RequestRedirect sends no request to a backend")
+
+
+def _check_timeouts_and_retries(rule: gatewayapi.RuleDoc, loc: Loc, error: Report) -> None:
+    if rule.retry is not None and rule.retries is not None:
+        error((*loc, "retry"), "give retry (Gateway API) or retries (Istio's shape), not both")
+    timeouts = rule.timeouts
+    if timeouts is None or timeouts.backend_request is None:
         return
-    path = rewrite.path
-    if path is None:
-        return
-    where: Loc = (*loc, "urlRewrite", "path")
+    where: Loc = (*loc, "timeouts", "backendRequest")
+    backend = duration_ms(timeouts.backend_request, zero=True)
+    if timeouts.request is not None:
+        request = duration_ms(timeouts.request, zero=True)
+        if request and backend > request:
+            error(where, f"backendRequest {timeouts.backend_request} is longer than request {timeouts.request}: "
+                         "the request timeout covers every try")
+    if rule.retries is not None and rule.retries.per_try_timeout is not None:
+        error(where, "give timeouts.backendRequest or retries.perTryTimeout, not both: both are each try's timeout")
+
+
+def _check_path_modifier(path: gatewayapi.PathModifierDoc, where: Loc, prefix_only: bool, error: Report) -> None:
     if path.type == "ReplacePrefixMatch":
         if path.replace_prefix_match is None:
             error(where, "type ReplacePrefixMatch needs replacePrefixMatch")
-        elif not path.replace_prefix_match.startswith("/"):
-            error((*where, "replacePrefixMatch"), "a path starts with '/'")
+        elif path.replace_prefix_match and not path.replace_prefix_match.startswith("/"):
+            error((*where, "replacePrefixMatch"), "a path starts with '/' (or is empty: the same as '/')")
         if not prefix_only:
             error(where, "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match")
     elif path.replace_full_path is None:

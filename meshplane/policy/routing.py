@@ -40,6 +40,12 @@ class Spread(enum.StrEnum):
 ISTIO_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes")
 
 
+GATEWAY_API_RETRY_ON = ("connect-failure", "refused-stream", "reset", "unavailable", "cancelled")
+"""What a Gateway API `retry` (GEP-1731) retries besides its codes: "connection errors (disconnect,
+reset, timeout, TCP failure)" (Envoy's connect-failure, refused-stream and reset, which covers a
+timed-out try), and, as Istio maps it, gRPC's unavailable and cancelled."""
+
+
 @dataclass(frozen=True, slots=True)
 class Retries:
     """A route's retry policy. The default is Istio's: 2 retries on connection failures,
@@ -49,6 +55,7 @@ class Retries:
     per_try_timeout_ms: int | None = None
     retry_on: tuple[str, ...] = ISTIO_RETRY_ON
     status_codes: tuple[int, ...] = (503,)
+    backoff_ms: int | None = None  # Envoy's retry_back_off base interval (default 25 ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,19 @@ class Rewrite:
 
 
 @dataclass(frozen=True, slots=True)
+class Redirect:
+    """Gateway API RequestRedirect: the rule answers with a redirect; what it leaves out is the
+    request's (the scheme and, as Gateway API says, the listener's port)."""
+
+    scheme: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    full_path: str | None = None  # ReplaceFullPath
+    prefix: str | None = None  # ReplacePrefixMatch
+    status_code: int = 302
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     """Where a rule sends requests: a service port, or a part of its endpoints.
 
@@ -116,19 +136,43 @@ class Backend:
             parts.append(f"lb={self.spread.value}")
         return ",".join(parts)
 
+    @property
+    def standby(self) -> bool:
+        """Whether the backend is an active-standby order of clusters (two or more)."""
+        return len(self.clusters) > 1
+
     def selects(self) -> Backend:
         """This backend without its weight: what its Envoy cluster depends on."""
         return Backend(self.service, self.port, 1, self.clusters, self.labels, self.spread)
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """Gateway API RequestMirror: a copy of `per_million` of the rule's requests goes to `backend`,
+    whose answers are dropped."""
+
+    backend: Backend
+    per_million: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     matches: tuple[Match, ...] = (Match(),)
     backends: tuple[Backend, ...] = ()
-    headers: HeaderModifier | None = None
+    headers: HeaderModifier | None = None  # of the request
     rewrite: Rewrite | None = None
-    timeout_ms: int | None = None
+    timeout_ms: int | None = None  # the whole request; 0: none
     retries: Retries | None = None  # None: the policy's default
+    name: str | None = None
+    response_headers: HeaderModifier | None = None
+    redirect: Redirect | None = None  # the rule answers itself: backends are not used
+    mirrors: tuple[Mirror, ...] = ()
+    backend_timeout_ms: int | None = None  # each try (Gateway API timeouts.backendRequest); 0: none
+
+    @property
+    def standby(self) -> bool:
+        """Whether the rule sends to an active-standby backend (an order of clusters)."""
+        return any(b.standby for b in self.backends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +222,16 @@ class Listener:
 class Gateway:
     name: str
     listeners: tuple[Listener, ...]
+
+
+def without_port(host: str) -> str:
+    """A Host header's host: `example.com:8080` -> `example.com`, `[::1]:8080` -> `[::1]` (Gateway API
+    matches hostnames whatever the port)."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[:end + 1] if end != -1 else host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() and ":" not in name else host
 
 
 def hostname_matches(pattern: str, host: str) -> bool:

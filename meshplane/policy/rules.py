@@ -104,7 +104,7 @@ class Policy:
                         by_gateway[parent.name].append(route)
                     owners.append(parent.name)
             for rule in route.rules:
-                for backend in rule.backends:
+                for backend in (*rule.backends, *(m.backend for m in rule.mirrors)):
                     for owner in owners:
                         backends.setdefault((owner, backend.service), set()).add(backend.selects())
         object.__setattr__(self, "_by_gateway", {k: tuple(v) for k, v in by_gateway.items()})

@@ -172,6 +172,7 @@ def _check(doc: document.PolicyDoc, report: _Report) -> None:
             first[key] = i
         _check_sections(svc, ("services", i), report)
     _check_failover_has_outlier_detection(doc, report)
+    _check_standby_has_outlier_detection(doc, report)
 
 
 def _check_sections(
@@ -307,15 +308,20 @@ def _overlap(a: str, b: str) -> bool:
     return sa[:n] == sb[:n]
 
 
-def _ejects(od: rules.OutlierDetection | None) -> bool:
-    """Whether outlier detection can eject anything (Envoy defaults apply to unset counts)."""
-    if od is None or od.max_ejection_percent == 0:
+def _detects(od: rules.OutlierDetection | None) -> bool:
+    """Whether some detector of the outlier detection is enforced (Envoy defaults apply to unset counts)."""
+    if od is None:
         return False
     return (
         od.consecutive_5xx_errors != 0  # unset: Envoy's default 5, enforced
         or bool(od.consecutive_gateway_errors)  # unset: Envoy counts but does not enforce
         or (od.split_external_local_origin_errors and od.consecutive_local_origin_failures != 0)
     )
+
+
+def _ejects(od: rules.OutlierDetection | None) -> bool:
+    """Whether outlier detection can eject anything."""
+    return od is not None and od.max_ejection_percent != 0 and _detects(od)
 
 
 def _fails_over_blind(sp: rules.ServicePolicy) -> bool:
@@ -360,3 +366,31 @@ def _warn_blind(
             "(its detectors or maxEjectionPercent are 0), so Envoy only fails over on endpoints "
             "the control plane reports unhealthy",
         )
+
+
+def _check_standby_has_outlier_detection(doc: document.PolicyDoc, report: _Report) -> None:
+    """An active-standby backend moves to the next cluster only once the first has no healthy endpoint;
+    an endpoint that refuses connections stays healthy unless outlier detection ejects it. (An
+    active-standby cluster may always eject every endpoint, whatever maxEjectionPercent says.)"""
+    defaults = document.resolve_defaults(doc)
+    services = {model.service_key(s.namespace, s.name): document.resolve_service(s, defaults)
+                for s in doc.services or ()}
+    for i, route in enumerate(doc.routes or ()):
+        for j, rule in enumerate(route.rules):
+            for k, backend in enumerate(rule.backend_refs):
+                if len(backend.clusters) < 2:
+                    continue
+                key = model.service_key(backend.namespace or route.namespace, backend.name)
+                od = services.get(key, defaults).outlier_detection
+                if _detects(od):
+                    continue
+                why = (f"service {key} has none" if od is None
+                       else f"the outlierDetection in effect for {key} ejects nothing: its detectors are 0")
+                first, second = backend.clusters[:2]
+                report.warning(
+                    ("routes", i, "rules", j, "backendRefs", k, "clusters"),
+                    f"active-standby needs outlier detection ({why}): an endpoint of {first} that refuses "
+                    f"connections is never ejected, so every request that meets it fails there first and is "
+                    f"retried in {second}, and {first} never empties; set outlierDetection in defaults or on "
+                    "the service",
+                )

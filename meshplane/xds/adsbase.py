@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import structlog
 
 from meshplane.xds import cache, identity, proxy, resources, slots, streams, typeurls, wire
+from meshplane.xds.limits import Limits as Limits  # re-exported: it lives where the command line reads it without gRPC
 
 log = structlog.get_logger(__name__)
 
@@ -31,15 +31,7 @@ push slots. One changed endpoint's push to a thousand proxies is a thousand smal
 which go out as fast as the floor's; waiting in line for slots would double its time."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one client may ask of the server (docs/security.md); 0: no limit."""
-
-    streams: int = 20_000  # open streams, all clients together
-    streams_per_peer: int = 1_000  # open streams from one address (a node hosts at most a few hundred pods)
-    node_bytes: int = 64 * 1024  # a request's node, encoded (Istio's run to a few KB)
-    names: int = 50_000  # resource names in one request (subscribed, or subscribed and unsubscribed)
-    request_bytes: int = 4 * 1024 * 1024  # one request, encoded (gRPC's own default)
+DEFAULTS = Limits()
 
 
 class Refusal(Exception):
@@ -67,7 +59,7 @@ class StreamServer:
         push_slots: slots.PushSlots,
         identifier: str = "meshplane",
         trust_domain: str = "cluster.local",
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULTS,
     ) -> None:
         self._trust_domain = trust_domain
         self.limits = limits
@@ -109,15 +101,17 @@ class StreamServer:
         return dirty
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """One stream, from its first request to its status. `requests` is left alone (see _read)."""
         refusal = self._too_many(context.peer())
         if refusal is not None:
             log.warning("xDS client refused", peer=context.peer(), status=refusal.code.name, error=str(refusal))
             self._callbacks.refused(None, refusal.code.name, refusal.reason)
-            await context.abort(refusal.code, str(refusal))
+            _end(context, refusal.code, str(refusal))
+            return
         stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
                                             on_stall=self._callbacks.write_stalled)
         stream.identity = identity.peer(context.auth_context())
-        reader = asyncio.create_task(self._read(stream, requests), name=f"ads-read-{stream.id}")
+        reader = asyncio.create_task(self._read(stream, context), name=f"ads-read-{stream.id}")
         reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
         ending: tuple[grpc.StatusCode, str] | None = None
         try:
@@ -136,13 +130,16 @@ class StreamServer:
         finally:
             reader.cancel()
             self._registry.close_stream(stream)
-            if stream.watch is not None:
-                stream.watch.close()
+            # Let go of the watch: it calls back into the stream (stream.mark), a cycle that would keep the
+            # stream, its view and what it held (a node of 60 KB, say) until a full collection.
+            watch, stream.watch = stream.watch, None
+            if watch is not None:
+                watch.close()
                 self._callbacks.stream_closed(stream)
         if ending is not None:
             # Here, not in the reader: only this task sends on the stream. A status sent by the reader
             # while a write was in flight was lost (found by tests/test_fuzz.py), the client left hanging.
-            await context.abort(*ending)
+            _end(context, *ending)
 
     async def _push(self, stream: streams.Stream, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Compose and write; a heavy push under a push slot (composing inside it bounds the bytes alive at once)."""
@@ -154,10 +151,18 @@ class StreamServer:
             for message in self._compose(stream):
                 await slot.write(context.write(message))
 
-    async def _read(self, stream: streams.Stream, requests: Any) -> tuple[grpc.StatusCode, str] | None:
-        """Apply requests until the client half-closes (None), or one must end the stream (its status)."""
+    async def _read(self, stream: streams.Stream,
+                    context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | None:
+        """Apply requests until the client half-closes (None), or one must end the stream (its status).
+
+        Read with `context.read()`, not by iterating gRPC's request iterator: that is an async generator
+        holding the last message it yielded, in a reference cycle with gRPC's receiver, so only the cyclic
+        collector frees it (in two passes: an unfinished async generator is first closed on the loop), and
+        after cli.tune_gc a quiet server may not collect for hours. Each stream refused for its request
+        kept that request's bytes (docs/benchmarks.md, "Refused streams and memory").
+        """
         limit = self.limits.request_bytes
-        async for raw in requests:
+        while (raw := await context.read()) is not grpc.aio.EOF:
             code, reason = grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
             try:
                 if limit and len(raw) > limit:
@@ -250,6 +255,18 @@ def adopt(held: cache.Held, have: cache.ResourceMap) -> bool:
         return False
     held.hold(have)
     return True
+
+
+def _end(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str) -> None:
+    """Have the stream end with `code` and `details` when its handler returns.
+
+    Not `context.abort()`: gRPC keeps the AbortError it raises (its RPC state's abort_exception), and the
+    error's traceback holds the handler's frame, which holds the RPC state again: a reference cycle that
+    keeps the stream, its reader task and gRPC's per-call objects until the collector next runs, which
+    after cli.tune_gc can be thousands of streams later. Returning normally leaves no cycle.
+    """
+    context.set_code(code)
+    context.set_details(details)
 
 
 def _identity(message: bytes) -> bytes:

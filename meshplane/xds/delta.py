@@ -34,10 +34,11 @@ dropped with the stream.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshplane.xds import adsbase, cache, resources, streams, typeurls, wire
+from meshplane.xds import adsbase, cache, order, resources, streams, typeurls, wire
 
 
 class DeltaServer(adsbase.StreamServer):
@@ -46,6 +47,10 @@ class DeltaServer(adsbase.StreamServer):
     METHOD = "DeltaAggregatedResources"
     PROTOCOL = "delta"
     CONTROL_PLANE_FIELD = resources.DELTA_CONTROL_PLANE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._order = order.Order()
 
     # requests
 
@@ -77,6 +82,8 @@ class DeltaServer(adsbase.StreamServer):
                   req: discovery_pb2.DeltaDiscoveryRequest) -> None:
         version = sub.nonce_versions.pop(req.response_nonce)
         seen = sub.inflight.pop(req.response_nonce, None)
+        sub.settle(req.response_nonce)
+        stream.answered()
         if req.HasField("error_detail"):
             message = req.error_detail.message
             sub.last_nack = streams.Nack(version, sub.acked_version, message.strip(), time.time())
@@ -101,15 +108,17 @@ class DeltaServer(adsbase.StreamServer):
             now = _now(cds, watch, typeurls.CLUSTER, names)
             send, removed_clusters = _differences(cds, have, names)
             held = cds.held.current  # before this response: which of them the proxy had at another version
-            rewarm = {n for n, r in send.items() if (was := held.get(n)) is not None and was.version != r.version}
+            changed = {n: r for n, r in send.items() if (was := held.get(n)) is not None and was.version != r.version}
             self._respond(stream, watch, typeurls.CLUSTER, cds, send, [], out,
                           now=have if now and not removed_clusters else None)
-            eds = stream.types.get(typeurls.ENDPOINT)
-            if eds is not None and rewarm:
-                # An updated cluster warms again and waits for its endpoints: send them even if unchanged.
-                eds.held.drop(rewarm)
-                eds.resend |= {n for n in rewarm if eds.wants(n)}
-                streams.mark_dirty(dirty, typeurls.ENDPOINT, frozenset(rewarm))
+            order.rewarm(stream, changed)
+        eds = stream.types.get(typeurls.ENDPOINT)
+        again = order.rewarm_now(stream, eds, watch.resources(typeurls.ENDPOINT))
+        if again and eds is not None:
+            # An updated cluster warms again and waits for its endpoints: send them even if unchanged (and
+            # even if the client asks for them only later, reporting the version it holds).
+            eds.resend |= again
+            streams.mark_dirty(dirty, typeurls.ENDPOINT, again)
         for type_url in (typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE):
             sub = stream.types.get(type_url)
             if sub is None or type_url not in dirty:
@@ -117,9 +126,14 @@ class DeltaServer(adsbase.StreamServer):
             have, names = watch.resources(type_url), dirty[type_url]
             now = _now(sub, watch, type_url, names)
             send, removed = _differences(sub, have, names)
-            self._respond(stream, watch, type_url, sub, send, removed, out, now=have if now else None)
+            sendable = self._order.sendable(stream, watch, type_url, send, full_state=False)
+            if sendable is not send:
+                sub.resend |= send.keys() - sendable.keys()  # sent once what they refer to is settled
+            self._respond(stream, watch, type_url, sub, dict(sendable), removed, out,
+                          now=have if now and sendable is send else None)
         if removed_clusters and cds is not None:
-            self._respond(stream, watch, typeurls.CLUSTER, cds, {}, removed_clusters, out)
+            go, _ = self._order.removable(stream, typeurls.CLUSTER, removed_clusters)
+            self._respond(stream, watch, typeurls.CLUSTER, cds, {}, go, out)
         return out
 
     def _respond(
@@ -161,13 +175,10 @@ class DeltaServer(adsbase.StreamServer):
             system_version_info=version, resources=send.values(), removed=removed, type_url=type_url, nonce=nonce,
             control_plane=self._control_plane,
         )
-        sub.nonce = nonce
-        sub.answered = True
         sub.reported = ""
         sub.sent_version = version
-        sub.sent_at = time.time()
         sub.nonce_versions[nonce] = version
-        sub.inflight[nonce] = min(seen) if seen else None
+        sub.sent(nonce, seen=min(seen) if seen else None, names=send.keys())
         out.append(message)
         self._callbacks.response_sent(stream, type_url, resources=len(send), size=len(message))
 

@@ -10,11 +10,12 @@ import bisect
 from collections.abc import Iterator, Sequence
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+import meshplane
 from meshplane.xds import streams, typeurls
 
 log = structlog.get_logger(__name__)
@@ -38,6 +39,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        # meshplane_build_info{version} 1: which version each replica runs, e.g. during a rolling upgrade.
+        Info("meshplane_build", "The meshplane version running", registry=r).info({"version": meshplane.version()})
         # What every response, request and ACK updates is counted in plain numbers (on the event loop,
         # no locks) and turned into metric families only when scraped: prometheus_client's own took a
         # lock per update, some 14 % of the server's CPU per push at 1,000 proxies.

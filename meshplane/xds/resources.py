@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from google.protobuf import message as pb_message
 
+from meshplane.xds import refs
+
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
 _VERSION_INFO = 1
 _RESOURCES = 2
@@ -53,6 +55,8 @@ class Resource:
     # made once here so that a delta response is a join of ready bytes, as a state-of-the-world one is.
     delta_head: bytes = b""
     delta_tail: bytes = b""
+    # What it refers to (a route configuration: its clusters): what a client must hold first (refs.py).
+    needs: refs.Needs = refs.NONE
 
     @property
     def size(self) -> int:
@@ -75,6 +79,7 @@ def build(name: str, msg: pb_message.Message, *, type_url: str, seen_at: float |
         delta_head=_varint(_DELTA_RESOURCES << 3 | 2) + _varint(len(version_field) + len(field) + len(name_field))
         + version_field,
         delta_tail=name_field,
+        needs=refs.needs(type_url, msg),
     )
 
 

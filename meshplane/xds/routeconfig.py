@@ -15,28 +15,25 @@ otherwise (Istio's default: 2 retries on connection failure, refused
 stream, gRPC unavailable or cancelled, and 503), each retry on another host
 (`previous_hosts`) and in another priority when the first was tried
 (`previous_priorities`): so the request that meets a broken replica, or a
-broken zone or region, is retried on the next one instead of failing.
+broken zone or region, is retried on the next one instead of failing. A
+rule with an active-standby backend first retries in the same cluster
+(another host), and only then in the next cluster (decision 0018).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
-from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 
 from meshplane.discovery import model
 from meshplane.policy import routing, rules
-from meshplane.xds import translate
+from meshplane.xds import routeactions, translate
 
-_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _PATH_RANK = {routing.PathKind.EXACT: 0, routing.PathKind.REGEX: 1, routing.PathKind.PREFIX: 2}
-_HOST_SELECTION_ATTEMPTS = 5  # Istio's: look this often for a host not tried yet
+_PLAIN_HTTP = routeactions.Listening("http", 80)
 
 
 def route_config_name(namespace: str) -> str:
@@ -69,10 +66,11 @@ def sidecar_route_config(
             mine = [r for r in attached
                     if any(p.kind == "Service" and p.port in (None, port.port) for p in _parents_of(r, service))]
             if mine:
-                entries = route_entries(mine, policy.retries)
+                entries = route_entries(mine, policy.retries, where=routeactions.Listening("http", port.port))
             else:
                 whole = routing.Backend(service.key, port.port)
-                entries = [_route(routing.Match(), routing.Rule(backends=(whole,)), policy.retries)]
+                entries = [_route(routing.Match(), routing.Rule(backends=(whole,)), policy.retries,
+                                  routeactions.Listening("http", port.port))]
             config.virtual_hosts.append(route_components_pb2.VirtualHost(
                 name=f"{service.hostname}:{port.port}", domains=domains, routes=entries,
             ))
@@ -87,12 +85,20 @@ def _parents_of(route: routing.Route, service: model.Service) -> list[routing.Pa
 def gateway_route_config(
     gateway: routing.Gateway, port: int, policy: rules.Policy
 ) -> route_pb2.RouteConfiguration:
-    """The routes of one gateway port: a virtual host per hostname its listeners and routes serve."""
+    """The routes of one gateway port: a virtual host per hostname its listeners and routes serve.
+
+    A port in the Host header is ignored when picking the virtual host, as Gateway API says (`curl
+    http://example.com:8080/` sends `Host: example.com:8080`), and kept in what the backend receives
+    (Envoy Gateway's choice too; `strip_any_host_port` would rewrite the header). Sidecars keep ports:
+    there the port picks the service port's virtual host."""
     config = route_pb2.RouteConfiguration(
-        name=gateway_route_config_name(gateway.name, port), validate_clusters=wrappers_pb2.BoolValue(value=False)
+        name=gateway_route_config_name(gateway.name, port), validate_clusters=wrappers_pb2.BoolValue(value=False),
+        ignore_port_in_host_matching=True,
     )
     by_host: dict[str, list[routing.Route]] = {}
-    for listener in (ln for ln in gateway.listeners if ln.port == port):
+    on_port = [ln for ln in gateway.listeners if ln.port == port]
+    scheme = "https" if any(ln.protocol == "HTTPS" for ln in on_port) else "http"  # one port, one protocol
+    for listener in on_port:
         for route in policy.gateway_routes(gateway.name):
             if not any(p.kind == "Gateway" and p.name == gateway.name and p.section in (None, listener.name)
                        for p in route.parents):
@@ -101,18 +107,28 @@ def gateway_route_config(
                 if route not in by_host.setdefault(host, []):
                     by_host[host].append(route)
     for host in sorted(by_host, key=lambda h: (h == "*", h.startswith("*."), h)):
+        where = routeactions.Listening(scheme, port, None if "*" in host else host)
         config.virtual_hosts.append(route_components_pb2.VirtualHost(
             name=f"{gateway.name}|{port}|{host}", domains=[host],
-            routes=route_entries(by_host[host], policy.retries),
+            routes=route_entries(by_host[host], policy.retries, where=where),
         ))
     return config
 
 
 def route_entries(
-    routes: Sequence[routing.Route], default_retries: routing.Retries
+    routes: Sequence[routing.Route], default_retries: routing.Retries, *,
+    where: routeactions.Listening = _PLAIN_HTTP,
 ) -> list[route_components_pb2.Route]:
-    """One Envoy route per (rule, match) of `routes`, in Gateway API precedence."""
-    return [_route(match, route.rules[i], default_retries) for route, i, _, match in ordered(routes)]
+    """One Envoy route per (rule, match) of `routes`, in Gateway API precedence. `where`: the
+    listener and host they serve, for redirects that keep the request's."""
+    return [_route(match, route.rules[i], default_retries, where, name=_name(route, i))
+            for route, i, _, match in ordered(routes)]
+
+
+def _name(route: routing.Route, index: int) -> str:
+    """An Envoy route's name: its policy route and rule (by the rule's name, if it has one)."""
+    rule = route.rules[index]
+    return f"{route.key}/{rule.name if rule.name is not None else index}"
 
 
 def ordered(routes: Sequence[routing.Route]) -> list[tuple[routing.Route, int, int, routing.Match]]:
@@ -136,16 +152,19 @@ def _precedence(route: routing.Route, rule: int, index: int, match: routing.Matc
     )
 
 
-def _route(match: routing.Match, rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.Route:
-    route = route_components_pb2.Route(match=_match(match), route=_action(rule, default_retries))
+def _route(match: routing.Match, rule: routing.Rule, default_retries: routing.Retries,
+           where: routeactions.Listening, *, name: str = "") -> route_components_pb2.Route:
+    route = route_components_pb2.Route(name=name, match=_match(match))
+    if rule.redirect is not None:
+        route.redirect.CopyFrom(routeactions.redirect(rule, where))
+    else:
+        route.route.CopyFrom(_action(rule, default_retries))
     if rule.headers is not None:
-        for name, value in rule.headers.set:
-            route.request_headers_to_add.append(base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE))
-        for name, value in rule.headers.add:
-            route.request_headers_to_add.append(base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=name, value=value), append_action=_APPEND))
+        route.request_headers_to_add.extend(routeactions.header_options(rule.headers))
         route.request_headers_to_remove.extend(rule.headers.remove)
+    if rule.response_headers is not None:
+        route.response_headers_to_add.extend(routeactions.header_options(rule.response_headers))
+        route.response_headers_to_remove.extend(rule.response_headers.remove)
     return route
 
 
@@ -192,11 +211,14 @@ def _destination(rule: routing.Rule) -> route_components_pb2.RouteAction:
 
 def _action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
     action = _destination(rule)
-    if rule.timeout_ms is not None:
-        action.timeout.CopyFrom(_duration(rule.timeout_ms))
     retries = rule.retries if rule.retries is not None else default_retries
+    timeout = routeactions.route_timeout_ms(rule, retries)
+    if timeout is not None:
+        action.timeout.CopyFrom(routeactions.duration(timeout))
     if retries.attempts > 0:
-        action.retry_policy.CopyFrom(retry_policy(retries))
+        action.retry_policy.CopyFrom(routeactions.retry_policy(
+            retries, standby=rule.standby, per_try_timeout_ms=rule.backend_timeout_ms))
+    action.request_mirror_policies.extend(routeactions.mirror_policies(rule.mirrors))
     rewrite = rule.rewrite
     if rewrite is not None:
         if rewrite.hostname is not None:
@@ -205,53 +227,8 @@ def _action(rule: routing.Rule, default_retries: routing.Retries) -> route_compo
             action.regex_rewrite.pattern.regex = "^.*$"
             action.regex_rewrite.substitution = rewrite.full_path
         elif rewrite.prefix is not None:
-            _rewrite_prefix(action, rule, rewrite.prefix)
+            routeactions.rewrite_prefix(action, rule, rewrite.prefix)
     return action
-
-
-def _rewrite_prefix(action: route_components_pb2.RouteAction, rule: routing.Rule, replacement: str) -> None:
-    """ReplacePrefixMatch. Envoy's prefix_rewrite replaces the matched characters; Gateway API replaces
-    the matched path segments, so "/" replacing "/foo" in "/foo/bar" must give "/bar", not "//bar"."""
-    if replacement != "/":
-        action.prefix_rewrite = replacement.rstrip("/") or "/"
-        return
-    prefixes = {m.path.value.rstrip("/") for m in rule.matches}
-    if prefixes == {""}:
-        return  # "/" replaced by "/": nothing to do
-    # One rule's matches may have several prefixes; the regex covers each (RE2, anchored).
-    alternatives = "|".join(sorted(_re_escape(p) for p in prefixes if p))
-    action.regex_rewrite.pattern.regex = f"^(?:{alternatives})/*"
-    action.regex_rewrite.substitution = "/"
-
-
-def _re_escape(text: str) -> str:
-    return "".join("\\" + c if not (c.isalnum() or c in "/-_~") else c for c in text)
-
-
-def retry_policy(retries: routing.Retries) -> route_components_pb2.RetryPolicy:
-    policy = route_components_pb2.RetryPolicy(
-        retry_on=",".join(retries.retry_on),
-        num_retries=wrappers_pb2.UInt32Value(value=retries.attempts),
-        retriable_status_codes=list(retries.status_codes),
-        host_selection_retry_max_attempts=_HOST_SELECTION_ATTEMPTS,
-    )
-    if retries.per_try_timeout_ms is not None:
-        policy.per_try_timeout.CopyFrom(_duration(retries.per_try_timeout_ms))
-    hosts = any_pb2.Any()
-    hosts.Pack(previous_hosts_pb2.PreviousHostsPredicate())
-    policy.retry_host_predicate.append(route_components_pb2.RetryPolicy.RetryHostPredicate(
-        name="envoy.retry_host_predicates.previous_hosts", typed_config=hosts))
-    priorities = any_pb2.Any()
-    priorities.Pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))
-    policy.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
-        name="envoy.retry_priorities.previous_priorities", typed_config=priorities))
-    return policy
-
-
-def _duration(ms: int) -> duration_pb2.Duration:
-    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
 
 # --- proxyless gRPC clients ----------------------------------------------------------------------
 # gRPC's xDS client (gRFC A28) is stricter than Envoy and speaks only part of a route: it NACKs a
@@ -282,11 +259,13 @@ def grpc_route_config(
     are the mesh routes attached to the service (port), else everything to the service."""
     mine = [r for r in policy.mesh_routes(service.key)
             if any(p.kind == "Service" and p.port in (None, port.port) for p in _parents_of(r, service))]
+    where = routeactions.Listening("http", port.port)
     if mine:
-        entries = [route for match, rule in _ordered_rules(mine) for route in _grpc_routes(match, rule, policy.retries)]
+        entries = [route for match, rule in _ordered_rules(mine)
+                   for route in _grpc_routes(match, rule, policy.retries, where)]
     else:
         whole = routing.Rule(backends=(routing.Backend(service.key, port.port),))
-        entries = _grpc_routes(routing.Match(), whole, policy.retries)
+        entries = _grpc_routes(routing.Match(), whole, policy.retries, where)
     return route_pb2.RouteConfiguration(
         name=grpc_route_config_name(service, port),
         virtual_hosts=[route_components_pb2.VirtualHost(
@@ -299,13 +278,14 @@ def _ordered_rules(routes: Sequence[routing.Route]) -> list[tuple[routing.Match,
     return [(match, route.rules[i]) for route, i, _, match in ordered(routes)]
 
 
-def _grpc_routes(match: routing.Match, rule: routing.Rule,
-                 default_retries: routing.Retries) -> list[route_components_pb2.Route]:
+def _grpc_routes(match: routing.Match, rule: routing.Rule, default_retries: routing.Retries,
+                 where: routeactions.Listening) -> list[route_components_pb2.Route]:
     """The gRPC routes of one (rule, match): none if no gRPC call can match it (a query parameter, a
-    method other than POST); two for a path prefix other than "/" (the path itself, and under it)."""
+    method other than POST); two for a path prefix other than "/" (the path itself, and under it).
+    A redirect stays a redirect: gRPC fails the calls it matches (UNAVAILABLE), as a call that a proxy
+    answers with a redirect fails; header changes and mirrors are not applied (gRPC has neither)."""
     if match.query_params or (match.method is not None and match.method != "POST"):
         return []
-    action = _grpc_action(rule, default_retries)
     path = match.path
     matches: list[route_components_pb2.RouteMatch] = []
     if path.kind == routing.PathKind.EXACT:
@@ -321,16 +301,23 @@ def _grpc_routes(match: routing.Match, rule: routing.Rule,
     for out in matches:
         for header in match.headers:
             out.headers.append(route_components_pb2.HeaderMatcher(name=header.name, string_match=_string(header)))
+    if rule.redirect is not None:
+        redirect = routeactions.redirect(rule, where)
+        return [route_components_pb2.Route(match=m, redirect=redirect) for m in matches]
+    action = _grpc_action(rule, default_retries)
     return [route_components_pb2.Route(match=m, route=action) for m in matches]
 
 
 def _grpc_action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
     action = _destination(rule)
-    if rule.timeout_ms is not None:  # gRPC's deadline for the call (gRFC A31)
-        action.max_stream_duration.max_stream_duration.CopyFrom(_duration(rule.timeout_ms))
     retries = rule.retries if rule.retries is not None else default_retries
+    timeout = routeactions.route_timeout_ms(rule, retries)
+    if timeout:  # gRPC's deadline for the call (gRFC A31); gRPC has no timeout per try
+        action.max_stream_duration.max_stream_duration.CopyFrom(routeactions.duration(timeout))
     codes = [c for c in retries.retry_on if c in GRPC_RETRY_ON]
     if retries.attempts > 0 and codes:
         action.retry_policy.CopyFrom(route_components_pb2.RetryPolicy(
             retry_on=",".join(codes), num_retries=wrappers_pb2.UInt32Value(value=retries.attempts)))
+        if retries.backoff_ms is not None:  # gRFC A44 takes the back-off
+            action.retry_policy.retry_back_off.base_interval.CopyFrom(routeactions.duration(retries.backoff_ms))
     return action

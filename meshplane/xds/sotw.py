@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from meshplane.xds import adsbase, cache, resources, streams, typeurls, wire
+from meshplane.xds import adsbase, cache, order, resources, streams, typeurls, wire
 
 
 class SotwServer(adsbase.StreamServer):
@@ -50,6 +50,7 @@ class SotwServer(adsbase.StreamServer):
         # names key -> (that key, the names, explicit wildcard): streams asking for the same names
         # share one key and one set (a thousand names cost some 80 KB; two thousand proxies need one copy).
         self._name_sets: dict[bytes, tuple[bytes, frozenset[str], bool]] = {}
+        self._order = order.Order()
 
     def _on_raw(self, stream: streams.Stream, raw: bytes) -> str | None:
         return self._on_request(stream, wire.decode(raw))
@@ -101,6 +102,8 @@ class SotwServer(adsbase.StreamServer):
         return entry
 
     def _on_reply(self, stream: streams.Stream, sub: streams.TypeState, req: Any) -> None:
+        sub.settle()  # a reply is always to the latest response (older nonces are stale, ignored)
+        stream.answered()
         if req.HasField("error_detail"):
             sub.inflight.clear()
             sub.last_nack = streams.Nack(sub.sent_version, req.version_info, req.error_detail.message.strip(),
@@ -129,38 +132,49 @@ class SotwServer(adsbase.StreamServer):
         out: list[bytes] = []
         cds = stream.types.get(typeurls.CLUSTER)
         removed: dict[str, resources.Resource] = {}
-        changed_clusters: set[str] = set()
         if cds is not None and typeurls.CLUSTER in dirty:
             wanted = cds.wanted(watch.resources(typeurls.CLUSTER))
             held = cds.held.current
             removed = {n: r for n, r in held.items() if n not in wanted}
-            changed_clusters = {n for n, r in wanted.items()
-                                if (was := held.get(n)) is not None and was.version != r.version}
+            # Which clusters the client held at another version; on a reconnect, what it holds is known
+            # only as a whole: if that is not what we have, any of them may have changed.
+            reconnect = bool(cds.reported) and not cds.answered
+            changed = dict(wanted) if reconnect else {
+                n: r for n, r in wanted.items() if (was := held.get(n)) is not None and was.version != r.version}
             # Make before break: keep removed clusters until routes stop naming them.
             union = {**wanted, **removed} if removed else wanted
-            self._respond(stream, watch, typeurls.CLUSTER, cds, union, out, final=not removed)
+            if self._respond(stream, watch, typeurls.CLUSTER, cds, union, out, final=not removed):
+                order.rewarm(stream, changed)
         eds = stream.types.get(typeurls.ENDPOINT)
-        if eds is not None and changed_clusters:
-            # An updated cluster warms again and waits for its endpoints.
-            eds.held.drop(changed_clusters)
-            streams.mark_dirty(dirty, typeurls.ENDPOINT, changed_clusters)
+        again = order.rewarm_now(stream, eds, watch.resources(typeurls.ENDPOINT))
+        if again and eds is not None:
+            # An updated cluster warms again and waits for its endpoints: sent even if unchanged, and even if
+            # a reconnecting client reports the version it holds.
+            if not eds.answered:
+                eds.reported = ""
+            streams.mark_dirty(dirty, typeurls.ENDPOINT, again)
         for type_url in (typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE):
             sub = stream.types.get(type_url)
             if sub is None or type_url not in dirty:
                 continue
             have = watch.resources(type_url)
             names = dirty[type_url]
-            if names is cache.EVERY or type_url in typeurls.FULL_STATE:
+            full_state = type_url in typeurls.FULL_STATE
+            if names is cache.EVERY or full_state:
                 candidates = sub.wanted(have)
                 current = len(candidates) == len(have)
             else:  # only what changed (or was re-subscribed) can need sending: O(changes), not O(subscribed)
                 candidates = {n: have[n] for n in names if n in have and sub.wants(n)}
                 # Held the view's previous build, and every name that changed since is wanted.
                 current = watch.caught_up(type_url, sub.held) and all(n in candidates for n in names if n in have)
-            self._respond(stream, watch, type_url, sub, candidates, out, final=True, now=have if current else None)
+            sendable = self._order.sendable(stream, watch, type_url, candidates, full_state=full_state)
+            self._respond(stream, watch, type_url, sub, sendable, out, final=True,
+                          now=have if current and sendable is candidates else None)
         if removed and cds is not None:
             wanted = cds.wanted(watch.resources(typeurls.CLUSTER))
-            self._respond(stream, watch, typeurls.CLUSTER, cds, wanted, out, final=True)
+            _, keep = self._order.removable(stream, typeurls.CLUSTER, removed)
+            final = {**wanted, **{n: removed[n] for n in keep}} if keep else wanted
+            self._respond(stream, watch, typeurls.CLUSTER, cds, final, out, final=not keep)
         return out
 
     def _respond(
@@ -174,8 +188,9 @@ class SotwServer(adsbase.StreamServer):
         *,
         final: bool,
         now: cache.ResourceMap | None = None,
-    ) -> None:
-        """Send what of `candidates` the stream lacks (all of it for CDS and LDS, if anything differs).
+    ) -> bool:
+        """Send what of `candidates` the stream lacks (all of it for CDS and LDS, if anything differs);
+        whether a response went out.
 
         `final`: the candidates are what the stream is to hold of the view (not the transitional
         union of make before break). `now`: the view's map, when after this response the stream
@@ -189,10 +204,10 @@ class SotwServer(adsbase.StreamServer):
             not_found = frozenset() if sub.wildcard else sub.names - candidates.keys()
             if (not updates and candidates.keys() == sub.held.current.keys() and sub.answered
                     and not_found == sub.not_found):
-                return
+                return False
             payload = candidates
         elif not updates:
-            return
+            return False
         else:
             payload = updates
         view_size = len(watch.resources(type_url))
@@ -205,7 +220,7 @@ class SotwServer(adsbase.StreamServer):
                 sub.answered = True
                 sub.acked_version = sub.sent_version = reported
                 sub.sent_at = time.time()
-                return
+                return False
         held = sub.held.current
         seen = [r.seen_at for n, r in updates.items() if r.seen_at is not None and n in held]
         # What the stream holds once it has this response, and the version that names it.
@@ -229,13 +244,11 @@ class SotwServer(adsbase.StreamServer):
             not_found=sorted(not_found),
         )
         sub.not_found = not_found
-        sub.nonce = nonce
-        sub.answered = True
         sub.sent_version = version_info
-        sub.sent_at = time.time()
-        sub.inflight[nonce] = min(seen) if seen else None
+        sub.sent(nonce, seen=min(seen) if seen else None, names=updates.keys())
         out.append(message)
         self._callbacks.response_sent(stream, type_url, resources=len(payload), size=len(message))
+        return True
 
 
 def _resubscribe(

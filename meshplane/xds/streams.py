@@ -17,7 +17,7 @@ import asyncio
 import enum
 import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -48,6 +48,19 @@ class Sync(enum.StrEnum):
 _RANK = {Sync.SYNCED: 0, Sync.NOT_SENT: 1, Sync.STALE: 2, Sync.NACKED: 3}
 
 
+class Many(enum.Enum):
+    """More names than are worth keeping one by one: the whole type."""
+
+    NAMES = "many names"
+
+
+MANY = Many.NAMES
+
+SETTLE_NAMES = 64
+"""A response bringing more names than this is settled as a whole: its names are not kept (the first
+push of a thousand clusters to a thousand streams would otherwise keep a million names until ACKed)."""
+
+
 @dataclass(slots=True)
 class TypeState:
     """One resource type on one stream."""
@@ -69,6 +82,32 @@ class TypeState:
     # delta: names to send even if held at that version (newly subscribed), and the version each nonce carried
     resend: set[str] = field(default_factory=set)
     nonce_versions: dict[str, str] = field(default_factory=dict)
+    # nonce -> the names a response in flight brought new or changed (MANY: more than are worth a set): until
+    # the client answers it, they are not settled, and what refers to them waits (meshplane/xds/order.py).
+    unsettled: dict[str, frozenset[str] | Many] = field(default_factory=dict)
+
+    def sent(self, nonce: str, *, seen: float | None, names: Collection[str]) -> None:
+        """A response went out under `nonce`, bringing `names` (new or changed) and carrying changes first
+        seen at `seen` (None: nothing new to time)."""
+        self.nonce = nonce
+        self.answered = True
+        self.sent_at = time.time()
+        self.inflight[nonce] = seen
+        if names:
+            self.unsettled[nonce] = frozenset(names) if len(names) <= SETTLE_NAMES else MANY
+
+    def settle(self, nonce: str | None = None) -> None:
+        """The client answered `nonce` (ACK or NACK): what it brought is settled. None: it answered the
+        latest response (state of the world, where an answer to an older one is a stale nonce, ignored),
+        so everything is."""
+        if nonce is None:
+            self.unsettled.clear()
+        else:
+            self.unsettled.pop(nonce, None)
+
+    def settled(self, name: str) -> bool:
+        """No response bringing `name` waits for the client's answer."""
+        return not any(names is MANY or name in names for names in self.unsettled.values())
 
     def sync(self) -> Sync:
         if not self.wildcard and not self.names:
@@ -112,6 +151,12 @@ class Stream:
         self.types: dict[str, TypeState] = {}
         self.dirty: dict[str, Dirty] = {}
         self.dirty_since: float | None = None  # monotonic: when the oldest change not yet pushed was marked
+        # Make before break (meshplane/xds/order.py): names held back until what they refer to is settled,
+        # or kept until nothing the client holds refers to them; looked at again when the client answers.
+        self.waiting: dict[str, set[str]] = {}
+        # Clusters sent changed whose assignments are to follow, sent even if unchanged (Envoy re-warms an
+        # updated cluster and waits for them), as soon as the client asks for them.
+        self.rewarm: set[str] = set()
         self.wake = asyncio.Event()
         self._nonces = itertools.count(1)
 
@@ -123,7 +168,7 @@ class Stream:
         """Where one type stands; a type whose view changed and is not written yet is STALE, whatever
         the client ACKed."""
         state = self.types[type_url].sync()
-        if type_url in self.dirty and state != Sync.NOT_SENT:
+        if (type_url in self.dirty or type_url in self.waiting) and state != Sync.NOT_SENT:
             return Sync.STALE
         return state
 
@@ -143,6 +188,12 @@ class Stream:
         for type_url, names in changes.items():
             mark_dirty(self.dirty, type_url, names)
         self.wake.set()
+
+    def answered(self) -> None:
+        """The client answered a response (ACK or NACK): what waited on it is looked at again."""
+        if self.waiting:
+            waiting, self.waiting = self.waiting, {}
+            self.mark({type_url: frozenset(names) for type_url, names in waiting.items()})
 
     def next_nonce(self) -> str:
         return str(next(self._nonces))

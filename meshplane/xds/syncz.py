@@ -17,7 +17,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2, json_format
 
-from meshplane.xds import resources, streams, typeurls
+from meshplane.xds import proxy, resources, streams, typeurls
 
 
 def _iso(wall: float | None) -> str | None:
@@ -55,9 +55,28 @@ def clients(registry: streams.Registry, *, now: float, now_monotonic: float) -> 
     return sorted(out, key=lambda c: (c["kind"], c["locality"], c["node"]))
 
 
+FILTERS = ("kind", "locality", "state")
+"""The query parameters of `/debug/syncz`, each a filter (`meshplane status --kind, --locality, --state`)."""
+
+
 def select(table: list[dict[str, Any]], query: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Filter by kind, by locality (a region/zone/cluster prefix) and by state (of any type)."""
-    kind, locality, state = query.get("kind"), query.get("locality"), query.get("state")
+    """Filter by kind, by locality (a region/zone/cluster prefix) and by state (of any type, any case).
+
+    A parameter or value no client could match raises ValueError naming it: scripts read this page
+    directly, and a typo must not read as "no client NACKED"."""
+    unknown = sorted(set(query) - set(FILTERS))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r} (parameters: {', '.join(FILTERS)})")
+    kind, locality, state = query.get("kind", ""), query.get("locality", ""), query.get("state", "").upper()
+    kinds = [k.value for k in proxy.Kind]
+    if kind and kind not in kinds:
+        raise ValueError(f"kind: {kind!r} is not a kind of client ({', '.join(kinds)})")
+    states = [s.value for s in streams.Sync]
+    if state and state not in states:
+        raise ValueError(f"state: {query['state']!r} is not a state ({', '.join(states)})")
+    parts = locality.rstrip("/").split("/")
+    if locality and (len(parts) > 3 or not all(parts)):
+        raise ValueError(f"locality: {locality!r} is not REGION[/ZONE[/CLUSTER]]")
     return [
         c for c in table
         if (not kind or c["kind"] == kind)

@@ -132,7 +132,7 @@ def build_backend_cluster(
     service: model.Service, port: model.ServicePort, policy: rules.ServicePolicy, backend: routing.Backend
 ) -> cluster_pb2.Cluster:
     """The cluster of a route backend (part of a service, or all of it)."""
-    return build_cluster(service, port, policy, name=backend_cluster_name(backend), standby=len(backend.clusters) > 1)
+    return build_cluster(service, port, policy, name=backend_cluster_name(backend), standby=backend.standby)
 
 
 def build_load_assignment(

@@ -42,6 +42,7 @@ class FakeKubeAPI:
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []  # one per connection
         self._stalled = self._unreachable = self._closed = False
+        self._held: frozenset[str] = frozenset()  # resources whose watches hold their events back (hold_watches)
         self._hangups = 0  # counts _hang_up(everything=True): stalled requests give up
         self._server: Server | None = None
         self._loop: threading.Thread | None = None
@@ -207,6 +208,15 @@ class FakeKubeAPI:
         """True: accept requests but answer none, and hold back watch events, until stall(False)."""
         with self._cond:
             self._stalled = stalled
+            self._cond.notify_all()
+
+    def hold_watches(self, resources: tuple[str, ...]) -> None:
+        """Hold back the events of these resources' watches (a lagging watch) until hold_watches(()).
+
+        Held events are sent, in order, when released; the other watches carry on.
+        """
+        with self._cond:
+            self._held = frozenset(resources)
             self._cond.notify_all()
 
     def send_bookmarks(self) -> None:

@@ -377,7 +377,7 @@ class Handler(BaseHTTPRequestHandler):
                 return []
             ends = [t for t in (deadline, watch.active + cut.after if cut is not None else None) if t is not None]
             remaining = min(ends) - now if ends else None
-            if not fake._stalled:
+            if not fake._stalled and watch.resource not in fake._held:
                 store = fake._store
                 lines = []
                 for event in store.events_after(kind.resource, watch.pos):

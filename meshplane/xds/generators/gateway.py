@@ -76,7 +76,7 @@ def _assignments(service: model.Service, policy: rules.Policy, where: Place) -> 
     for backend, port in _backends(policy, service, where.gateway):
         name = translate.backend_cluster_name(backend)
         out[name] = translate.build_load_assignment(name, port.name, ranked(service, policy, where, backend),
-                                                    standby=len(backend.clusters) > 1)
+                                                    standby=backend.standby)
     return out
 
 

@@ -94,7 +94,7 @@ def _assignments(service: model.Service, policy: rules.Policy, where: Origin) ->
     for backend, port in mesh_subsets(policy, service, http_ports(service)):
         name = translate.backend_cluster_name(backend)
         out[name] = translate.build_load_assignment(name, port.name, ranked(service, policy, where, backend),
-                                                    standby=len(backend.clusters) > 1)
+                                                    standby=backend.standby)
     return out
 
 

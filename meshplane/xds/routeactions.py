@@ -1,0 +1,161 @@
+"""What a route does beyond matching, as Envoy protos: retry policies, redirects, mirrors, rewrites and
+header changes. Pure functions, used by `routeconfig` for sidecars, gateways and gRPC clients.
+
+The Gateway API filters are mapped as Envoy Gateway's translator maps them,
+except where Envoy can say what Gateway API says more exactly: a redirect
+that leaves its port out gets the listener's (Gateway API), and writes no
+port when that is the scheme's own (80, 443) wherever the virtual host
+names its one hostname.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from meshplane.policy import routing
+from meshplane.xds import translate
+
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_HOST_SELECTION_ATTEMPTS = 5  # Istio's: look this often for a host not tried yet
+STANDBY_TRIES_PER_PRIORITY = 2
+"""previous_priorities' update_frequency for active-standby rules (Istio's for retryRemoteLocalities)."""
+_SCHEME_PORT = {"http": 80, "https": 443}
+_REDIRECT_CODE = {
+    301: route_components_pb2.RedirectAction.MOVED_PERMANENTLY,
+    302: route_components_pb2.RedirectAction.FOUND,
+    303: route_components_pb2.RedirectAction.SEE_OTHER,
+    307: route_components_pb2.RedirectAction.TEMPORARY_REDIRECT,
+    308: route_components_pb2.RedirectAction.PERMANENT_REDIRECT,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """Where a route's requests come in, for the redirects that leave it to the request: the
+    listener's scheme and port (a sidecar's: http and the service port), and the virtual host's one
+    hostname (None: a wildcard, or several names)."""
+
+    scheme: str = "http"
+    port: int = 80
+    host: str | None = None
+
+
+def duration(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def header_options(modifier: routing.HeaderModifier) -> list[base_pb2.HeaderValueOption]:
+    """Gateway API's set (replace, or add) and add (append a value) as Envoy header options."""
+    return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=action)
+            for action, pairs in ((_OVERWRITE, modifier.set), (_APPEND, modifier.add)) for name, value in pairs]
+
+
+def route_timeout_ms(rule: routing.Rule, retries: routing.Retries) -> int | None:
+    """The timeout of the whole request: the rule's, and without retries also its backend request's
+    (then one try is the whole request); None: Envoy's 15 s; 0: none."""
+    backend = rule.backend_timeout_ms
+    if retries.attempts > 0 or not backend:
+        return rule.timeout_ms
+    return backend if not rule.timeout_ms else min(backend, rule.timeout_ms)
+
+
+def retry_policy(retries: routing.Retries, *, standby: bool = False,
+                 per_try_timeout_ms: int | None = None) -> route_components_pb2.RetryPolicy:
+    """Retries on another host (`previous_hosts`) and in another priority than the ones tried
+    (`previous_priorities`). `standby`: the rule sends to an active-standby backend, whose next
+    cluster may serve only once the first has no healthy endpoint: every other try uses the priority
+    load as it is (the first retry goes to another host of the same cluster, if it has one), and only
+    then leaves the priorities tried (decision 0018). Nearest-first backends leave the priority at
+    once, so that a broken zone or region costs no request (decision 0010). `per_try_timeout_ms`: the
+    rule's backend request timeout, which replaces the retries' own."""
+    policy = route_components_pb2.RetryPolicy(
+        retry_on=",".join(retries.retry_on),
+        num_retries=wrappers_pb2.UInt32Value(value=retries.attempts),
+        retriable_status_codes=list(retries.status_codes),
+        host_selection_retry_max_attempts=_HOST_SELECTION_ATTEMPTS,
+    )
+    per_try = per_try_timeout_ms if per_try_timeout_ms is not None else retries.per_try_timeout_ms
+    if per_try:
+        policy.per_try_timeout.CopyFrom(duration(per_try))
+    if retries.backoff_ms is not None:
+        policy.retry_back_off.base_interval.CopyFrom(duration(retries.backoff_ms))
+    hosts = any_pb2.Any()
+    hosts.Pack(previous_hosts_pb2.PreviousHostsPredicate())
+    policy.retry_host_predicate.append(route_components_pb2.RetryPolicy.RetryHostPredicate(
+        name="envoy.retry_host_predicates.previous_hosts", typed_config=hosts))
+    priorities = any_pb2.Any()
+    priorities.Pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(
+        update_frequency=STANDBY_TRIES_PER_PRIORITY if standby else 1))
+    policy.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
+        name="envoy.retry_priorities.previous_priorities", typed_config=priorities))
+    return policy
+
+
+def mirror_policies(mirrors: Sequence[routing.Mirror]) -> list[route_components_pb2.RouteAction.RequestMirrorPolicy]:
+    """A copy of a share of the requests to each mirror's cluster (the whole service). Envoy adds
+    `-shadow` to the copy's Host, as with Istio's mirrors: the backend can tell a copy."""
+    out = []
+    for mirror in mirrors:
+        policy = route_components_pb2.RouteAction.RequestMirrorPolicy(
+            cluster=translate.backend_cluster_name(mirror.backend))
+        if mirror.per_million < 1_000_000:
+            policy.runtime_fraction.default_value.CopyFrom(percent_pb2.FractionalPercent(
+                numerator=mirror.per_million, denominator=percent_pb2.FractionalPercent.MILLION))
+        out.append(policy)
+    return out
+
+
+def redirect(rule: routing.Rule, where: Listening) -> route_components_pb2.RedirectAction:
+    """Gateway API RequestRedirect. Its port: the filter's; else the scheme's own if it names a
+    scheme; else the listener's. No port is written when it is the scheme's own, where Envoy can tell
+    (the host is known: the filter's, or the virtual host's one name); with a wildcard host Envoy
+    writes the port even then (`https://a.example.com:443/`, the same place)."""
+    r = rule.redirect
+    assert r is not None
+    out = route_components_pb2.RedirectAction(response_code=_REDIRECT_CODE[r.status_code])
+    if r.scheme is not None:
+        out.scheme_redirect = r.scheme
+    scheme = r.scheme or where.scheme
+    port = r.port or (_SCHEME_PORT[r.scheme] if r.scheme else where.port)
+    host = r.hostname or where.host
+    if host is not None:
+        out.host_redirect = host
+        if port != _SCHEME_PORT[scheme]:
+            out.port_redirect = port
+    else:  # the request's host: Envoy drops its port once a port is given
+        out.port_redirect = port
+    if r.full_path is not None:
+        out.path_redirect = r.full_path
+    elif r.prefix is not None:
+        rewrite_prefix(out, rule, r.prefix)
+    return out
+
+
+def rewrite_prefix(target: route_components_pb2.RouteAction | route_components_pb2.RedirectAction,
+                   rule: routing.Rule, replacement: str) -> None:
+    """ReplacePrefixMatch, of a URL rewrite or a redirect. Envoy's prefix_rewrite replaces the matched
+    characters; Gateway API replaces the matched path segments, so "/" replacing "/foo" in "/foo/bar"
+    must give "/bar", not "//bar"."""
+    if replacement != "/":
+        target.prefix_rewrite = replacement.rstrip("/") or "/"
+        return
+    prefixes = {m.path.value.rstrip("/") for m in rule.matches}
+    if prefixes == {""}:
+        return  # "/" replaced by "/": nothing to do
+    # One rule's matches may have several prefixes; the regex covers each (RE2, anchored).
+    alternatives = "|".join(sorted(_re_escape(p) for p in prefixes if p))
+    target.regex_rewrite.pattern.regex = f"^(?:{alternatives})/*"
+    target.regex_rewrite.substitution = "/"
+
+
+def _re_escape(text: str) -> str:
+    return "".join("\\" + c if not (c.isalnum() or c in "/-_~") else c for c in text)
