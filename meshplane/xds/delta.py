@@ -108,7 +108,7 @@ class DeltaServer(adsbase.StreamServer):
             now = _now(cds, watch, typeurls.CLUSTER, names)
             send, removed_clusters = _differences(cds, have, names)
             held = cds.held.current  # before this response: which of them the proxy had at another version
-            changed = {n: r for n, r in send.items() if (was := held.get(n)) is not None and was.version != r.version}
+            changed = {n for n, r in send.items() if (was := held.get(n)) is not None and was.version != r.version}
             self._respond(stream, watch, typeurls.CLUSTER, cds, send, [], out,
                           now=have if now and not removed_clusters else None)
             order.rewarm(stream, changed)

@@ -108,13 +108,11 @@ class Order:
         return found
 
 
-def rewarm(stream: streams.Stream, changed: cache.ResourceMap) -> None:
-    """`changed` clusters went to the client changed: what they refer to of a later type (their
-    assignments) is to follow, even if unchanged and even if not asked for yet (Envoy re-warms an
-    updated cluster and waits for its assignment)."""
-    position = _POSITION[typeurls.CLUSTER]
-    stream.rewarm.update(name for name, resource in changed.items()
-                         if any(_POSITION.get(t, -1) > position for t, _ in resource.needs))
+def rewarm(stream: streams.Stream, changed: Iterable[str]) -> None:
+    """`changed` clusters went to the client changed: their assignments are to follow, even if unchanged
+    and even if not asked for yet (Envoy re-warms an updated cluster and waits for its assignment).
+    A name with no assignment in the view is dropped at the next `rewarm_now`."""
+    stream.rewarm.update(changed)
 
 
 def rewarm_now(
@@ -128,7 +126,7 @@ def rewarm_now(
     stream.rewarm.intersection_update(have.keys())  # an assignment the view lacks: nothing of ours to wait for
     if assignments is None:
         return frozenset()
-    now = frozenset(n for n in stream.rewarm if assignments.wants(n))
+    now = frozenset(stream.rewarm if assignments.wildcard else stream.rewarm & assignments.names)
     if now:
         stream.rewarm -= now
         assignments.held.drop(now)

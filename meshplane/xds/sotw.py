@@ -139,8 +139,8 @@ class SotwServer(adsbase.StreamServer):
             # Which clusters the client held at another version; on a reconnect, what it holds is known
             # only as a whole: if that is not what we have, any of them may have changed.
             reconnect = bool(cds.reported) and not cds.answered
-            changed = dict(wanted) if reconnect else {
-                n: r for n, r in wanted.items() if (was := held.get(n)) is not None and was.version != r.version}
+            changed = wanted.keys() if reconnect else {
+                n for n, r in wanted.items() if (was := held.get(n)) is not None and was.version != r.version}
             # Make before break: keep removed clusters until routes stop naming them.
             union = {**wanted, **removed} if removed else wanted
             if self._respond(stream, watch, typeurls.CLUSTER, cds, union, out, final=not removed):
