@@ -70,6 +70,15 @@ class Probe:
     def answered_by(self, service: str) -> int:
         return sum(1 for status, body in self.got if status == 200 and body.startswith(f"{service}@"))
 
+    async def arrival_of(self, service: str) -> None:
+        """Probe until `service` has answered 20 times: before its route, nothing but no route (404);
+        from its first answer on, nothing but answers (no 503 `no_cluster`, no flap back)."""
+        await wait_for(lambda: self.answered_by(service) >= 20, what=f"{service} answering")
+        first = next(i for i, (status, _) in enumerate(self.got) if status == 200)
+        before, after = Counter(s for s, _ in self.got[:first]), Counter(s for s, _ in self.got[first:])
+        assert set(before) <= {404}, (service, before)
+        assert set(after) == {200}, (service, after)
+
 
 def _synced(world: Edge) -> bool:
     """Every proxy has ACKed everything its view holds now."""
@@ -94,12 +103,7 @@ async def test_a_new_route_to_a_new_service_is_never_answered_503(tmp_path: Path
             routes.append((f"/{service}", service, 8000))
             async with Probe(world, PORT, "example.com", f"/{service}/probe") as probe:
                 world.write_policy(_policy(routes))
-                await wait_for(lambda s=service: probe.answered_by(s) >= 20, what=f"{service} answering")  # type: ignore[misc]
-            first = next(i for i, (status, _) in enumerate(probe.got) if status == 200)
-            before, after = Counter(s for s, _ in probe.got[:first]), Counter(s for s, _ in probe.got[first:])
-            # Before the route: no route (404). Once it is there, every request reaches its service.
-            assert set(before) <= {404}, (service, before)
-            assert set(after) == {200}, (service, after)
+                await probe.arrival_of(service)
         assert await _no_cluster(world) == 0
         assert world.nacks() == 0
     finally:
@@ -137,11 +141,7 @@ async def test_a_new_service_reaches_a_sidecar_with_its_cluster_first(tmp_path: 
             async with Probe(world, world.port, service, "/probe") as probe:
                 world.absent.discard(service)
                 world.endpoint_files()
-                await wait_for(lambda s=service: probe.answered_by(s) >= 20, what=f"{service} answering")  # type: ignore[misc]
-            first = next(i for i, (status, _) in enumerate(probe.got) if status == 200)
-            before, after = Counter(s for s, _ in probe.got[:first]), Counter(s for s, _ in probe.got[first:])
-            assert set(before) <= {404}, (service, before)
-            assert set(after) == {200}, (service, after)
+                await probe.arrival_of(service)
         assert await _no_cluster(world) == 0
         assert world.nacks() == 0
     finally:
