@@ -22,7 +22,7 @@ import grpc
 import structlog
 from prometheus_client import exposition
 
-from meshplane import admin, aio, explain
+from meshplane import admin, aio, explain, listen
 from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
@@ -103,6 +103,8 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Load everything once (raising on broken input), then serve."""
+        for flag, (host, port) in self._addresses().items():  # a port taken: refused before anything starts
+            listen.check(flag, host, port)
         await self.policy_watcher.start()
         for source in self.sources:
             await source.start(self.catalog)
@@ -130,7 +132,8 @@ class ControlPlane:
         self._started_at = time.monotonic()
         await self._start_kubernetes()
         self._readiness = asyncio.create_task(self._announce_ready(), name="readiness")
-        options: list[tuple[str, int]] = [("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
+        options: list[tuple[str, int]] = [("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0),
+                                          ("grpc.so_reuseport", 0)]  # a second control plane on the port: refused
         # gRPC refuses what is far over the request limit itself; up to 1 MiB over, meshplane does, and counts it.
         request_bytes = self.config.limits.request_bytes
         options.append(("grpc.max_receive_message_length", request_bytes + 2**20 if request_bytes else -1))
@@ -139,26 +142,36 @@ class ControlPlane:
                         ("grpc.max_connection_age_grace_ms", int(self.config.max_connection_age_grace * 1000))]
         self._grpc = grpc.aio.server(options=options)
         self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(), self.delta.rpc_handler()))
-        address = f"{self.config.ads_host}:{self.config.ads_port}"
+        addresses = self._addresses()
         if self.config.tls is not None:
             self.tls = tls_mod.ServerTls(self.config.tls)
-            self.ads_port = self._grpc.add_secure_port(address, self.tls.credentials)
+            self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"], self.tls.credentials)
         else:
-            self.ads_port = self._grpc.add_insecure_port(address)
-        if self.ads_port == 0:
-            raise OSError(f"cannot listen for ADS on {address}")
-        if self.config.ads_plaintext:
-            self.ads_plaintext_port = self._grpc.add_insecure_port(self.config.ads_plaintext)
-            if self.ads_plaintext_port == 0:
-                raise OSError(f"cannot listen for plaintext ADS on {self.config.ads_plaintext}")
+            self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"])
+        if "--ads-plaintext" in addresses:
+            self.ads_plaintext_port = _bind(self._grpc, "--ads-plaintext", addresses["--ads-plaintext"])
         await self._grpc.start()
         self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
-        if self.config.http_port >= 0:
+        if "--http" in addresses:
+            host, port = addresses["--http"]
             self._http = admin.HttpPort(self._pages(), timeout=self.config.http_timeout)
-            self.http_port = await self._http.start(self.config.http_host, self.config.http_port)
-        log.info("control plane serving", ads=f"{self.config.ads_host}:{self.ads_port}",
+            try:
+                self.http_port = await self._http.start(host, port)
+            except OSError as exc:
+                raise listen.failed("--http", host, port, exc) from None
+        log.info("control plane serving", ads=listen.join(self.config.ads_host, self.ads_port),
                  tls=self.config.tls is not None, ads_plaintext=self.config.ads_plaintext or "",
-                 http=f"{self.config.http_host}:{self.http_port}", services=len(self.catalog.services))
+                 http=listen.join(self.config.http_host, self.http_port), services=len(self.catalog.services))
+
+    def _addresses(self) -> dict[str, tuple[str, int]]:
+        """Where the control plane listens, by the `serve` flag that says so."""
+        config = self.config
+        addresses = {"--ads": (config.ads_host, config.ads_port)}
+        if config.ads_plaintext:
+            addresses["--ads-plaintext"] = listen.parse(config.ads_plaintext)
+        if config.http_port >= 0:
+            addresses["--http"] = (config.http_host, config.http_port)
+        return addresses
 
     async def _start_kubernetes(self) -> None:
         """Clusters from the command line first (errors stop start-up), then the run-time origins."""
@@ -419,6 +432,20 @@ def known_from(
         services={key: frozenset(p.port for p in service.ports) for key, service in services.items()},
         clusters=frozenset(clusters) | {c for s in services.values() for c in s.clusters},
     )
+
+
+def _bind(server: grpc.aio.Server, flag: str, address: tuple[str, int],
+          credentials: grpc.ServerCredentials | None = None) -> int:
+    """Add a port to the gRPC server; the port bound, or ListenError naming the flag and why not."""
+    where = listen.join(*address)
+    try:
+        port = int(server.add_secure_port(where, credentials) if credentials else server.add_insecure_port(where))
+    except RuntimeError:  # gRPC says only "Failed to bind": find out why as `check` does
+        port = 0
+    if port == 0:
+        listen.check(flag, *address)
+        raise listen.ListenError(f"{flag} {where}: gRPC cannot listen there (GRPC_VERBOSITY=debug says why)")
+    return port
 
 
 def _json(value: Any) -> bytes:
