@@ -105,6 +105,9 @@ class ControlPlane:
         """Load everything once (raising on broken input), then serve."""
         for flag, (host, port) in self._addresses().items():  # a port taken: refused before anything starts
             listen.check(flag, host, port)
+        if self.config.tls is not None:  # so are certificates that cannot be used
+            self.tls = tls_mod.ServerTls(self.config.tls, on_reload=self.metrics.tls_reloaded,
+                                         interval=self.config.poll_interval, inotify=self.config.inotify)
         await self.policy_watcher.start()
         for source in self.sources:
             await source.start(self.catalog)
@@ -143,8 +146,8 @@ class ControlPlane:
         self._grpc = grpc.aio.server(options=options)
         self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(), self.delta.rpc_handler()))
         addresses = self._addresses()
-        if self.config.tls is not None:
-            self.tls = tls_mod.ServerTls(self.config.tls)
+        if self.tls is not None:
+            await self.tls.start()
             self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"], self.tls.credentials)
         else:
             self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"])
@@ -225,6 +228,8 @@ class ControlPlane:
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
             self._grpc = None
+        if self.tls is not None:
+            await self.tls.stop()
         if self._http is not None:
             await self._http.stop()
             self._http = None
@@ -316,7 +321,10 @@ class ControlPlane:
         ok = self.ready()
         body = {"ready": ok, "clusters": self._cluster_status(),
                 "build_errors": [{"service": e.service, "type": e.type, "error": e.error}
-                                 for e in self.build_errors()]}
+                                 for e in self.build_errors()],
+                # A rotation that could not be taken does not make the plane unready (the previous certificate
+                # is served), but it is here until a good one is, with the date the served one expires.
+                "tls": self.tls.status() if self.tls is not None else None}
         return admin.Reply(200 if ok else 503, "application/json", _json(body))
 
     def _views_page(self, query: Mapping[str, str]) -> admin.Reply:
@@ -393,6 +401,8 @@ class ControlPlane:
 
     def _refresh_gauges(self) -> None:
         self.metrics.count_clients(self.streams)
+        if self.tls is not None:
+            self.metrics.tls_expiry.labels(str(self.tls.files.cert)).set(self.tls.serving.not_after)
         for cluster, status in self.catalog.status().items():
             self.metrics.cluster_synced.labels(cluster).set(1 if status.synced else 0)
             self.metrics.cluster_stale.labels(cluster).set(1 if status.stale else 0)

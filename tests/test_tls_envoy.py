@@ -6,13 +6,19 @@ rotates under live streams without dropping one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import structlog
 from cryptography import x509
 
 from meshplane import app, tls
@@ -104,12 +110,13 @@ async def test_who_may_connect(start_plane: Any, tmp_path: Path, ca: pki.CA) -> 
         assert ads_client.resource_names(await plain.recv())
 
 
-async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
-    start_plane: Any, tmp_path: Path, ca: pki.CA
-) -> None:
-    plane = await _plane(start_plane, tmp_path, ca)
+@contextlib.asynccontextmanager
+async def _mtls_envoy(plane: app.ControlPlane, ca: pki.CA, tmp_path: Path, spiffe_id: str = SIDECAR_ID
+                      ) -> AsyncIterator[tuple[envoy.EnvoyProcess, backend.ReplicaServer]]:
+    """A real Envoy connected over mTLS (its certificate through file-based SDS) with traffic through it to
+    mockb@z1; its (process, mockb's replica)."""
     certs = tmp_path / "envoy-certs"
-    cert, key = ca.write_client(certs, SIDECAR_ID)
+    cert, key = ca.write_client(certs, spiffe_id)
     cert_sds, ca_sds = pki.envoy_sds(tmp_path, cert=cert, key=key, ca=ca.write_ca(certs / "ca.pem"))
     listener = free_port()
     server = backend.ReplicaServer(backend.Replica("mockb", "z1", "r1", "c1", free_port(), None, None))
@@ -131,6 +138,32 @@ async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
             return status == 200 and body.strip() == "mockb@z1"
 
         await wait_for(served, timeout=15, what="traffic through the Envoy configured over mTLS")
+        yield proxy, server
+    finally:
+        await proxy.stop()
+        await server.stop()
+
+
+async def _pushed_over(plane: app.ControlPlane, proxy: envoy.EnvoyProcess, server: backend.ReplicaServer,
+                       tmp_path: Path, stream_id: int) -> None:
+    """A change made now reaches the Envoy over the stream it has had all along."""
+    moved = {"mockb": [{"zone": "z2", "port": server.replica.port}]}
+    write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", moved))
+
+    async def pushed() -> bool:
+        return "z2" in str(await proxy.config_dump())
+
+    await wait_for(pushed, what="a change pushed over the same stream")
+    assert [s.id for s in plane.streams] == [stream_id]
+    stats = await proxy.stats(filter="control_plane")
+    assert stats["control_plane.connected_state"] == 1
+
+
+async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    plane = await _plane(start_plane, tmp_path, ca)
+    async with _mtls_envoy(plane, ca, tmp_path) as (proxy, server):
         (stream,) = list(plane.streams)
         assert stream.identity == SIDECAR_ID
 
@@ -141,19 +174,74 @@ async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
                        what="the new certificate served")
         assert before != serial
         assert [s.id for s in plane.streams] == [stream.id]  # the Envoy's stream was not dropped
-        moved = {"mockb": [{"zone": "z2", "port": server.replica.port}]}
-        write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", moved))
+        await _pushed_over(plane, proxy, server, tmp_path, stream.id)
 
-        async def pushed() -> bool:
-            return "z2" in str(await proxy.config_dump())
 
-        await wait_for(pushed, what="a change pushed over the same stream after the rotation")
-        assert [s.id for s in plane.streams] == [stream.id]
-        stats = await proxy.stats(filter="control_plane")
-        assert stats["control_plane.connected_state"] == 1
-    finally:
-        await proxy.stop()
-        await server.stop()
+async def test_a_rotation_to_files_that_cannot_be_used_is_reported_and_the_old_certificate_stays(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    plane = await _plane(start_plane, tmp_path, ca)
+    cert_path, key_path = tmp_path / "server" / "server.pem", tmp_path / "server" / "server.key"
+
+    def count(result: str) -> float | None:
+        return plane.metrics.registry.get_sample_value("meshplane_tls_reloads_total", {"result": result})
+
+    async def ready_tls() -> dict[str, Any]:
+        status, body = await backend.http_get(plane.http_port, "localhost", "/ready")
+        assert status == 200  # the previous certificate is served: still ready
+        return dict(json.loads(body)["tls"])
+
+    with structlog.testing.capture_logs() as logs:
+        async with _mtls_envoy(plane, ca, tmp_path) as (proxy, server):
+            (stream,) = list(plane.streams)
+            before = _served_serial(plane.ads_port, ca, tmp_path)
+            assert (await ready_tls())["serial"] == f"{before:x}"
+            assert (await ready_tls())["rejected"] is None
+            # A certificate whose key is not the key file's (a new certificate, the old key kept).
+            other, _, other_serial = ca.issue("meshplane", dns=("localhost",), ips=("127.0.0.1",))
+            pki.write(cert_path, other)
+            await wait_for(lambda: count("rejected") == 1, what="the mismatched pair counted as rejected")
+            rejected = (await ready_tls())["rejected"]
+            assert rejected["error"] == (
+                f"{key_path} is not the private key of the certificate in {cert_path} (CN=meshplane, serial "
+                f"{other_serial:x}): a certificate and its own key go together")
+            warnings = [e for e in logs if e["event"] == "TLS files changed but cannot be used; the previous ones stay"]
+            assert [(e["log_level"], e["error"]) for e in warnings] == [("warning", rejected["error"])]
+            assert _served_serial(plane.ads_port, ca, tmp_path) == before  # new handshakes: the old one
+            # A PEM-wrapped file that is not a certificate.
+            pki.write(cert_path, b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+            await wait_for(lambda: count("rejected") == 2, what="the non-certificate counted as rejected")
+            assert (await ready_tls())["rejected"]["error"].startswith(
+                f"{cert_path}: the certificate is not a PEM certificate (")
+            assert _served_serial(plane.ads_port, ca, tmp_path) == before
+            assert not [e for e in logs if e["event"].startswith("TLS certificate reloaded")]
+            assert count("applied") == 0
+
+            # A good rotation then works, and clears the report.
+            _, _, serial = ca.write_server(tmp_path / "server")
+            await wait_for(lambda: count("applied") == 1, what="the good rotation applied")
+            await wait_for(lambda: _served_serial(plane.ads_port, ca, tmp_path) == serial,
+                           what="the new certificate served")
+            tls_now = await ready_tls()
+            assert tls_now["rejected"] is None and tls_now["serial"] == f"{serial:x}"
+            assert [s.id for s in plane.streams] == [stream.id]
+            await _pushed_over(plane, proxy, server, tmp_path, stream.id)
+
+
+@pytest.mark.any_protocol
+def test_a_key_that_is_not_the_certificates_stops_serve_naming_both(tmp_path: Path, ca: pki.CA) -> None:
+    cert, key, _ = ca.write_server(tmp_path)
+    _, other_key, _ = ca.issue("meshplane", dns=("localhost",))
+    pki.write(key, other_key)
+    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+    result = subprocess.run(
+        [sys.executable, "-m", "meshplane", "serve", "--ads", f"127.0.0.1:{free_port()}",
+         "--http", f"127.0.0.1:{free_port()}", "--tls-cert", str(cert), "--tls-key", str(key)],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"meshplane: {key} is not the private key of the certificate in {cert} (CN=meshplane, serial {serial:x}): "
+        "a certificate and its own key go together"]
 
 
 def _served_serial(port: int, ca: pki.CA, tmp_path: Path) -> int:

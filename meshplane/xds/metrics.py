@@ -88,6 +88,16 @@ class Metrics:
             "reached (RESOURCE_EXHAUSTED)",
             ["code", "reason"], registry=r,
         )
+        self.tls_reloads = Counter(
+            "meshplane_tls_reloads",
+            "Changes of the ADS port's certificate, key or client CA files by result: applied, rejected (they "
+            "cannot be used: the previous ones stay served)",
+            ["result"], registry=r,
+        )
+        self.tls_expiry = Gauge(
+            "meshplane_tls_certificate_expiry_timestamp_seconds",
+            "When the ADS port's certificate being served expires (Unix time); only with TLS", ["cert"], registry=r,
+        )
         self.clients = Gauge(
             "meshplane_xds_clients", "Connected clients by kind and sync state (the worst of their types)",
             ["kind", "state"], registry=r,
@@ -99,6 +109,8 @@ class Metrics:
                 family.labels(short)
         for result in ("applied", "unchanged", "rejected"):
             self.policy_reloads.labels(result)
+        for result in ("applied", "rejected"):
+            self.tls_reloads.labels(result)
         for code, reason in REFUSALS:
             self.refusals.labels(code, reason)
 
@@ -155,6 +167,9 @@ class Metrics:
 
     def write_stalled(self, stream: streams.Stream) -> None:
         self.stalled_writes.inc()
+
+    def tls_reloaded(self, result: str) -> None:
+        self.tls_reloads.labels(result).inc()
 
     def build_failed(self, type_url: str) -> None:
         self.build_errors.labels(typeurls.SHORT_NAMES.get(type_url, type_url)).inc()
