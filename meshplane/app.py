@@ -27,7 +27,7 @@ from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import placement, reload, rules, validate
-from meshplane.xds import adsbase, delta, generators, push, slots, sotw, streams, syncz, views
+from meshplane.xds import adsbase, delta, generators, push, refusals, slots, sotw, streams, syncz, views
 from meshplane.xds import metrics as metrics_mod
 
 log = structlog.get_logger(__name__)
@@ -91,6 +91,7 @@ class ControlPlane:
         self._readiness: asyncio.Task[None] | None = None
         self.cache: views.ViewCache | None = None
         self.streams = streams.Registry(held=True)  # answered once ready()
+        self.refused = refusals.Refusals()  # clients refused lately, by address and reason (both protocols)
         self.ads: sotw.SotwServer | None = None
         self.delta: delta.DeltaServer | None = None
         self.push: push.PushLoop | None = None
@@ -121,10 +122,12 @@ class ControlPlane:
         self.ads = sotw.SotwServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
             push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
+            refused=self.refused,
         )
         self.delta = delta.DeltaServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
             push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
+            refused=self.refused,
         )
         self.push = push.PushLoop(
             cache=self.cache, services=lambda: self.catalog.services,
@@ -300,7 +303,8 @@ class ControlPlane:
         pending = self.push.pending_since() if self.push is not None else None
         # A change seen but not yet handed to the views: every client may be behind it.
         behind = None if pending is None else round(time.monotonic() - pending, 3)
-        return admin.Reply(200, "application/json", _json({"pending_change_s": behind, "clients": table}))
+        return admin.Reply(200, "application/json", _json(
+            {"pending_change_s": behind, "clients": table, "refused": syncz.refused(self.refused)}))
 
     def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:
         """What was sent to one client (`?proxy=NODE_ID`) and what it ACKed, per type."""

@@ -60,6 +60,8 @@ def status(server: str, *, filters: Mapping[str, str], wait_synced: float | None
         print(json.dumps(clients, indent=2), file=out)
     else:
         print(format_status(clients), file=out)
+        if not filters and answer.get("refused"):
+            print(format_refused(answer["refused"]), file=out)
     if wait_synced is not None and not synced:
         waiting = [c["node"] for c in clients if c["state"] != "SYNCED"]
         print(f"meshplane status: {len(waiting)} of {len(clients)} clients not SYNCED after {wait_synced:g}s"
@@ -95,6 +97,15 @@ def format_status(clients: Sequence[Mapping[str, Any]], *, now: float | None = N
     for n, row in enumerate(rows):
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         lines.extend(notes.get(n, []))
+    return "\n".join(lines)
+
+
+def format_refused(refused: Sequence[Mapping[str, Any]]) -> str:
+    """Clients refused lately (they are not in the table): one line each, who, why, how often, when last."""
+    lines = ["", "refused in the last 10 minutes (they retry; each is counted in meshplane_xds_refused_streams_total):"]
+    for r in refused:
+        who = " ".join(str(w) for w in (r["peer"], r["node"], r["identity"]) if w)
+        lines.append(f"  {who}: {r['code']} ({r['reason']}) x{r['count']}, last {r['last_at']}: {r['message']}")
     return "\n".join(lines)
 
 

@@ -110,23 +110,30 @@ async def test_who_may_connect(start_plane: Any, tmp_path: Path, ca: pki.CA) -> 
         assert ads_client.resource_names(await plain.recv())
 
 
+def _envoy(plane: app.ControlPlane, ca: pki.CA, tmp_path: Path, *, spiffe_id: str = SIDECAR_ID,
+           listener: int = 0, **metadata: Any) -> envoy.EnvoyProcess:
+    """A real Envoy (not started) for mTLS to the plane, its certificate for `spiffe_id` through file-based SDS."""
+    certs = tmp_path / "envoy-certs"
+    cert, key = ca.write_client(certs, spiffe_id)
+    cert_sds, ca_sds = pki.envoy_sds(tmp_path, cert=cert, key=key, ca=ca.write_ca(certs / "ca.pem"))
+    return envoy.EnvoyProcess(
+        node=envoy.EnvoyNode(id="sidecar-1", cluster="t", region="r1", zone="z1", sub_zone="c1",
+                             metadata={"listener_port": listener or free_port(), "listener_address": "127.0.0.1",
+                                       **metadata}),
+        ads_port=plane.ads_port, ads_host="127.0.0.1", workdir=tmp_path,
+        tls=envoy.XdsTls(cert_sds=cert_sds, ca_sds=ca_sds, server_name="localhost"))
+
+
 @contextlib.asynccontextmanager
 async def _mtls_envoy(plane: app.ControlPlane, ca: pki.CA, tmp_path: Path, spiffe_id: str = SIDECAR_ID
                       ) -> AsyncIterator[tuple[envoy.EnvoyProcess, backend.ReplicaServer]]:
     """A real Envoy connected over mTLS (its certificate through file-based SDS) with traffic through it to
     mockb@z1; its (process, mockb's replica)."""
-    certs = tmp_path / "envoy-certs"
-    cert, key = ca.write_client(certs, spiffe_id)
-    cert_sds, ca_sds = pki.envoy_sds(tmp_path, cert=cert, key=key, ca=ca.write_ca(certs / "ca.pem"))
     listener = free_port()
     server = backend.ReplicaServer(backend.Replica("mockb", "z1", "r1", "c1", free_port(), None, None))
     write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": server.replica.port}]}))
     await server.start()
-    proxy = envoy.EnvoyProcess(
-        node=envoy.EnvoyNode(id="sidecar-1", cluster="t", region="r1", zone="z1", sub_zone="c1",
-                             metadata={"listener_port": listener, "listener_address": "127.0.0.1"}),
-        ads_port=plane.ads_port, ads_host="127.0.0.1", workdir=tmp_path,
-        tls=envoy.XdsTls(cert_sds=cert_sds, ca_sds=ca_sds, server_name="localhost"))
+    proxy = _envoy(plane, ca, tmp_path, spiffe_id=spiffe_id, listener=listener)
     try:
         await proxy.start()
 
@@ -296,3 +303,37 @@ async def test_the_shipped_bootstrap_connects_over_mtls(start_plane: Any, tmp_pa
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_a_proxy_refused_for_its_identity_is_logged_once_counted_and_listed_by_status(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    """It retries about every second for as long as it runs; one warning says so, not one per retry."""
+    plane = await _plane(start_plane, tmp_path, ca)
+    proxy = _envoy(plane, ca, tmp_path, namespace="payments")  # a certificate of namespace default
+
+    def refused() -> float:
+        return plane.metrics.registry.get_sample_value(
+            "meshplane_xds_refused_streams_total", {"code": "PERMISSION_DENIED", "reason": "identity"}) or 0
+
+    with structlog.testing.capture_logs() as logs:
+        await proxy.start()
+        try:
+            await wait_for(lambda: refused() >= 3, timeout=20, what="the Envoy refused three times")
+            status = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "meshplane", "status", "--server",
+                                 f"http://127.0.0.1:{plane.http_port}"], capture_output=True, text=True, timeout=30)
+        finally:
+            await proxy.stop()
+    message = (f"{SIDECAR_ID} claimed node 'sidecar-1' in namespace 'payments': a proxy may only claim its own "
+               "namespace ('default')")
+    lines = [e for e in logs if e["event"] == "xDS client refused"]
+    assert [(e["log_level"], e["node"], e["status"], e["error"]) for e in lines] == [
+        ("warning", "sidecar-1", "PERMISSION_DENIED", message)]
+    assert status.returncode == 0, status.stderr
+    assert "no clients connected" in status.stdout
+    (line,) = [x for x in status.stdout.splitlines() if "PERMISSION_DENIED" in x]
+    count = int(line.split(" x", 1)[1].split(",", 1)[0])
+    assert count >= 3
+    assert line.startswith(f"  127.0.0.1 sidecar-1 {SIDECAR_ID}: PERMISSION_DENIED (identity) x{count}, last ")
+    assert line.endswith(f": {message}")

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
-from meshplane.xds import cache, identity, proxy, resources, slots, streams, typeurls, wire
+from meshplane.xds import cache, identity, proxy, refusals, resources, slots, streams, typeurls, wire
 
 log = structlog.get_logger(__name__)
 
@@ -45,10 +45,11 @@ class Limits:
 class Refusal(Exception):
     """Ends a stream with a status other than INVALID_ARGUMENT (a bad request is a plain message)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str, *, node: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.node = node  # the node id the request claimed, when the refusal is of its first request
 
 
 class StreamServer:
@@ -68,8 +69,10 @@ class StreamServer:
         identifier: str = "meshplane",
         trust_domain: str = "cluster.local",
         limits: Limits = Limits(),
+        refused: refusals.Refusals | None = None,
     ) -> None:
         self._trust_domain = trust_domain
+        self.refused = refused if refused is not None else refusals.Refusals()
         self.limits = limits
         self._views = views
         self._registry = registry
@@ -111,7 +114,8 @@ class StreamServer:
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         refusal = self._too_many(context.peer())
         if refusal is not None:
-            log.warning("xDS client refused", peer=context.peer(), status=refusal.code.name, error=str(refusal))
+            self.refused.record("xDS client refused", peer=context.peer(), code=refusal.code.name,
+                                reason=refusal.reason, message=str(refusal))
             self._callbacks.refused(None, refusal.code.name, refusal.reason)
             await context.abort(refusal.code, str(refusal))
         stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
@@ -158,7 +162,7 @@ class StreamServer:
         """Apply requests until the client half-closes (None), or one must end the stream (its status)."""
         limit = self.limits.request_bytes
         async for raw in requests:
-            code, reason = grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
+            code, reason, node = grpc.StatusCode.INVALID_ARGUMENT, "bad_request", ""
             try:
                 if limit and len(raw) > limit:
                     raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -167,12 +171,12 @@ class StreamServer:
             except wire.BadRequest as exc:
                 error = str(exc)
             except Refusal as exc:
-                error, code, reason = str(exc), exc.code, exc.reason
+                error, code, reason, node = str(exc), exc.code, exc.reason, exc.node
             del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
             if error is not None:
                 event = "bad xDS request" if code == grpc.StatusCode.INVALID_ARGUMENT else "xDS client refused"
-                log.warning(event, stream=stream.id, peer=stream.peer, node=stream.node_id, status=code.name,
-                            error=error)
+                self.refused.record(event, peer=stream.peer, code=code.name, reason=reason, message=error,
+                                    node=stream.node_id or node, identity=stream.identity, stream=stream.id)
                 self._callbacks.refused(stream, code.name, reason)
                 return code, error
         return None
@@ -204,7 +208,8 @@ class StreamServer:
         size = node.ByteSize()
         if self.limits.node_bytes and size > self.limits.node_bytes:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"node is {size} bytes; at most {self.limits.node_bytes} (--max-node-bytes)", "node_size")
+                          f"node is {size} bytes; at most {self.limits.node_bytes} (--max-node-bytes)", "node_size",
+                          node=node.id[:200])
         try:
             claimed = proxy.classify(node)
         except proxy.InvalidNode as exc:
@@ -212,7 +217,7 @@ class StreamServer:
         try:
             identity.check(claimed, stream.identity, trust_domain=self._trust_domain)
         except identity.Denied as exc:
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc), "identity") from None
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc), "identity", node=claimed.id) from None
         stream.proxy = claimed
         stream.watch = self._views.watch(stream.proxy, stream.mark)
         self._callbacks.stream_opened(stream)
