@@ -22,12 +22,12 @@ import grpc
 import structlog
 from prometheus_client import exposition
 
-from meshplane import admin, aio, explain, listen
+from meshplane import admin, aio, explain, listen, tlsfront
 from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import placement, reload, rules, validate
-from meshplane.xds import adsbase, delta, generators, push, refusals, slots, sotw, streams, syncz, views
+from meshplane.xds import adsbase, delta, generators, identity, push, refusals, slots, sotw, streams, syncz, views
 from meshplane.xds import metrics as metrics_mod
 
 log = structlog.get_logger(__name__)
@@ -100,6 +100,7 @@ class ControlPlane:
         self.ads_port = 0
         self.ads_plaintext_port = 0
         self.tls: tls_mod.ServerTls | None = None
+        self._front: tlsfront.TlsFront | None = None  # with --client-cert optional: meshplane's own TLS
         self.http_port = 0
 
     async def start(self) -> None:
@@ -109,6 +110,9 @@ class ControlPlane:
         if self.config.tls is not None:  # so are certificates that cannot be used
             self.tls = tls_mod.ServerTls(self.config.tls, on_reload=self.metrics.tls_reloaded,
                                          interval=self.config.poll_interval, inotify=self.config.inotify)
+            if self.config.tls.optional_client_cert:  # grpcio cannot ask for a certificate it does not require
+                self._front = tlsfront.TlsFront(self.tls, on_refused=self._certificate_refused)
+        peers = self._front.peer if self._front is not None else identity.from_grpc
         await self.policy_watcher.start()
         for source in self.sources:
             await source.start(self.catalog)
@@ -122,12 +126,12 @@ class ControlPlane:
         self.ads = sotw.SotwServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
             push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
-            refused=self.refused,
+            refused=self.refused, peers=peers,
         )
         self.delta = delta.DeltaServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
             push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
-            refused=self.refused,
+            refused=self.refused, peers=peers,
         )
         self.push = push.PushLoop(
             cache=self.cache, services=lambda: self.catalog.services,
@@ -151,12 +155,22 @@ class ControlPlane:
         addresses = self._addresses()
         if self.tls is not None:
             await self.tls.start()
+        if self._front is not None:  # gRPC serves the relay's private socket; the ADS address is the relay's
+            if not self._grpc.add_insecure_port(self._front.grpc_address):
+                raise listen.ListenError(f"cannot listen on {self._front.grpc_address} for the TLS relay")
+        elif self.tls is not None:
             self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"], self.tls.credentials)
         else:
             self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"])
         if "--ads-plaintext" in addresses:
             self.ads_plaintext_port = _bind(self._grpc, "--ads-plaintext", addresses["--ads-plaintext"])
         await self._grpc.start()
+        if self._front is not None:
+            host, port = addresses["--ads"]
+            try:
+                self.ads_port = await self._front.start(host, port)
+            except OSError as exc:
+                raise listen.failed("--ads", host, port, exc) from None
         self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
         if "--http" in addresses:
             host, port = addresses["--http"]
@@ -231,6 +245,8 @@ class ControlPlane:
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
             self._grpc = None
+        if self._front is not None:
+            await self._front.stop()
         if self.tls is not None:
             await self.tls.stop()
         if self._http is not None:
@@ -248,6 +264,11 @@ class ControlPlane:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def _certificate_refused(self, peer: str, why: str) -> None:
+        """A client certificate not accepted in meshplane's own TLS handshake (--client-cert optional)."""
+        self.refused.record("TLS handshake refused", peer=peer, code="UNAVAILABLE", reason="certificate", message=why)
+        self.metrics.refused(None, "UNAVAILABLE", "certificate")
 
     def _known(self) -> validate.Known | None:
         """What discovery knows, for the policy's warnings; nothing before the plane is ready (while

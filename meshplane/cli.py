@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     sec.add_argument("--client-ca", type=Path, metavar="PEM",
                      help="check client certificates against this CA; a client's SPIFFE id must match its node")
     sec.add_argument("--client-cert", choices=["required", "optional"], default="required",
-                     help="with --client-ca: whether a client without a certificate is refused (default required)")
+                     help="with --client-ca: required (the default), or optional: a client without a certificate "
+                          "is served as an unauthenticated sidecar, never a gateway; one given is checked all the same")
     sec.add_argument("--trust-domain", default="cluster.local",
                      help="the trust domain of client SPIFFE ids (spiffe://TRUST_DOMAIN/ns/NS/sa/SA)")
     sec.add_argument("--ads-plaintext", metavar="HOST:PORT", type=_address,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,12 @@ class TlsFiles:
     key: Path
     client_ca: Path | None = None
     require_client_cert: bool = True  # with client_ca: a client without a certificate is refused
+
+    @property
+    def optional_client_cert(self) -> bool:
+        """A client certificate is asked for, and one given is checked, but a client may give none: meshplane,
+        not gRPC, does the handshake (meshplane/tlsfront.py)."""
+        return self.client_ca is not None and not self.require_client_cert
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +138,24 @@ def _iso(wall: float) -> str:
     return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(timespec="seconds")
 
 
+def _ssl_context(files: TlsFiles, loaded: Loaded) -> ssl.SSLContext:
+    """Python's ssl, for `--client-cert optional`: a client certificate asked for, checked if given."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(files.cert, files.key)  # the files again: one changed since is seen as a change
+        if loaded.client_ca is not None:
+            context.load_verify_locations(cadata=loaded.client_ca.decode("ascii", errors="replace"))
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(f"{files.cert}, {files.key}, {files.client_ca}: OpenSSL cannot use them: {exc}") from None
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.set_alpn_protocols(["h2"])  # gRPC clients insist on it
+    return context
+
+
 class ServerTls:
-    """gRPC server credentials that follow the files.
+    """Server credentials that follow the files: gRPC's (`credentials`), or with optional client
+    certificates Python's (`context()`, meshplane/tlsfront.py).
 
     `on_reload(result)` is told of each change of the files: "applied" or "rejected". gRPC calls in
     from its own threads (at each handshake): the state is behind a lock."""
@@ -149,10 +172,9 @@ class ServerTls:
         self.rejected: Rejected | None = None
         self._pending: grpc.ServerCertificateConfiguration | None = None  # checked, not yet handed to gRPC
         self._task: asyncio.Task[None] | None = None
-        self.credentials = grpc.dynamic_ssl_server_credentials(
-            _configuration(loaded), self._fetch,
-            require_client_authentication=files.client_ca is not None and files.require_client_cert,
-        )
+        self._context = _ssl_context(files, loaded) if files.optional_client_cert else None
+        self.credentials = None if files.optional_client_cert else grpc.dynamic_ssl_server_credentials(
+            _configuration(loaded), self._fetch, require_client_authentication=files.client_ca is not None)
 
     async def start(self) -> None:
         """Look at the files whenever they change, not only when a client connects: a rotation that
@@ -185,6 +207,7 @@ class ServerTls:
                 return
             try:
                 loaded = load(self.files)
+                context = _ssl_context(self.files, loaded) if self._context is not None else None
             except TlsError as exc:
                 written = max((s[0] for s in seen if s is not None), default=0)
                 if time.time_ns() - written < SETTLE_NS:
@@ -195,7 +218,10 @@ class ServerTls:
                 self._on_reload("rejected")
                 return
             self._seen, self.rejected, self.serving = seen, None, loaded.certificate
-            self._pending = _configuration(loaded)
+            if context is not None:
+                self._context = context
+            else:
+                self._pending = _configuration(loaded)
         log.info("TLS certificate reloaded; new connections get it", cert=str(self.files.cert),
                  serial=f"{loaded.certificate.serial:x}", until=_iso(loaded.certificate.not_after))
         self._on_reload("applied")
@@ -206,6 +232,12 @@ class ServerTls:
         with self._lock:
             pending, self._pending = self._pending, None
         return pending
+
+    def context(self) -> ssl.SSLContext:
+        """For a new handshake (with optional client certificates): the files' as they are now."""
+        self.refresh()
+        assert self._context is not None, "only with optional client certificates"
+        return self._context
 
     def status(self) -> dict[str, Any]:
         """For /ready: the certificate served, and a rotation that could not be taken."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,10 @@ class Limits:
     node_bytes: int = 64 * 1024  # a request's node, encoded (Istio's run to a few KB)
     names: int = 50_000  # resource names in one request (subscribed, or subscribed and unsubscribed)
     request_bytes: int = 4 * 1024 * 1024  # one request, encoded (gRPC's own default)
+
+
+Peers = Callable[[str, Mapping[str, Sequence[bytes]]], identity.Peer | None]
+"""gRPC's peer string and auth context -> who the client is (None: no client of ours; refused)."""
 
 
 class Refusal(Exception):
@@ -70,7 +74,9 @@ class StreamServer:
         trust_domain: str = "cluster.local",
         limits: Limits = Limits(),
         refused: refusals.Refusals | None = None,
+        peers: Peers = identity.from_grpc,
     ) -> None:
+        self._peers = peers
         self._trust_domain = trust_domain
         self.refused = refused if refused is not None else refusals.Refusals()
         self.limits = limits
@@ -112,15 +118,18 @@ class StreamServer:
         return dirty
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        refusal = self._too_many(context.peer())
+        client = self._peers(context.peer(), context.auth_context())
+        refusal = self._too_many(client.address) if client is not None else Refusal(
+            grpc.StatusCode.PERMISSION_DENIED, "not a connection of the ADS port's TLS listener", "identity")
         if refusal is not None:
-            self.refused.record("xDS client refused", peer=context.peer(), code=refusal.code.name,
-                                reason=refusal.reason, message=str(refusal))
+            self.refused.record("xDS client refused", peer=client.address if client else context.peer(),
+                                code=refusal.code.name, reason=refusal.reason, message=str(refusal))
             self._callbacks.refused(None, refusal.code.name, refusal.reason)
             await context.abort(refusal.code, str(refusal))
-        stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
+        assert client is not None  # abort raised
+        stream = self._registry.open_stream(client.address, protocol=self.PROTOCOL,
                                             on_stall=self._callbacks.write_stalled)
-        stream.identity = identity.peer(context.auth_context())
+        stream.identity, stream.certificate_asked = client.spiffe_id, client.certificate_asked
         reader = asyncio.create_task(self._read(stream, requests), name=f"ads-read-{stream.id}")
         reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
         ending: tuple[grpc.StatusCode, str] | None = None
@@ -215,7 +224,8 @@ class StreamServer:
         except proxy.InvalidNode as exc:
             return str(exc)
         try:
-            identity.check(claimed, stream.identity, trust_domain=self._trust_domain)
+            identity.check(claimed, stream.identity, trust_domain=self._trust_domain,
+                           certificate_asked=stream.certificate_asked)
         except identity.Denied as exc:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc), "identity", node=claimed.id) from None
         stream.proxy = claimed
