@@ -18,9 +18,7 @@ from meshplane.demo.ports import free_port
 from meshplane.xds import adsbase, typeurls
 from meshplane.xds import client as ads_client
 from tests import pki
-from tests.test_tls_envoy import SIDECAR_ID, grpc_client, issue, plane_with_tls, refused_with
-
-pytestmark = [pytest.mark.envoy, pytest.mark.any_protocol]  # gRPC clients only
+from tests.test_tls_envoy import SIDECAR_ID, claims_refused, grpc_client, issue, plane_with_tls, refused_with
 
 EDGE_ID = "spiffe://cluster.local/ns/default/sa/edge"
 
@@ -61,14 +59,7 @@ async def test_a_certificate_given_is_checked_as_with_required(start_plane: Any,
         "client certificate not accepted: unable to get local issuer certificate")
 
     # Claiming another namespace, or the gateway edge, with a sidecar's certificate.
-    error = await refused_with(grpc_client(plane, ca, issue(ca, SIDECAR_ID), namespace="payments"))
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert error.details() == (f"{SIDECAR_ID} claimed node 'sidecar-1' in namespace 'payments': a proxy may only "
-                               "claim its own namespace ('default')")
-    error = await refused_with(grpc_client(plane, ca, issue(ca, SIDECAR_ID), role="gateway", gateway="edge"))
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert error.details() == (f"{SIDECAR_ID} claimed to be the gateway 'edge': only the service account 'edge' "
-                               "of namespace 'default' may")
+    await claims_refused(plane, ca)
     assert _refusals(plane, "PERMISSION_DENIED", "identity") == 2
 
     # The gateway's own certificate: served as the gateway.
