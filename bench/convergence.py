@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +154,14 @@ def _mean_ms(before: common.Samples, after: common.Samples, name: str) -> float 
 
 
 def start_target(mesh: common.Mesh, workdir: Path, proxies: int, localities: int, processes: int,
-                 timeout: float, poll_interval: float | None = None,
-                 protocol: str = "sotw") -> tuple[Target, dict[str, Any]]:
-    """Write the mesh, start meshplane, connect the proxies: the state every measurement starts from."""
+                 timeout: float, poll_interval: float | None = None, protocol: str = "sotw",
+                 server_args: Sequence[str] = (), credentials: loadgen.Credentials | None = None,
+                 per_channel: int = 50) -> tuple[Target, dict[str, Any]]:
+    """Write the mesh, start meshplane (with `server_args` more), connect the proxies (over TLS with
+    `credentials`): the state every measurement starts from."""
     files = mesh.write(workdir)
     policy = common.write_policy(workdir / "policy.yaml")
-    server = common.Meshplane(workdir, files, policy, poll_interval=poll_interval)
+    server = common.Meshplane(workdir, files, policy, poll_interval=poll_interval, extra_args=server_args)
     gen: loadgen.LoadGen | None = None
     try:
         startup = server.wait_ready()
@@ -166,7 +169,7 @@ def start_target(mesh: common.Mesh, workdir: Path, proxies: int, localities: int
                                  "server_cpu_startup_s": round(common.cpu_seconds(server.pid), 2),
                                  "command": " ".join(server.command)}
         gen = loadgen.LoadGen(server.target, proxies, mesh.localities(localities), processes=processes,
-                              protocol=protocol)
+                              protocol=protocol, credentials=credentials, per_channel=per_channel)
         gen.start()
         cpu0 = common.cpu_seconds(server.pid)
         setup["connect"] = loadgen.connect_summary(gen.connect(timeout))

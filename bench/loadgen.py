@@ -353,9 +353,11 @@ class Proxy:
 class Worker:
     """Holds this process's proxies; answers the coordinator's commands."""
 
-    def __init__(self, target: str, nodes: Sequence[bytes], per_channel: int, protocol: str = "sotw") -> None:
+    def __init__(self, target: str, nodes: Sequence[bytes], per_channel: int, protocol: str = "sotw",
+                 credentials: Credentials | None = None) -> None:
         self.target = target
         self.protocol = protocol
+        self.credentials = credentials
         self.proxies = [Proxy(self, i, node) for i, node in enumerate(nodes)]
         self.per_channel = per_channel
         self.channels: list[grpc.aio.Channel] = []
@@ -393,7 +395,9 @@ class Worker:
 
     async def connect(self, timeout: float) -> dict[str, Any]:
         for start in range(0, len(self.proxies), self.per_channel):
-            channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            channel = (grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS) if self.credentials is None
+                       else grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(*self.credentials),
+                                                    options=CHANNEL_OPTIONS))
             self.channels.append(channel)
             for proxy in self.proxies[start:start + self.per_channel]:
                 self.tasks.append(asyncio.create_task(proxy.run(channel)))
@@ -457,9 +461,13 @@ class Worker:
                 conn.send(("error", f"unknown command {command!r}"))
 
 
+Credentials = tuple[bytes, bytes, bytes]
+"""TLS to the server: (the CA that signed its certificate, the client's key, the client's certificate), PEM."""
+
+
 def _worker_main(conn: multiprocessing.connection.Connection, target: str, nodes: list[bytes],
-                 per_channel: int, protocol: str) -> None:
-    asyncio.run(Worker(target, nodes, per_channel, protocol).serve(conn))
+                 per_channel: int, protocol: str, credentials: Credentials | None) -> None:
+    asyncio.run(Worker(target, nodes, per_channel, protocol, credentials).serve(conn))
 
 
 # --------------------------------------------------------------------------- the coordinator's side
@@ -470,9 +478,10 @@ class LoadGen:
 
     def __init__(self, target: str, proxies: int, localities: Sequence[Locality], *, processes: int = 2,
                  per_channel: int = 50, listener_port: int = 15001, name: str = "bench",
-                 protocol: str = "sotw") -> None:
+                 protocol: str = "sotw", credentials: Credentials | None = None) -> None:
         self.target = target
         self.protocol = protocol
+        self.credentials = credentials
         self.count = proxies
         self.processes = max(1, min(processes, proxies))
         self._slices = [list(range(w, proxies, self.processes)) for w in range(self.processes)]
@@ -493,8 +502,8 @@ class LoadGen:
         ctx = multiprocessing.get_context("spawn")
         for nodes in self._nodes:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, self.target, nodes, self.per_channel, self.protocol),
-                               daemon=True)
+            proc = ctx.Process(target=_worker_main, daemon=True,
+                               args=(child, self.target, nodes, self.per_channel, self.protocol, self.credentials))
             proc.start()
             child.close()  # so that a worker that dies is an EOFError here, not a hang
             self._conns.append(parent)

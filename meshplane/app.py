@@ -23,12 +23,12 @@ import structlog
 from prometheus_client import exposition
 
 import meshplane
-from meshplane import admin, aio, explain
+from meshplane import admin, aio, explain, listen, tlsfront
 from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
 from meshplane.policy import placement, reload, rules, validate
-from meshplane.xds import adsbase, delta, generators, push, slots, sotw, streams, syncz, views
+from meshplane.xds import adsbase, delta, generators, identity, push, refusals, slots, sotw, streams, syncz, views
 from meshplane.xds import metrics as metrics_mod
 
 log = structlog.get_logger(__name__)
@@ -93,6 +93,7 @@ class ControlPlane:
         self._readiness: asyncio.Task[None] | None = None
         self.cache: views.ViewCache | None = None
         self.streams = streams.Registry(held=True)  # answered once ready()
+        self.refused = refusals.Refusals()  # clients refused lately, by address and reason (both protocols)
         self.ads: sotw.SotwServer | None = None
         self.delta: delta.DeltaServer | None = None
         self.push: push.PushLoop | None = None
@@ -101,10 +102,19 @@ class ControlPlane:
         self.ads_port = 0
         self.ads_plaintext_port = 0
         self.tls: tls_mod.ServerTls | None = None
+        self._front: tlsfront.TlsFront | None = None  # with --client-cert optional: meshplane's own TLS
         self.http_port = 0
 
     async def start(self) -> None:
         """Load everything once (raising on broken input), then serve."""
+        for flag, (host, port) in self._addresses().items():  # a port taken: refused before anything starts
+            listen.check(flag, host, port)
+        if self.config.tls is not None:  # so are certificates that cannot be used
+            self.tls = tls_mod.ServerTls(self.config.tls, on_reload=self.metrics.tls_reloaded,
+                                         interval=self.config.poll_interval, inotify=self.config.inotify)
+            if self.config.tls.optional_client_cert:  # grpcio cannot ask for a certificate it does not require
+                self._front = tlsfront.TlsFront(self.tls, on_refused=self._certificate_refused)
+        peers = self._front.peer if self._front is not None else identity.from_grpc
         await self.policy_watcher.start()
         for source in self.sources:
             await source.start(self.catalog)
@@ -118,10 +128,12 @@ class ControlPlane:
         self.ads = sotw.SotwServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
             push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
+            refused=self.refused, peers=peers,
         )
         self.delta = delta.DeltaServer(
             self.cache, registry=self.streams, callbacks=self.metrics, identifier=self.config.identifier,
             push_slots=push_slots, trust_domain=self.config.trust_domain, limits=self.config.limits,
+            refused=self.refused, peers=peers,
         )
         self.push = push.PushLoop(
             cache=self.cache, services=lambda: self.catalog.services,
@@ -132,7 +144,8 @@ class ControlPlane:
         self._started_at = time.monotonic()
         await self._start_kubernetes()
         self._readiness = asyncio.create_task(self._announce_ready(), name="readiness")
-        options: list[tuple[str, int]] = [("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0)]
+        options: list[tuple[str, int]] = [("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0),
+                                          ("grpc.so_reuseport", 0)]  # a second control plane on the port: refused
         # gRPC refuses what is far over the request limit itself; up to 1 MiB over, meshplane does, and counts it.
         request_bytes = self.config.limits.request_bytes
         options.append(("grpc.max_receive_message_length", request_bytes + 2**20 if request_bytes else -1))
@@ -141,26 +154,46 @@ class ControlPlane:
                         ("grpc.max_connection_age_grace_ms", int(self.config.max_connection_age_grace * 1000))]
         self._grpc = grpc.aio.server(options=options)
         self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(), self.delta.rpc_handler()))
-        address = f"{self.config.ads_host}:{self.config.ads_port}"
-        if self.config.tls is not None:
-            self.tls = tls_mod.ServerTls(self.config.tls)
-            self.ads_port = self._grpc.add_secure_port(address, self.tls.credentials)
+        addresses = self._addresses()
+        if self.tls is not None:
+            await self.tls.start()
+        if self._front is not None:  # gRPC serves the relay's private socket; the ADS address is the relay's
+            if not self._grpc.add_insecure_port(self._front.grpc_address):
+                raise listen.ListenError(f"cannot listen on {self._front.grpc_address} for the TLS relay")
+        elif self.tls is not None:
+            self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"], self.tls.credentials)
         else:
-            self.ads_port = self._grpc.add_insecure_port(address)
-        if self.ads_port == 0:
-            raise OSError(f"cannot listen for ADS on {address}")
-        if self.config.ads_plaintext:
-            self.ads_plaintext_port = self._grpc.add_insecure_port(self.config.ads_plaintext)
-            if self.ads_plaintext_port == 0:
-                raise OSError(f"cannot listen for plaintext ADS on {self.config.ads_plaintext}")
+            self.ads_port = _bind(self._grpc, "--ads", addresses["--ads"])
+        if "--ads-plaintext" in addresses:
+            self.ads_plaintext_port = _bind(self._grpc, "--ads-plaintext", addresses["--ads-plaintext"])
         await self._grpc.start()
+        if self._front is not None:
+            host, port = addresses["--ads"]
+            try:
+                self.ads_port = await self._front.start(host, port)
+            except OSError as exc:
+                raise listen.failed("--ads", host, port, exc) from None
         self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
-        if self.config.http_port >= 0:
+        if "--http" in addresses:
+            host, port = addresses["--http"]
             self._http = admin.HttpPort(self._pages(), timeout=self.config.http_timeout)
-            self.http_port = await self._http.start(self.config.http_host, self.config.http_port)
-        log.info("control plane serving", ads=f"{self.config.ads_host}:{self.ads_port}",
+            try:
+                self.http_port = await self._http.start(host, port)
+            except OSError as exc:
+                raise listen.failed("--http", host, port, exc) from None
+        log.info("control plane serving", ads=listen.join(self.config.ads_host, self.ads_port),
                  tls=self.config.tls is not None, ads_plaintext=self.config.ads_plaintext or "",
-                 http=f"{self.config.http_host}:{self.http_port}", services=len(self.catalog.services))
+                 http=listen.join(self.config.http_host, self.http_port), services=len(self.catalog.services))
+
+    def _addresses(self) -> dict[str, tuple[str, int]]:
+        """Where the control plane listens, by the `serve` flag that says so."""
+        config = self.config
+        addresses = {"--ads": (config.ads_host, config.ads_port)}
+        if config.ads_plaintext:
+            addresses["--ads-plaintext"] = listen.parse(config.ads_plaintext)
+        if config.http_port >= 0:
+            addresses["--http"] = (config.http_host, config.http_port)
+        return addresses
 
     async def _start_kubernetes(self) -> None:
         """Clusters from the command line first (errors stop start-up), then the run-time origins."""
@@ -214,6 +247,10 @@ class ControlPlane:
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
             self._grpc = None
+        if self._front is not None:
+            await self._front.stop()
+        if self.tls is not None:
+            await self.tls.stop()
         if self._http is not None:
             await self._http.stop()
             self._http = None
@@ -229,6 +266,11 @@ class ControlPlane:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def _certificate_refused(self, peer: str, why: str) -> None:
+        """A client certificate not accepted in meshplane's own TLS handshake (--client-cert optional)."""
+        self.refused.record("TLS handshake refused", peer=peer, code="UNAVAILABLE", reason="certificate", message=why)
+        self.metrics.refused(None, "UNAVAILABLE", "certificate")
 
     def _known(self) -> validate.Known | None:
         """What discovery knows, for the policy's warnings; nothing before the plane is ready (while
@@ -294,7 +336,8 @@ class ControlPlane:
         # A change seen but not yet handed to the views: every client may be behind it.
         behind = None if pending is None else round(time.monotonic() - pending, 3)
         return admin.Reply(200, "application/json", _json(
-            {"version": meshplane.version(), "pending_change_s": behind, "clients": table}))
+            {"version": meshplane.version(), "pending_change_s": behind, "clients": table,
+             "refused": syncz.refused(self.refused)}))
 
     def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:
         """What was sent to one client (`?proxy=NODE_ID`) and what it ACKed, per type."""
@@ -317,7 +360,10 @@ class ControlPlane:
         ok = self.ready()
         body = {"ready": ok, "version": meshplane.version(), "clusters": self._cluster_status(),
                 "build_errors": [{"service": e.service, "type": e.type, "error": e.error}
-                                 for e in self.build_errors()]}
+                                 for e in self.build_errors()],
+                # A rotation that could not be taken does not make the plane unready (the previous certificate
+                # is served), but it is here until a good one is, with the date the served one expires.
+                "tls": self.tls.status() if self.tls is not None else None}
         return admin.Reply(200 if ok else 503, "application/json", _json(body))
 
     def _views_page(self, query: Mapping[str, str]) -> admin.Reply:
@@ -381,6 +427,8 @@ class ControlPlane:
 
     def _refresh_gauges(self) -> None:
         self.metrics.count_clients(self.streams)
+        if self.tls is not None:
+            self.metrics.tls_expiry.labels(str(self.tls.files.cert)).set(self.tls.serving.not_after)
         for cluster, status in self.catalog.status().items():
             self.metrics.cluster_synced.labels(cluster).set(1 if status.synced else 0)
             self.metrics.cluster_stale.labels(cluster).set(1 if status.stale else 0)
@@ -420,6 +468,20 @@ def known_from(
         services={key: frozenset(p.port for p in service.ports) for key, service in services.items()},
         clusters=frozenset(clusters) | {c for s in services.values() for c in s.clusters},
     )
+
+
+def _bind(server: grpc.aio.Server, flag: str, address: tuple[str, int],
+          credentials: grpc.ServerCredentials | None = None) -> int:
+    """Add a port to the gRPC server; the port bound, or ListenError naming the flag and why not."""
+    where = listen.join(*address)
+    try:
+        port = int(server.add_secure_port(where, credentials) if credentials else server.add_insecure_port(where))
+    except RuntimeError:  # gRPC says only "Failed to bind": find out why as `check` does
+        port = 0
+    if port == 0:
+        listen.check(flag, *address)
+        raise listen.ListenError(f"{flag} {where}: gRPC cannot listen there (GRPC_VERBOSITY=debug says why)")
+    return port
 
 
 def _json(value: Any) -> bytes:

@@ -111,7 +111,7 @@ def status(server: str, *, filters: Mapping[str, str], wait_synced: float | None
     if as_json:
         print(json.dumps(clients, indent=2), file=out)
     else:
-        print(format_page(answer, server=server), file=out)
+        print(format_page(answer, server=server, sections=() if filters else SECTIONS), file=out)
     if wait_synced is not None and not synced:
         waiting = [c["node"] for c in clients if c["state"] != "SYNCED"]
         if not clients:
@@ -129,16 +129,12 @@ def _filters(filters: Mapping[str, str]) -> str:
     return " ".join(f"--{k} {v!r}" if " " in v else f"--{k} {v}" for k, v in filters.items())
 
 
-def format_page(answer: Mapping[str, Any], *, server: str) -> str:
-    """What `meshplane status` prints: which control plane answered, the table, then each of SECTIONS."""
+def format_page(answer: Mapping[str, Any], *, server: str,
+                sections: Sequence[Callable[[Mapping[str, Any]], str]] = ()) -> str:
+    """What `meshplane status` prints: which control plane answered, the table, then each of `sections`."""
     parts = [f"meshplane {answer.get('version', 'unknown')} at {server}", format_status(answer["clients"])]
-    parts += [text for section in SECTIONS if (text := section(answer))]
+    parts += [text for section in sections if (text := section(answer))]
     return "\n".join(parts)
-
-
-SECTIONS: tuple[Callable[[Mapping[str, Any]], str], ...] = ()
-"""What `status` prints under the table, in order: each a function of this module that takes
-/debug/syncz's answer and returns its lines (or "" when it has nothing to say)."""
 
 
 def format_status(clients: Sequence[Mapping[str, Any]], *, narrow: bool = False) -> str:
@@ -171,6 +167,23 @@ def format_status(clients: Sequence[Mapping[str, Any]], *, narrow: bool = False)
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         lines.extend(notes.get(n, []))
     return "\n".join(lines)
+
+
+def format_refused(answer: Mapping[str, Any]) -> str:
+    """Clients refused lately (they are not in the table): one line each, who, why, how often, when last."""
+    refused = answer.get("refused") or ()
+    if not refused:
+        return ""
+    lines = ["", "refused in the last 10 minutes (they retry; each is counted in meshplane_xds_refused_streams_total):"]
+    for r in refused:
+        who = " ".join(str(w) for w in (r["peer"], r["node"], r["identity"]) if w)
+        lines.append(f"  {who}: {r['code']} ({r['reason']}) x{r['count']}, last {r['last_at']}: {r['message']}")
+    return "\n".join(lines)
+
+
+SECTIONS: tuple[Callable[[Mapping[str, Any]], str], ...] = (format_refused,)
+"""What `status` prints under the table when it is not filtered, in order: each takes /debug/syncz's
+answer and returns its lines ("" when it has nothing to say)."""
 
 
 # config-dump

@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--endpoints", "-e", type=Path, action="append", default=[], metavar="FILE",
                        help="an endpoint source file (one per cluster; repeatable)")
     serve.add_argument("--policy", "-p", type=Path, metavar="FILE", help="the policy YAML file")
-    serve.add_argument("--ads", default="127.0.0.1:18000", metavar="HOST:PORT",
+    serve.add_argument("--ads", default="127.0.0.1:18000", type=_address, metavar="HOST:PORT",
                        help="where the ADS gRPC server listens")
-    serve.add_argument("--http", default="127.0.0.1:18001", metavar="HOST:PORT",
+    serve.add_argument("--http", default="127.0.0.1:18001", type=_address, metavar="HOST:PORT",
                        help="where /metrics, /ready and /debug are served")
     serve.add_argument("--debounce", type=flags.seconds, default=0.005, metavar="SECONDS",
                        help="quiet before a burst of changes is pushed")
@@ -78,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--client-ca", type=Path, metavar="PEM",
                      help="check client certificates against this CA; a client's SPIFFE id must match its node")
     sec.add_argument("--client-cert", choices=["required", "optional"], default="required",
-                     help="with --client-ca: whether a client without a certificate is refused")
+                     help="with --client-ca: required, or optional: a client without a certificate is served as an "
+                          "unauthenticated sidecar, never a gateway; one given is checked all the same")
     sec.add_argument("--trust-domain", default="cluster.local", metavar="DOMAIN",
                      help="the trust domain of client SPIFFE ids (spiffe://TRUST_DOMAIN/ns/NS/sa/SA)")
-    sec.add_argument("--ads-plaintext", metavar="HOST:PORT",
+    sec.add_argument("--ads-plaintext", metavar="HOST:PORT", type=_address,
                      help="with --tls-cert: also serve plaintext ADS here (off unless asked for)")
     lim = serve.add_argument_group("limits on clients (docs/security.md; 0: none)")
     default = limits.Limits()
@@ -287,20 +288,19 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return found
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host or "127.0.0.1", int(port)
+def _address(text: str) -> tuple[str, int]:
+    from meshplane import listen
+
+    try:
+        return listen.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from meshplane import app
-    from meshplane.discovery import filesource
+    from meshplane import app, listen, tls
+    from meshplane.discovery import filesource, kubesource
     from meshplane.policy import validate
-
-    ads_host, ads_port = _split(args.ads)
-    http_host, http_port = _split(args.http)
-    from meshplane import tls
-    from meshplane.discovery import kubesource
 
     if (args.tls_cert is None) != (args.tls_key is None):
         print("meshplane: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -308,16 +308,21 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.tls_cert is None and (args.client_ca is not None or args.ads_plaintext):
         print("meshplane: --client-ca and --ads-plaintext need --tls-cert and --tls-key", file=sys.stderr)
         return 2
+    if args.client_cert == "optional" and args.client_ca is None:
+        print("meshplane: --client-cert optional needs --client-ca (and --tls-cert, --tls-key): without a CA no "
+              "client certificate is asked for", file=sys.stderr)
+        return 2
     tls_files = None if args.tls_cert is None else tls.TlsFiles(
         cert=args.tls_cert, key=args.tls_key, client_ca=args.client_ca,
         require_client_cert=args.client_cert == "required")
     config = app.Config(
         endpoint_files=tuple(args.endpoints), policy_file=args.policy,
-        ads_host=ads_host, ads_port=ads_port, http_host=http_host, http_port=http_port,
+        ads_host=args.ads[0], ads_port=args.ads[1], http_host=args.http[0], http_port=args.http[1],
         debounce=args.debounce, max_delay=args.max_delay, poll_interval=args.poll_interval, inotify=args.inotify,
         max_concurrent_pushes=args.max_concurrent_pushes,
         max_connection_age=args.max_connection_age, max_connection_age_grace=args.max_connection_age_grace,
-        tls=tls_files, ads_plaintext=args.ads_plaintext, trust_domain=args.trust_domain,
+        tls=tls_files, ads_plaintext=listen.join(*args.ads_plaintext) if args.ads_plaintext else None,
+        trust_domain=args.trust_domain,
         limits=limits.Limits(streams=args.max_streams, streams_per_peer=args.max_streams_per_peer,
                              node_bytes=args.max_node_bytes, names=args.max_names,
                              request_bytes=args.max_request_bytes),

@@ -20,7 +20,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write(path: Path, data: bytes) -> Path:
+def write(path: Path, data: bytes) -> Path:
     """Atomically, as a rotated secret appears."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -67,16 +67,16 @@ class CA:
         """server.pem and server.key in `directory` (names localhost and 127.0.0.1); the serial."""
         cert, key, serial = self.issue("meshplane", dns=dns, ips=("127.0.0.1",))
         directory.mkdir(parents=True, exist_ok=True)
-        return _write(directory / "server.pem", cert), _write(directory / "server.key", key), serial
+        return write(directory / "server.pem", cert), write(directory / "server.key", key), serial
 
     def write_client(self, directory: Path, spiffe_id: str) -> tuple[Path, Path]:
         cert, key, _ = self.issue("client", uris=(spiffe_id,))
         directory.mkdir(parents=True, exist_ok=True)
-        return _write(directory / "client.pem", cert), _write(directory / "client.key", key)
+        return write(directory / "client.pem", cert), write(directory / "client.key", key)
 
     def write_ca(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _write(path, self.pem)
+        return write(path, self.pem)
 
 
 def envoy_sds(directory: Path, *, cert: Path, key: Path, ca: Path) -> tuple[Path, Path]:

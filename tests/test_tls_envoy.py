@@ -6,13 +6,19 @@ rotates under live streams without dropping one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import structlog
 from cryptography import x509
 
 from meshplane import app, tls
@@ -26,6 +32,8 @@ from tests.conftest import cluster_doc, wait_for, write_yaml
 pytestmark = pytest.mark.envoy
 
 SIDECAR_ID = "spiffe://cluster.local/ns/default/sa/mocka"
+CLIENT_CERT = pytest.mark.parametrize("client_cert", ["required", "optional"])
+"""What holds whether gRPC does the TLS (required) or meshplane does (optional: meshplane/tlsfront.py)."""
 
 
 @pytest.fixture
@@ -33,15 +41,18 @@ def ca() -> pki.CA:
     return pki.CA()
 
 
-async def _plane(start_plane: Any, tmp_path: Path, ca: pki.CA, **kwargs: Any) -> app.ControlPlane:
+async def plane_with_tls(start_plane: Any, tmp_path: Path, ca: pki.CA, client_cert: str = "required",
+                         **kwargs: Any) -> app.ControlPlane:
+    """A control plane with mTLS from `ca` (`client_cert`: required or optional), serving mockb."""
     cert, key, _ = ca.write_server(tmp_path / "server")
     endpoints = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": 9}]}))
-    files = tls.TlsFiles(cert=cert, key=key, client_ca=ca.write_ca(tmp_path / "server" / "ca.pem"))
+    files = tls.TlsFiles(cert=cert, key=key, client_ca=ca.write_ca(tmp_path / "server" / "ca.pem"),
+                         require_client_cert=client_cert == "required")
     plane: app.ControlPlane = await start_plane(endpoint_files=(endpoints,), tls=files, **kwargs)
     return plane
 
 
-def _grpc_client(plane: app.ControlPlane, ca: pki.CA, client: tuple[bytes, bytes] | None, node_id: str = "sidecar-1",
+def grpc_client(plane: app.ControlPlane, ca: pki.CA, client: tuple[bytes, bytes] | None, node_id: str = "sidecar-1",
                  **metadata: Any) -> ads_client.AdsClient:
     c = ads_client.AdsClient(f"localhost:{plane.ads_port}", ads_client.node(
         node_id, region="r1", zone="z1", cluster="c1", metadata=metadata or None))
@@ -50,12 +61,12 @@ def _grpc_client(plane: app.ControlPlane, ca: pki.CA, client: tuple[bytes, bytes
     return c
 
 
-def _issue(ca: pki.CA, spiffe_id: str) -> tuple[bytes, bytes]:
+def issue(ca: pki.CA, spiffe_id: str) -> tuple[bytes, bytes]:
     cert, key, _ = ca.issue("client", uris=(spiffe_id,))
     return key, cert
 
 
-async def _refused(client: ads_client.AdsClient) -> grpc.aio.AioRpcError:
+async def refused_with(client: ads_client.AdsClient) -> grpc.aio.AioRpcError:
     async with client:
         with pytest.raises(grpc.aio.AioRpcError) as error:  # the write fails already when the handshake did
             await client.request(typeurls.CLUSTER)
@@ -63,34 +74,39 @@ async def _refused(client: ads_client.AdsClient) -> grpc.aio.AioRpcError:
     return error.value
 
 
-@pytest.mark.any_protocol  # grpc clients only
-async def test_who_may_connect(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
-    plaintext = free_port()
-    plane = await _plane(start_plane, tmp_path, ca, ads_plaintext=f"127.0.0.1:{plaintext}")
-    # With its own certificate and namespace: served.
-    async with _grpc_client(plane, ca, _issue(ca, SIDECAR_ID)) as ok:
-        await ok.request(typeurls.CLUSTER)
-        assert ads_client.resource_names(await ok.recv())
-    # No certificate, or one from another CA: the TLS handshake fails.
-    for client in (None, _issue(pki.CA("another-ca"), SIDECAR_ID)):
-        error = await _refused(_grpc_client(plane, ca, client))
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
-    # Another namespace than the certificate's.
-    error = await _refused(_grpc_client(plane, ca, _issue(ca, SIDECAR_ID), namespace="payments"))
+async def claims_refused(plane: app.ControlPlane, ca: pki.CA) -> None:
+    """A sidecar's certificate claiming another namespace than its own, or the gateway edge: PERMISSION_DENIED
+    naming both sides."""
+    error = await refused_with(grpc_client(plane, ca, issue(ca, SIDECAR_ID), namespace="payments"))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error.details() == (f"{SIDECAR_ID} claimed node 'sidecar-1' in namespace 'payments': a proxy may only "
                                "claim its own namespace ('default')")
-    # A sidecar's identity claiming to be the gateway edge.
-    error = await _refused(_grpc_client(plane, ca, _issue(ca, SIDECAR_ID), role="gateway", gateway="edge"))
+    error = await refused_with(grpc_client(plane, ca, issue(ca, SIDECAR_ID), role="gateway", gateway="edge"))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "claimed to be the gateway 'edge'" in (error.details() or "")
+    assert error.details() == (f"{SIDECAR_ID} claimed to be the gateway 'edge': only the service account 'edge' "
+                               "of namespace 'default' may")
+
+
+@pytest.mark.any_protocol  # grpc clients only
+async def test_who_may_connect(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    plaintext = free_port()
+    plane = await plane_with_tls(start_plane, tmp_path, ca, ads_plaintext=f"127.0.0.1:{plaintext}")
+    # With its own certificate and namespace: served.
+    async with grpc_client(plane, ca, issue(ca, SIDECAR_ID)) as ok:
+        await ok.request(typeurls.CLUSTER)
+        assert ads_client.resource_names(await ok.recv())
+    # No certificate, or one from another CA: the TLS handshake fails.
+    for client in (None, issue(pki.CA("another-ca"), SIDECAR_ID)):
+        error = await refused_with(grpc_client(plane, ca, client))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    await claims_refused(plane, ca)
     # The gateway's own identity may; another trust domain may not.
-    async with _grpc_client(plane, ca, _issue(ca, "spiffe://cluster.local/ns/default/sa/edge"),
+    async with grpc_client(plane, ca, issue(ca, "spiffe://cluster.local/ns/default/sa/edge"),
                             role="gateway", gateway="edge") as gw:
         await gw.request(typeurls.LISTENER)
         await gw.request(typeurls.CLUSTER)
         await gw.recv()
-    error = await _refused(_grpc_client(plane, ca, _issue(ca, "spiffe://elsewhere.org/ns/default/sa/mocka")))
+    error = await refused_with(grpc_client(plane, ca, issue(ca, "spiffe://elsewhere.org/ns/default/sa/mocka")))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "trust domain cluster.local" in (error.details() or "")
     assert plane.metrics.registry.get_sample_value("meshplane_xds_refused_streams_total",
                                                    {"code": "PERMISSION_DENIED", "reason": "identity"}) == 3
@@ -104,22 +120,30 @@ async def test_who_may_connect(start_plane: Any, tmp_path: Path, ca: pki.CA) -> 
         assert ads_client.resource_names(await plain.recv())
 
 
-async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
-    start_plane: Any, tmp_path: Path, ca: pki.CA
-) -> None:
-    plane = await _plane(start_plane, tmp_path, ca)
+def envoy_with_certificate(plane: app.ControlPlane, ca: pki.CA, tmp_path: Path, *, spiffe_id: str = SIDECAR_ID,
+           listener: int = 0, **metadata: Any) -> envoy.EnvoyProcess:
+    """A real Envoy (not started) for mTLS to the plane, its certificate for `spiffe_id` through file-based SDS."""
     certs = tmp_path / "envoy-certs"
-    cert, key = ca.write_client(certs, SIDECAR_ID)
+    cert, key = ca.write_client(certs, spiffe_id)
     cert_sds, ca_sds = pki.envoy_sds(tmp_path, cert=cert, key=key, ca=ca.write_ca(certs / "ca.pem"))
+    return envoy.EnvoyProcess(
+        node=envoy.EnvoyNode(id="sidecar-1", cluster="t", region="r1", zone="z1", sub_zone="c1",
+                             metadata={"listener_port": listener or free_port(), "listener_address": "127.0.0.1",
+                                       **metadata}),
+        ads_port=plane.ads_port, ads_host="127.0.0.1", workdir=tmp_path,
+        tls=envoy.XdsTls(cert_sds=cert_sds, ca_sds=ca_sds, server_name="localhost"))
+
+
+@contextlib.asynccontextmanager
+async def mtls_envoy(plane: app.ControlPlane, ca: pki.CA, tmp_path: Path, spiffe_id: str = SIDECAR_ID
+                      ) -> AsyncIterator[tuple[envoy.EnvoyProcess, backend.ReplicaServer]]:
+    """A real Envoy connected over mTLS (its certificate through file-based SDS) with traffic through it to
+    mockb@z1; its (process, mockb's replica)."""
     listener = free_port()
     server = backend.ReplicaServer(backend.Replica("mockb", "z1", "r1", "c1", free_port(), None, None))
     write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": server.replica.port}]}))
     await server.start()
-    proxy = envoy.EnvoyProcess(
-        node=envoy.EnvoyNode(id="sidecar-1", cluster="t", region="r1", zone="z1", sub_zone="c1",
-                             metadata={"listener_port": listener, "listener_address": "127.0.0.1"}),
-        ads_port=plane.ads_port, ads_host="127.0.0.1", workdir=tmp_path,
-        tls=envoy.XdsTls(cert_sds=cert_sds, ca_sds=ca_sds, server_name="localhost"))
+    proxy = envoy_with_certificate(plane, ca, tmp_path, spiffe_id=spiffe_id, listener=listener)
     try:
         await proxy.start()
 
@@ -131,42 +155,134 @@ async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
             return status == 200 and body.strip() == "mockb@z1"
 
         await wait_for(served, timeout=15, what="traffic through the Envoy configured over mTLS")
-        (stream,) = list(plane.streams)
-        assert stream.identity == SIDECAR_ID
-
-        # Rotate the server certificate (same CA): new handshakes get the new one, the open stream stays.
-        before = _served_serial(plane.ads_port, ca, tmp_path)
-        _, _, serial = ca.write_server(tmp_path / "server")
-        await wait_for(lambda: _served_serial(plane.ads_port, ca, tmp_path) == serial,
-                       what="the new certificate served")
-        assert before != serial
-        assert [s.id for s in plane.streams] == [stream.id]  # the Envoy's stream was not dropped
-        moved = {"mockb": [{"zone": "z2", "port": server.replica.port}]}
-        write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", moved))
-
-        async def pushed() -> bool:
-            return "z2" in str(await proxy.config_dump())
-
-        await wait_for(pushed, what="a change pushed over the same stream after the rotation")
-        assert [s.id for s in plane.streams] == [stream.id]
-        stats = await proxy.stats(filter="control_plane")
-        assert stats["control_plane.connected_state"] == 1
+        yield proxy, server
     finally:
         await proxy.stop()
         await server.stop()
 
 
-def _served_serial(port: int, ca: pki.CA, tmp_path: Path) -> int:
-    """The serial of the certificate the ADS port presents now, from a TLS handshake of our own."""
+async def pushed_over(plane: app.ControlPlane, proxy: envoy.EnvoyProcess, server: backend.ReplicaServer,
+                       tmp_path: Path, stream_id: int) -> None:
+    """A change made now reaches the Envoy over the stream it has had all along."""
+    moved = {"mockb": [{"zone": "z2", "port": server.replica.port}]}
+    write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", moved))
+
+    async def pushed() -> bool:
+        return "z2" in str(await proxy.config_dump())
+
+    await wait_for(pushed, what="a change pushed over the same stream")
+    assert [s.id for s in plane.streams] == [stream_id]
+    stats = await proxy.stats(filter="control_plane")
+    assert stats["control_plane.connected_state"] == 1
+
+
+@CLIENT_CERT
+async def test_envoy_over_mtls_and_a_rotated_server_certificate_drops_no_stream(
+    start_plane: Any, tmp_path: Path, ca: pki.CA, client_cert: str
+) -> None:
+    plane = await plane_with_tls(start_plane, tmp_path, ca, client_cert)
+    async with mtls_envoy(plane, ca, tmp_path) as (proxy, server):
+        (stream,) = list(plane.streams)
+        assert stream.identity == SIDECAR_ID
+
+        # Rotate the server certificate (same CA): new handshakes get the new one, the open stream stays.
+        before = await served_serial(plane.ads_port, ca, tmp_path)
+        _, _, serial = ca.write_server(tmp_path / "server")
+        await wait_for(lambda: serves(plane.ads_port, ca, tmp_path, serial),
+                       what="the new certificate served")
+        assert before != serial
+        assert [s.id for s in plane.streams] == [stream.id]  # the Envoy's stream was not dropped
+        await pushed_over(plane, proxy, server, tmp_path, stream.id)
+
+
+@CLIENT_CERT
+async def test_a_rotation_to_files_that_cannot_be_used_is_reported_and_the_old_certificate_stays(
+    start_plane: Any, tmp_path: Path, ca: pki.CA, client_cert: str
+) -> None:
+    plane = await plane_with_tls(start_plane, tmp_path, ca, client_cert)
+    cert_path, key_path = tmp_path / "server" / "server.pem", tmp_path / "server" / "server.key"
+
+    def count(result: str) -> float | None:
+        return plane.metrics.registry.get_sample_value("meshplane_tls_reloads_total", {"result": result})
+
+    async def ready_tls() -> dict[str, Any]:
+        status, body = await backend.http_get(plane.http_port, "localhost", "/ready")
+        assert status == 200  # the previous certificate is served: still ready
+        return dict(json.loads(body)["tls"])
+
+    with structlog.testing.capture_logs() as logs:
+        async with mtls_envoy(plane, ca, tmp_path) as (proxy, server):
+            (stream,) = list(plane.streams)
+            before = await served_serial(plane.ads_port, ca, tmp_path)
+            assert (await ready_tls())["serial"] == f"{before:x}"
+            assert (await ready_tls())["rejected"] is None
+            # A certificate whose key is not the key file's (a new certificate, the old key kept).
+            other, _, other_serial = ca.issue("meshplane", dns=("localhost",), ips=("127.0.0.1",))
+            pki.write(cert_path, other)
+            await wait_for(lambda: count("rejected") == 1, what="the mismatched pair counted as rejected")
+            rejected = (await ready_tls())["rejected"]
+            assert rejected["error"] == (
+                f"{key_path} is not the private key of the certificate in {cert_path} (CN=meshplane, serial "
+                f"{other_serial:x}): a certificate and its own key go together")
+            warnings = [e for e in logs if e["event"] == "TLS files changed but cannot be used; the previous ones stay"]
+            assert [(e["log_level"], e["error"]) for e in warnings] == [("warning", rejected["error"])]
+            assert await served_serial(plane.ads_port, ca, tmp_path) == before  # new handshakes: the old one
+            # A PEM-wrapped file that is not a certificate.
+            pki.write(cert_path, b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+            await wait_for(lambda: count("rejected") == 2, what="the non-certificate counted as rejected")
+            assert (await ready_tls())["rejected"]["error"].startswith(
+                f"{cert_path}: the certificate is not a PEM certificate (")
+            assert await served_serial(plane.ads_port, ca, tmp_path) == before
+            assert not [e for e in logs if e["event"].startswith("TLS certificate reloaded")]
+            assert count("applied") == 0
+
+            # A good rotation then works, and clears the report.
+            _, _, serial = ca.write_server(tmp_path / "server")
+            await wait_for(lambda: count("applied") == 1, what="the good rotation applied")
+            await wait_for(lambda: serves(plane.ads_port, ca, tmp_path, serial),
+                           what="the new certificate served")
+            tls_now = await ready_tls()
+            assert tls_now["rejected"] is None and tls_now["serial"] == f"{serial:x}"
+            assert [s.id for s in plane.streams] == [stream.id]
+            await pushed_over(plane, proxy, server, tmp_path, stream.id)
+
+
+@pytest.mark.any_protocol
+def test_a_key_that_is_not_the_certificates_stops_serve_naming_both(tmp_path: Path, ca: pki.CA) -> None:
+    cert, key, _ = ca.write_server(tmp_path)
+    _, other_key, _ = ca.issue("meshplane", dns=("localhost",))
+    pki.write(key, other_key)
+    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+    result = subprocess.run(
+        [sys.executable, "-m", "meshplane", "serve", "--ads", f"127.0.0.1:{free_port()}",
+         "--http", f"127.0.0.1:{free_port()}", "--tls-cert", str(cert), "--tls-key", str(key)],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"meshplane: {key} is not the private key of the certificate in {cert} (CN=meshplane, serial {serial:x}): "
+        "a certificate and its own key go together"]
+
+
+async def served_serial(port: int, ca: pki.CA, tmp_path: Path) -> int:
+    """The serial of the certificate the ADS port presents now, from a TLS handshake of our own (in a
+    thread: with optional client certificates the server's handshake is done on this event loop)."""
     cert, key = ca.write_client(tmp_path / "probe", SIDECAR_ID)
     context = ssl.create_default_context(cadata=ca.pem.decode())
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname="localhost") as conn:
-        der = conn.getpeercert(binary_form=True)
+
+    def handshake() -> bytes | None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as conn:
+            return conn.getpeercert(binary_form=True)
+
+    der = await asyncio.to_thread(handshake)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+async def serves(port: int, ca: pki.CA, tmp_path: Path, serial: int) -> bool:
+    return await served_serial(port, ca, tmp_path) == serial
 
 
 @pytest.mark.any_protocol
@@ -208,3 +324,38 @@ async def test_the_shipped_bootstrap_connects_over_mtls(start_plane: Any, tmp_pa
     finally:
         proc.terminate()
         await proc.wait()
+
+
+@CLIENT_CERT
+async def test_a_proxy_refused_for_its_identity_is_logged_once_counted_and_listed_by_status(
+    start_plane: Any, tmp_path: Path, ca: pki.CA, client_cert: str
+) -> None:
+    """It retries about every second for as long as it runs; one warning says so, not one per retry."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, client_cert)
+    proxy = envoy_with_certificate(plane, ca, tmp_path, namespace="payments")  # a certificate of namespace default
+
+    def refused() -> float:
+        return plane.metrics.registry.get_sample_value(
+            "meshplane_xds_refused_streams_total", {"code": "PERMISSION_DENIED", "reason": "identity"}) or 0
+
+    with structlog.testing.capture_logs() as logs:
+        await proxy.start()
+        try:
+            await wait_for(lambda: refused() >= 3, timeout=20, what="the Envoy refused three times")
+            status = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "meshplane", "status", "--server",
+                                 f"http://127.0.0.1:{plane.http_port}"], capture_output=True, text=True, timeout=30)
+        finally:
+            await proxy.stop()
+    message = (f"{SIDECAR_ID} claimed node 'sidecar-1' in namespace 'payments': a proxy may only claim its own "
+               "namespace ('default')")
+    lines = [e for e in logs if e["event"] == "xDS client refused"]
+    assert [(e["log_level"], e["node"], e["status"], e["error"]) for e in lines] == [
+        ("warning", "sidecar-1", "PERMISSION_DENIED", message)]
+    assert status.returncode == 0, status.stderr
+    assert "no clients connected" in status.stdout
+    (line,) = [x for x in status.stdout.splitlines() if "PERMISSION_DENIED" in x]
+    count = int(line.split(" x", 1)[1].split(",", 1)[0])
+    assert count >= 3
+    assert line.startswith(f"  127.0.0.1 sidecar-1 {SIDECAR_ID}: PERMISSION_DENIED (identity) x{count}, last ")
+    assert line.endswith(f": {message}")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
 import structlog
 
-from meshplane.xds import cache, identity, proxy, resources, slots, streams, typeurls, wire
+from meshplane.xds import cache, identity, proxy, refusals, resources, slots, streams, typeurls, wire
 from meshplane.xds.limits import Limits as Limits  # re-exported: it lives where the command line reads it without gRPC
 
 log = structlog.get_logger(__name__)
@@ -34,13 +34,18 @@ which go out as fast as the floor's; waiting in line for slots would double its 
 DEFAULTS = Limits()
 
 
+Peers = Callable[[str, Mapping[str, Sequence[bytes]]], identity.Peer | None]
+"""gRPC's peer string and auth context -> who the client is (None: no client of ours; refused)."""
+
+
 class Refusal(Exception):
     """Ends a stream with a status other than INVALID_ARGUMENT (a bad request is a plain message)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str, *, node: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.node = node  # the node id the request claimed, when the refusal is of its first request
 
 
 class StreamServer:
@@ -60,8 +65,12 @@ class StreamServer:
         identifier: str = "meshplane",
         trust_domain: str = "cluster.local",
         limits: Limits = DEFAULTS,
+        refused: refusals.Refusals | None = None,
+        peers: Peers = identity.from_grpc,
     ) -> None:
+        self._peers = peers
         self._trust_domain = trust_domain
+        self.refused = refused if refused is not None else refusals.Refusals()
         self.limits = limits
         self._views = views
         self._registry = registry
@@ -102,15 +111,19 @@ class StreamServer:
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """One stream, from its first request to its status. `requests` is left alone (see _read)."""
-        refusal = self._too_many(context.peer())
+        client = self._peers(context.peer(), context.auth_context())
+        refusal = self._too_many(client.address) if client is not None else Refusal(
+            grpc.StatusCode.PERMISSION_DENIED, "not a connection of the ADS port's TLS listener", "identity")
         if refusal is not None:
-            log.warning("xDS client refused", peer=context.peer(), status=refusal.code.name, error=str(refusal))
+            self.refused.record("xDS client refused", peer=client.address if client else context.peer(),
+                                code=refusal.code.name, reason=refusal.reason, message=str(refusal))
             self._callbacks.refused(None, refusal.code.name, refusal.reason)
             _end(context, refusal.code, str(refusal))
             return
-        stream = self._registry.open_stream(context.peer(), protocol=self.PROTOCOL,
+        assert client is not None  # a connection that is no client of ours was refused above
+        stream = self._registry.open_stream(client.address, protocol=self.PROTOCOL,
                                             on_stall=self._callbacks.write_stalled)
-        stream.identity = identity.peer(context.auth_context())
+        stream.identity, stream.certificate_asked = client.spiffe_id, client.certificate_asked
         reader = asyncio.create_task(self._read(stream, context), name=f"ads-read-{stream.id}")
         reader.add_done_callback(lambda _: stream.wake.set())  # the writer wakes to end, too
         ending: tuple[grpc.StatusCode, str] | None = None
@@ -163,7 +176,7 @@ class StreamServer:
         """
         limit = self.limits.request_bytes
         while (raw := await context.read()) is not grpc.aio.EOF:
-            code, reason = grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
+            code, reason, node = grpc.StatusCode.INVALID_ARGUMENT, "bad_request", ""
             try:
                 if limit and len(raw) > limit:
                     raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -172,12 +185,12 @@ class StreamServer:
             except wire.BadRequest as exc:
                 error = str(exc)
             except Refusal as exc:
-                error, code, reason = str(exc), exc.code, exc.reason
+                error, code, reason, node = str(exc), exc.code, exc.reason, exc.node
             del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
             if error is not None:
                 event = "bad xDS request" if code == grpc.StatusCode.INVALID_ARGUMENT else "xDS client refused"
-                log.warning(event, stream=stream.id, peer=stream.peer, node=stream.node_id, status=code.name,
-                            error=error)
+                self.refused.record(event, peer=stream.peer, code=code.name, reason=reason, message=error,
+                                    node=stream.node_id or node, identity=stream.identity, stream=stream.id)
                 self._callbacks.refused(stream, code.name, reason)
                 return code, error
         return None
@@ -209,15 +222,17 @@ class StreamServer:
         size = node.ByteSize()
         if self.limits.node_bytes and size > self.limits.node_bytes:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"node is {size} bytes; at most {self.limits.node_bytes} (--max-node-bytes)", "node_size")
+                          f"node is {size} bytes; at most {self.limits.node_bytes} (--max-node-bytes)", "node_size",
+                          node=node.id[:200])
         try:
             claimed = proxy.classify(node)
         except proxy.InvalidNode as exc:
             return str(exc)
         try:
-            identity.check(claimed, stream.identity, trust_domain=self._trust_domain)
+            identity.check(claimed, stream.identity, trust_domain=self._trust_domain,
+                           certificate_asked=stream.certificate_asked)
         except identity.Denied as exc:
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc), "identity") from None
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc), "identity", node=claimed.id) from None
         stream.proxy = claimed
         stream.watch = self._views.watch(stream.proxy, stream.mark)
         self._callbacks.stream_opened(stream)

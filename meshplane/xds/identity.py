@@ -29,6 +29,15 @@ class Identity:
         return f"{SPIFFE}{self.trust_domain}/ns/{self.namespace}/sa/{self.account}"
 
 
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A stream's client as its connection says: for the limits per address, the log and the identity check."""
+
+    address: str  # gRPC's peer string (`ipv4:10.0.0.1:5000`)
+    spiffe_id: str | None  # as `peer` gives it
+    certificate_asked: bool = False  # its port asks for a client certificate and lets a client without one in
+
+
 class Denied(Exception):
     """The client may not be the proxy it claims to be; the message says who claimed what."""
 
@@ -43,6 +52,11 @@ def peer(auth: Mapping[str, Sequence[bytes]]) -> str | None:
     return ids[0].decode(errors="replace") if ids else ""
 
 
+def from_grpc(grpc_peer: str, auth: Mapping[str, Sequence[bytes]]) -> Peer:
+    """A client as gRPC's own TLS (or plaintext) reports it."""
+    return Peer(grpc_peer, peer(auth))
+
+
 def parse(spiffe_id: str) -> Identity | None:
     """`spiffe://TD/ns/NS/sa/SA` (Istio's form), or None."""
     if not spiffe_id.startswith(SPIFFE):
@@ -54,10 +68,17 @@ def parse(spiffe_id: str) -> Identity | None:
     return Identity(trust_domain, parts[1], parts[3])
 
 
-def check(claimed: proxy.Proxy, spiffe_id: str | None, *, trust_domain: str) -> None:
-    """Raise `Denied` unless a client with this certificate may be `claimed`. A client without a
-    certificate (`None`: plaintext, or TLS where client certificates are optional) is not checked."""
+def check(claimed: proxy.Proxy, spiffe_id: str | None, *, trust_domain: str, certificate_asked: bool = False) -> None:
+    """Raise `Denied` unless a client with this certificate may be `claimed`.
+
+    A client without a certificate (`None`) is unauthenticated: on a plaintext port it may be anything;
+    where a certificate is asked for but optional (`certificate_asked`), anything but a gateway, which is
+    sent its listeners' private keys (decision 0020)."""
     if spiffe_id is None:
+        if certificate_asked and claimed.kind == proxy.Kind.GATEWAY:
+            raise Denied(f"node {claimed.id!r} claimed to be the gateway {claimed.gateway!r} without a client "
+                         "certificate: a gateway is sent its listeners' private keys, so it must present one "
+                         f"(spiffe://{trust_domain}/ns/{claimed.namespace}/sa/{claimed.gateway})")
         return
     who = parse(spiffe_id)
     if who is None:

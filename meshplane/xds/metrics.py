@@ -22,7 +22,7 @@ log = structlog.get_logger(__name__)
 
 REFUSALS = (("INVALID_ARGUMENT", "bad_request"), ("INVALID_ARGUMENT", "node_size"), ("PERMISSION_DENIED", "identity"),
             ("RESOURCE_EXHAUSTED", "streams"), ("RESOURCE_EXHAUSTED", "streams_per_peer"),
-            ("RESOURCE_EXHAUSTED", "names"), ("RESOURCE_EXHAUSTED", "request_size"))
+            ("RESOURCE_EXHAUSTED", "names"), ("RESOURCE_EXHAUSTED", "request_size"), ("UNAVAILABLE", "certificate"))
 """Every (status, reason) a stream is refused with (meshplane_xds_refused_streams_total)."""
 
 # Milliseconds matter here: the buckets resolve 1-250 ms finely (a p99 interpolated between 100 and
@@ -88,8 +88,19 @@ class Metrics:
             "meshplane_xds_refused_streams",
             "Streams ended by meshplane, by gRPC status and reason: a bad request or an oversized node "
             "(INVALID_ARGUMENT), an identity that may not be the proxy it claims (PERMISSION_DENIED), a limit "
-            "reached (RESOURCE_EXHAUSTED)",
+            "reached (RESOURCE_EXHAUSTED), a client certificate not accepted in the TLS handshake (UNAVAILABLE; "
+            "with --client-cert optional only, where meshplane does the handshake)",
             ["code", "reason"], registry=r,
+        )
+        self.tls_reloads = Counter(
+            "meshplane_tls_reloads",
+            "Changes of the ADS port's certificate, key or client CA files by result: applied, rejected (they "
+            "cannot be used: the previous ones stay served)",
+            ["result"], registry=r,
+        )
+        self.tls_expiry = Gauge(
+            "meshplane_tls_certificate_expiry_timestamp_seconds",
+            "When the ADS port's certificate being served expires (Unix time); only with TLS", ["cert"], registry=r,
         )
         self.clients = Gauge(
             "meshplane_xds_clients", "Connected clients by kind and sync state (the worst of their types)",
@@ -102,6 +113,8 @@ class Metrics:
                 family.labels(short)
         for result in ("applied", "unchanged", "rejected"):
             self.policy_reloads.labels(result)
+        for result in ("applied", "rejected"):
+            self.tls_reloads.labels(result)
         for code, reason in REFUSALS:
             self.refusals.labels(code, reason)
 
@@ -158,6 +171,9 @@ class Metrics:
 
     def write_stalled(self, stream: streams.Stream) -> None:
         self.stalled_writes.inc()
+
+    def tls_reloaded(self, result: str) -> None:
+        self.tls_reloads.labels(result).inc()
 
     def build_failed(self, type_url: str) -> None:
         self.build_errors.labels(typeurls.SHORT_NAMES.get(type_url, type_url)).inc()

@@ -144,6 +144,7 @@ class Stream:
         self.peer = peer
         self.protocol = protocol  # "sotw" or "delta"
         self.identity: str | None = None  # the client certificate's SPIFFE id ("" none in it; None: no certificate)
+        self.certificate_asked = False  # its port asked for a client certificate but let it in without one
         self._on_stall = on_stall
         self.connected_at = time.time()
         self.proxy: proxy.Proxy | None = None

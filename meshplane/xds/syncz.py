@@ -17,7 +17,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2, json_format
 
-from meshplane.xds import proxy, resources, streams, typeurls
+from meshplane.xds import proxy, refusals, resources, streams, typeurls
 
 
 def _iso(wall: float | None) -> str | None:
@@ -57,6 +57,14 @@ def clients(registry: streams.Registry, *, now: float, now_monotonic: float) -> 
 
 FILTERS = ("kind", "locality", "state")
 """The query parameters of `/debug/syncz`, each a filter (`meshplane status --kind, --locality, --state`)."""
+def refused(recent: refusals.Refusals) -> list[dict[str, Any]]:
+    """Peers refused lately, by address and reason, the latest first: who (address, node, identity), why
+    (status, reason, message), when (first and last) and how many times."""
+    return [
+        {"peer": r.address, "node": r.node or None, "identity": r.identity, "code": r.code, "reason": r.reason,
+         "message": r.message, "count": r.count, "first_at": _iso(r.first), "last_at": _iso(r.last)}
+        for r in recent.recent()
+    ]
 
 
 def select(table: list[dict[str, Any]], query: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -1,0 +1,116 @@
+"""`--client-cert optional` (docs/security.md, decision 0020): a certificate is not required, but one
+that is given is checked as with `required`, by real gRPC clients presenting certificates over TLS.
+A client without one is served as an unauthenticated sidecar and never as a gateway (whose listeners
+carry private keys). Real Envoys under `optional` are in tests/test_tls_envoy.py (CLIENT_CERT)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from meshplane import app
+from meshplane.demo import backend
+from meshplane.demo.ports import free_port
+from meshplane.xds import adsbase, typeurls
+from meshplane.xds import client as ads_client
+from tests import pki
+from tests.test_tls_envoy import SIDECAR_ID, claims_refused, grpc_client, issue, plane_with_tls, refused_with
+
+EDGE_ID = "spiffe://cluster.local/ns/default/sa/edge"
+
+
+@pytest.fixture
+def ca() -> pki.CA:
+    return pki.CA()
+
+
+async def _syncz(plane: app.ControlPlane) -> dict[str, Any]:
+    status, body = await backend.http_get(plane.http_port, "localhost", "/debug/syncz")
+    assert status == 200
+    return dict(json.loads(body))
+
+
+def _refusals(plane: app.ControlPlane, code: str, reason: str) -> float | None:
+    return plane.metrics.registry.get_sample_value("meshplane_xds_refused_streams_total",
+                                                   {"code": code, "reason": reason})
+
+
+async def test_a_certificate_given_is_checked_as_with_required(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional")
+    # Its own certificate: served, and known by it.
+    async with grpc_client(plane, ca, issue(ca, SIDECAR_ID)) as ok:
+        await ok.request(typeurls.CLUSTER)
+        assert ads_client.resource_names(await ok.recv())
+        (client,) = (await _syncz(plane))["clients"]
+        assert client["identity"] == SIDECAR_ID
+        assert client["peer"].startswith("ipv4:127.0.0.1:")  # the client's own address, not the relay's
+
+    # A certificate of another CA: the handshake fails, as with required; said and counted.
+    error = await refused_with(grpc_client(plane, ca, issue(pki.CA("another-ca"), SIDECAR_ID)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _refusals(plane, "UNAVAILABLE", "certificate") == 1
+    (entry,) = (await _syncz(plane))["refused"]
+    assert (entry["peer"], entry["code"], entry["reason"], entry["message"]) == (
+        "127.0.0.1", "UNAVAILABLE", "certificate",
+        "client certificate not accepted: unable to get local issuer certificate")
+
+    # Claiming another namespace, or the gateway edge, with a sidecar's certificate.
+    await claims_refused(plane, ca)
+    assert _refusals(plane, "PERMISSION_DENIED", "identity") == 2
+
+    # The gateway's own certificate: served as the gateway.
+    async with grpc_client(plane, ca, issue(ca, EDGE_ID), node_id="gateway-edge", role="gateway", gateway="edge") as gw:
+        await gw.request(typeurls.LISTENER)
+        await gw.recv()
+        (client,) = (await _syncz(plane))["clients"]
+        assert (client["kind"], client["gateway"], client["identity"]) == ("gateway", "edge", EDGE_ID)
+
+
+async def test_a_client_without_a_certificate_is_a_sidecar_never_a_gateway(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    plaintext = free_port()
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional", ads_plaintext=f"127.0.0.1:{plaintext}")
+    async with grpc_client(plane, ca, None, namespace="payments") as anonymous:
+        await anonymous.request(typeurls.CLUSTER)
+        assert ads_client.resource_names(await anonymous.recv())
+        (client,) = (await _syncz(plane))["clients"]
+        assert (client["kind"], client["identity"]) == ("sidecar", None)
+
+    error = await refused_with(grpc_client(plane, ca, None, node_id="gateway-edge", role="gateway", gateway="edge"))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == (
+        "node 'gateway-edge' claimed to be the gateway 'edge' without a client certificate: a gateway is sent its "
+        "listeners' private keys, so it must present one (spiffe://cluster.local/ns/default/sa/edge)")
+    assert _refusals(plane, "PERMISSION_DENIED", "identity") == 1
+    # The plaintext listener, asked for, is unauthenticated for every kind (docs/security.md).
+    node = ads_client.node("gateway-edge", region="r1", metadata={"role": "gateway", "gateway": "edge"})
+    async with ads_client.AdsClient(f"127.0.0.1:{plaintext}", node) as plain:
+        await plain.request(typeurls.LISTENER)
+        await plain.recv()
+
+
+async def test_limits_per_address_count_the_clients_address(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional", limits=adsbase.Limits(streams_per_peer=1))
+    async with grpc_client(plane, ca, issue(ca, SIDECAR_ID)) as first:
+        await first.request(typeurls.CLUSTER)
+        await first.recv()
+        error = await refused_with(grpc_client(plane, ca, None, node_id="sidecar-2"))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == "1 streams open from 127.0.0.1; at most 1 per address (--max-streams-per-peer)"
+
+
+async def test_the_relays_own_socket_serves_no_one_else(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    """gRPC listens for the relay on a private socket; a connection the relay did not make is refused."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional")
+    front = plane._front
+    assert front is not None
+    intruder = ads_client.AdsClient(front.grpc_address, ads_client.node("gateway-edge", region="r1", metadata={
+        "role": "gateway", "gateway": "edge"}))
+    error = await refused_with(intruder)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "not a connection of the ADS port's TLS listener"
