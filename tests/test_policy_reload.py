@@ -265,3 +265,50 @@ async def test_stop_leaves_no_task(tmp_path: Path) -> None:
     assert task.done() and task.cancelled()
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("policy-watcher")]
     await watcher.stop()  # idempotent
+
+
+def _routes(names: list[str]) -> str:
+    """A gateway's routes, each to a service no source knows (a warning each, once discovery is known)."""
+    routes = "".join(f"  - name: {n}\n    parentRefs: [{{name: edge}}]\n    rules:\n"
+                     f"      - backendRefs: [{{name: {n}, port: 8000}}]\n" for n in names)
+    return ("apiVersion: meshplane.io/v2\ngateways:\n  - name: edge\n    listeners: [{name: http, port: 8080}]\n"
+            + (f"routes:\n{routes}" if names else ""))
+
+
+async def test_a_warning_is_logged_when_it_appears_and_when_it_goes_and_counted_in_between(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, _routes([]))
+    counted: list[tuple[int, int]] = []
+    # Polled by hand (no inotify, no poll for an hour), so each edit is one reload.
+    watcher = reload.PolicyWatcher(path, on_change=Recorder(), interval=3600, inotify=False,
+                                   known=lambda: validate.Known(services={}, clusters=frozenset()),
+                                   on_warnings=lambda in_force, repeated: counted.append((in_force, repeated)))
+    await watcher.start()
+    try:
+        names: list[str] = []
+        with structlog.testing.capture_logs() as logs:
+            for i in range(20):  # routes added one at a time
+                names.append(f"r{i:02}")
+                write(path, _routes(names))
+                assert await watcher.poll() is True
+        warned = [e for e in logs if e["event"] == "policy warning"]
+        assert [e["field"] for e in warned] == [f"routes[{i}].rules[0].backendRefs[0].name" for i in range(20)]
+        assert all(e["log_level"] == "warning" for e in warned)
+        assert counted[-20:] == [(i + 1, i) for i in range(20)]  # in force; found again, not logged
+        assert len(watcher.last_warnings) == 20
+
+        with structlog.testing.capture_logs() as logs:
+            write(path, _routes(["a-first", *names]))  # above the others: their lines and indexes move
+            assert await watcher.poll() is True
+        assert [e["problem"] for e in logs if e["event"] == "policy warning"] == [
+            f"{path}:9: routes[0].rules[0].backendRefs[0].name: no source knows service default/a-first yet"]
+
+        with structlog.testing.capture_logs() as logs:
+            write(path, _routes(["a-first", *names[1:]]))  # r00 goes, and its warning with it
+            assert await watcher.poll() is True
+        assert [e["event"] for e in logs if "warning" in e["event"]] == ["policy warning resolved"]
+        [gone] = [e for e in logs if e["event"] == "policy warning resolved"]
+        assert "default/r00" in gone["problem"] and gone["log_level"] == "info"
+        assert counted[-1] == (20, 20)
+    finally:
+        await watcher.stop()
