@@ -9,6 +9,7 @@ import itertools
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def _endpoints(n: int, port: int) -> dict[str, Any]:
 def _ports(catalog: catalog_mod.Catalog) -> set[int]:
     return {ep.port_for("http") or 0 for s in catalog.services.values() for ep in s.endpoints}
 
-def _loud(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _loud(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [e for e in logs if e["log_level"] in ("warning", "error")]
 
 @pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "poll"])
