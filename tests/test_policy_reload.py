@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +17,7 @@ import pytest
 import structlog
 
 from meshplane.discovery import model
-from meshplane.policy import reload, rules, validate
+from meshplane.policy import reload, rules, validate, worker
 from tests.conftest import wait_for
 
 MOCKB = model.service_key("default", "mockb")
@@ -312,3 +315,44 @@ async def test_a_warning_is_logged_when_it_appears_and_when_it_goes_and_counted_
         assert counted[-1] == (20, 20)
     finally:
         await watcher.stop()
+
+
+async def test_a_worker_process_that_dies_is_replaced_and_the_edit_applied(tmp_path: Path,
+                                                                         start_watcher: Start) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    calls = Recorder()
+    watcher = await start_watcher(path, calls, interval=3600)
+    dead = worker._process
+    assert dead is not None
+    dead.kill()  # as the OOM killer would
+    dead.wait()
+    write(path, policy_text(2))
+    with structlog.testing.capture_logs() as logs:
+        assert await watcher.poll() is True
+    assert five_xx(watcher.current) == 2
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "policy worker process failed; starting another"]
+    assert worker._process is not None and worker._process.pid != dead.pid
+
+
+def test_the_worker_process_ends_with_meshplane_however_meshplane_ends(tmp_path: Path) -> None:
+    """Killed with SIGKILL (no atexit, no finally), meshplane leaves no worker behind: its stdin closes."""
+    script = ("import asyncio, os, signal\nfrom meshplane.policy import worker\n"
+              "asyncio.run(worker.load(b'apiVersion: meshplane.io/v1', path='p.yaml', known=None))\n"
+              "print(worker._process.pid, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pid = int(done.stdout)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), f"worker {pid} outlived meshplane"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent (init, here) has yet to reap it

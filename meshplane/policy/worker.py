@@ -17,6 +17,8 @@ in slices, and the edit is still applied).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
 import pickle
 import struct
@@ -65,22 +67,33 @@ def _call(data: bytes, path: str, known: validate.Known | None) -> validate.Load
 
 def _started() -> subprocess.Popen[bytes]:
     global _process
-    if _process is None or _process.poll() is not None:
+    if _process is not None and _process.poll() is not None:
+        log.warning("policy worker process failed; starting another", exit_status=_process.returncode)
+        _stop()
+    if _process is None:
         _process = subprocess.Popen([sys.executable, "-m", "meshplane.policy.worker"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     return _process
 
 
 def _stop() -> None:
+    """End the worker: its stdin closed, it exits; one that does not within a second is killed."""
     global _process
     process, _process = _process, None
     if process is None:
         return
-    process.kill()
-    process.wait()
     for pipe in (process.stdin, process.stdout):
         if pipe is not None:
-            pipe.close()
+            with contextlib.suppress(OSError):
+                pipe.close()
+    try:
+        process.wait(1.0)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+atexit.register(_stop)
 
 
 def _send(pipe: IO[bytes], payload: bytes) -> None:
