@@ -248,43 +248,42 @@ class Watch:
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
         notify = self._notify
-        if notify is not None:
-            loop.add_reader(notify.fd, readable.set)
-        try:
-            tick = time.monotonic() + self.interval
-            while not self._moved.is_set():
-                now = time.monotonic()
-                if self._again is not None and now >= self._again:
-                    self._again, self._due, self._heard = None, True, True
-                if now >= tick:  # the poll, or inotify's backstop
-                    if notify is None and self.inotify and any(d.is_dir() for d in self._dirs):
-                        return  # a directory to watch is there now: watch it with inotify
-                    tick = now + self.interval
-                    self._due = True
-                    self._heard = self._heard or notify is None
-                wait = self._unsettled(now) if self._due else None
-                if self._due and wait is None:
-                    quiet = not self._heard
-                    self._due, self._heard, self._swapped = False, False, False
-                    self._vouched.clear()
-                    yield quiet
-                    continue
-                deadline = min(tick, now + wait if wait is not None else tick, self._again or tick)
-                # Only the readiness of the descriptor is awaited, and it is read synchronously below: a
-                # timeout can never cut a read short and lose its events. asyncio.timeout, not wait_for:
-                # Python 3.11's wait_for can swallow a cancellation that arrives as the awaited call
-                # completes, and then stop() waits for ever (a test teardown hung so).
+        tick = time.monotonic() + self.interval
+        while not self._moved.is_set():
+            now = time.monotonic()
+            if self._again is not None and now >= self._again:
+                self._again, self._due, self._heard = None, True, True
+            if now >= tick:  # the poll, or inotify's backstop
+                if notify is None and self.inotify and any(d.is_dir() for d in self._dirs):
+                    return  # a directory to watch is there now: watch it with inotify
+                tick = now + self.interval
+                self._due = True
+                self._heard = self._heard or notify is None
+            wait = self._unsettled(now) if self._due else None
+            if self._due and wait is None:
+                quiet = not self._heard
+                self._due, self._heard, self._swapped = False, False, False
+                self._vouched.clear()
+                yield quiet
+                continue
+            deadline = min(tick, now + wait if wait is not None else tick, self._again or tick)
+            # Only while waiting is the descriptor's readiness awaited (an owner that awaits something
+            # between looks must not leave the loop woken by events nobody reads), and it is read
+            # synchronously below: a timeout never cuts a read short and loses its events.
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+            # arrives as the awaited call completes, and then stop() waits for ever (a test teardown hung so).
+            readable.clear()
+            if notify is not None:
+                loop.add_reader(notify.fd, readable.set)
+            try:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                         await (readable.wait() if notify is not None else self._moved.wait())
-                if notify is not None and readable.is_set():
-                    readable.clear()
-                    if not self._drain():
-                        return  # a watched directory went: set the watches up again
-        finally:
-            if notify is not None:
-                with contextlib.suppress(Exception):
+            finally:
+                if notify is not None:
                     loop.remove_reader(notify.fd)
+            if readable.is_set() and not self._drain():
+                return  # a watched directory went: set the watches up again
 
     def _open(self, dirs: list[Path]) -> Any:
         """An inotify descriptor watching `dirs`, or None (then the watch polls from now on)."""
