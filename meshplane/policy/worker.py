@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import structlog
 
+from meshplane import gc_tuning
 from meshplane.policy import validate
 
 log = structlog.get_logger(__name__)
@@ -116,6 +117,7 @@ def _exactly(pipe: IO[bytes], size: int) -> bytes:
 
 def main() -> None:
     """The worker: answer each request on stdin with (ok, result or traceback) on stdout, until stdin closes."""
+    gc_tuning.tune_gc()
     stdin = sys.stdin.buffer
     # The answers get a descriptor of their own, and anything printed (a log line) goes to stderr.
     stdout = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
