@@ -1,7 +1,10 @@
 """A big policy reload beside everything else: does it hold up /healthz and endpoint pushes?
 
 The policy is docs/policy.md's v2 example (a gateway `edge`, an HTTPRoute with a PathPrefix match)
-with its route repeated R times under distinct names, hosts and paths (R = 5,000). Two parts:
+with its route repeated R times under distinct names, hosts and paths (R = 5,000). Three parts:
+
+  edits       an endpoint file renamed over, and rewritten in place, 40 times each: edit to the
+              catalog's change (inotify; what a file is read on must not delay an ordinary edit)
 
   mechanism   in this process, the same validation (meshplane.policy.validate) run three ways while a
               ticker asks the event loop for a 5 ms sleep: on the loop, in a thread, in the worker
@@ -122,6 +125,58 @@ def mechanism(routes: int, services: int) -> dict[str, Any]:
     return {"routes": routes, "ways": asyncio.run(run())}
 
 
+# --------------------------------------------------------------------------- edits seen
+
+
+def edits(count: int) -> dict[str, Any]:
+    """An endpoint file edited `count` times each way (renamed over, rewritten in place): from the edit to
+    the catalog's change, in this process (inotify, the poll an hour away: what it sees, inotify told it)."""
+    import logging
+
+    import structlog
+
+    from meshplane.discovery import catalog as catalog_mod
+    from meshplane.discovery import filesource
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    async def one(way: str, directory: Path) -> dict[str, Any]:
+        path = directory / "cluster-1.yaml"
+        path.write_text(endpoints(1, 30000))
+        catalog = catalog_mod.Catalog()
+        changed = asyncio.Event()
+        seen: list[float] = []
+        catalog.subscribe(lambda change: (seen.append(time.monotonic()), changed.set()))
+        source = filesource.FileSource(path, interval=3600)
+        await source.start(catalog)
+        await asyncio.sleep(0.5)  # past the first look
+        took = []
+        try:
+            for i in range(count):
+                changed.clear()
+                text = endpoints(1, 30001 + i)
+                if way == "renamed over":
+                    tmp = directory / ".cluster-1.yaml.tmp"
+                    tmp.write_text(text)
+                    began = time.monotonic()
+                    tmp.replace(path)
+                else:
+                    began = time.monotonic()
+                    path.write_text(text)
+                await asyncio.wait_for(changed.wait(), 10)
+                took.append(seen[-1] - began)
+                await asyncio.sleep(0.02)
+        finally:
+            await source.stop()
+        return {"way": way, "ms": common.latency_summary(took)}
+
+    async def run() -> list[dict[str, Any]]:
+        with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
+            return [await one(way, Path(tmp)) for way in ("renamed over", "rewritten in place")]
+
+    return {"edits": count, "ways": asyncio.run(run())}
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -231,11 +286,18 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_result(result: dict[str, Any]) -> None:
+    if "edits" in result:
+        ways = result["edits"]["ways"]
+        common.print_table(["edit", "p50 ms", "p99", "max"],
+                           [(w["way"], w["ms"]["p50"], w["ms"]["p99"], w["ms"]["max"]) for w in ways],
+                           title=f"an endpoint file edited {result['edits']['edits']} times: to the catalog's change")
     if "mechanism" in result:
         rows = [(w["way"], w["validation_s"], w["ticks"], w["lag_ms"]["p50"], w["lag_ms"]["p99"], w["lag_ms"]["max"])
                 for w in result["mechanism"]["ways"]]
         common.print_table(["validated", "took s", "5 ms ticks", "lag p50 ms", "p99", "max"], rows,
                            title=f"validating {result['mechanism']['routes']} routes: how long the event loop waited")
+    if "end_to_end" not in result:
+        return
     runs = result["end_to_end"]["runs"]
     common.print_table(
         ["routes", "reload s", "move ms (no reload) p50/max", "move ms (1 s into reload)", "healthz ms p50/max", "n"],
@@ -251,14 +313,22 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=50)
     parser.add_argument("--moves", type=int, default=5, help="baseline endpoint moves (no reload running)")
     parser.add_argument("--repeat", type=int, default=3, help="end-to-end runs, each on a fresh meshplane serve")
-    parser.add_argument("--skip-mechanism", action="store_true")
+    parser.add_argument("--skip-mechanism", action="store_true", help="only the end-to-end part")
+    parser.add_argument("--edits-only", action="store_true", help="only the edits (any meshplane's FileSource)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     common.stop_on_sigterm()
     result: dict[str, Any] = {"machine": common.machine(), "quiet": common.wait_quiet(max_wait=0)}
     if not args.skip_mechanism:
+        print("endpoint file edits, renamed over and rewritten in place ...", flush=True)
+        result["edits"] = edits(40)
+    if not args.skip_mechanism and not args.edits_only:
         print(f"validating {args.routes} routes three ways ...", flush=True)
         result["mechanism"] = mechanism(args.routes, args.services)
+    if args.edits_only:
+        print_result(result)
+        print(f"\nwritten to {common.write_results('reload', result, args.out)}")
+        return
     print("meshplane serve: a reload, an endpoint move and /healthz ...", flush=True)
     runs = [asyncio.run(end_to_end(args.routes, args.services, args.moves)) for _ in range(args.repeat)]
     result["end_to_end"] = {"runs": runs, **summary(runs)}
