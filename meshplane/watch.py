@@ -41,7 +41,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,11 @@ class Hold:
 def most(lost: int, *, of: int) -> bool:
     """`lost` of `of` is most of it: the share of an edit that is held and said loudly."""
     return of > 0 and lost * 2 > of
+
+
+def said(lost: Sequence[str], *, of: int) -> str:
+    """What an edit drops, as a warning says it: `7 of 10: a, b, c, d, e, ...`."""
+    return f"{len(lost)} of {of}: " + ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
 
 
 @dataclass(slots=True)

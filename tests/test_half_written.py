@@ -5,11 +5,12 @@ edit that drops most of what a file gave is applied only once the file keeps it,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ WRITER = textwrap.dedent("""\
             time.sleep(pause)
 """)
 
+
 async def write_slowly(path: Path, pieces: list[bytes], *, pause: float, reopen: bool = False) -> None:
     """A writer process: truncates `path`, then writes `pieces` one by one with `pause` after each, holding
     the file open all along (a generator streaming its output, a slow copy)."""
@@ -46,6 +48,7 @@ async def write_slowly(path: Path, pieces: list[bytes], *, pause: float, reopen:
     proc.stdin.write(b"\0".join(pieces))
     proc.stdin.close()
     assert await asyncio.to_thread(proc.wait) == 0
+
 
 async def shell(command: str) -> None:
     """Run `command` as an operator's shell would, while the event loop goes on (and the watchers with it)."""
@@ -74,11 +77,22 @@ async def watching(owner: filesource.FileSource | reload.PolicyWatcher, *, inoti
 def _endpoints(n: int, port: int) -> dict[str, Any]:
     return cluster_doc("c1", "r1", {f"svc{i}": [{"zone": "z1", "port": port}] for i in range(n)})
 
+
 def _ports(catalog: catalog_mod.Catalog) -> set[int]:
     return {ep.port_for("http") or 0 for s in catalog.services.values() for ep in s.endpoints}
 
+
+def _held_then_said(logs: Sequence[Mapping[str, Any]], *, held: str, said: str) -> Mapping[str, Any]:
+    """The one warning `said`, logged after the edit was first `held` (at info): what it says."""
+    events = [e["event"] for e in logs]
+    [warning] = [e for e in logs if e["event"] == said]
+    assert events.index(said) > events.index(held) and warning["log_level"] == "warning", events
+    return warning
+
+
 def _loud(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [e for e in logs if e["log_level"] in ("warning", "error")]
+
 
 @pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "poll"])
 async def test_an_endpoint_file_written_in_slow_pieces_is_read_once_complete(tmp_path: Path, inotify: bool) -> None:
@@ -102,6 +116,7 @@ async def test_an_endpoint_file_written_in_slow_pieces_is_read_once_complete(tmp
     finally:
         await source.stop()
 
+
 def _policy(n: int, prefix: str = "svc") -> str:
     """A gateway with `n` routes, each to a service of its own."""
     routes = "".join(
@@ -111,8 +126,22 @@ def _policy(n: int, prefix: str = "svc") -> str:
     return ("apiVersion: meshplane.io/v2\ngateways:\n  - name: edge\n    listeners:\n"
             f"      - {{name: http, port: 8080}}\nroutes:\n{routes}")
 
+
 def _prefixes(policy: rules.Policy) -> set[str]:
     return {m.path.value for r in policy.routes for rule in r.rules for m in rule.matches}
+
+
+@contextlib.asynccontextmanager
+async def watching_policy(path: Path, applied: Applied, *, inotify: bool = True) -> AsyncIterator[reload.PolicyWatcher]:
+    """A policy watcher on `path` (its backstop every 20 ms), once its watch is set up; stopped after."""
+    watcher = reload.PolicyWatcher(path, on_change=applied, interval=0.02, inotify=inotify)
+    await watcher.start()
+    try:
+        await watching(watcher, inotify=inotify)
+        yield watcher
+    finally:
+        await watcher.stop()
+
 
 class Applied:
     """The policies a watcher applied, in order."""
@@ -126,24 +155,21 @@ class Applied:
     def routes(self) -> list[int]:
         return [len(p.routes) for p in self.policies]
 
+
 @pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "poll"])
 async def test_a_policy_written_in_slow_pieces_is_never_applied_half_way(tmp_path: Path, inotify: bool) -> None:
     n = 120
     path = tmp_path / "policy.yaml"
     path.write_text(_policy(n))
     applied = Applied()
-    watcher = reload.PolicyWatcher(path, on_change=applied, interval=0.02, inotify=inotify)
-    await watcher.start()
-    await watching(watcher, inotify=inotify)
-    try:
+    async with watching_policy(path, applied, inotify=inotify):
         with structlog.testing.capture_logs() as logs:
             await write_slowly(path, pieces_of(_policy(n, "new"), at="  - name:", count=8), pause=watch.SETTLE_S / 4)
             await wait_for(lambda: applied.policies and _prefixes(applied.policies[-1]) == {
                 f"/new{i}" for i in range(n)}, timeout=10, what="the rewritten policy applied")
-        assert applied.routes() == [n], applied.routes()
-        assert not _loud(logs), _loud(logs)
-    finally:
-        await watcher.stop()
+    assert applied.routes() == [n], applied.routes()
+    assert not _loud(logs), _loud(logs)
+
 
 @pytest.mark.parametrize("command", ["cp {new} {path}", "cat {new} > {path}"])
 async def test_a_policy_rewritten_in_place_with_cp_or_cat_is_never_applied_half_way(
@@ -156,20 +182,15 @@ async def test_a_policy_rewritten_in_place_with_cp_or_cat_is_never_applied_half_
     variants[0].write_text(_policy(n, "a"))
     variants[1].write_text(_policy(n, "b"))
     applied = Applied()
-    watcher = reload.PolicyWatcher(path, on_change=applied, interval=0.02)
-    await watcher.start()
-    await watching(watcher)
-    try:
+    async with watching_policy(path, applied) as watcher:
         for edit in range(6):
-            new = variants[edit % 2]
-            await shell(command.format(new=new, path=path))
+            await shell(command.format(new=variants[edit % 2], path=path))
             want = {f"/{'ab'[edit % 2]}{i}" for i in range(n)}
             await wait_for(lambda want=want: applied.policies and _prefixes(applied.policies[-1]) == want,
                            timeout=10, what=f"edit {edit} applied")
-        assert applied.routes() == [n] * 6, applied.routes()
         assert len(watcher.current.routes) == n
-    finally:
-        await watcher.stop()
+    assert applied.routes() == [n] * 6, applied.routes()
+
 
 async def test_a_policy_truncated_closed_and_written_again_is_not_emptied(tmp_path: Path) -> None:
     """The close after the truncation says the (empty) file is complete; the second that follows before
@@ -178,40 +199,30 @@ async def test_a_policy_truncated_closed_and_written_again_is_not_emptied(tmp_pa
     path = tmp_path / "policy.yaml"
     path.write_text(_policy(n))
     applied = Applied()
-    watcher = reload.PolicyWatcher(path, on_change=applied, interval=0.02)
-    await watcher.start()
-    await watching(watcher)
-    try:
+    async with watching_policy(path, applied) as watcher:
         with structlog.testing.capture_logs() as logs:
             await write_slowly(path, [_policy(n, "new").encode()], pause=watch.HOLD_S / 4, reopen=True)
             await wait_for(lambda: applied.policies, timeout=5, what="the rewritten policy applied")
         assert applied.routes() == [n] and _prefixes(watcher.current) == {f"/new{i}" for i in range(n)}
-        assert not _loud(logs), _loud(logs)
-        assert [e for e in logs if "applied if the file keeps it" in e["event"]], "the empty file was not held"
-    finally:
-        await watcher.stop()
+    assert not _loud(logs), _loud(logs)
+    assert [e for e in logs if "applied if the file keeps it" in e["event"]], "the empty file was not held"
+
 
 async def test_an_emptied_policy_is_applied_once_it_stays_empty_and_said_loudly(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(_policy(7))
     applied = Applied()
-    watcher = reload.PolicyWatcher(path, on_change=applied, interval=0.02)
-    await watcher.start()
-    await watching(watcher)
-    try:
+    async with watching_policy(path, applied) as watcher:
         with structlog.testing.capture_logs() as logs:
             await shell(f": > {path}")
             await wait_for(lambda: applied.policies, timeout=5, what="the empty policy applied")
         assert watcher.current == rules.Policy()
-        events = [e["event"] for e in logs]
-        held = events.index("policy edit drops most of the policy in force; applied if the file keeps it")
-        [said] = [e for e in logs if e["event"] == "policy file drops most of the policy in force"]
-        assert events.index(said["event"]) > held and said["log_level"] == "warning"
-        assert said["path"] == str(path) and said["emptied"] is True
-        assert said["dropped_routes"] == "7 of 7: default/r0, default/r1, default/r2, default/r3, default/r4, ..."
-        assert said["dropped_gateways"] == "1 of 1: edge"
-    finally:
-        await watcher.stop()
+    said = _held_then_said(logs, held="policy edit drops most of the policy in force; applied if the file keeps it",
+                           said="policy file drops most of the policy in force")
+    assert said["path"] == str(path) and said["emptied"] is True
+    assert said["dropped_routes"] == "7 of 7: default/r0, default/r1, default/r2, default/r3, default/r4, ..."
+    assert said["dropped_gateways"] == "1 of 1: edge"
+
 
 async def test_an_edit_that_keeps_most_of_the_policy_is_applied_at_once(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
@@ -226,6 +237,7 @@ async def test_an_edit_that_keeps_most_of_the_policy_is_applied_at_once(tmp_path
     finally:
         await watcher.stop()
 
+
 async def test_an_endpoint_file_that_loses_most_of_its_services_is_held_then_said_loudly(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "c1.yaml", _endpoints(10, 9000))
     catalog = catalog_mod.Catalog()
@@ -236,10 +248,8 @@ async def test_an_endpoint_file_that_loses_most_of_its_services_is_held_then_sai
         with structlog.testing.capture_logs() as logs:
             write_yaml(path, _endpoints(3, 9000))
             await wait_for(lambda: len(catalog.services) == 3, timeout=5, what="the shorter file applied")
-        events = [e["event"] for e in logs]
-        held = events.index("endpoint file drops most of its services; applied if the file keeps them so")
-        [said] = [e for e in logs if e["event"] == "endpoint file drops most of its services"]
-        assert events.index(said["event"]) > held and said["log_level"] == "warning"
+        said = _held_then_said(logs, held="endpoint file drops most of its services; applied if the file keeps them so",
+                               said="endpoint file drops most of its services")
         assert said["path"] == str(path) and said["cluster"] == "c1"
         assert said["dropped"] == "7 of 10: default/svc3, default/svc4, default/svc5, default/svc6, default/svc7, ..."
         write_yaml(path, _endpoints(2, 9000))  # 1 of 3 goes: not most, at once and quietly
@@ -248,6 +258,7 @@ async def test_an_endpoint_file_that_loses_most_of_its_services_is_held_then_sai
         assert not _loud(logs)
     finally:
         await source.stop()
+
 
 async def test_a_file_kept_open_is_read_once_no_write_has_come_for_a_while(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,12 +280,14 @@ async def test_a_file_kept_open_is_read_once_no_write_has_come_for_a_while(
     finally:
         await source.stop()
 
+
 def test_a_file_changed_while_read_is_torn(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"one")
     got = watch.read(path)
     assert (got.data, got.torn) == (b"one", False) and got.stat == watch.stat_of(path)
     assert isinstance(watch.read(tmp_path / "missing").data, FileNotFoundError)
+
 
 def test_most_is_more_than_half() -> None:
     assert [watch.most(lost, of=4) for lost in range(5)] == [False, False, False, True, True]

@@ -386,9 +386,8 @@ class FileSource:
             if self._watch is not None:
                 self._watch.look_again(wait)
             return False
-        shown = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
         log.warning("endpoint file drops most of its services", path=str(self.path), cluster=self.cluster,
-                    dropped=f"{len(lost)} of {len(before)}: {shown}")
+                    dropped=watch.said(lost, of=len(before)))
         return True
 
     def _fail(self, catalog: catalog_mod.Catalog, exc: EndpointFileError, raise_errors: bool) -> None:

@@ -236,8 +236,7 @@ def dropped(old: rules.Policy, new: rules.Policy) -> dict[str, object] | None:
     said: dict[str, object] = {"emptied": emptied}
     for kind, names in lost.items():
         if names:
-            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            said[f"dropped_{kind}"] = f"{len(names)} of {len(kinds[kind][0])}: {shown}"
+            said[f"dropped_{kind}"] = watch.said(names, of=len(kinds[kind][0]))
     return said
 
 
