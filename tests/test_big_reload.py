@@ -4,6 +4,7 @@ endpoint move is pushed, both before the new policy is applied (ordering, not ti
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import urllib.request
@@ -29,9 +30,10 @@ def _policy(routes: int) -> str:
                 f"        backendRefs: [{{name: svc, port: 8000}}]\n" for i in range(routes)))
 
 
-def _meanwhile(directory: Path, *, watching: threading.Event, move: Any, health: str, out: dict[str, float]) -> None:
-    """In a thread of its own, as another program would: once meshplane has read the policy (the file closed
-    without a write), move the endpoint, then ask /healthz; note when each happened."""
+def _meanwhile(directory: Path, *, watching: threading.Event, swapped: threading.Event, move: Any, health: str,
+               out: dict[str, float]) -> None:
+    """In a thread of its own, as another program would: once meshplane has read the new policy (the file
+    closed without a write, after the swap), move the endpoint, then ask /healthz; note when each happened."""
     with asyncinotify.Inotify(sync_timeout=120) as notify:
         notify.add_watch(directory, asyncinotify.Mask.CLOSE_NOWRITE)
         watching.set()
@@ -39,7 +41,7 @@ def _meanwhile(directory: Path, *, watching: threading.Event, move: Any, health:
             event = notify.sync_get()
             if event is None:
                 raise TimeoutError("meshplane never read the new policy")
-            if str(event.name) == "policy.yaml":
+            if str(event.name) == "policy.yaml" and swapped.is_set():
                 break
     out["read"] = time.monotonic()
     move()
@@ -58,6 +60,8 @@ async def test_healthz_and_an_endpoint_move_are_served_while_a_big_policy_is_val
     place(9001)
     policy = tmp_path / "policy.yaml"
     policy.write_text(_policy(1))
+    old = time.time() - 10  # a stat that old is trusted: the running plane never reads this version again
+    os.utime(policy, (old, old))
     plane: app.ControlPlane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
     applied: list[float] = []
     counted = plane.policy_watcher.on_result
@@ -89,14 +93,15 @@ async def test_healthz_and_an_endpoint_move_are_served_while_a_big_policy_is_val
         recording = asyncio.create_task(record())
         try:
             await wait_for(lambda: 9001 in arrived, what="the endpoint as it was")
-            watching, out = threading.Event(), dict[str, float]()
+            watching, swapped, out = threading.Event(), threading.Event(), dict[str, float]()
             thread = asyncio.create_task(asyncio.to_thread(
-                _meanwhile, tmp_path, watching=watching, move=lambda: place(9002),
+                _meanwhile, tmp_path, watching=watching, swapped=swapped, move=lambda: place(9002),
                 health=f"http://127.0.0.1:{plane.http_port}/healthz", out=out))
             await asyncio.to_thread(watching.wait, 10)
             tmp = tmp_path / "policy.tmp"
             tmp.write_text(_policy(3000))
             tmp.replace(policy)
+            swapped.set()
             await thread
             await wait_for(lambda: applied, timeout=300, what="the big policy applied")
             await wait_for(lambda: 9002 in arrived, what="the moved endpoint pushed")
