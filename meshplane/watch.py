@@ -361,14 +361,15 @@ class Watch:
         for path in self._watched():
             stat = stat_of(path)
             look = self._looks.get(path)
+            # Its writer closed it, or a whole file took its place: complete, however recent.
+            vouched = stat is not None and (self._swapped or not self._vouched.isdisjoint(_names_of(path)))
             if look is None or look.stat != stat:
-                vouched = stat is not None and (self._swapped or not self._vouched.isdisjoint(_names_of(path)))
                 old = stat is not None and time.time_ns() - stat[0] >= SETTLE_S * 1e9
                 if look is not None and not vouched:
                     self._heard = True  # changed, and inotify did not say so: not a quiet look
                 look = self._looks[path] = _Look(stat, now, vouched or old)
             if not look.settled:
-                if now - look.since >= SETTLE_S:
+                if vouched or now - look.since >= SETTLE_S:
                     look.settled = True
                 else:
                     waits.append(look.since + SETTLE_S - now)
