@@ -81,6 +81,7 @@ class ControlPlane:
         self.policy_watcher = reload.PolicyWatcher(
             config.policy_file, on_change=self._on_policy, interval=config.poll_interval, known=self._known,
             on_result=lambda result: self.metrics.policy_reloads.labels(result).inc(), inotify=config.inotify,
+            on_warnings=self.metrics.policy_warned,
         )
         self.clusters = clusters.ClusterRegistry(self.catalog, self._kube_source, sync_timeout=config.sync_timeout)
         self.kubeconfig_dirs = [
@@ -363,7 +364,10 @@ class ControlPlane:
                                  for e in self.build_errors()],
                 # A rotation that could not be taken does not make the plane unready (the previous certificate
                 # is served), but it is here until a good one is, with the date the served one expires.
-                "tls": self.tls.status() if self.tls is not None else None}
+                "tls": self.tls.status() if self.tls is not None else None,
+                # The policy in force: its warnings; and the errors of the last edit, if it was rejected.
+                "policy": {"warnings": [str(p) for p in self.policy_watcher.last_warnings],
+                           "errors": [str(p) for p in self.policy_watcher.last_errors]}}
         return admin.Reply(200 if ok else 503, "application/json", _json(body))
 
     def _views_page(self, query: Mapping[str, str]) -> admin.Reply:

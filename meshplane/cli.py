@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -298,7 +297,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from meshplane import app, listen, tls
+    from meshplane import app, gc_tuning, listen, tls
     from meshplane.discovery import filesource, kubesource
     from meshplane.policy import validate
 
@@ -341,26 +340,12 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"meshplane: {exc}", file=sys.stderr)
         await plane.stop()
         return 1
-    tune_gc()
+    gc_tuning.tune_gc()
     try:
         await _until_signalled()
     finally:
         await plane.stop()
     return 0
-
-
-GC_THRESHOLDS = (50_000, 50, 100)
-"""The collector's thresholds once serving (Python's are 700, 10, 10): see tune_gc."""
-
-
-def tune_gc() -> None:
-    """Once started: what start-up built (the catalog, the policy, imported modules) is moved out of
-    the collector's sight (gc.freeze), and collections run less often. A full collection walked
-    every object of every stream and view, 120 ms at 1,000 proxies, stalling every push under way:
-    it was most of the slowest pushes' time (docs/benchmarks.md)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _until_signalled() -> None:

@@ -1,22 +1,37 @@
 """Watching files for edits: what endpoint files, the policy (and the files it names) and a directory
 of kubeconfigs share.
 
-Two parts:
+Three parts:
 
-- `Watch` wakes its owner when a file may have changed: inotify on the
-  directories that hold them, read from the event loop (asyncinotify), so
-  an edit is seen within about a millisecond and nothing runs in between;
-  and a poll every `interval` as the fallback where inotify is unavailable
-  (and as a backstop where it is). The directory is watched,
-  not the file: editors replace a file by renaming another over it, and a
+- `Watch` says when to look at the files: once a write to them is complete.
+  inotify watches the directories that hold them, read from the event loop
+  (asyncinotify): editors replace a file by renaming another over it, and a
   Kubernetes ConfigMap volume swaps its `..data` symlink atomically; both
   show as events in the directory, and both change what `os.stat` of the
-  file's path (which follows symlinks) says.
+  file's path (which follows symlinks) says. A write in place (`cp`, `cat >`,
+  a tool streaming its output) truncates the file and writes it in pieces:
+  its MODIFY events mean a write is under way, and only its CLOSE_WRITE (or
+  a rename, or a `..data` swap) says it is complete, so the watch wakes its
+  owner within about a millisecond of the close, never in between, however
+  long the writer pauses. Where inotify says nothing of a change (no inotify
+  here: the poll every `interval`; a write inotify cannot see, made on
+  another machine of a network filesystem: the same poll, as a backstop),
+  a file whose stat changed is *settling*: it is looked at once its stat
+  has stayed the same for `SETTLE_S` (or its mtime is that old already).
+  A file kept open for writing with no write for `OPEN_WRITER_S` is read
+  as it is, with a warning.
+- `read` reads a file whole, or says it changed while being read; and
+  `Watch.disturbed` says whether a write began since the watch said to look.
+  Either way the owner does not use what it read: the watch wakes it again.
 - `Seen` says whether a file really changed since it was last read: its
   stat, and while the stat cannot be trusted (written within the last two
   seconds: a second write in the same timestamp tick may leave size, inode
   and mtime as they were), the hash of its content. A `touch`, or a
-  rewrite with the same bytes, is no change.
+  rewrite with the same bytes, is no change. `Hold` is what an owner uses
+  for an edit that would drop most of what it serves: it waits until the
+  file has kept that content for `HOLD_S` (a writer that truncates, closes
+  and writes again, or one that pauses longer than the settling time
+  without inotify, is not taken at its word; then the owner says so loudly).
 """
 
 from __future__ import annotations
@@ -26,9 +41,10 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -37,6 +53,20 @@ log = structlog.get_logger(__name__)
 RACY_NS = 2_000_000_000
 """A file modified this recently may be modified again within the filesystem's timestamp granularity
 without its stat changing, so its stat is not trusted until it is older than this: until then, re-hash."""
+
+SETTLE_S = 0.2
+"""A change inotify did not vouch for (no inotify, or a write it cannot see) is looked at once the file's
+stat has stayed the same this long, or its mtime is this old: a writer pausing between pieces for less
+than this is never read half way."""
+
+OPEN_WRITER_S = 5.0
+"""A file written and still open (MODIFY with no CLOSE_WRITE yet) is waited for; once no write has come
+for this long it is read as it is (a writer that keeps it open for ever, or `truncate(2)` by path, which
+closes nothing), with a warning."""
+
+HOLD_S = 1.0
+"""An edit that would drop most of what a file gave (every route, most services) is applied only once the
+file has kept that content this long (`Hold`)."""
 
 Stat = tuple[int, int, int]  # mtime ns, size, inode
 
@@ -51,6 +81,25 @@ def stat_of(path: Path) -> Stat | None:
 
 def digest_of(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A file read whole: its stat before the read, its content (or why it cannot be read), and whether it
+    changed while being read (`torn`: what was read may be half of one version; look again once it settles)."""
+
+    stat: Stat | None
+    data: bytes | OSError
+    torn: bool
+
+
+def read(path: Path) -> Read:
+    before = stat_of(path)
+    try:
+        data: bytes | OSError = path.read_bytes()
+    except OSError as exc:
+        data = exc
+    return Read(before, data, stat_of(path) != before)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,84 +136,266 @@ class Seen:
         return Seen.now(path).digest != self.digest
 
 
+class Hold:
+    """How long a file has kept its content, as its owner's looks saw it: an edit that would drop most of what
+    the file gave waits until the file has kept it for `after` seconds."""
+
+    def __init__(self, after: float = HOLD_S) -> None:
+        self.after = after
+        self._digest: bytes | None = None
+        self._since = 0.0
+
+    def saw(self, digest: bytes | None) -> float:
+        """The file holds this content now (every read says so): how many seconds more it must keep it to
+        have kept it `after` seconds (0: it has). The clock starts again whenever the content differs."""
+        now = time.monotonic()
+        if digest != self._digest:
+            self._digest, self._since = digest, now
+        return max(0.0, self._since + self.after - now)
+
+
+def most(lost: int, *, of: int) -> bool:
+    """`lost` of `of` is most of it: the share of an edit that is held and said loudly."""
+    return of > 0 and lost * 2 > of
+
+
+def said(lost: Sequence[str], *, of: int) -> str:
+    """What an edit drops, as a warning says it: `7 of 10: a, b, c, d, e, ...`."""
+    return f"{len(lost)} of {of}: " + ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
+
+
+@dataclass(slots=True)
+class _Look:
+    """A file as the watch last saw it: its stat, since when (monotonic), and whether it has settled."""
+
+    stat: Stat | None
+    since: float
+    settled: bool
+
+
 class Watch:
-    """Wakes when a watched file may have changed: `async for quiet in watch.events()` (`quiet`: inotify
-    watches and reported nothing about the files: this is the backstop's wake-up).
+    """Says when to look at the watched files: `async for quiet in watch.events()` (`quiet`: inotify
+    watches and reported nothing about the files: this is the backstop's wake-up, and an unchanged stat
+    can be trusted). It wakes once any write to them is complete, and at least every `interval`.
 
     `paths` are files (their directories are watched; an event counts when it names one of them, or a
-    ConfigMap volume's `..` entries) or directories (every event in them counts). `interval` is the
+    ConfigMap volume's `..` entries) or directories (an event counts when its name is not hidden and
+    `include` accepts it, and the files so named are the ones that must settle). `interval` is the
     fallback poll: where inotify works, events come at once and the poll is only a backstop.
     """
 
-    def __init__(self, paths: Iterable[Path], *, interval: float, inotify: bool = True) -> None:
+    def __init__(self, paths: Iterable[Path], *, interval: float, inotify: bool = True,
+                 include: Callable[[str], bool] | None = None) -> None:
         self.interval = interval
         self.inotify = inotify
-        self._dirs, self._names = _directories(paths)
+        self._include = include
+        self._files: tuple[Path, ...] = ()
+        self._dirs: tuple[Path, ...] = ()
+        self._names: frozenset[str] | None = frozenset()
+        self._set(paths)
         self._moved = asyncio.Event()
+        self._notify: Any = None  # asyncinotify.Inotify while watching with it
+        self._writing: dict[str, float] = {}  # names written and not yet closed -> when last written (monotonic)
+        self._vouched: set[str] = set()  # names whose write completed since the last look
+        self._swapped = False  # a `..` entry changed: a ConfigMap volume swapped every file at once
+        self._heard = True  # something may have changed that inotify did not vouch for: not quiet
+        self._due = True  # a look is due once the files settle
+        self._again: float | None = None  # look_again's moment (monotonic)
+        self._looks: dict[Path, _Look] = {}
 
     def watch(self, paths: Iterable[Path]) -> None:
         """Watch these instead (the files a policy names change with the policy), from the next wake-up."""
-        dirs, names = _directories(paths)
-        if (dirs, names) != (self._dirs, self._names):
-            self._dirs, self._names = dirs, names
+        if self._set(paths):
             self._moved.set()
 
+    def _set(self, paths: Iterable[Path]) -> bool:
+        absolute = tuple(Path(os.path.abspath(p)) for p in paths)
+        dirs, names = _directories(absolute)
+        if (dirs, names) == (self._dirs, self._names):
+            return False
+        self._dirs, self._names = dirs, names
+        self._files = tuple(p for p in absolute if not p.is_dir())
+        return True
+
+    def look_again(self, after: float) -> None:
+        """Wake once more, `after` seconds from now, even if nothing happens (an owner holding an edit back)."""
+        moment = time.monotonic() + after
+        self._again = moment if self._again is None else min(self._again, moment)
+
+    def disturbed(self) -> bool:
+        """Whether a write to the files began (or completed) since the watch last said to look: then what
+        its owner read may be half a file. The watch wakes it again once that write is complete."""
+        if self._notify is not None:
+            self._drain()
+        return bool(self._writing) or (self._due and self._notify is not None)
+
     async def events(self) -> AsyncGenerator[bool, None]:
-        """Yields when a watched file may have changed, and at least every `interval`: whether inotify
-        watched and saw nothing of the files (then a stat that is unchanged can be trusted)."""
+        """Yields when the watched files may have changed and have settled, and at least every `interval`:
+        whether inotify watched and saw nothing of the files (then a stat that is unchanged can be trusted)."""
         while True:
             self._moved.clear()
             dirs = [d for d in self._dirs if d.is_dir()]
             if self.inotify and dirs:
-                async with contextlib.aclosing(self._inotify(dirs)) as events:
-                    async for quiet in events:
+                self._notify = self._open(dirs)
+            self._due, self._heard = True, True  # watching from now on: look once, for what changed before
+            try:
+                async with contextlib.aclosing(self._looks_due()) as looks:
+                    async for quiet in looks:
                         yield quiet
-                        if self._moved.is_set():
-                            break
-            else:  # nothing to watch with inotify (yet): poll until there is
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.interval):  # not wait_for: see _inotify
-                        await self._moved.wait()
-                yield False
+            finally:
+                notify, self._notify = self._notify, None
+                if notify is not None:
+                    notify.close()
 
-    async def _inotify(self, dirs: list[Path]) -> AsyncGenerator[bool, None]:
-        """inotify read from the event loop (no thread, nothing polled): events for the watched names."""
+    async def _looks_due(self) -> AsyncGenerator[bool, None]:
+        """Until the watched directories change (`watch`, or one went): a look each time one is due and the
+        files have settled."""
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        notify = self._notify
+        tick = time.monotonic() + self.interval
+        while not self._moved.is_set():
+            now = time.monotonic()
+            if self._again is not None and now >= self._again:
+                self._again, self._due, self._heard = None, True, True
+            if now >= tick:  # the poll, or inotify's backstop
+                if notify is None and self.inotify and any(d.is_dir() for d in self._dirs):
+                    return  # a directory to watch is there now: watch it with inotify
+                tick = now + self.interval
+                self._due = True
+                self._heard = self._heard or notify is None
+            wait = self._unsettled(now) if self._due else None
+            if self._due and wait is None:
+                quiet = not self._heard
+                self._due, self._heard, self._swapped = False, False, False
+                self._vouched.clear()
+                yield quiet
+                continue
+            deadline = min(tick, now + wait if wait is not None else tick, self._again or tick)
+            # Only while waiting is the descriptor's readiness awaited (an owner that awaits something
+            # between looks must not leave the loop woken by events nobody reads), and it is read
+            # synchronously below: a timeout never cuts a read short and loses its events.
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+            # arrives as the awaited call completes, and then stop() waits for ever (a test teardown hung so).
+            readable.clear()
+            if notify is not None:
+                loop.add_reader(notify.fd, readable.set)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        await (readable.wait() if notify is not None else self._moved.wait())
+            finally:
+                if notify is not None:
+                    loop.remove_reader(notify.fd)
+            if readable.is_set() and not self._drain():
+                return  # a watched directory went: set the watches up again
+
+    def _open(self, dirs: list[Path]) -> Any:
+        """An inotify descriptor watching `dirs`, or None (then the watch polls from now on)."""
         import asyncinotify
 
         mask = (asyncinotify.Mask.CREATE | asyncinotify.Mask.MODIFY | asyncinotify.Mask.CLOSE_WRITE
                 | asyncinotify.Mask.MOVED_TO | asyncinotify.Mask.MOVED_FROM | asyncinotify.Mask.DELETE
                 | asyncinotify.Mask.ATTRIB | asyncinotify.Mask.DELETE_SELF | asyncinotify.Mask.MOVE_SELF)
+        notify = None
         try:
-            with asyncinotify.Inotify() as notify:
-                for directory in dirs:
-                    notify.add_watch(directory, mask)
-                yield False  # watching from now on: look once, for what changed before
-                while True:
-                    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
-                    # that arrives as the awaited read completes, and then stop() waits for ever
-                    # (a test teardown hung so); this loop runs ten times a second.
-                    try:
-                        async with asyncio.timeout(self.interval):
-                            event = await notify.get()
-                    except TimeoutError:
-                        yield True
-                        continue
-                    if event.mask & (asyncinotify.Mask.IGNORED | asyncinotify.Mask.DELETE_SELF
-                                     | asyncinotify.Mask.MOVE_SELF):
-                        yield False
-                        return  # a watched directory went: set the watches up again
-                    if self._counts(event.name):
-                        yield False
+            notify = asyncinotify.Inotify(sync_timeout=0)  # sync_get: what is there, without waiting
+            for directory in dirs:
+                notify.add_watch(directory, mask)
         except OSError as exc:  # no inotify here (or no watches left): poll from now on
             log.warning("cannot watch files with inotify, polling instead", directories=[str(d) for d in dirs],
                         error=str(exc), interval=self.interval)
             self.inotify = False
+            if notify is not None:
+                notify.close()
+            return None
+        self._writing.clear()  # what the last descriptor knew is not known to this one: stats decide
+        return notify
 
-    def _counts(self, name: object) -> bool:
-        if self._names is None or name is None:
+    def _drain(self) -> bool:
+        """Take every event inotify has now, without waiting; False when a watched directory went."""
+        import asyncinotify
+
+        notify = self._notify
+        while True:
+            try:
+                event = notify.sync_get()
+            except BlockingIOError:
+                return True
+            if event is None:
+                return True
+            mask = event.mask
+            if mask & asyncinotify.Mask.Q_OVERFLOW:  # events were lost: the stats decide
+                self._writing.clear()
+                self._due = self._heard = True
+                continue
+            if mask & (asyncinotify.Mask.IGNORED | asyncinotify.Mask.DELETE_SELF | asyncinotify.Mask.MOVE_SELF):
+                self._due = self._heard = True
+                self._moved.set()
+                return False
+            name = None if event.name is None else str(event.name)
+            if name is None or not self._counts(name):
+                continue
+            self._due = self._heard = True
+            if name.startswith(".."):
+                self._swapped = True  # a ConfigMap's ..data: every file changed at once, atomically
+            elif mask & (asyncinotify.Mask.MODIFY | asyncinotify.Mask.CREATE) and not mask & asyncinotify.Mask.ISDIR:
+                self._writing[name] = time.monotonic()  # a write under way
+            elif mask & (asyncinotify.Mask.CLOSE_WRITE | asyncinotify.Mask.MOVED_TO):
+                self._writing.pop(name, None)  # complete: closed by its writer, or renamed in whole
+                self._vouched.add(name)
+            elif mask & (asyncinotify.Mask.DELETE | asyncinotify.Mask.MOVED_FROM):
+                self._writing.pop(name, None)
+
+    def _unsettled(self, now: float) -> float | None:
+        """None when every watched file has settled; otherwise how long until one may have."""
+        waits = []
+        for name, written in list(self._writing.items()):
+            left = written + OPEN_WRITER_S - now
+            if left > 0:
+                waits.append(left)
+                continue
+            del self._writing[name]
+            log.warning("file open for writing with nothing written for a while: reading it as it is",
+                        name=name, directories=[str(d) for d in self._dirs], seconds=OPEN_WRITER_S)
+        for path in self._watched():
+            stat = stat_of(path)
+            look = self._looks.get(path)
+            # Its writer closed it, or a whole file took its place: complete, however recent.
+            vouched = stat is not None and (self._swapped or not self._vouched.isdisjoint(_names_of(path)))
+            if look is None or look.stat != stat:
+                old = stat is not None and time.time_ns() - stat[0] >= SETTLE_S * 1e9
+                if look is not None and not vouched:
+                    self._heard = True  # changed, and inotify did not say so: not a quiet look
+                look = self._looks[path] = _Look(stat, now, vouched or old)
+            if not look.settled:
+                if vouched or now - look.since >= SETTLE_S:
+                    look.settled = True
+                else:
+                    waits.append(look.since + SETTLE_S - now)
+        return min(waits) if waits else None
+
+    def _watched(self) -> list[Path]:
+        """The files that must settle: the watched files; in a watched directory, those `include` accepts."""
+        if self._names is not None:
+            return list(self._files)
+        found = []
+        for directory in self._dirs:
+            with contextlib.suppress(OSError):
+                found += [Path(e.path) for e in os.scandir(directory) if self._counts(e.name) and e.is_file()]
+        return found
+
+    def _counts(self, name: str) -> bool:
+        if name.startswith(".."):
             return True
-        text = str(name)
-        return text in self._names or text.startswith("..")
+        if self._names is None:  # a directory: hidden files (editors' swap files, temporary files) never count
+            return not name.startswith(".") and (self._include is None or self._include(name))
+        return name in self._names
+
+
+def _names_of(path: Path) -> set[str]:
+    """The names inotify reports a file's writes under: its own, and (a symlink) its target's."""
+    return {path.name, path.resolve().name}
 
 
 def _directories(paths: Iterable[Path]) -> tuple[tuple[Path, ...], frozenset[str] | None]:

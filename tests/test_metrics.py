@@ -104,3 +104,45 @@ def test_latency_buckets_resolve_milliseconds() -> None:
     assert fine[0] == 0.001 and fine[-1] == 0.25
     for low, high in itertools.pairwise(fine):
         assert high - low <= 0.25 * high + 0.010, (low, high)
+
+
+async def test_the_policy_warnings_are_in_ready_and_counted_and_a_rejected_edit_too(
+        start_plane: Any, tmp_path: Path) -> None:
+    endpoints = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"svc": [{"zone": "z1", "port": 9001}]}))
+    policy = tmp_path / "policy.yaml"
+    text = ("apiVersion: meshplane.io/v2\ngateways: [{name: edge, listeners: [{name: http, port: 8080}]}]\n"
+            "routes:\n  - name: r\n    parentRefs: [{name: edge}]\n    rules:\n"
+            "      - backendRefs: [{name: svc, port: 8000}, {name: nosuch, port: 8000}]\n")
+    policy.write_text(text)
+    plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
+
+    async def ready_body() -> dict[str, Any]:
+        def get() -> dict[str, Any]:
+            return dict(json.loads(_scrape(plane, "/ready")))
+        return await asyncio.to_thread(get)
+
+    async def reloads(result: str) -> float:
+        return value(await samples(plane), "meshplane_policy_reloads_total", result=result)
+
+    # At start-up nothing is known yet (no warnings); edited once the plane is ready, the unknown backend is.
+    policy.write_text(text + "# edited\n")
+    await wait_for(lambda: reloads("unchanged"), what="the edit reloaded")
+    warning = f"{policy}:7: routes[0].rules[0].backendRefs[1].name: no source knows service default/nosuch yet"
+    assert (await ready_body())["policy"] == {"warnings": [warning], "errors": []}
+    table = await samples(plane)
+    assert value(table, "meshplane_policy_warnings") == 1
+    assert value(table, "meshplane_policy_warnings_repeated_total") == 0
+
+    async def repeated() -> float:
+        return value(await samples(plane), "meshplane_policy_warnings_repeated_total")
+
+    policy.write_text(text + "# edited again\n")  # the same warning again: counted, not logged
+    await wait_for(lambda: repeated(), what="the warning found again counted")
+    assert await reloads("unchanged") == 2
+
+    policy.write_text(text.replace("port: 8000}]", "port: 0}]"))  # rejected: the last good stays, with its warning
+    await wait_for(lambda: reloads("rejected"), what="the broken edit rejected")
+    body = await ready_body()
+    assert body["policy"]["warnings"] == [warning]
+    assert [e.split(": ", 2)[:2] for e in body["policy"]["errors"]] == [
+        [f"{policy}:7", "routes[0].rules[0].backendRefs[1].port"]]

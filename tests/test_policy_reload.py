@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +17,7 @@ import pytest
 import structlog
 
 from meshplane.discovery import model
-from meshplane.policy import reload, rules, validate
+from meshplane.policy import reload, rules, validate, worker
 from tests.conftest import wait_for
 
 MOCKB = model.service_key("default", "mockb")
@@ -265,3 +268,91 @@ async def test_stop_leaves_no_task(tmp_path: Path) -> None:
     assert task.done() and task.cancelled()
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("policy-watcher")]
     await watcher.stop()  # idempotent
+
+
+def _routes(names: list[str]) -> str:
+    """A gateway's routes, each to a service no source knows (a warning each, once discovery is known)."""
+    routes = "".join(f"  - name: {n}\n    parentRefs: [{{name: edge}}]\n    rules:\n"
+                     f"      - backendRefs: [{{name: {n}, port: 8000}}]\n" for n in names)
+    return ("apiVersion: meshplane.io/v2\ngateways:\n  - name: edge\n    listeners: [{name: http, port: 8080}]\n"
+            + (f"routes:\n{routes}" if names else ""))
+
+
+async def test_a_warning_is_logged_when_it_appears_and_when_it_goes_and_counted_in_between(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, _routes([]))
+    counted: list[tuple[int, int]] = []
+    # Polled by hand (no inotify, no poll for an hour), so each edit is one reload.
+    watcher = reload.PolicyWatcher(path, on_change=Recorder(), interval=3600, inotify=False,
+                                   known=lambda: validate.Known(services={}, clusters=frozenset()),
+                                   on_warnings=lambda in_force, repeated: counted.append((in_force, repeated)))
+    await watcher.start()
+    try:
+        names: list[str] = []
+        with structlog.testing.capture_logs() as logs:
+            for i in range(20):  # routes added one at a time
+                names.append(f"r{i:02}")
+                write(path, _routes(names))
+                assert await watcher.poll() is True
+        warned = [e for e in logs if e["event"] == "policy warning"]
+        assert [e["field"] for e in warned] == [f"routes[{i}].rules[0].backendRefs[0].name" for i in range(20)]
+        assert all(e["log_level"] == "warning" for e in warned)
+        assert counted[-20:] == [(i + 1, i) for i in range(20)]  # in force; found again, not logged
+        assert len(watcher.last_warnings) == 20
+
+        with structlog.testing.capture_logs() as logs:
+            write(path, _routes(["a-first", *names]))  # above the others: their lines and indexes move
+            assert await watcher.poll() is True
+        assert [e["problem"] for e in logs if e["event"] == "policy warning"] == [
+            f"{path}:9: routes[0].rules[0].backendRefs[0].name: no source knows service default/a-first yet"]
+
+        with structlog.testing.capture_logs() as logs:
+            write(path, _routes(["a-first", *names[1:]]))  # r00 goes, and its warning with it
+            assert await watcher.poll() is True
+        assert [e["event"] for e in logs if "warning" in e["event"]] == ["policy warning resolved"]
+        [gone] = [e for e in logs if e["event"] == "policy warning resolved"]
+        assert "default/r00" in gone["problem"] and gone["log_level"] == "info"
+        assert counted[-1] == (20, 20)
+    finally:
+        await watcher.stop()
+
+
+async def test_a_worker_process_that_dies_is_replaced_and_the_edit_applied(tmp_path: Path,
+                                                                         start_watcher: Start) -> None:
+    path = tmp_path / "policy.yaml"
+    write(path, policy_text(1))
+    calls = Recorder()
+    watcher = await start_watcher(path, calls, interval=3600)
+    dead = worker._process
+    assert dead is not None
+    dead.kill()  # as the OOM killer would
+    dead.wait()
+    write(path, policy_text(2))
+    with structlog.testing.capture_logs() as logs:
+        assert await watcher.poll() is True
+    assert five_xx(watcher.current) == 2
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "policy worker process failed; starting another"]
+    assert worker._process is not None and worker._process.pid != dead.pid
+
+
+def test_the_worker_process_ends_with_meshplane_however_meshplane_ends(tmp_path: Path) -> None:
+    """Killed with SIGKILL (no atexit, no finally), meshplane leaves no worker behind: its stdin closes."""
+    script = ("import asyncio, os, signal\nfrom meshplane.policy import worker\n"
+              "asyncio.run(worker.load(b'apiVersion: meshplane.io/v1', path='p.yaml', known=None))\n"
+              "print(worker._process.pid, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pid = int(done.stdout)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), f"worker {pid} outlived meshplane"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent (init, here) has yet to reap it

@@ -206,3 +206,22 @@ async def test_a_watch_stops_when_cancelled_however_busy_its_directory(tmp_path:
     finally:
         writing = False
         await busy
+
+
+async def test_a_watch_costs_nothing_while_its_owner_awaits_between_looks(tmp_path: Path) -> None:
+    """An owner may await between looks (the policy watcher awaits its worker process for seconds):
+    meanwhile events in the directory queue up, and the event loop is not woken for them at every turn."""
+    watched, other = tmp_path / "policy.yaml", tmp_path / "c1.yaml"
+    watched.write_text("x")
+    cpu: list[float] = []
+
+    async def owner() -> None:
+        async for _ in watch_mod.Watch([watched], interval=NEVER).events():
+            other.write_text("an event in the directory, for another file")
+            began = time.process_time()
+            await asyncio.sleep(1.0)  # as a validation in the worker process
+            cpu.append(time.process_time() - began)
+            return
+
+    await asyncio.wait_for(owner(), 10)
+    assert cpu[0] < 0.1, f"the event loop spun for {cpu[0]:.2f} s of CPU while the owner waited 1 s"

@@ -276,7 +276,8 @@ class KubeconfigDir:
         self._task = None
 
     async def _run(self) -> None:
-        events = watch.Watch([self.directory], interval=self.interval, inotify=self.inotify).events()
+        events = watch.Watch([self.directory], interval=self.interval, inotify=self.inotify,
+                             include=_kubeconfig_name).events()
         async with contextlib.aclosing(events):
             async for _ in events:  # a scan stats every file: cheap, and it needs no trust in a quiet wake-up
                 try:
@@ -297,7 +298,7 @@ class KubeconfigDir:
         self._dir_error = ""
         files = {}
         for path in paths:
-            if path.name.startswith(".") or path.suffix not in ("", ".yaml", ".yml", ".conf"):
+            if not _kubeconfig_name(path.name):
                 continue
             try:
                 st = path.stat()  # one stat: the file may go between the listing and here
@@ -324,6 +325,11 @@ class KubeconfigDir:
                                          origin=f"kubeconfig {path}")
         await self.registry.set_origin(f"dir:{self.directory}", specs, broken=broken)
         self._seen = files  # only now: a scan that failed half way is tried again
+
+
+def _kubeconfig_name(name: str) -> bool:
+    """A name in a kubeconfig directory that may be a kubeconfig (not hidden, a known suffix or none)."""
+    return not name.startswith(".") and Path(name).suffix in ("", ".yaml", ".yml", ".conf")
 
 
 def specs_from_secrets(

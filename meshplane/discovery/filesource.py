@@ -360,6 +360,8 @@ class FileSource:
         self._seen: watch.Seen | None = None
         self._parsed: Parsed | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watch: watch.Watch | None = None
+        self._hold = watch.Hold()
         self._last_error = ""
 
     def load(self, catalog: catalog_mod.Catalog) -> None:
@@ -375,7 +377,8 @@ class FileSource:
         self._task = None
 
     async def _run(self, catalog: catalog_mod.Catalog) -> None:
-        events = watch.Watch([self.path], interval=self.interval, inotify=self.inotify).events()
+        self._watch = watch.Watch([self.path], interval=self.interval, inotify=self.inotify)
+        events = self._watch.events()
         async with contextlib.aclosing(events):
             async for quiet in events:
                 try:
@@ -389,26 +392,36 @@ class FileSource:
         if self._seen is not None and self._seen.unchanged(stat, quiet=quiet):
             return
         seen_at = time.monotonic()
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            self._fail(catalog, EndpointFileError(f"{self.path}: cannot read: {exc.strerror}"), raise_errors)
+        got = watch.read(self.path)
+        if not raise_errors and (got.torn or (self._watch is not None and self._watch.disturbed())):
+            return  # written while it was read: the watch wakes again once that write is complete
+        if isinstance(got.data, OSError):
+            self._fail(catalog, EndpointFileError(f"{self.path}: cannot read: {got.data.strerror}"), raise_errors)
             return
-        seen, last = watch.Seen.of(stat, data), self._seen
-        self._seen = seen  # a broken edit too is looked at once, not on every event
+        data = got.data
+        # At start-up a file written while it was read is taken as read; with no stat remembered, the
+        # watch's first look reads it again.
+        seen, last = watch.Seen.of(None if got.torn else got.stat, data), self._seen
+        held = self._hold.saw(seen.digest)
         if last is not None and seen.digest == last.digest and not self._last_error:
+            self._seen = seen
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
+            self._seen = seen  # a broken edit too is looked at once, not on every event
             line = data[:exc.start].count(b"\n") + 1
             self._fail(catalog, EndpointFileError(f"{self.path}:{line}: not UTF-8: {exc.reason}"), raise_errors)
             return
         try:
             cluster, parsed, changed, removed = parse_changed(text, path=str(self.path), last=self._parsed)
         except EndpointFileError as exc:
+            self._seen = seen
             self._fail(catalog, exc, raise_errors)
             return
+        if not self._kept(cluster, parsed, wait=held):
+            return
+        self._seen = seen
         taken = self.claims.claim(cluster, path=self.path, text=text)
         if taken is not None:
             self._fail(catalog, taken, raise_errors)
@@ -430,6 +443,24 @@ class FileSource:
             services=len(parsed.services),
             changed=sorted(change.services) if change else [],
         )
+
+    def _kept(self, cluster: model.ClusterId, parsed: Parsed, *, wait: float) -> bool:
+        """Whether the file as parsed may replace what it gave: yes, unless it drops most of its services and
+        must keep this content `wait` seconds more to have kept it watch.HOLD_S (a writer that truncated it may
+        not be done)."""
+        before = self._parsed.services if self._parsed is not None else {}
+        lost = sorted(before.keys() - (parsed.services.keys() if cluster == self.cluster else set()))
+        if not watch.most(len(lost), of=len(before)):
+            return True
+        if wait > 0:
+            log.info("endpoint file drops most of its services; applied if the file keeps them so",
+                     path=str(self.path), seconds=round(wait, 3))
+            if self._watch is not None:
+                self._watch.look_again(wait)
+            return False
+        log.warning("endpoint file drops most of its services", path=str(self.path), cluster=self.cluster,
+                    dropped=watch.said(lost, of=len(before)))
+        return True
 
     def _fail(self, catalog: catalog_mod.Catalog, exc: EndpointFileError, raise_errors: bool) -> None:
         if raise_errors:

@@ -1,12 +1,21 @@
 """Hot reload of the policy file, keeping the last good policy when an edit is broken.
 
 The file's directory is watched with inotify, and polled where that is
-unavailable (meshplane/watch.py: an edit, a rename over it, or a ConfigMap
-volume's `..data` swap is seen within about a millisecond). A content hash
-makes a `touch`, or a rewrite with the same bytes, a no-op, so proxies are
-not pushed for nothing. The files the policy names (gateway certificates
-and keys) are watched with it: when one changes, the policy is loaded
-again, so a rotated certificate reaches the gateways.
+unavailable (meshplane/watch.py): a rename over it, or a ConfigMap volume's
+`..data` swap, is seen within about a millisecond, and a rewrite in place
+(`cp`, `cat >`) once its writer closes the file, never half written. A
+content hash makes a `touch`, or a rewrite with the same bytes, a no-op, so
+proxies are not pushed for nothing. The files the policy names (gateway
+certificates and keys) are watched with it: when one changes, the policy is
+loaded again, so a rotated certificate reaches the gateways.
+
+A policy is validated in a worker process (meshplane/policy/worker.py), so
+that a big one never holds up pushes, xDS streams, /healthz or /metrics.
+An edit that drops most of what is in force (an emptied file, most routes
+gone) is applied only once the file has kept it for a second, and said at
+warning level with what it drops. A warning is logged when it first appears
+and when it goes; the rest are counted (`on_warnings`), and the full list
+is `last_warnings` (/ready, `meshplane validate`).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,7 +31,7 @@ from pathlib import Path
 import structlog
 
 from meshplane import watch
-from meshplane.policy import rules, validate
+from meshplane.policy import rules, validate, worker
 
 log = structlog.get_logger(__name__)
 
@@ -35,21 +45,27 @@ class PolicyWatcher:
         self, path: Path | None, *, on_change: OnChange, interval: float = 0.1,
         known: Callable[[], validate.Known | None] | None = None,
         on_result: Callable[[str], None] = lambda result: None, inotify: bool = True,
+        on_warnings: Callable[[int, int], None] = lambda in_force, repeated: None,
     ) -> None:
         """`known`: what discovery knows when a policy is loaded (references to anything else are warned about).
         `on_result`: told "applied", "unchanged" (valid, and the same policy) or "rejected" after each
-        reload once started (a `touch` or the same bytes rewritten is no reload)."""
+        reload once started (a `touch` or the same bytes rewritten is no reload). `on_warnings`: told, at
+        each policy accepted, how many warnings it has and how many of them were there before (not logged again)."""
         self.path = path
         self.known = known
         self.on_result = on_result
+        self.on_warnings = on_warnings
         self.interval = interval
         self.inotify = inotify
         self.on_change = on_change
         self.current = rules.Policy()
         self.last_errors: tuple[validate.Problem, ...] = ()
         self.last_warnings: tuple[validate.Problem, ...] = ()
+        self._warned: dict[tuple[str, str], validate.Problem] = {}  # the warnings in force, by what they are about
         self._seen: watch.Seen | None = None
         self._named: dict[Path, watch.Seen] = {}  # files the policy names -> how they were when it was loaded
+        self._hold = watch.Hold()
+        self._polling = asyncio.Lock()  # a poll awaits the worker: one at a time, whoever calls
         self._task: asyncio.Task[None] | None = None
         self._watch: watch.Watch | None = None
 
@@ -57,13 +73,13 @@ class PolicyWatcher:
         """Load the file once; raise validate.PolicyError if it is unusable, then watch it."""
         if self.path is None or self._task is not None:
             return
-        stat = watch.stat_of(self.path)
-        data = self._read()
-        result = self._validate(data)
+        got = watch.read(self.path)
+        result = await self._load(got.data)
         if result.policy is None:
             self.last_errors = result.errors
             raise validate.PolicyError(result.errors)
-        self._seen = _seen(stat, data)
+        # Written while it was read: no stat is remembered, so the watch's first look reads it again.
+        self._seen = _seen(None if got.torn else got.stat, got.data)
         self._accept(result)
         self._task = asyncio.create_task(self._run(), name=f"policy-watcher:{self.path}")
 
@@ -95,6 +111,10 @@ class PolicyWatcher:
     async def poll(self, *, quiet: bool = False) -> bool:
         """Check the file once; apply a valid change. Returns whether a new policy was applied.
         `quiet`: inotify watches the files and saw nothing (their stats can be trusted)."""
+        async with self._polling:
+            return await self._poll(quiet=quiet)
+
+    async def _poll(self, *, quiet: bool) -> bool:
         if self.path is None:
             return False
         stat = watch.stat_of(self.path)
@@ -102,19 +122,26 @@ class PolicyWatcher:
         if self._seen is not None and self._seen.unchanged(stat, quiet=quiet) and not named_changed:
             return False
         seen_at = time.monotonic()
-        data = self._read()
-        seen, last = _seen(stat, data), self._seen
-        # Remember the broken version too, so that it is reported once, not on every event.
-        self._seen = seen
+        got = watch.read(self.path)
+        if got.torn or (self._watch is not None and self._watch.disturbed()):
+            return False  # written while it was read: the watch wakes again once that write is complete
+        seen, last = _seen(got.stat, got.data), self._seen
+        held = self._hold.saw(seen.digest)
         if last is not None and seen.digest == last.digest and not named_changed:
+            self._seen = seen
             return False
-        result = self._validate(data)
+        result = await self._load(got.data)
         if result.policy is None:
+            # Remember the broken version too, so that it is reported once, not on every event.
+            self._seen = seen
             self._reject(result)
             # A broken certificate too is reported once, not on every event: remember how the files are now.
             self._named = {path: watch.Seen.now(path) for path in self._named}
             self.on_result("rejected")
             return False
+        if not self._kept(result.policy, wait=held):
+            return False
+        self._seen = seen
         if result.policy == self.current:
             self._accept(result)
             self.on_result("unchanged")
@@ -126,19 +153,26 @@ class PolicyWatcher:
             await outcome
         return True
 
-    def _read(self) -> bytes | OSError:
-        """The content, read once so that the hash and the validated text agree (or why it cannot be read)."""
-        assert self.path is not None
-        try:
-            return self.path.read_bytes()
-        except OSError as exc:
-            return exc
+    def _kept(self, policy: rules.Policy, *, wait: float) -> bool:
+        """Whether `policy` may replace the one in force now: yes, unless it drops most of it and the file
+        must keep it `wait` seconds more to have kept it watch.HOLD_S (a writer that truncated it may not be done)."""
+        lost = dropped(self.current, policy)
+        if lost is None:
+            return True
+        if wait > 0:
+            log.info("policy edit drops most of the policy in force; applied if the file keeps it",
+                     path=str(self.path), seconds=round(wait, 3))
+            if self._watch is not None:
+                self._watch.look_again(wait)
+            return False
+        log.warning("policy file drops most of the policy in force", path=str(self.path), **lost)
+        return True
 
-    def _validate(self, data: bytes | OSError) -> validate.LoadResult:
+    async def _load(self, data: bytes | OSError) -> validate.LoadResult:
         assert self.path is not None
         if isinstance(data, OSError):
             return validate.unreadable(self.path, data)
-        return validate.load_policy_bytes(data, path=str(self.path), known=self.known() if self.known else None)
+        return await worker.load(data, path=str(self.path), known=self.known() if self.known else None)
 
     def _accept(self, result: validate.LoadResult) -> None:
         assert result.policy is not None
@@ -154,14 +188,27 @@ class PolicyWatcher:
             self._watch.watch([self.path, *self._named])
         self.last_errors = ()
         self.last_warnings = result.warnings
-        for problem in result.warnings:
-            log.warning("policy warning", problem=str(problem), **_fields(problem))
+        self._warn(result)
         log.info(
             "policy applied",
             path=str(self.path),
             services=len(result.policy.services),
             warnings=len(result.warnings),
         )
+
+    def _warn(self, result: validate.LoadResult) -> None:
+        """Log the warnings that are new, and those that went; count the ones that were there already."""
+        assert result.policy is not None
+        now = {_about(problem, result.policy): problem for problem in result.warnings}
+        for key, problem in now.items():
+            if key not in self._warned:
+                log.warning("policy warning", problem=str(problem), **_fields(problem))
+        for key, problem in self._warned.items():
+            if key not in now:
+                log.info("policy warning resolved", problem=str(problem), **_fields(problem))
+        repeated = sum(key in self._warned for key in now)
+        self._warned = now
+        self.on_warnings(len(result.warnings), repeated)
 
     def _reject(self, result: validate.LoadResult) -> None:
         self.last_errors = result.errors
@@ -172,6 +219,41 @@ class PolicyWatcher:
             path=str(self.path),
             errors=len(result.errors),
         )
+
+
+def dropped(old: rules.Policy, new: rules.Policy) -> dict[str, object] | None:
+    """What `new` drops of `old` when that is most of it, or everything (an emptied file): per kind, how many
+    of how many and the first names; None when `new` keeps most of `old`."""
+    kinds: dict[str, tuple[set[str], set[str]]] = {
+        "routes": ({r.key for r in old.routes}, {r.key for r in new.routes}),
+        "gateways": ({g.name for g in old.gateways}, {g.name for g in new.gateways}),
+        "services": ({str(k) for k in old.services}, {str(k) for k in new.services}),
+    }
+    lost = {kind: sorted(before - after) for kind, (before, after) in kinds.items()}
+    emptied = new == rules.Policy() and old != rules.Policy()
+    if not emptied and not watch.most(sum(map(len, lost.values())), of=sum(len(b) for b, _ in kinds.values())):
+        return None
+    said: dict[str, object] = {"emptied": emptied}
+    for kind, names in lost.items():
+        if names:
+            said[f"dropped_{kind}"] = watch.said(names, of=len(kinds[kind][0]))
+    return said
+
+
+_INDEXED = re.compile(r"^(routes|gateways|services)\[(\d+)\]")
+
+
+def _about(problem: validate.Problem, policy: rules.Policy) -> tuple[str, str]:
+    """What a warning is about, wherever the file puts it: its field, with the index of the route, gateway
+    or service it is in replaced by that one's name (a route added above moves the others' index and
+    line), and its reason."""
+    def named(found: re.Match[str]) -> str:
+        kind, index = found.group(1), int(found.group(2))
+        names = ([r.key for r in policy.routes] if kind == "routes" else
+                 [g.name for g in policy.gateways] if kind == "gateways" else list(policy.services))
+        return f"{kind}[{names[index]}]" if index < len(names) else found.group(0)
+
+    return _INDEXED.sub(named, problem.field), problem.reason
 
 
 def _seen(stat: watch.Stat | None, data: bytes | OSError) -> watch.Seen:

@@ -171,7 +171,7 @@ class StreamServer:
         Read with `context.read()`, not by iterating gRPC's request iterator: that is an async generator
         holding the last message it yielded, in a reference cycle with gRPC's receiver, so only the cyclic
         collector frees it (in two passes: an unfinished async generator is first closed on the loop), and
-        after cli.tune_gc a quiet server may not collect for hours. Each stream refused for its request
+        after gc_tuning.tune_gc a quiet server may not collect for hours. Each stream refused for its request
         kept that request's bytes (docs/benchmarks.md, "Refused streams and memory").
         """
         limit = self.limits.request_bytes
@@ -278,7 +278,7 @@ def _end(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, det
     Not `context.abort()`: gRPC keeps the AbortError it raises (its RPC state's abort_exception), and the
     error's traceback holds the handler's frame, which holds the RPC state again: a reference cycle that
     keeps the stream, its reader task and gRPC's per-call objects until the collector next runs, which
-    after cli.tune_gc can be thousands of streams later. Returning normally leaves no cycle.
+    after gc_tuning.tune_gc can be thousands of streams later. Returning normally leaves no cycle.
     """
     context.set_code(code)
     context.set_details(details)

@@ -43,6 +43,7 @@ class AdsClient:
         self._sent_node = False
         self._pending_read: asyncio.Future[Any] | None = None
         self.credentials: grpc.ChannelCredentials | None = None  # TLS (and a client certificate); None: plaintext
+        self.options: list[tuple[str, Any]] = []  # gRPC channel options (e.g. a larger receive limit)
 
     async def __aenter__(self) -> AdsClient:
         await self.connect()
@@ -52,8 +53,8 @@ class AdsClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._channel = (grpc.aio.insecure_channel(self.target) if self.credentials is None
-                         else grpc.aio.secure_channel(self.target, self.credentials))
+        self._channel = (grpc.aio.insecure_channel(self.target, options=self.options) if self.credentials is None
+                         else grpc.aio.secure_channel(self.target, self.credentials, options=self.options))
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
         self._call = self._open(stub)
         self._sent_node = False

@@ -84,6 +84,15 @@ class Metrics:
             "Policy file loads after start-up by result: applied, unchanged (the same policy), rejected",
             ["result"], registry=r,
         )
+        self.policy_warnings = Gauge(
+            "meshplane_policy_warnings", "Warnings of the policy in force (listed in /ready and by meshplane validate)",
+            registry=r,
+        )
+        self.policy_warnings_repeated = Counter(
+            "meshplane_policy_warnings_repeated",
+            "Warnings a policy reload found again: logged when they first appeared, counted here since",
+            registry=r,
+        )
         self.refusals = Counter(
             "meshplane_xds_refused_streams",
             "Streams ended by meshplane, by gRPC status and reason: a bad request or an oversized node "
@@ -117,6 +126,11 @@ class Metrics:
             self.tls_reloads.labels(result)
         for code, reason in REFUSALS:
             self.refusals.labels(code, reason)
+
+    def policy_warned(self, in_force: int, repeated: int) -> None:
+        """A policy was accepted with `in_force` warnings, `repeated` of them already there before."""
+        self.policy_warnings.set(in_force)
+        self.policy_warnings_repeated.inc(repeated)
 
     # streams.Callbacks
 
