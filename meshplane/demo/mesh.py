@@ -15,6 +15,7 @@ from pathlib import Path
 
 from meshplane import app
 from meshplane.demo import backend, envoy, topology
+from meshplane.xds import streams
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,25 @@ class Mesh:
             )
         proxies = [*self.envoys.values(), *([self.gateway] if self.gateway else [])]
         await asyncio.gather(*(e.start() for e in proxies))
+        # Every proxy holds its whole configuration before any request: a request balanced onto a zone
+        # whose sidecar has no routes yet fails there, and the caller's outlier detection ejects a
+        # healthy replica for the rest of the run.
+        await self._wait_synced(len(proxies))
         await asyncio.gather(*(self._wait_serving(zone) for zone in self.envoys))
         if self.gateway is not None:
             await self._wait_gateway()
+
+    async def _wait_synced(self, proxies: int, timeout: float = 30) -> None:
+        assert self.plane is not None
+        registry = self.plane.streams
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            clients = [s for s in registry if s.proxy is not None]
+            if len(clients) >= proxies and all(s.worst() == streams.Sync.SYNCED for s in clients):
+                return
+            await asyncio.sleep(0.05)
+        states = {s.node_id: s.worst().value for s in registry}
+        raise RuntimeError(f"{proxies} proxies never all held their configuration (now: {states})")
 
     async def _wait_gateway(self, timeout: float = 30) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
