@@ -69,6 +69,13 @@ def docker_engine() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
 
 
+def held_back(plane: app.ControlPlane, type_url: str, name: str, *, after: str) -> bool:
+    """The route `name` is held back on the plane's one stream, and the client's reply to the last
+    response of `after` has been read (so what that reply let go has gone)."""
+    (stream,) = list(plane.streams)
+    return name in stream.waiting.get(type_url, ()) and not stream.types[after].unsettled
+
+
 def binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:
     """The narrowest [lo, hi] such that Binomial(n, p) falls below lo, or above hi, each with
     probability at most `tail`."""

@@ -15,7 +15,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from meshplane import app
 from meshplane.xds import client as ads_client
 from meshplane.xds import typeurls
-from tests.conftest import cluster_doc, wait_for, write_yaml
+from tests.conftest import cluster_doc, held_back, wait_for, write_yaml
 
 MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
 MOCKC = "outbound|8000||mockc.default.svc.cluster.local"
@@ -282,12 +282,17 @@ async def test_a_route_waits_until_its_new_cluster_and_its_endpoints_are_acked(
         write_yaml(endpoints, _doc(mockd=True))
         clusters = await c.recv_delta()
         assert clusters.type_url == typeurls.CLUSTER and _names(clusters) == [MOCKD]
-        await c.expect_nothing(0.2)  # the route naming mockd waits: its cluster is not ACKed
+        routes_sent = _metric(plane, "meshplane_xds_responses_total", type="rds")
+        route = "outbound|http|default"
+        await wait_for(lambda: held_back(plane, typeurls.ROUTE, route, after=typeurls.LISTENER),
+                       what="the route naming mockd held back: its cluster is not ACKed")
         await c.delta(typeurls.ENDPOINT, [MOCKD])  # as Envoy asks for a cluster's endpoints before its ACK
         assignments = await c.recv_delta()
         assert _names(assignments) == [MOCKD]
         await c.ack_delta(clusters)
-        await c.expect_nothing(0.2)  # and its endpoints are not ACKed yet
+        await wait_for(lambda: held_back(plane, typeurls.ROUTE, route, after=typeurls.CLUSTER),
+                       what="the route still held back once the cluster is ACKed: its endpoints are not")
+        assert _metric(plane, "meshplane_xds_responses_total", type="rds") == routes_sent
         (entry,) = json.loads(await _get(plane, "/debug/syncz"))["clients"]
         assert entry["types"]["rds"]["state"] == "STALE"  # what waits is not SYNCED
         await c.ack_delta(assignments)
@@ -321,3 +326,34 @@ async def test_a_reconnect_learning_of_a_changed_cluster_gets_its_endpoints_thou
         await c.delta(typeurls.ENDPOINT, [MOCKB, MOCKC], initial_versions=held[typeurls.ENDPOINT])
         assignments = await c.recv_delta()
         assert assignments.type_url == typeurls.ENDPOINT and _names(assignments) == [MOCKB, MOCKC]
+
+
+async def test_a_cluster_whose_service_went_is_removed_though_the_gateway_route_still_names_it(
+    start_plane: Any, endpoints: Path, tmp_path: Path
+) -> None:
+    """As for state of the world (test_ads_protocol): the gateway's route keeps naming the cluster."""
+    from tests.test_ads_protocol import GATEWAY_POLICY
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GATEWAY_POLICY)
+    plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
+    node = ads_client.node("gateway-1", region="r1", zone="z1", cluster="c1",
+                           metadata={"role": "gateway", "gateway": "edge"})
+    async with ads_client.DeltaClient(f"127.0.0.1:{plane.ads_port}", node) as c:
+        for type_url, names in ((typeurls.CLUSTER, ["*"]), (typeurls.ENDPOINT, [MOCKB, MOCKC]),
+                                (typeurls.LISTENER, ["*"]), (typeurls.ROUTE, ["gateway|edge|8080"])):
+            await c.delta(type_url, names)
+            await c.ack_delta(await c.recv_delta())
+        write_yaml(endpoints, _doc(mockc=False))
+        removed: list[str] = []
+        while MOCKC not in removed:  # the assignment's removal, then the cluster's
+            response = await c.recv_delta()
+            if response.type_url == typeurls.CLUSTER:
+                removed += response.removed_resources
+            await c.ack_delta(response)
+
+        async def synced() -> bool:
+            (entry,) = json.loads(await _get(plane, "/debug/syncz"))["clients"]
+            return bool(entry["state"] == "SYNCED")
+
+        await wait_for(synced, what="the gateway SYNCED once the cluster is removed")

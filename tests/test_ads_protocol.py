@@ -13,8 +13,8 @@ from envoy.config.listener.v3 import listener_pb2
 
 from meshplane import app
 from meshplane.xds import client as ads_client
-from meshplane.xds import typeurls
-from tests.conftest import cluster_doc, wait_for, write_yaml
+from meshplane.xds import streams, typeurls
+from tests.conftest import cluster_doc, held_back, wait_for, write_yaml
 
 MOCKB = "outbound|8000||mockb.default.svc.cluster.local"
 MOCKC = "outbound|8000||mockc.default.svc.cluster.local"
@@ -207,12 +207,17 @@ async def test_make_before_break_order(start_plane: Any, endpoints: Path) -> Non
         first = await c.recv()
         assert first.type_url == typeurls.CLUSTER
         assert mockd in ads_client.resource_names(first)
-        await c.expect_nothing(0.2)  # not the route: the cluster is not ACKed
+        routes_sent = _metric(plane, "meshplane_xds_responses_total", type="rds")
+        route = "outbound|http|default"
+        await wait_for(lambda: held_back(plane, typeurls.ROUTE, route, after=typeurls.LISTENER),
+                       what="the route held back: the cluster it names is not ACKed")
         await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC, mockd])
         eds = await c.recv()
         assert ads_client.resource_names(eds) == [mockd]
         await c.ack(first)
-        await c.expect_nothing(0.2)  # not the route: the endpoints are not ACKed
+        await wait_for(lambda: held_back(plane, typeurls.ROUTE, route, after=typeurls.CLUSTER),
+                       what="the route still held back once the cluster is ACKed: its endpoints are not")
+        assert _metric(plane, "meshplane_xds_responses_total", type="rds") == routes_sent
         await c.ack(eds, [MOCKB, MOCKC, mockd])
         second = await c.recv()
         assert second.type_url == typeurls.ROUTE
@@ -371,3 +376,52 @@ async def test_a_reconnect_learning_of_changed_clusters_gets_their_endpoints_tho
         await c.request(typeurls.CLUSTER, version_info=again.version_info)
         await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC], version_info=eds.version_info)
         await c.expect_nothing(0.3)
+
+
+GATEWAY_POLICY = """\
+apiVersion: meshplane.io/v2
+gateways:
+  - name: edge
+    listeners: [{name: http, port: 8080, hostname: example.com}]
+routes:
+  - name: both
+    parentRefs: [{name: edge}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /b}}]
+        backendRefs: [{name: mockb, port: 8000}]
+      - matches: [{path: {type: PathPrefix, value: /c}}]
+        backendRefs: [{name: mockc, port: 8000}]
+"""
+
+
+async def test_a_cluster_whose_service_went_is_removed_though_the_gateway_route_still_names_it(
+    start_plane: Any, endpoints: Path, tmp_path: Path
+) -> None:
+    """A gateway's routes come from the policy: a route to a service that went away goes on naming its
+    cluster. Waiting for the route to stop naming it before removing the cluster would wait for ever."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GATEWAY_POLICY)
+    plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
+    node = ads_client.node("gateway-1", region="r1", zone="z1", cluster="c1",
+                           metadata={"role": "gateway", "gateway": "edge"})
+    async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", node) as c:
+        await c.request(typeurls.CLUSTER)
+        cds = await c.recv()
+        assert sorted(ads_client.resource_names(cds)) == [MOCKB, MOCKC]
+        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC])
+        await c.ack(cds)
+        await c.ack(await c.recv())
+        await c.request(typeurls.LISTENER)
+        await c.ack(await c.recv())
+        await c.request(typeurls.ROUTE, ["gateway|edge|8080"])
+        await c.ack(await c.recv())
+
+        doc = _doc()
+        doc["services"] = [s for s in doc["services"] if s["name"] != "mockc"]
+        write_yaml(endpoints, doc)
+        removal = await c.recv()
+        assert removal.type_url == typeurls.CLUSTER and ads_client.resource_names(removal) == [MOCKB]
+        await c.ack(removal)
+
+        await wait_for(lambda: [s.worst() for s in plane.streams] == [streams.Sync.SYNCED],
+                       what="the gateway SYNCED once the cluster is removed")

@@ -5,6 +5,7 @@ proxy holds names it. Probed as fast as Envoy answers: not one request answered 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def _synced(world: Edge) -> bool:
     return bool(clients) and all(s.worst() == streams.Sync.SYNCED for s in clients)
 
 
+async def _routes_to(world: Edge, cluster: str) -> bool:
+    """Envoy's route configurations name this cluster (and only as the route's cluster)."""
+    assert world.gateway is not None
+    dump = await world.gateway.config_dump(include_eds=False)
+    routes = [c for c in dump["configs"] if c["@type"].endswith("RoutesConfigDump")]
+    return f'"cluster": "{cluster}"' in json.dumps(routes)
+
+
 async def _no_cluster(world: Edge) -> int:
     assert world.gateway is not None
     return sum((await world.gateway.stats(filter=r"\.no_cluster$")).values())
@@ -118,9 +127,13 @@ async def test_a_route_flipped_between_two_ports_loses_no_request(tmp_path: Path
         async with Probe(world, PORT, "example.com", "/flip/probe") as probe:
             await wait_for(lambda: probe.answered_by("flip") > 0, what="flip answering")
             for i in range(FLIPS):
-                world.write_policy(_policy([("/flip", "flip", 8001 if i % 2 == 0 else 8000)]))
+                port = 8001 if i % 2 == 0 else 8000
+                world.write_policy(_policy([("/flip", "flip", port)]))
+                # The flip has landed when Envoy's route names the new port's cluster; it is over (the old
+                # cluster gone) when the gateway has ACKed all it holds; then a few requests more.
+                await wait_for(lambda p=port: _routes_to(world, f"outbound|{p}||flip.default.svc.cluster.local"),
+                               what=f"flip {i} in Envoy's routes")
                 flipped = len(probe.got)
-                # The flip has landed (and its old cluster gone) when the gateway holds it all, ACKed.
                 await wait_for(lambda n=flipped: len(probe.got) > n + 5 and _synced(world),  # type: ignore[misc]
                                what=f"flip {i} synced")
         assert Counter(status for status, _ in probe.got) == Counter({200: len(probe.got)})

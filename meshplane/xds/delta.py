@@ -83,7 +83,7 @@ class DeltaServer(adsbase.StreamServer):
         version = sub.nonce_versions.pop(req.response_nonce)
         seen = sub.inflight.pop(req.response_nonce, None)
         sub.settle(req.response_nonce)
-        stream.answered()
+        stream.replied()
         if req.HasField("error_detail"):
             message = req.error_detail.message
             sub.last_nack = streams.Nack(version, sub.acked_version, message.strip(), time.time())
@@ -132,7 +132,7 @@ class DeltaServer(adsbase.StreamServer):
             self._respond(stream, watch, type_url, sub, dict(sendable), removed, out,
                           now=have if now and sendable is send else None)
         if removed_clusters and cds is not None:
-            go, _ = self._order.removable(stream, typeurls.CLUSTER, removed_clusters)
+            go, _ = self._order.removable(stream, watch, typeurls.CLUSTER, removed_clusters)
             self._respond(stream, watch, typeurls.CLUSTER, cds, {}, go, out)
         return out
 

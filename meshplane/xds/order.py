@@ -11,13 +11,20 @@ arrives while the cluster still warms. So, per stream:
 
 - A resource is held back while something it refers to of an earlier type
   in the push order (a route's cluster) is not *settled* on this stream:
-  not sent yet, or sent and not answered yet (ACK or NACK). A cluster is
+  not sent yet, or sent and not replied to yet (ACK or NACK: a NACK
+  settles it too, or a broken cluster would hold its routes for ever). A cluster is
   settled only when its own assignment is too, where the client asks for
   it (a reference to a later type: the client asks for it because of the
   cluster, and Envoy does so before it ACKs the cluster).
-- A removal is held back while a resource the stream holds refers to it.
+- A removal is held back while a resource the stream holds refers to it
+  and the view's version of that resource, still to be sent, does not
+  (a route the view keeps naming a cluster that went away never will).
 - What is held back waits in `Stream.waiting`, and is looked at again each
-  time the client answers a response (`Stream.answered`).
+  time the client replies to a response (`Stream.replied`).
+
+After a reconnect the server knows what a client holds only by version
+(state of the world) or by name and version (delta), not what a held
+route names: a removal is then not held back for it.
 
 A reference the client does not subscribe to is not waited for: a
 proxyless gRPC client asks for a cluster because a route names it, so the
@@ -80,16 +87,27 @@ class Order:
                 del out[name]
         return out
 
-    def removable(self, stream: streams.Stream, type_url: str, names: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Of `names` to remove, those nothing the stream holds refers to, and those kept (they wait)."""
+    def removable(
+        self, stream: streams.Stream, watch: cache.ViewWatch, type_url: str, names: Iterable[str]
+    ) -> tuple[list[str], list[str]]:
+        """Of `names` to remove, those to remove now, and those kept (they wait): a name is kept while a
+        resource the stream holds refers to it and the view's version of that resource, still to be sent,
+        does not. A held resource the view still has as it is (a gateway's route to a service that went
+        away) will never stop naming it: waiting for it would keep the name for ever."""
         position = _POSITION[type_url]
-        referring = [sub.held.current for t, sub in stream.types.items() if _POSITION.get(t, -1) > position]
-        go: list[str] = []
-        keep: list[str] = []
-        for name in names:
-            needed = any(ref_type == type_url and name in refs_
-                         for held in referring for resource in held.values() for ref_type, refs_ in resource.needs)
-            (keep if needed else go).append(name)
+        referred: set[str] = set()
+        for later, sub in stream.types.items():
+            if _POSITION.get(later, -1) <= position:
+                continue
+            have = watch.resources(later)
+            for name, resource in sub.held.current.items():
+                current = have.get(name)
+                if current is None or current.version == resource.version:
+                    continue  # gone from the view (its removal goes first), or the view will not change it
+                still = dict(current.needs).get(type_url, frozenset())
+                referred.update(n for t, refs_ in resource.needs if t == type_url for n in refs_ if n not in still)
+        go = [n for n in names if n not in referred]
+        keep = [n for n in names if n in referred]
         if keep:
             stream.waiting.setdefault(type_url, set()).update(keep)
         return go, keep
@@ -170,11 +188,10 @@ class _Readiness:
         if sub is None or self._later_whole(type_url):
             return True
         have = self.watch.resources(type_url)
-        rewarm = self.stream.rewarm
         for name in names:
             if name not in have or not sub.wants(name):
                 continue
-            if name not in sub.held.current or not sub.settled(name) or name in rewarm:
+            if name not in sub.held.current or not sub.settled(name):
                 return False
         return True
 
@@ -200,4 +217,6 @@ class _Readiness:
         return whole
 
     def _later_whole(self, type_url: str) -> bool:
-        return not self.stream.rewarm and self._settled_whole(type_url)
+        # Re-warming assignments the client asks for were dropped from what it holds (rewarm_now runs first),
+        # so a stream re-warming does not hold the whole view: no need to look at Stream.rewarm here.
+        return self._settled_whole(type_url)

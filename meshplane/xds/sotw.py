@@ -103,7 +103,7 @@ class SotwServer(adsbase.StreamServer):
 
     def _on_reply(self, stream: streams.Stream, sub: streams.TypeState, req: Any) -> None:
         sub.settle()  # a reply is always to the latest response (older nonces are stale, ignored)
-        stream.answered()
+        stream.replied()
         if req.HasField("error_detail"):
             sub.inflight.clear()
             sub.last_nack = streams.Nack(sub.sent_version, req.version_info, req.error_detail.message.strip(),
@@ -172,7 +172,7 @@ class SotwServer(adsbase.StreamServer):
                           now=have if current and sendable is candidates else None)
         if removed and cds is not None:
             wanted = cds.wanted(watch.resources(typeurls.CLUSTER))
-            _, keep = self._order.removable(stream, typeurls.CLUSTER, removed)
+            _, keep = self._order.removable(stream, watch, typeurls.CLUSTER, removed)
             final = {**wanted, **{n: removed[n] for n in keep}} if keep else wanted
             self._respond(stream, watch, typeurls.CLUSTER, cds, final, out, final=not keep)
         return out

@@ -190,8 +190,8 @@ class Stream:
             mark_dirty(self.dirty, type_url, names)
         self.wake.set()
 
-    def answered(self) -> None:
-        """The client answered a response (ACK or NACK): what waited on it is looked at again."""
+    def replied(self) -> None:
+        """The client replied to a response (ACK or NACK): what waited on it is looked at again."""
         if self.waiting:
             waiting, self.waiting = self.waiting, {}
             self.mark({type_url: frozenset(names) for type_url, names in waiting.items()})

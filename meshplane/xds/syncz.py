@@ -57,6 +57,8 @@ def clients(registry: streams.Registry, *, now: float, now_monotonic: float) -> 
 
 FILTERS = ("kind", "locality", "state")
 """The query parameters of `/debug/syncz`, each a filter (`meshplane status --kind, --locality, --state`)."""
+
+
 def refused(recent: refusals.Refusals) -> list[dict[str, Any]]:
     """Peers refused lately, by address and reason, the latest first: who (address, node, identity), why
     (status, reason, message), when (first and last) and how many times."""
