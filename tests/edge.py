@@ -169,15 +169,17 @@ class Edge:
             await self.plane.stop()
 
     async def request(self, port: int, host: str, path: str = "/", headers: Mapping[str, str] | None = None,
-                      method: str = "GET") -> tuple[int, str]:
-        status, _, body = await self.exchange(port, host, path, headers, method=method)
+                      method: str = "GET", timeout: float = 3) -> tuple[int, str]:
+        status, _, body = await self.exchange(port, host, path, headers, method=method, timeout=timeout)
         return status, body
 
     async def exchange(self, port: int, host: str, path: str = "/", headers: Mapping[str, str] | None = None,
-                       method: str = "GET") -> tuple[int, dict[str, str], str]:
-        """One request: (status, response headers, body); status 0 and the error's name if it failed."""
+                       method: str = "GET", timeout: float = 3) -> tuple[int, dict[str, str], str]:
+        """One request: (status, response headers, body); status 0 and the error's name if it failed
+        (or took longer than `timeout` seconds)."""
         try:
-            status, got, body = await backend.http_request(port, host, path, headers=headers, method=method)
+            status, got, body = await backend.http_request(port, host, path, headers=headers, method=method,
+                                                           timeout=timeout)
         except (OSError, TimeoutError) as exc:
             return 0, {}, f"!{type(exc).__name__}"
         return status, got, body.strip()

@@ -219,6 +219,35 @@ def test_a_backend_request_timeout_is_each_tries_or_without_retries_the_requests
     assert unbounded.HasField("timeout") and unbounded.timeout.ToMilliseconds() == 0  # 0s: no timeout
 
 
+ROUTE_TIMEOUTS = [  # rule's (request, backendRequest), retries -> Envoy's route timeout (None: unset, Envoy's 15 s)
+    # Without `request`, the tries' timeouts and Envoy's longest waits between them (25 and 50 ms by default).
+    ((None, 30_000), routing.Retries(), 90_075),
+    ((None, 10_000), routing.Retries(attempts=3, backoff_ms=100), 40_700),  # waits of 100, 200, 400 ms
+    ((None, 10_000), routing.Retries(attempts=10, backoff_ms=100), 110_000 + 100 + 200 + 400 + 800 + 6 * 1000),
+    ((None, 4_000), routing.Retries(), None),  # 12.075 s of tries: Envoy's 15 s already fits them
+    ((None, None), routing.Retries(per_try_timeout_ms=10_000), 30_075),  # Istio's perTryTimeout alike
+    ((None, 0), routing.Retries(), 0),  # tries without a limit: the request has none either
+    ((None, 0), routing.Retries(attempts=0), 0),
+    ((None, None), routing.Retries(), None),
+    ((10_000, 30_000), routing.Retries(), 10_000),  # the rule's own limit stands
+    ((0, 30_000), routing.Retries(), 0),
+    ((None, 30_000), routing.Retries(attempts=0), 30_000),  # one try: the whole request
+    ((10_000, 300), routing.Retries(attempts=0), 300),
+    ((10_000, 0), routing.Retries(attempts=0), 10_000),
+]
+
+
+@pytest.mark.parametrize(("timeouts", "retries", "expected"), ROUTE_TIMEOUTS)
+def test_a_request_without_its_own_timeout_gets_one_that_fits_its_tries(
+        timeouts: tuple[int | None, int | None], retries: routing.Retries, expected: int | None) -> None:
+    request, backend = timeouts
+    action = _entry(routing.Rule(backends=_rule().backends, timeout_ms=request, backend_timeout_ms=backend,
+                                 retries=retries)).route
+    assert (action.timeout.ToMilliseconds() if action.HasField("timeout") else None) == expected
+    if retries.attempts and (backend or retries.per_try_timeout_ms):
+        assert action.retry_policy.per_try_timeout.ToMilliseconds() == (backend or retries.per_try_timeout_ms)
+
+
 def test_active_standby_rules_try_twice_per_priority_others_once() -> None:
     standby = _entry(routing.Rule(backends=(routing.Backend(S, 80, clusters=("c1", "c2")),))).route
     nearest = _entry(routing.Rule(backends=(routing.Backend(S, 80, clusters=("c1",)),))).route

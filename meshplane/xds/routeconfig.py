@@ -311,8 +311,8 @@ def _grpc_routes(match: routing.Match, rule: routing.Rule, default_retries: rout
 def _grpc_action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
     action = _destination(rule)
     retries = rule.retries if rule.retries is not None else default_retries
-    timeout = routeactions.route_timeout_ms(rule, retries)
-    if timeout:  # gRPC's deadline for the call (gRFC A31); gRPC has no timeout per try
+    timeout = routeactions.deadline_ms(rule, retries)
+    if timeout:  # gRPC's deadline for the call (gRFC A31); gRPC has no timeout per try, nor a default
         action.max_stream_duration.max_stream_duration.CopyFrom(routeactions.duration(timeout))
     codes = [c for c in retries.retry_on if c in GRPC_RETRY_ON]
     if retries.attempts > 0 and codes:
