@@ -1,5 +1,5 @@
 """Gateway API HTTPRoute fields as users bring them, through a real Envoy gateway: response headers
-changed, redirects (status and Location), a mirror receiving a copy, a backend request timeout, and a
+changed, redirects (status and Location, on a named and a wildcard host), a mirror receiving a copy, a backend request timeout, and a
 GEP-1731 retry of status codes."""
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ POLICY = f"""\
 apiVersion: meshplane.io/v2
 gateways:
   - name: edge
-    listeners: [{{name: http, port: {PORT}, hostname: example.com}}]
+    listeners:
+      - {{name: http, port: {PORT}, hostname: example.com}}
+      - {{name: regions, port: {PORT}, hostname: "*.example.org"}}
 routes:
+  - name: regions
+    parentRefs: [{{name: edge, sectionName: regions}}]
+    rules:
+      - filters: [{{type: RequestRedirect, requestRedirect: {{scheme: https}}}}]
   - name: filters
-    parentRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: edge}}]
+    parentRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: edge, sectionName: http}}]
     rules:
       - name: response-headers
         matches: [{{path: {{value: /response}}}}]
@@ -109,6 +115,15 @@ async def test_a_redirect_answers_its_status_and_location(edge: Edge) -> None:
     assert (status, headers["location"]) == (302, f"http://other.example.com:{PORT}/moved/x")
     # A redirect reaches no backend.
     assert not [s for s in _echo(edge, "web").seen if s["path"].startswith(("/old", "/moved"))]
+
+
+async def test_a_redirect_on_a_wildcard_host_writes_no_port_that_is_its_schemes_own(edge: Edge) -> None:
+    status, headers, _ = await edge.exchange(PORT, "a.example.org", "/old?q=1")
+    assert (status, headers["location"]) == (302, "https://a.example.org/old?q=1")
+    # A Host with a port: Envoy replaces that port only by writing one (443, the same place).
+    status, headers, _ = await edge.exchange(PORT, f"a.example.org:{PORT}", "/old")
+    assert (status, headers["location"]) == (302, "https://a.example.org:443/old")
+    assert edge.nacks() == 0
 
 
 async def test_a_request_mirror_sends_a_copy_and_the_answer_comes_from_the_backend(edge: Edge) -> None:
