@@ -1,6 +1,6 @@
 """Gateway API HTTPRoute fields as users bring them, through a real Envoy gateway: response headers
-changed, redirects (status and Location, on a named and a wildcard host), a mirror receiving a copy, a backend request timeout, and a
-GEP-1731 retry of status codes."""
+changed, redirects (status and Location, on a named and a wildcard host), a mirror receiving a copy,
+backend request timeouts, and a GEP-1731 retry of status codes."""
 
 from __future__ import annotations
 
@@ -13,77 +13,63 @@ import pytest
 
 from meshplane.demo.ports import free_port
 from tests.conftest import wait_for
-from tests.edge import EchoServer, Edge, Place
+from tests.edge import HERE, EchoServer, Edge, gateway_policy, serving
 
 pytestmark = pytest.mark.envoy
 
-HERE = Place("cluster-1", "r1", "z1")
 PORT = free_port()
-
-POLICY = f"""\
-apiVersion: meshplane.io/v2
-gateways:
-  - name: edge
-    listeners:
-      - {{name: http, port: {PORT}, hostname: example.com}}
-      - {{name: regions, port: {PORT}, hostname: "*.example.org"}}
-routes:
-  - name: regions
-    parentRefs: [{{name: edge, sectionName: regions}}]
-    rules:
-      - filters: [{{type: RequestRedirect, requestRedirect: {{scheme: https}}}}]
-  - name: filters
-    parentRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: edge, sectionName: http}}]
-    rules:
-      - name: response-headers
-        matches: [{{path: {{value: /response}}}}]
-        filters:
-          - type: ResponseHeaderModifier
-            responseHeaderModifier:
-              set: [{{name: x-set, value: set}}]
-              add: [{{name: x-add, value: added}}]
-              remove: [x-remove]
-        backendRefs: [{{group: "", kind: Service, name: web, port: 8000}}]
-      - matches: [{{path: {{value: /old}}}}]
-        filters:
-          - type: RequestRedirect
-            requestRedirect:
-              scheme: https
-              path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}
-              statusCode: 301
-      - matches: [{{path: {{value: /moved}}}}]
-        filters:
-          - type: RequestRedirect
-            requestRedirect: {{hostname: other.example.com}}
-      - matches: [{{path: {{value: /mirrored}}}}]
-        filters:
-          - type: RequestMirror
-            requestMirror: {{backendRef: {{name: shadow, port: 8000}}}}
-        backendRefs: [{{name: web, port: 8000}}]
-      - matches: [{{path: {{value: /slow}}}}]
-        timeouts: {{request: 10s, backendRequest: 300ms}}
-        backendRefs: [{{name: web, port: 8000}}]
-      - matches: [{{path: {{value: /long}}}}]
-        timeouts: {{backendRequest: 20s}}
-        backendRefs: [{{name: web, port: 8000}}]
-      - matches: [{{path: {{value: /flaky}}}}]
-        retry: {{codes: [500], attempts: 2, backoff: 10ms}}
-        backendRefs: [{{name: web, port: 8000}}]
-      - matches: [{{path: {{value: /other-codes}}}}]
-        retry: {{codes: [502], attempts: 2}}
-        backendRefs: [{{name: web, port: 8000}}]
-"""
+POLICY = gateway_policy(PORT, """\
+- name: regions
+  parentRefs: [{name: edge, sectionName: org}]
+  rules:
+    - filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]
+- name: filters
+  parentRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: edge, sectionName: com}]
+  rules:
+    - name: response-headers
+      matches: [{path: {value: /response}}]
+      filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier:
+            set: [{name: x-set, value: set}]
+            add: [{name: x-add, value: added}]
+            remove: [x-remove]
+      backendRefs: [{group: "", kind: Service, name: web, port: 8000}]
+    - matches: [{path: {value: /old}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect:
+            scheme: https
+            path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
+            statusCode: 301
+    - matches: [{path: {value: /moved}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {hostname: other.example.com}
+    - matches: [{path: {value: /mirrored}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: shadow, port: 8000}}
+      backendRefs: [{name: web, port: 8000}]
+    - matches: [{path: {value: /slow}}]
+      timeouts: {request: 10s, backendRequest: 300ms}
+      backendRefs: [{name: web, port: 8000}]
+    - matches: [{path: {value: /long}}]
+      timeouts: {backendRequest: 20s}
+      backendRefs: [{name: web, port: 8000}]
+    - matches: [{path: {value: /flaky}}]
+      retry: {codes: [500], attempts: 2, backoff: 10ms}
+      backendRefs: [{name: web, port: 8000}]
+    - matches: [{path: {value: /other-codes}}]
+      retry: {codes: [502], attempts: 2}
+      backendRefs: [{name: web, port: 8000}]
+""")
 
 
 @pytest.fixture
 async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
-    world = Edge(tmp_path, {"web": [HERE], "shadow": [HERE]}, gateway_at=HERE, echo=True)
-    try:
-        await world.start(POLICY)
-        await wait_for(lambda: _serving(world), what="the gateway serving")
+    async with serving(tmp_path, {"web": [HERE], "shadow": [HERE]}, POLICY, ready=_serving, echo=True) as world:
         yield world
-    finally:
-        await world.stop()
 
 
 async def _serving(world: Edge) -> bool:
@@ -190,16 +176,11 @@ routes:
 
 async def test_a_sidecar_applies_the_filters_of_a_mesh_route(tmp_path: Path) -> None:
     """A sidecar's listener is the service port: a redirect that names only a hostname keeps it."""
-    world = Edge(tmp_path, {"web": [HERE]}, gateway_at=HERE, echo=True, sidecar=True)
-    try:
-        await world.start(SIDECAR_POLICY)
 
-        async def served() -> bool:
-            return (await world.exchange(world.port, "web", "/"))[1].get("x-set") == "set"
+    async def served(world: Edge) -> bool:
+        return (await world.exchange(world.port, "web", "/"))[1].get("x-set") == "set"
 
-        await wait_for(served, what="the sidecar serving the mesh route")
+    async with serving(tmp_path, {"web": [HERE]}, SIDECAR_POLICY, ready=served, echo=True, sidecar=True) as world:
         status, headers, _ = await world.exchange(world.port, "web:8000", "/moved/x")
         assert (status, headers["location"]) == (302, "http://other.example.com:8000/moved/x")
         assert world.nacks() == 0
-    finally:
-        await world.stop()
