@@ -1,11 +1,14 @@
 """A gateway in front of backends in several clusters, all real: the control plane, HTTP replicas on
-loopback, one Envoy gateway. The S3 tests (and the failover and HTTPS ones) build their world with it."""
+loopback, one Envoy gateway. The S3 tests (and the failover and HTTPS ones) build their world with it;
+`serving` and `gateway_policy` are the preamble of the tests of one gateway's routes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import textwrap
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from aiohttp import web
 from meshplane import app
 from meshplane.demo import backend, envoy
 from meshplane.demo.ports import free_port
+from tests.conftest import wait_for
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class Place:
     def named(self, service: str) -> str:
         """What a replica here answers: service@zone, and its labels (service@zone:version=v1)."""
         return f"{service}@{self.zone}" + "".join(f":{k}={v}" for k, v in self.labels)
+
+
+HERE = Place("cluster-1", "r1", "z1")
+"""One place for a gateway and its backends, where a test is about routes, not localities."""
 
 
 class EchoServer:
@@ -169,15 +177,17 @@ class Edge:
             await self.plane.stop()
 
     async def request(self, port: int, host: str, path: str = "/", headers: Mapping[str, str] | None = None,
-                      method: str = "GET") -> tuple[int, str]:
-        status, _, body = await self.exchange(port, host, path, headers, method=method)
+                      method: str = "GET", timeout: float = 3) -> tuple[int, str]:
+        status, _, body = await self.exchange(port, host, path, headers, method=method, timeout=timeout)
         return status, body
 
     async def exchange(self, port: int, host: str, path: str = "/", headers: Mapping[str, str] | None = None,
-                       method: str = "GET") -> tuple[int, dict[str, str], str]:
-        """One request: (status, response headers, body); status 0 and the error's name if it failed."""
+                       method: str = "GET", timeout: float = 3) -> tuple[int, dict[str, str], str]:
+        """One request: (status, response headers, body); status 0 and the error's name if it failed
+        (or took longer than `timeout` seconds)."""
         try:
-            status, got, body = await backend.http_request(port, host, path, headers=headers, method=method)
+            status, got, body = await backend.http_request(port, host, path, headers=headers, method=method,
+                                                           timeout=timeout)
         except (OSError, TimeoutError) as exc:
             return 0, {}, f"!{type(exc).__name__}"
         return status, got, body.strip()
@@ -207,3 +217,32 @@ class Edge:
             if listed is not None:
                 r.listed = listed
         self.endpoint_files()
+
+
+def gateway_policy(port: int, routes: str) -> str:
+    """A v2 policy of the gateway `edge`, with the listeners `com` (example.com) and `org` (any name below
+    example.org) on `port`, and `routes`: the entries of its `routes` list, as YAML."""
+    return f"""\
+apiVersion: meshplane.io/v2
+gateways:
+  - name: edge
+    listeners:
+      - {{name: com, port: {port}, hostname: example.com}}
+      - {{name: org, port: {port}, hostname: "*.example.org"}}
+routes:
+{textwrap.indent(textwrap.dedent(routes), "  ")}"""
+
+
+@contextlib.asynccontextmanager
+async def serving(workdir: Path, replicas: Mapping[str, Sequence[Place]], policy: str, *,
+                  ready: Callable[[Edge], Awaitable[object]], gateway_at: Place = HERE,
+                  **options: Any) -> AsyncIterator[Edge]:
+    """An `Edge` (`options`: its other keyword arguments) started with `policy`, once `ready(world)` is
+    true (it serves); stopped on leaving."""
+    world = Edge(workdir, replicas, gateway_at=gateway_at, **options)
+    try:
+        await world.start(policy)
+        await wait_for(lambda: ready(world), what="the gateway serving")
+        yield world
+    finally:
+        await world.stop()

@@ -12,87 +12,73 @@ from typing import Any
 import pytest
 
 from meshplane.demo.ports import free_port
-from tests.conftest import wait_for
-from tests.edge import Edge, Place
+from tests.edge import HERE, Edge, gateway_policy, serving
 
 pytestmark = pytest.mark.envoy
 
-HERE = Place("cluster-1", "r1", "z1")
 PORT = free_port()
-
-POLICY = f"""\
-apiVersion: meshplane.io/v2
-gateways:
-  - name: edge
-    listeners:
-      - {{name: com, port: {PORT}, hostname: example.com}}
-      - {{name: org, port: {PORT}, hostname: "*.example.org"}}
-routes:
-  # Written in no particular order: precedence, not the file, decides.
-  - name: paths
-    parentRefs: [{{name: edge, sectionName: com}}]
-    rules:
-      - matches: [{{path: {{type: PathPrefix, value: /pre}}}}]
-        backendRefs: [{{name: prefix-short, port: 8000}}]
-      - matches: [{{path: {{type: RegularExpression, value: "^/re/[0-9]+$"}}}}]
-        backendRefs: [{{name: regex, port: 8000}}]
-      - matches: [{{path: {{type: PathPrefix, value: /pre/longer}}}}]
-        backendRefs: [{{name: prefix-long, port: 8000}}]
-      - matches: [{{path: {{type: Exact, value: /pre/longer/exact}}}}]
-        backendRefs: [{{name: exact, port: 8000}}]
-      - matches:
-          - {{path: {{value: /h}}, headers: [{{name: x-a, value: "1"}}]}}
-        backendRefs: [{{name: one-header, port: 8000}}]
-      - matches:
-          - path: {{value: /h}}
-            headers: [{{name: x-a, value: "1"}}, {{name: x-b, type: RegularExpression, value: "^[0-9]+$"}}]
-        backendRefs: [{{name: two-headers, port: 8000}}]
-      - matches: [{{path: {{value: /q}}, queryParams: [{{name: v, value: "1"}}]}}]
-        backendRefs: [{{name: query, port: 8000}}]
-      - matches: [{{path: {{value: /m}}}}]
-        backendRefs: [{{name: any-method, port: 8000}}]
-      - matches: [{{path: {{value: /m}}, method: POST}}]
-        backendRefs: [{{name: post, port: 8000}}]
-      - matches: [{{path: {{value: /empty}}}}]
-        backendRefs: [{{name: no-endpoints, port: 8000}}]
-      - matches: [{{path: {{value: /rewrite}}}}]
-        filters:
-          - type: RequestHeaderModifier
-            requestHeaderModifier:
-              set: [{{name: x-set, value: set}}]
-              add: [{{name: x-add, value: added}}]
-              remove: [x-remove]
-          - type: URLRewrite
-            urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}}}
-        backendRefs: [{{name: filtered, port: 8000}}]
-  - name: b-second
-    parentRefs: [{{name: edge, sectionName: com}}]
-    rules:
-      - matches: [{{path: {{value: /tie}}}}]
-        backendRefs: [{{name: tie-b, port: 8000}}]
-  - name: a-first
-    parentRefs: [{{name: edge, sectionName: com}}]
-    rules:
-      - matches: [{{path: {{value: /tie}}}}]
-        backendRefs: [{{name: tie-a, port: 8000}}]
-  - name: wildcard
-    parentRefs: [{{name: edge, sectionName: org}}]
-    rules:
-      - backendRefs: [{{name: wildcard, port: 8000}}]
-"""
+POLICY = gateway_policy(PORT, """\
+# Written in no particular order: precedence, not the file, decides.
+- name: paths
+  parentRefs: [{name: edge, sectionName: com}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /pre}}]
+      backendRefs: [{name: prefix-short, port: 8000}]
+    - matches: [{path: {type: RegularExpression, value: "^/re/[0-9]+$"}}]
+      backendRefs: [{name: regex, port: 8000}]
+    - matches: [{path: {type: PathPrefix, value: /pre/longer}}]
+      backendRefs: [{name: prefix-long, port: 8000}]
+    - matches: [{path: {type: Exact, value: /pre/longer/exact}}]
+      backendRefs: [{name: exact, port: 8000}]
+    - matches:
+        - {path: {value: /h}, headers: [{name: x-a, value: "1"}]}
+      backendRefs: [{name: one-header, port: 8000}]
+    - matches:
+        - path: {value: /h}
+          headers: [{name: x-a, value: "1"}, {name: x-b, type: RegularExpression, value: "^[0-9]+$"}]
+      backendRefs: [{name: two-headers, port: 8000}]
+    - matches: [{path: {value: /q}, queryParams: [{name: v, value: "1"}]}]
+      backendRefs: [{name: query, port: 8000}]
+    - matches: [{path: {value: /m}}]
+      backendRefs: [{name: any-method, port: 8000}]
+    - matches: [{path: {value: /m}, method: POST}]
+      backendRefs: [{name: post, port: 8000}]
+    - matches: [{path: {value: /empty}}]
+      backendRefs: [{name: no-endpoints, port: 8000}]
+    - matches: [{path: {value: /rewrite}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-set, value: set}]
+            add: [{name: x-add, value: added}]
+            remove: [x-remove]
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
+      backendRefs: [{name: filtered, port: 8000}]
+- name: b-second
+  parentRefs: [{name: edge, sectionName: com}]
+  rules:
+    - matches: [{path: {value: /tie}}]
+      backendRefs: [{name: tie-b, port: 8000}]
+- name: a-first
+  parentRefs: [{name: edge, sectionName: com}]
+  rules:
+    - matches: [{path: {value: /tie}}]
+      backendRefs: [{name: tie-a, port: 8000}]
+- name: wildcard
+  parentRefs: [{name: edge, sectionName: org}]
+  rules:
+    - backendRefs: [{name: wildcard, port: 8000}]
+""")
 SERVICES = ["prefix-short", "prefix-long", "exact", "regex", "one-header", "two-headers", "query", "any-method",
             "post", "filtered", "tie-a", "tie-b", "wildcard"]
 
 
 @pytest.fixture
 async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
-    world = Edge(tmp_path, {s: [HERE] for s in SERVICES}, gateway_at=HERE, echo=True)
-    try:
-        await world.start(POLICY)
-        await wait_for(lambda: _name(world, "/pre"), what="the gateway serving")
+    async with serving(tmp_path, {s: [HERE] for s in SERVICES}, POLICY, echo=True,
+                       ready=lambda world: _name(world, "/pre")) as world:
         yield world
-    finally:
-        await world.stop()
 
 
 async def _call(world: Edge, path: str, *, host: str = "example.com", headers: Mapping[str, str] | None = None,

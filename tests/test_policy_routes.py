@@ -205,6 +205,37 @@ def test_one_cluster_pinned_is_not_active_standby_and_gives_no_warning() -> None
     assert result.errors == () and result.warnings == (), problems(result)
 
 
+OUTLIER_DETECTION = "defaults:\n  outlierDetection: {consecutive5xxErrors: 1}\n"
+
+
+@pytest.mark.parametrize(("retries", "where"), [
+    pytest.param("  retry: {attempts: 1}\n", (11, "routes[0].rules[0].retry.attempts"), id="gateway-api-retry"),
+    pytest.param("  retries: {attempts: 1}\n", (11, "routes[0].rules[0].retries.attempts"), id="istio-retries"),
+])
+def test_an_active_standby_rule_with_one_retry_warns_that_it_never_reaches_the_next_cluster(
+        retries: str, where: tuple[int, str]) -> None:
+    result = load(route(STANDBY + retries) + OUTLIER_DETECTION)
+    assert result.errors == () and result.policy is not None
+    assert [(w.line, w.field, w.reason) for w in result.warnings] == [(*where, (
+        "1 retry stays in cluster-1: an active-standby rule retries in the next cluster only from its second "
+        "retry, so when cluster-1 breaks at once its requests fail, until outlier detection ejects its endpoints, "
+        "instead of being retried in cluster-2; give attempts: 2 or more"))]
+
+
+def test_one_retry_from_the_defaults_warns_on_each_active_standby_rule_it_applies_to() -> None:
+    defaults = "defaults:\n  outlierDetection: {consecutive5xxErrors: 1}\n  retries: {attempts: 1}\n"
+    result = load(route(STANDBY + "- backendRefs: [{name: s, port: 80}]\n" + STANDBY + "  retry: {attempts: 2}\n")
+                  + defaults)
+    assert [(w.line, w.field) for w in result.warnings] == [(10, "routes[0].rules[0].backendRefs[0].clusters")]
+    assert result.warnings[0].reason.startswith("1 retry (defaults.retries, line 16) stays in cluster-1: ")
+
+
+@pytest.mark.parametrize("retries", ["", "  retry: {attempts: 2}\n", "  retries: {attempts: 0}\n"])
+def test_an_active_standby_rule_with_two_retries_or_none_gives_no_retry_warning(retries: str) -> None:
+    result = load(route(STANDBY + retries) + OUTLIER_DETECTION)
+    assert result.errors == () and result.warnings == (), problems(result)
+
+
 # --- the Gateway API fields users bring (issue 18, item 14) ----------------------------------------
 
 ALL_FIELDS = """\

@@ -153,27 +153,40 @@ def _entry(rule: routing.Rule, where: routeactions.Listening = AT_EXAMPLE,
     return entry
 
 
-REDIRECTS = [  # redirect, where it came in -> (scheme, host, port) of the Location Envoy builds
-    (routing.Redirect(scheme="https"), routeactions.Listening("http", 8080, "example.com"),
-     ("https", "example.com", 0)),  # the scheme's own port: none written
-    (routing.Redirect(hostname="b.example"), routeactions.Listening("http", 8080, "example.com"),
-     ("", "b.example", 8080)),  # no port given: the listener's
-    (routing.Redirect(), routeactions.Listening("https", 443, "example.com"), ("", "example.com", 0)),
-    (routing.Redirect(port=8443, scheme="https"), routeactions.Listening("http", 80, None), ("https", "", 8443)),
-    # A wildcard host: Envoy keeps the request's host and needs a port to drop the request's.
-    (routing.Redirect(scheme="https"), routeactions.Listening("http", 8080, None), ("https", "", 443)),
-    (routing.Redirect(port=80), routeactions.Listening("http", 8080, "example.com"), ("", "example.com", 0)),
+def _entries(rule: routing.Rule, where: routeactions.Listening) -> list[route_components_pb2.Route]:
+    return routeconfig.route_entries([routing.Route("r", "default", (), rules=(rule,))], routing.Retries(), where=where)
+
+
+Location = tuple[str, str, int]
+WILDCARD = routeactions.Listening("http", 8080, None)  # a wildcard host (or a sidecar's several names)
+REDIRECTS: list[tuple[routing.Redirect, routeactions.Listening, list[tuple[bool, Location]]]] = [
+    # redirect, where it came in -> per Envoy route: (only for a Host with a port?, the Location's
+    # (scheme, host, port) as Envoy builds it; "" and 0: the request's, or none written)
+    (routing.Redirect(scheme="https"), AT_EXAMPLE, [(False, ("https", "example.com", 0))]),  # 443: not written
+    (routing.Redirect(hostname="b.example"), AT_EXAMPLE, [(False, ("", "b.example", 8080))]),  # the listener's
+    (routing.Redirect(), routeactions.Listening("https", 443, "example.com"), [(False, ("", "example.com", 0))]),
+    (routing.Redirect(port=80), AT_EXAMPLE, [(False, ("", "example.com", 0))]),
+    (routing.Redirect(port=8443, scheme="https"), routeactions.Listening("http", 80, None),
+     [(False, ("https", "", 8443))]),
+    (routing.Redirect(), WILDCARD, [(False, ("", "", 8080))]),
+    # The request's host and the scheme's own port: Envoy keeps a Host without a port as it is, and replaces
+    # the port of one with a port only by writing one (`https://a.example.org:443/`, the same place).
+    (routing.Redirect(scheme="https"), WILDCARD, [(True, ("https", "", 443)), (False, ("https", "", 0))]),
+    (routing.Redirect(), routeactions.Listening("http", 80, None), [(True, ("", "", 80)), (False, ("", "", 0))]),
 ]
 
 
-@pytest.mark.parametrize(("redirect", "where", "location"), REDIRECTS)
+@pytest.mark.parametrize(("redirect", "where", "locations"), REDIRECTS)
 def test_a_redirect_gets_gateway_apis_port(redirect: routing.Redirect, where: routeactions.Listening,
-                                          location: tuple[str, str, int]) -> None:
-    entry = _entry(routing.Rule(matches=(_prefix("/a"),), redirect=redirect), where)
-    assert entry.WhichOneof("action") == "redirect"
-    got = entry.redirect
-    assert (got.scheme_redirect, got.host_redirect, got.port_redirect) == location
-    assert got.response_code == route_components_pb2.RedirectAction.FOUND  # Gateway API's default, 302
+                                          locations: list[tuple[bool, Location]]) -> None:
+    entries = _entries(routing.Rule(matches=(_prefix("/a"),), redirect=redirect), where)
+    assert [(routeactions.HOST_WITH_PORT in e.match.headers,
+             (e.redirect.scheme_redirect, e.redirect.host_redirect, e.redirect.port_redirect))
+            for e in entries] == locations
+    for entry in entries:
+        assert entry.WhichOneof("action") == "redirect"
+        assert entry.match.path_separated_prefix == "/a"
+        assert entry.redirect.response_code == route_components_pb2.RedirectAction.FOUND  # Gateway API's default
 
 
 def test_a_redirects_path_and_status() -> None:
@@ -217,6 +230,35 @@ def test_a_backend_request_timeout_is_each_tries_or_without_retries_the_requests
     assert once.timeout.ToMilliseconds() == 300 and not once.HasField("retry_policy")
     unbounded = _entry(routing.Rule(backends=_rule().backends, timeout_ms=0)).route
     assert unbounded.HasField("timeout") and unbounded.timeout.ToMilliseconds() == 0  # 0s: no timeout
+
+
+ROUTE_TIMEOUTS = [  # rule's (request, backendRequest), retries -> Envoy's route timeout (None: unset, Envoy's 15 s)
+    # Without `request`, the tries' timeouts and Envoy's longest waits between them (25 and 50 ms by default).
+    ((None, 30_000), routing.Retries(), 90_075),
+    ((None, 10_000), routing.Retries(attempts=3, backoff_ms=100), 40_700),  # waits of 100, 200, 400 ms
+    ((None, 10_000), routing.Retries(attempts=10, backoff_ms=100), 110_000 + 100 + 200 + 400 + 800 + 6 * 1000),
+    ((None, 4_000), routing.Retries(), None),  # 12.075 s of tries: Envoy's 15 s already fits them
+    ((None, None), routing.Retries(per_try_timeout_ms=10_000), 30_075),  # Istio's perTryTimeout alike
+    ((None, 0), routing.Retries(), 0),  # tries without a limit: the request has none either
+    ((None, 0), routing.Retries(attempts=0), 0),
+    ((None, None), routing.Retries(), None),
+    ((10_000, 30_000), routing.Retries(), 10_000),  # the rule's own limit stands
+    ((0, 30_000), routing.Retries(), 0),
+    ((None, 30_000), routing.Retries(attempts=0), 30_000),  # one try: the whole request
+    ((10_000, 300), routing.Retries(attempts=0), 300),
+    ((10_000, 0), routing.Retries(attempts=0), 10_000),
+]
+
+
+@pytest.mark.parametrize(("timeouts", "retries", "expected"), ROUTE_TIMEOUTS)
+def test_a_request_without_its_own_timeout_gets_one_that_fits_its_tries(
+        timeouts: tuple[int | None, int | None], retries: routing.Retries, expected: int | None) -> None:
+    request, backend = timeouts
+    action = _entry(routing.Rule(backends=_rule().backends, timeout_ms=request, backend_timeout_ms=backend,
+                                 retries=retries)).route
+    assert (action.timeout.ToMilliseconds() if action.HasField("timeout") else None) == expected
+    if retries.attempts and (backend or retries.per_try_timeout_ms):
+        assert action.retry_policy.per_try_timeout.ToMilliseconds() == (backend or retries.per_try_timeout_ms)
 
 
 def test_active_standby_rules_try_twice_per_priority_others_once() -> None:

@@ -173,6 +173,7 @@ def _check(doc: document.PolicyDoc, report: _Report) -> None:
         _check_sections(svc, ("services", i), report)
     _check_failover_has_outlier_detection(doc, report)
     _check_standby_has_outlier_detection(doc, report)
+    _check_standby_retries_reach_the_next_cluster(doc, report)
 
 
 def _check_sections(
@@ -394,3 +395,34 @@ def _check_standby_has_outlier_detection(doc: document.PolicyDoc, report: _Repor
                     f"retried in {second}, and {first} never empties; set outlierDetection in defaults or on "
                     "the service",
                 )
+
+
+def _check_standby_retries_reach_the_next_cluster(doc: document.PolicyDoc, report: _Report) -> None:
+    """An active-standby rule retries in the next cluster only from its second retry (decision 0018,
+    previous_priorities' update_frequency 2): with one retry, a request never leaves the first cluster."""
+    defaults = doc.defaults.retries if doc.defaults is not None else None
+    for i, route in enumerate(doc.routes or ()):
+        for j, rule in enumerate(route.rules):
+            standby = next((b for b in rule.backend_refs if len(b.clusters) > 1), None)
+            if standby is None or any(f.type == "RequestRedirect" for f in rule.filters):
+                continue
+            loc: tuple[str | int, ...] = ("routes", i, "rules", j)
+            said = ""
+            if rule.retry is not None:
+                attempts, where = rule.retry.attempts, (*loc, "retry", "attempts")
+            elif rule.retries is not None:
+                attempts, where = rule.retries.attempts, (*loc, "retries", "attempts")
+            elif defaults is not None:
+                attempts, where = defaults.attempts, (*loc, "backendRefs", rule.backend_refs.index(standby), "clusters")
+                said = f" (defaults.retries, line {report.line(('defaults', 'retries', 'attempts'))})"
+            else:
+                continue
+            if attempts != 1:
+                continue
+            first, second = standby.clusters[:2]
+            report.warning(
+                where,
+                f"1 retry{said} stays in {first}: an active-standby rule retries in the next cluster only from "
+                f"its second retry, so when {first} breaks at once its requests fail, until outlier detection "
+                f"ejects its endpoints, instead of being retried in {second}; give attempts: 2 or more",
+            )

@@ -69,8 +69,8 @@ def sidecar_route_config(
                 entries = route_entries(mine, policy.retries, where=routeactions.Listening("http", port.port))
             else:
                 whole = routing.Backend(service.key, port.port)
-                entries = [_route(routing.Match(), routing.Rule(backends=(whole,)), policy.retries,
-                                  routeactions.Listening("http", port.port))]
+                entries = _routes(routing.Match(), routing.Rule(backends=(whole,)), policy.retries,
+                                  routeactions.Listening("http", port.port))
             config.virtual_hosts.append(route_components_pb2.VirtualHost(
                 name=f"{service.hostname}:{port.port}", domains=domains, routes=entries,
             ))
@@ -119,10 +119,10 @@ def route_entries(
     routes: Sequence[routing.Route], default_retries: routing.Retries, *,
     where: routeactions.Listening = _PLAIN_HTTP,
 ) -> list[route_components_pb2.Route]:
-    """One Envoy route per (rule, match) of `routes`, in Gateway API precedence. `where`: the
-    listener and host they serve, for redirects that keep the request's."""
-    return [_route(match, route.rules[i], default_retries, where, name=_name(route, i))
-            for route, i, _, match in ordered(routes)]
+    """One Envoy route per (rule, match) of `routes` (two for some redirects), in Gateway API precedence.
+    `where`: the listener and host they serve, for redirects that keep the request's."""
+    return [entry for route, i, _, match in ordered(routes)
+            for entry in _routes(match, route.rules[i], default_retries, where, name=_name(route, i))]
 
 
 def _name(route: routing.Route, index: int) -> str:
@@ -152,8 +152,10 @@ def _precedence(route: routing.Route, rule: int, index: int, match: routing.Matc
     )
 
 
-def _route(match: routing.Match, rule: routing.Rule, default_retries: routing.Retries,
-           where: routeactions.Listening, *, name: str = "") -> route_components_pb2.Route:
+def _routes(match: routing.Match, rule: routing.Rule, default_retries: routing.Retries,
+            where: routeactions.Listening, *, name: str = "") -> list[route_components_pb2.Route]:
+    """The Envoy route of one (rule, match); a redirect that keeps the request's host and writes no port
+    takes two, requests whose Host has a port first (`routeactions.by_host_port`)."""
     route = route_components_pb2.Route(name=name, match=_match(match))
     if rule.redirect is not None:
         route.redirect.CopyFrom(routeactions.redirect(rule, where))
@@ -165,7 +167,13 @@ def _route(match: routing.Match, rule: routing.Rule, default_retries: routing.Re
     if rule.response_headers is not None:
         route.response_headers_to_add.extend(routeactions.header_options(rule.response_headers))
         route.response_headers_to_remove.extend(rule.response_headers.remove)
-    return route
+    if rule.redirect is None or not routeactions.by_host_port(rule, where):
+        return [route]
+    without_port = route_components_pb2.Route()
+    without_port.CopyFrom(route)
+    without_port.redirect.CopyFrom(routeactions.redirect(rule, where, port_in_host=False))
+    route.match.headers.append(routeactions.HOST_WITH_PORT)
+    return [route, without_port]
 
 
 def _match(match: routing.Match) -> route_components_pb2.RouteMatch:
@@ -311,8 +319,8 @@ def _grpc_routes(match: routing.Match, rule: routing.Rule, default_retries: rout
 def _grpc_action(rule: routing.Rule, default_retries: routing.Retries) -> route_components_pb2.RouteAction:
     action = _destination(rule)
     retries = rule.retries if rule.retries is not None else default_retries
-    timeout = routeactions.route_timeout_ms(rule, retries)
-    if timeout:  # gRPC's deadline for the call (gRFC A31); gRPC has no timeout per try
+    timeout = routeactions.deadline_ms(rule, retries)
+    if timeout:  # gRPC's deadline for the call (gRFC A31); gRPC has no timeout per try, nor a default
         action.max_stream_duration.max_stream_duration.CopyFrom(routeactions.duration(timeout))
     codes = [c for c in retries.retry_on if c in GRPC_RETRY_ON]
     if retries.attempts > 0 and codes:
