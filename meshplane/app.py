@@ -219,7 +219,7 @@ class ControlPlane:
             return None
         cluster, _, where = self.config.local_cluster.partition("=")
         if where:
-            spec = clusters.spec_from_file(f"{cluster}={where}")
+            spec = clusters.spec_from_file(self.config.local_cluster, flag="--local-cluster")
             return clusters.ClusterSpec(id=spec.id, kubeconfig=spec.kubeconfig, context=spec.context, origin="local")
         return clusters.ClusterSpec(id=model.ClusterId(cluster), kubeconfig=None, origin="local")
 

@@ -208,7 +208,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     """Every problem of every file given, errors on stderr; exit 1 if there is an error."""
-    from meshplane import app
+    from meshplane import app, problems
     from meshplane.discovery import catalog, filesource
     from meshplane.policy import validate
 
@@ -222,8 +222,7 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
             if taken is not None:
                 raise taken
         except OSError as exc:
-            print(f"meshplane validate: --endpoints {endpoints}: cannot read it: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(f"meshplane validate: --endpoints {endpoints}: {problems.cannot_read(exc)}", file=sys.stderr)
             broken = True
             continue
         except filesource.EndpointFileError as exc:
@@ -239,7 +238,12 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     # Checked against the endpoint files only when all of them are good: a broken one would make the
     # policy's references to its services look wrong.
     known = app.known_from(merged.services, merged.status()) if endpoint_files and not broken else None
-    result = validate.load_policy_file(path, known=known)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        print(f"meshplane validate: {path}: {problems.cannot_read(exc)}", file=sys.stderr)
+        return 1
+    result = validate.load_policy_bytes(data, path=str(path), known=known)
     for problem in (*result.errors, *result.warnings):
         prefix = "" if problem.severity == "error" else "warning: "
         print(f"{prefix}{problem}", file=sys.stderr if problem.severity == "error" else sys.stdout)

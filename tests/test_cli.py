@@ -55,6 +55,36 @@ def test_validate_names_an_endpoint_file_it_cannot_read(tmp_path: Path) -> None:
     assert result.stderr == f"meshplane validate: --endpoints {missing}: cannot read it: No such file or directory\n"
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["validate", "{missing}"], "meshplane validate: {missing}: cannot read it: No such file or directory"),
+    (["serve", "-e", "{missing}"], "meshplane: --endpoints {missing}: cannot read it: No such file or directory"),
+    (["serve", "-p", "{missing}"], "meshplane: --policy {missing}: cannot read it: No such file or directory"),
+    (["serve", "--kubeconfig", "cluster-2={missing}"],
+     "meshplane: --kubeconfig cluster-2={missing}: {missing}: cannot read it: No such file or directory"),
+    (["serve", "--kubeconfig", "{missing}"], "meshplane: --kubeconfig {missing}: cannot read it: No such file or "
+                                             "directory"),
+    (["serve", "--local-cluster", "c1={missing}#ctx"],
+     "meshplane: --local-cluster c1={missing}#ctx: {missing}: cannot read it: No such file or directory"),
+])
+def test_a_file_that_cannot_be_read_is_one_line_naming_the_flag_and_the_file(
+    tmp_path: Path, argv: list[str], says: str
+) -> None:
+    missing = str(tmp_path / "nosuch.yaml")
+    ports = ["--ads", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"] if argv[0] == "serve" else []
+    result = _meshplane(*[a.format(missing=missing) for a in argv], *ports)
+    assert (result.returncode, result.stderr) == (1, says.format(missing=missing) + "\n")
+
+
+def test_a_kubeconfig_that_is_not_yaml_is_one_line_with_its_line(tmp_path: Path) -> None:
+    broken = tmp_path / "c2.yaml"
+    broken.write_text("apiVersion: v1\nclusters: [{name: c1\n")
+    result = _meshplane("serve", "--kubeconfig", f"cluster-2={broken}", "--ads", f"127.0.0.1:{free_port()}",
+                        "--http", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert result.stderr == (f"meshplane: --kubeconfig cluster-2={broken}: {broken}:3: invalid YAML: while parsing a "
+                             "flow mapping expected ',' or '}', but got '<stream end>' (column 1)\n")
+
+
 async def test_serve_refuses_a_broken_endpoint_file(tmp_path: Path) -> None:
     broken = tmp_path / "c1.yaml"
     broken.write_text("cluster: c1\nregion: r1\nservices:\n  - name: svc\n    ports: [{name: http, port: 80}]\n"
