@@ -418,7 +418,8 @@ class ControlPlane:
         try:
             answer = explain.from_query(self.catalog.services, self.cache.policy, query, running=running)
         except explain.ExplainError as exc:
-            return admin.Reply(400, "application/json", _json({"error": str(exc)}))
+            about = {"parameter": exc.parameter} if exc.parameter else {}  # the command names its flag
+            return admin.Reply(400, "application/json", _json({"error": str(exc), **about}))
         return admin.Reply(200, "application/json", _json(answer))
 
     def _cluster_status(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def get(server: str, path: str, params: Mapping[str, str | Sequence[str]] | None
         except json.JSONDecodeError:
             answer = None
         if isinstance(answer, dict) and "error" in answer:
-            raise Unanswered(str(answer["error"]), answer) from None
+            raise Unanswered(_as_flag(str(answer["error"]), answer.get("parameter")), answer) from None
         raise Unanswered(f"{url} answered {error.code} {error.reason}: is {server} (--server) the HTTP port "
                          "of `meshplane serve` (its --http)?") from None
     except (OSError, ValueError) as exc:
@@ -74,6 +74,15 @@ def get(server: str, path: str, params: Mapping[str, str | Sequence[str]] | None
     except ValueError:
         raise Unanswered(f"{url} did not answer JSON: is {server} (--server) the HTTP port of `meshplane serve` "
                          "(its --http)?") from None
+
+
+def _as_flag(error: str, parameter: object) -> str:
+    """A page's error about one of its parameters (`down zone=Z: ...`), as the command says it: naming
+    the flag (`--down zone=Z: ...`), which is the parameter's name."""
+    if isinstance(parameter, str) and parameter and error.startswith(parameter) \
+            and error[len(parameter):len(parameter) + 1] in (" ", ":"):
+        return f"--{error}"
+    return error
 
 
 def _reason(exc: BaseException) -> str:
