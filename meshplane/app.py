@@ -329,15 +329,16 @@ class ControlPlane:
 
     def _syncz_page(self, query: Mapping[str, str]) -> admin.Reply:
         """Every connected client and, per type, SYNCED / STALE / NACKED / NOT SENT (`meshplane status`)."""
+        everyone = syncz.clients(self.streams, now=time.time(), now_monotonic=time.monotonic())
         try:
-            table = syncz.select(syncz.clients(self.streams, now=time.time(), now_monotonic=time.monotonic()), query)
+            table = syncz.select(everyone, query)
         except ValueError as exc:
             return admin.Reply(400, "application/json", _json({"error": str(exc)}))
         pending = self.push.pending_since() if self.push is not None else None
         # A change seen but not yet handed to the views: every client may be behind it.
         behind = None if pending is None else round(time.monotonic() - pending, 3)
         return admin.Reply(200, "application/json", _json(
-            {"version": meshplane.version(), "pending_change_s": behind, "clients": table,
+            {"version": meshplane.version(), "pending_change_s": behind, "clients": table, "connected": len(everyone),
              "refused": syncz.refused(self.refused)}))
 
     def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:

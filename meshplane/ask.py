@@ -120,7 +120,7 @@ def status(server: str, *, filters: Mapping[str, str], wait_synced: float | None
     if as_json:
         print(json.dumps(clients, indent=2), file=out)
     else:
-        print(format_page(answer, server=server, sections=() if filters else SECTIONS), file=out)
+        print(format_page(answer, server=server, sections=() if filters else SECTIONS, filters=filters), file=out)
     if wait_synced is not None and not synced:
         waiting = [c["node"] for c in clients if c["state"] != "SYNCED"]
         if not clients:
@@ -139,9 +139,14 @@ def _filters(filters: Mapping[str, str]) -> str:
 
 
 def format_page(answer: Mapping[str, Any], *, server: str,
-                sections: Sequence[Callable[[Mapping[str, Any]], str]] = ()) -> str:
-    """What `meshplane status` prints: which control plane answered, the table, then each of `sections`."""
-    parts = [f"meshplane {answer.get('version', 'unknown')} at {server}", format_status(answer["clients"])]
+                sections: Sequence[Callable[[Mapping[str, Any]], str]] = (),
+                filters: Mapping[str, str] | None = None) -> str:
+    """What `meshplane status` prints: which control plane answered, the table, then each of `sections`.
+    With `filters` that no client matches, it says so, and how many are connected."""
+    table = format_status(answer["clients"])
+    if filters and not answer["clients"] and answer.get("connected"):
+        table = f"no client matches {_filters(filters)} ({answer['connected']} connected)"
+    parts = [f"meshplane {answer.get('version', 'unknown')} at {server}", table]
     parts += [text for section in sections if (text := section(answer))]
     return "\n".join(parts)
 

@@ -143,12 +143,17 @@ async def test_status_kind_grpc_lists_a_proxyless_client_and_state_takes_any_cas
             assert code == 0, (out, err)
             rows = out.splitlines()[2:]
             assert [row.split()[:3] for row in rows] == [["grpc-cn-hangzhou-h", "grpc", "sotw"]], out
+            code, out, err = await meshplane("status", "--server", server, "--kind", "GRPC")  # any case, as --state
+            assert code == 0 and out.splitlines()[2].startswith("grpc-cn-hangzhou-h"), (out, err)
             for state in ("synced", "Synced", "SYNCED"):
                 code, out, err = await meshplane("status", "--server", server, "--state", state)
                 assert code == 0 and out.splitlines()[2].startswith("grpc-cn-hangzhou-h"), (state, out, err)
-            code, out, _ = await meshplane("status", "--server", server, "--kind", "sidecar")
-            assert out.splitlines()[1:] == ["no clients connected"]
-            for query in ("state=synced", "kind=grpc&state=Synced", "locality=cn-hangzhou/cn-hangzhou-h/"):
+            # Filters that match nobody say so, not that nobody is connected.
+            for filters in (["--kind", "sidecar"], ["--state", "nacked"], ["--locality", "ap-northeast-1"]):
+                code, out, _ = await meshplane("status", "--server", server, *filters)
+                shown = f"{filters[0]} {filters[1].upper() if filters[0] == '--state' else filters[1]}"
+                assert (code, out.splitlines()[1:]) == (0, [f"no client matches {shown} (1 connected)"]), out
+            for query in ("state=synced", "kind=grpc&state=Synced", "kind=GRPC", "locality=cn-hangzhou/cn-hangzhou-h/"):
                 status, _, body = await http(plane, f"/debug/syncz?{query}")
                 assert status == 200 and [c["node"] for c in body["clients"]] == ["grpc-cn-hangzhou-h"], query
 
