@@ -219,7 +219,7 @@ class ControlPlane:
             return None
         cluster, _, where = self.config.local_cluster.partition("=")
         if where:
-            spec = clusters.spec_from_file(f"{cluster}={where}")
+            spec = clusters.spec_from_file(self.config.local_cluster, flag="--local-cluster")
             return clusters.ClusterSpec(id=spec.id, kubeconfig=spec.kubeconfig, context=spec.context, origin="local")
         return clusters.ClusterSpec(id=model.ClusterId(cluster), kubeconfig=None, origin="local")
 
@@ -329,15 +329,16 @@ class ControlPlane:
 
     def _syncz_page(self, query: Mapping[str, str]) -> admin.Reply:
         """Every connected client and, per type, SYNCED / STALE / NACKED / NOT SENT (`meshplane status`)."""
+        everyone = syncz.clients(self.streams, now=time.time(), now_monotonic=time.monotonic())
         try:
-            table = syncz.select(syncz.clients(self.streams, now=time.time(), now_monotonic=time.monotonic()), query)
+            table = syncz.select(everyone, query)
         except ValueError as exc:
             return admin.Reply(400, "application/json", _json({"error": str(exc)}))
         pending = self.push.pending_since() if self.push is not None else None
         # A change seen but not yet handed to the views: every client may be behind it.
         behind = None if pending is None else round(time.monotonic() - pending, 3)
         return admin.Reply(200, "application/json", _json(
-            {"version": meshplane.version(), "pending_change_s": behind, "clients": table,
+            {"version": meshplane.version(), "pending_change_s": behind, "clients": table, "connected": len(everyone),
              "refused": syncz.refused(self.refused)}))
 
     def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:
@@ -418,7 +419,8 @@ class ControlPlane:
         try:
             answer = explain.from_query(self.catalog.services, self.cache.policy, query, running=running)
         except explain.ExplainError as exc:
-            return admin.Reply(400, "application/json", _json({"error": str(exc)}))
+            about = {"parameter": exc.parameter} if exc.parameter else {}  # the command names its flag
+            return admin.Reply(400, "application/json", _json({"error": str(exc), **about}))
         return admin.Reply(200, "application/json", _json(answer))
 
     def _cluster_status(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def get(server: str, path: str, params: Mapping[str, str | Sequence[str]] | None
         except json.JSONDecodeError:
             answer = None
         if isinstance(answer, dict) and "error" in answer:
-            raise Unanswered(str(answer["error"]), answer) from None
+            raise Unanswered(_as_flag(str(answer["error"]), answer.get("parameter")), answer) from None
         raise Unanswered(f"{url} answered {error.code} {error.reason}: is {server} (--server) the HTTP port "
                          "of `meshplane serve` (its --http)?") from None
     except (OSError, ValueError) as exc:
@@ -74,6 +74,15 @@ def get(server: str, path: str, params: Mapping[str, str | Sequence[str]] | None
     except ValueError:
         raise Unanswered(f"{url} did not answer JSON: is {server} (--server) the HTTP port of `meshplane serve` "
                          "(its --http)?") from None
+
+
+def _as_flag(error: str, parameter: object) -> str:
+    """A page's error about one of its parameters (`down zone=Z: ...`), as the command says it: naming
+    the flag (`--down zone=Z: ...`), which is the parameter's name."""
+    if isinstance(parameter, str) and parameter and error.startswith(parameter) \
+            and error[len(parameter):len(parameter) + 1] in (" ", ":"):
+        return f"--{error}"
+    return error
 
 
 def _reason(exc: BaseException) -> str:
@@ -111,7 +120,7 @@ def status(server: str, *, filters: Mapping[str, str], wait_synced: float | None
     if as_json:
         print(json.dumps(clients, indent=2), file=out)
     else:
-        print(format_page(answer, server=server, sections=() if filters else SECTIONS), file=out)
+        print(format_page(answer, server=server, sections=() if filters else SECTIONS, filters=filters), file=out)
     if wait_synced is not None and not synced:
         waiting = [c["node"] for c in clients if c["state"] != "SYNCED"]
         if not clients:
@@ -130,9 +139,14 @@ def _filters(filters: Mapping[str, str]) -> str:
 
 
 def format_page(answer: Mapping[str, Any], *, server: str,
-                sections: Sequence[Callable[[Mapping[str, Any]], str]] = ()) -> str:
-    """What `meshplane status` prints: which control plane answered, the table, then each of `sections`."""
-    parts = [f"meshplane {answer.get('version', 'unknown')} at {server}", format_status(answer["clients"])]
+                sections: Sequence[Callable[[Mapping[str, Any]], str]] = (),
+                filters: Mapping[str, str] | None = None) -> str:
+    """What `meshplane status` prints: which control plane answered, the table, then each of `sections`.
+    With `filters` that no client matches, it says so, and how many are connected."""
+    table = format_status(answer["clients"])
+    if filters and not answer["clients"] and answer.get("connected"):
+        table = f"no client matches {_filters(filters)} ({answer['connected']} connected)"
+    parts = [f"meshplane {answer.get('version', 'unknown')} at {server}", table]
     parts += [text for section in sections if (text := section(answer))]
     return "\n".join(parts)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import meshplane
-from meshplane import ask, flags
+from meshplane import ask, flags, forms
 from meshplane.xds import limits
 
 # Only what every command needs is imported here: `status`, `config-dump` and `explain` are a question
@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", "every connected proxy and, per type, SYNCED / STALE / NACKED / NOT SENT")
     server(status)
-    status.add_argument("--kind", choices=ask.KINDS, help="only proxies of this kind")
-    status.add_argument("--locality", metavar="REGION[/ZONE[/CLUSTER]]", help="only proxies in this locality")
+    status.add_argument("--kind", type=str.lower, choices=ask.KINDS, help="only proxies of this kind (any case)")
+    status.add_argument("--locality", type=flags.form(forms.locality_prefix), metavar="REGION[/ZONE[/CLUSTER]]",
+                        help="only proxies in this locality")
     status.add_argument("--state", type=str.upper, choices=ask.STATES,
                         help="only proxies with a type in this state (any case)")
     status.add_argument("--wait-synced", type=flags.seconds, metavar="TIMEOUT",
@@ -149,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp = command("explain", "where a client's traffic for a service goes and why; with --down, what if")
     exp.add_argument("service", nargs="?", metavar="SERVICE",
                      help="NAMESPACE/NAME (default namespace: default); not with --gateway")
-    exp.add_argument("--from", dest="origin", metavar="REGION/ZONE/CLUSTER",
+    exp.add_argument("--from", dest="origin", type=flags.form(forms.origin), metavar="REGION/ZONE/CLUSTER",
                      help="the client's locality (a zone alone if the catalog knows its region); with "
                           "--gateway, default: where a connected proxy of that gateway runs")
     exp.add_argument("--label", action="append", default=[], type=flags.pair("KEY=VALUE"), metavar="KEY=VALUE",
                      help="a label of the client's (repeatable; failoverPriority and distribute rules read them)")
-    exp.add_argument("--down", action="append", default=[],
+    exp.add_argument("--down", action="append", default=[], type=flags.form(forms.down),
                      metavar="zone=Z|cluster=C|region=R|endpoint=ADDR[:PORT]",
                      help="suppose these endpoints failed (repeatable)")
     exp.add_argument("--gateway", metavar="NAME", help="explain a request at this gateway instead of a service")
@@ -178,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would print the program's usage: the command's says what it takes
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code = _dispatch(parser, args)
         sys.stdout.flush()
@@ -198,6 +201,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             _subparser(parser, "validate").error("give a POLICY_FILE, --endpoints FILE, or both")
         return _validate(args.policy, args.endpoints)
     if args.command == "serve":
+        _check_serve(_subparser(parser, "serve"), args)
         return _run(_serve(args))
     if args.command == "demo":
         from meshplane.demo import run as demo_run
@@ -208,7 +212,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     """Every problem of every file given, errors on stderr; exit 1 if there is an error."""
-    from meshplane import app
+    from meshplane import app, problems
     from meshplane.discovery import catalog, filesource
     from meshplane.policy import validate
 
@@ -222,8 +226,7 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
             if taken is not None:
                 raise taken
         except OSError as exc:
-            print(f"meshplane validate: --endpoints {endpoints}: cannot read it: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(f"meshplane validate: --endpoints {endpoints}: {problems.cannot_read(exc)}", file=sys.stderr)
             broken = True
             continue
         except filesource.EndpointFileError as exc:
@@ -239,7 +242,12 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     # Checked against the endpoint files only when all of them are good: a broken one would make the
     # policy's references to its services look wrong.
     known = app.known_from(merged.services, merged.status()) if endpoint_files and not broken else None
-    result = validate.load_policy_file(path, known=known)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        print(f"meshplane validate: {path}: {problems.cannot_read(exc)}", file=sys.stderr)
+        return 1
+    result = validate.load_policy_bytes(data, path=str(path), known=known)
     for problem in (*result.errors, *result.warnings):
         prefix = "" if problem.severity == "error" else "warning: "
         print(f"{prefix}{problem}", file=sys.stderr if problem.severity == "error" else sys.stdout)
@@ -273,6 +281,8 @@ def _explain_params(usage: argparse.ArgumentParser, args: argparse.Namespace) ->
         for flag in ("host", "path", "header", "method"):
             if getattr(args, flag):
                 usage.error(f"--{flag} is for a request at a gateway: give --gateway NAME, not a SERVICE")
+        if not args.origin:
+            usage.error("give the client's locality: --from REGION/ZONE/CLUSTER (or a zone alone)")
         return params | {"service": args.service, "label": args.label}
     if args.label:
         usage.error("--label is a sidecar client's: a gateway's placement reads none")
@@ -296,21 +306,29 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _check_serve(usage: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that need others: a usage error naming those given, and what they need."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_key is None else ("--tls-key", "--tls-cert")
+        usage.error(f"{given} needs {missing}: a certificate and its private key go together")
+    why = {"--client-ca": ": client certificates are checked in the TLS handshake",
+           "--ads-plaintext": ": it adds a plaintext port beside ADS over TLS (without TLS, --ads is plaintext)"}
+    needing = [flag for flag in why if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.tls_cert is None and needing:
+        usage.error(" and ".join(needing) + (" need --tls-cert and --tls-key" if len(needing) > 1
+                                             else f" needs --tls-cert and --tls-key{why[needing[0]]}"))
+    if args.client_cert == "optional" and args.client_ca is None:
+        usage.error("--client-cert optional needs --client-ca (and --tls-cert, --tls-key): without a CA no "
+                    "client certificate is asked for")
+    if args.remote_secrets is not None and not args.local_cluster:
+        usage.error("--remote-secrets needs --local-cluster: the Secrets are read from the local cluster")
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from meshplane import app, gc_tuning, listen, tls
     from meshplane.discovery import filesource, kubesource
     from meshplane.policy import validate
 
-    if (args.tls_cert is None) != (args.tls_key is None):
-        print("meshplane: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
-    if args.tls_cert is None and (args.client_ca is not None or args.ads_plaintext):
-        print("meshplane: --client-ca and --ads-plaintext need --tls-cert and --tls-key", file=sys.stderr)
-        return 2
-    if args.client_cert == "optional" and args.client_ca is None:
-        print("meshplane: --client-cert optional needs --client-ca (and --tls-cert, --tls-key): without a CA no "
-              "client certificate is asked for", file=sys.stderr)
-        return 2
     tls_files = None if args.tls_cert is None else tls.TlsFiles(
         cert=args.tls_cert, key=args.tls_key, client_ca=args.client_ca,
         require_client_cert=args.client_cert == "required")

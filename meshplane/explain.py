@@ -14,7 +14,6 @@ overprovisioning factor the assignment carries.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
+from meshplane import forms
 from meshplane.discovery import model
 from meshplane.policy import placement, routing, rules
 from meshplane.xds import routeconfig, translate
@@ -34,7 +34,12 @@ _SERVING = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN)  # what Envoy co
 
 
 class ExplainError(ValueError):
-    """A question that cannot be answered as asked; the message says why."""
+    """A question that cannot be answered as asked; the message says why. `parameter`: the page's
+    parameter the message begins with, if it is about one (the command line names its flag instead)."""
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 @dataclass(frozen=True)
@@ -46,19 +51,10 @@ class Down:
 
     @classmethod
     def parse(cls, text: str) -> Down:
-        what, sep, value = text.partition("=")
-        if not sep or what not in ("zone", "cluster", "region", "endpoint") or not value:
-            raise ExplainError(f"--down {text!r}: write zone=Z, cluster=C, region=R or endpoint=ADDR[:PORT]")
-        if what == "endpoint":
-            address, port = _address_and_port(value)
-            if port is not None and not 1 <= port <= 65535:
-                raise ExplainError(f"--down {text!r}: {port} is not a port number (1-65535)")
-            try:
-                ipaddress.ip_address(address)
-            except ValueError:
-                raise ExplainError(f"--down {text!r}: {address!r} is not an IP address "
-                                   "(endpoint=10.1.0.2 or endpoint=10.1.0.2:8080)") from None
-            value = address if port is None else f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        try:
+            what, value = forms.down(text)
+        except forms.FormError as exc:
+            raise ExplainError(f"down {exc}", parameter="down") from None
         return cls(what, value)
 
     def covers(self, where: base_pb2.Locality, address: str, port: int) -> bool:
@@ -70,24 +66,8 @@ class Down:
     def _covers(self, where: model.Locality, address: str, ports: tuple[int, ...]) -> bool:
         if self.what != "endpoint":
             return bool(getattr(where, self.what) == self.value)
-        want, want_port = _address_and_port(self.value)
+        want, want_port = forms.address_and_port(self.value)
         return address == want and (want_port is None or want_port in ports)
-
-
-def _address_and_port(text: str) -> tuple[str, int | None]:
-    """ADDR, ADDR:PORT, or an IPv6 address bare or as [ADDR]:PORT; a port that is not a number is refused."""
-    if text.startswith("["):
-        address, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":") if rest.startswith(":") else None
-    elif text.count(":") == 1:
-        address, _, port = text.partition(":")
-    else:
-        address, port = text, None
-    if port is None:
-        return address, None
-    if not port.isdigit():
-        raise ExplainError(f"--down 'endpoint={text}': {port!r} is not a port number (1-65535)")
-    return address, int(port)
 
 
 def check_down(down: Sequence[Down], services: Mapping[model.ServiceKey, model.Service]) -> None:
@@ -98,30 +78,31 @@ def check_down(down: Sequence[Down], services: Mapping[model.ServiceKey, model.S
         if any(d.covers_endpoint(ep) for ep in endpoints):
             continue
         if d.what == "endpoint":
-            raise ExplainError(f"--down endpoint={d.value}: no endpoint in the catalog is at {d.value} "
-                               "(`meshplane explain SERVICE` lists a service's endpoints)")
+            raise ExplainError(f"down endpoint={d.value}: no endpoint in the catalog is at {d.value} "
+                               "(`meshplane explain SERVICE` lists a service's endpoints)", parameter="down")
         known = sorted({getattr(ep.locality, d.what) for ep in endpoints} - {""})
-        raise ExplainError(f"--down {d.what}={d.value}: no endpoint of the catalog is in that {d.what} "
-                           f"({d.what}s: {', '.join(known) or 'none'})")
+        raise ExplainError(f"down {d.what}={d.value}: no endpoint of the catalog is in that {d.what} "
+                           f"({d.what}s: {', '.join(known) or 'none'})", parameter="down")
 
 
 def locality(text: str, services: Mapping[model.ServiceKey, model.Service]) -> model.Locality:
     """REGION/ZONE/CLUSTER; a missing region (or cluster) is taken from the endpoints the catalog has
     in that zone, or refused: a locality without a region ranks nothing."""
-    if text.count("/") > 2:
-        raise ExplainError(f"--from {text!r} is not REGION/ZONE/CLUSTER (or a zone alone)")
-    parts = [*text.split("/"), "", ""][:3] if "/" in text else ["", text, ""]
-    region, zone, cluster = parts
+    if not text:
+        raise ExplainError("give the client's locality: from=REGION/ZONE/CLUSTER (or a zone alone)",
+                           parameter="from")
+    try:
+        region, zone, cluster = forms.origin(text)
+    except forms.FormError as exc:
+        raise ExplainError(f"from {exc}", parameter="from") from None
     if region:
         return model.Locality(region, zone, cluster)
-    if not zone:
-        raise ExplainError("give the client's locality: --from REGION/ZONE/CLUSTER")
     seen = {ep.locality for s in services.values() for ep in s.endpoints if ep.locality.zone == zone}
     regions = {loc.region for loc in seen}
     if len(regions) != 1:
         found = ", ".join(sorted(regions)) or "none"
-        raise ExplainError(f"zone {zone!r} alone does not say the region (regions seen with it: {found}); "
-                           "give REGION/ZONE/CLUSTER")
+        raise ExplainError(f"from {text!r}: zone {zone!r} alone does not say the region (regions seen with it: "
+                           f"{found}); give REGION/ZONE/CLUSTER", parameter="from")
     clusters = {loc.cluster for loc in seen}
     return model.Locality(regions.pop(), zone, cluster or (clusters.pop() if len(clusters) == 1 else ""))
 
@@ -144,7 +125,7 @@ def from_query(
         split = [item.partition("=") for item in many(name)]
         bad = next(("".join(p) for p in split if not (p[0] and p[1])), None)
         if bad is not None:
-            raise ExplainError(f"{name} {bad!r}: write {form}")
+            raise ExplainError(f"{name} {bad!r}: write {form}", parameter=name)
         return {k: v for k, _, v in split}
 
     unknown = sorted(set(query) - set(PARAMETERS))

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import meshplane
-from meshplane import ask
+from meshplane import ask, forms
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,6 +81,19 @@ def pair(form: str) -> Callable[[str], str]:
         return text
 
     return check
+
+
+def form(check: Callable[[str], object]) -> Callable[[str], str]:
+    """A flag's type from a check of meshplane/forms.py (the one the /debug pages make): the text as
+    given, or a usage error saying what is wrong with it."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except forms.FormError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse
 
 
 def server(text: str) -> str:

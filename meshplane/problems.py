@@ -18,6 +18,9 @@ Severity = Literal["error", "warning"]
 
 @dataclass(frozen=True)
 class Problem:
+    """`line` 0: the file as a whole (it could not be read), not a place in it; `field` then names what
+    gave the file (a flag, as `--policy`) or is "(file)"."""
+
     file: str
     line: int
     field: str
@@ -25,7 +28,15 @@ class Problem:
     severity: Severity = "error"
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.reason}"
+        if self.line:
+            return f"{self.file}:{self.line}: {self.field}: {self.reason}"
+        given = f"{self.field} " if self.field.startswith("--") else ""
+        return f"{given}{self.file}: {self.reason}"
+
+
+def cannot_read(exc: OSError) -> str:
+    """Why a file cannot be read, the one way every file meshplane reads says it (after `--flag FILE: `)."""
+    return f"cannot read it: {exc.strerror or exc}"
 
 
 def unknown_field(key: object, known: Sequence[str]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import ssl
 import threading
 import time
@@ -105,7 +106,7 @@ def load(files: TlsFiles) -> Loaded:
     except TypeError:  # cryptography's word for a key that needs a password
         raise TlsError(f"{files.key}: the private key is encrypted; meshplane needs it unencrypted") from None
     except (ValueError, exceptions.UnsupportedAlgorithm) as exc:
-        raise TlsError(f"{files.key}: not a private key meshplane can read ({_first_line(exc)})") from None
+        raise TlsError(f"{files.key}: not a private key meshplane can read ({_why(exc, key, 'PRIVATE KEY')})") from None
     served = chain[0]
     if _spki(private.public_key()) != _spki(served.public_key()):
         raise TlsError(f"{files.key} is not the private key of the certificate in {files.cert} "
@@ -120,7 +121,7 @@ def _certificates(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
     try:
         found = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise TlsError(f"{path}: the {what} is not a PEM certificate ({_first_line(exc)})") from None
+        raise TlsError(f"{path}: the {what} is not a PEM certificate ({_why(exc, data, 'CERTIFICATE')})") from None
     if not found:
         raise TlsError(f"{path}: the {what} holds no certificate")
     return found
@@ -130,8 +131,20 @@ def _spki(public_key: Any) -> bytes:
     return bytes(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+def _why(exc: Exception, data: bytes, want: str) -> str:
+    """Why cryptography could not load a PEM file, in our words: its own carry a FAQ link and its
+    parser's names (`MalformedFraming`, `ParseError { kind: ShortData ... }`)."""
+    blocks = list(dict.fromkeys(label.decode() for label in re.findall(rb"-----BEGIN ([A-Z0-9 ]+)-----", data)))
+    if blocks and not any(want in block for block in blocks):
+        return f"its PEM {'block is' if len(blocks) == 1 else 'blocks are'} {', '.join(blocks)}, not {want}"
+    text = str(exc)
+    if "MalformedFraming" in text:
+        return "a BEGIN line without its END line: cut short, or not PEM"
+    if "InvalidData" in text:
+        return "what is between its BEGIN and END lines is not base64"
+    if isinstance(exc, exceptions.UnsupportedAlgorithm):
+        return "a kind of key cryptography cannot load"
+    return f"its {want} block does not decode as a {want.lower()}"
 
 
 def _iso(wall: float) -> str:

@@ -81,12 +81,12 @@ def load(text: str, *, fast: bool = False) -> Located:
     try:
         loader = (_FAST_LOADER if fast else yaml.SafeLoader)(text)  # reads ahead: a control character fails here
     except yaml.YAMLError as exc:
-        raise _syntax_error(exc, text) from None
+        raise syntax_error(exc, text) from None
     try:
         try:
             node = loader.get_single_node()
         except yaml.YAMLError as exc:
-            raise _syntax_error(exc, text) from None
+            raise syntax_error(exc, text) from None
         if node is None:
             return Located(None, {})
         builder = _Builder(loader)
@@ -97,8 +97,9 @@ def load(text: str, *, fast: bool = False) -> Located:
         loader.dispose()
 
 
-def _syntax_error(exc: yaml.YAMLError, text: str) -> YamlError:
-    """One line, with the line and column of the problem (PyYAML's own text spans several)."""
+def syntax_error(exc: yaml.YAMLError, text: str) -> YamlError:
+    """PyYAML's error for `text` in one line, with the line and column of the problem (its own text
+    spans several)."""
     if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
         # A character YAML does not allow: its position is an index into the text.
         line_start = text.rfind("\n", 0, exc.position) + 1

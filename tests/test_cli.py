@@ -55,6 +55,36 @@ def test_validate_names_an_endpoint_file_it_cannot_read(tmp_path: Path) -> None:
     assert result.stderr == f"meshplane validate: --endpoints {missing}: cannot read it: No such file or directory\n"
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["validate", "{missing}"], "meshplane validate: {missing}: cannot read it: No such file or directory"),
+    (["serve", "-e", "{missing}"], "meshplane: --endpoints {missing}: cannot read it: No such file or directory"),
+    (["serve", "-p", "{missing}"], "meshplane: --policy {missing}: cannot read it: No such file or directory"),
+    (["serve", "--kubeconfig", "cluster-2={missing}"],
+     "meshplane: --kubeconfig cluster-2={missing}: {missing}: cannot read it: No such file or directory"),
+    (["serve", "--kubeconfig", "{missing}"], "meshplane: --kubeconfig {missing}: cannot read it: No such file or "
+                                             "directory"),
+    (["serve", "--local-cluster", "c1={missing}#ctx"],
+     "meshplane: --local-cluster c1={missing}#ctx: {missing}: cannot read it: No such file or directory"),
+])
+def test_a_file_that_cannot_be_read_is_one_line_naming_the_flag_and_the_file(
+    tmp_path: Path, argv: list[str], says: str
+) -> None:
+    missing = str(tmp_path / "nosuch.yaml")
+    ports = ["--ads", f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{free_port()}"] if argv[0] == "serve" else []
+    result = _meshplane(*[a.format(missing=missing) for a in argv], *ports)
+    assert (result.returncode, result.stderr) == (1, says.format(missing=missing) + "\n")
+
+
+def test_a_kubeconfig_that_is_not_yaml_is_one_line_with_its_line(tmp_path: Path) -> None:
+    broken = tmp_path / "c2.yaml"
+    broken.write_text("apiVersion: v1\nclusters: [{name: c1\n")
+    result = _meshplane("serve", "--kubeconfig", f"cluster-2={broken}", "--ads", f"127.0.0.1:{free_port()}",
+                        "--http", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert result.stderr == (f"meshplane: --kubeconfig cluster-2={broken}: {broken}:3: invalid YAML: while parsing a "
+                             "flow mapping expected ',' or '}', but got '<stream end>' (column 1)\n")
+
+
 async def test_serve_refuses_a_broken_endpoint_file(tmp_path: Path) -> None:
     broken = tmp_path / "c1.yaml"
     broken.write_text("cluster: c1\nregion: r1\nservices:\n  - name: svc\n    ports: [{name: http, port: 80}]\n"
@@ -178,6 +208,31 @@ def test_negative_or_impossible_numbers_are_usage_errors_naming_the_flag(argv: l
     (["explain", "--gateway", "edge", "--header", "x-canary"], "argument --header: 'x-canary': write NAME=VALUE"),
     (["status", "--server", "127.0.0.1:abc"], "argument --server: '127.0.0.1:abc': the port is not a number"),
     (["status", "--server", "ftp://127.0.0.1:18001"], "argument --server: 'ftp://127.0.0.1:18001': the control"),
+    # Forms the command checks before asking the server (the page checks them too, for scripts).
+    (["explain", "mockb", "--from", "a/b/c/d"], "argument --from: 'a/b/c/d' is not REGION/ZONE/CLUSTER (or a zone "
+                                                "alone)"),
+    (["explain", "mockb"], "give the client's locality: --from REGION/ZONE/CLUSTER (or a zone alone)"),
+    (["explain", "mockb", "--from", "z", "--down", "endpoint=10.1.0.2:99999"],
+     "argument --down: 'endpoint=10.1.0.2:99999': 99999 is not a port number (1-65535)"),
+    (["explain", "mockb", "--from", "z", "--down", "endpoint=not-an-address"],
+     "argument --down: 'endpoint=not-an-address': 'not-an-address' is not an IP address"),
+    (["explain", "mockb", "--from", "z", "--down", "datacenter=dc1"],
+     "argument --down: 'datacenter=dc1': write zone=Z, cluster=C, region=R or endpoint=ADDR[:PORT]"),
+    (["status", "--locality", "a/b/c/d"], "argument --locality: 'a/b/c/d' is not REGION[/ZONE[/CLUSTER]]"),
+    (["status", "--kind", "proxyless"], "argument --kind: invalid choice: 'proxyless'"),
+    # serve's flags that need others name only those given.
+    (["serve", "--client-cert", "optional"], "--client-cert optional needs --client-ca (and --tls-cert, --tls-key)"),
+    (["serve", "--tls-cert", "c.pem"], "error: --tls-cert needs --tls-key: a certificate and its private key go "
+                                       "together"),
+    (["serve", "--tls-key", "k.pem"], "error: --tls-key needs --tls-cert: "),
+    (["serve", "--client-ca", "/x"], "error: --client-ca needs --tls-cert and --tls-key: client certificates are "
+                                     "checked in the TLS handshake"),
+    (["serve", "--ads-plaintext", ":18002"], "error: --ads-plaintext needs --tls-cert and --tls-key: "),
+    (["serve", "--remote-secrets", "meshplane-system"], "error: --remote-secrets needs --local-cluster: the Secrets "
+                                                        "are read from the local cluster"),
+    # A flag of another command: this command's usage, not the program's.
+    (["validate", "p.yaml", "--http", "127.0.0.1:1"], "meshplane validate: error: unrecognized arguments: --http "
+                                                      "127.0.0.1:1"),
 ])
 def test_a_commands_usage_error_prints_that_commands_usage(argv: list[str], says: str) -> None:
     result = _meshplane(*argv)

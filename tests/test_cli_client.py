@@ -143,12 +143,17 @@ async def test_status_kind_grpc_lists_a_proxyless_client_and_state_takes_any_cas
             assert code == 0, (out, err)
             rows = out.splitlines()[2:]
             assert [row.split()[:3] for row in rows] == [["grpc-cn-hangzhou-h", "grpc", "sotw"]], out
+            code, out, err = await meshplane("status", "--server", server, "--kind", "GRPC")  # any case, as --state
+            assert code == 0 and out.splitlines()[2].startswith("grpc-cn-hangzhou-h"), (out, err)
             for state in ("synced", "Synced", "SYNCED"):
                 code, out, err = await meshplane("status", "--server", server, "--state", state)
                 assert code == 0 and out.splitlines()[2].startswith("grpc-cn-hangzhou-h"), (state, out, err)
-            code, out, _ = await meshplane("status", "--server", server, "--kind", "sidecar")
-            assert out.splitlines()[1:] == ["no clients connected"]
-            for query in ("state=synced", "kind=grpc&state=Synced", "locality=cn-hangzhou/cn-hangzhou-h/"):
+            # Filters that match nobody say so, not that nobody is connected.
+            for filters in (["--kind", "sidecar"], ["--state", "nacked"], ["--locality", "ap-northeast-1"]):
+                code, out, _ = await meshplane("status", "--server", server, *filters)
+                shown = f"{filters[0]} {filters[1].upper() if filters[0] == '--state' else filters[1]}"
+                assert (code, out.splitlines()[1:]) == (0, [f"no client matches {shown} (1 connected)"]), out
+            for query in ("state=synced", "kind=grpc&state=Synced", "kind=GRPC", "locality=cn-hangzhou/cn-hangzhou-h/"):
                 status, _, body = await http(plane, f"/debug/syncz?{query}")
                 assert status == 200 and [c["node"] for c in body["clients"]] == ["grpc-cn-hangzhou-h"], query
 
@@ -176,30 +181,36 @@ async def test_syncz_refuses_a_filter_no_client_could_match(s1_plane: app.Contro
 
 
 @pytest.mark.parametrize(("query", "says"), [
-    ("from=a/b/c/d", "--from 'a/b/c/d' is not REGION/ZONE/CLUSTER (or a zone alone)"),
-    ("down=endpoint=10.1.0.2:99999", "--down 'endpoint=10.1.0.2:99999': 99999 is not a port number (1-65535)"),
-    ("down=endpoint=10.1.0.2:http", "'http' is not a port number (1-65535)"),
-    ("down=endpoint=not-an-address", "--down 'endpoint=not-an-address': 'not-an-address' is not an IP address"),
-    ("down=endpoint=10.1.0.2", "--down endpoint=10.1.0.2: no endpoint in the catalog is at 10.1.0.2"),
-    ("down=zone=cn-hangzhou-q", "--down zone=cn-hangzhou-q: no endpoint of the catalog is in that zone (zones: "
+    ("from=a/b/c/d", "from 'a/b/c/d' is not REGION/ZONE/CLUSTER (or a zone alone)"),
+    ("from=nowhere", "from 'nowhere': zone 'nowhere' alone does not say the region (regions seen with it: none)"),
+    ("down=endpoint=10.1.0.2:99999", "down 'endpoint=10.1.0.2:99999': 99999 is not a port number (1-65535)"),
+    ("down=endpoint=10.1.0.2:http", "down 'endpoint=10.1.0.2:http': 'http' is not a port number (1-65535)"),
+    ("down=endpoint=not-an-address", "down 'endpoint=not-an-address': 'not-an-address' is not an IP address"),
+    ("down=endpoint=10.1.0.2", "down endpoint=10.1.0.2: no endpoint in the catalog is at 10.1.0.2"),
+    ("down=zone=cn-hangzhou-q", "down zone=cn-hangzhou-q: no endpoint of the catalog is in that zone (zones: "
                                 "ap-northeast-1a, ap-northeast-1b, cn-hangzhou-h, cn-hangzhou-k)"),
-    ("down=cluster=cluster-3", "(clusters: cluster-1, cluster-2)"),
-    ("down=region=eu-west-1", "(regions: ap-northeast-1, cn-hangzhou)"),
+    ("down=cluster=cluster-3", "down cluster=cluster-3: no endpoint of the catalog is in that cluster (clusters: "
+                               "cluster-1, cluster-2)"),
+    ("down=region=eu-west-1", "down region=eu-west-1: no endpoint of the catalog is in that region (regions: "
+                              "ap-northeast-1, cn-hangzhou)"),
     ("label=version", "label 'version': write KEY=VALUE"),
     ("label==v1", "label '=v1': write KEY=VALUE"),
     ("lable=version%3Dv1", "unknown parameter 'lable'"),
     ("host=example.com", "host is for a request at a gateway: give gateway=NAME"),
 ])
 async def test_explain_page_refuses_what_the_command_refuses(s1_plane: app.ControlPlane, query: str, says: str) -> None:
+    """Naming the page's parameter (`from`, `down`), not the command's flag: scripts read the page."""
     base = "service=mockb" + ("" if query.startswith("from=") else "&from=ap-northeast-1a")
     status, _, body = await http(s1_plane, f"/debug/explain?{base}&{query}")
-    assert status == 400 and says in body["error"], body
+    assert status == 400 and body["error"].startswith(says), body
+    name = query.partition("=")[0]
+    assert body.get("parameter") == (name if name in ("from", "down", "label") else None), body
 
 
 @pytest.mark.parametrize(("query", "says"), [
     ("gateway=edge&header=x-canary", "header 'x-canary': write NAME=VALUE"),
     ("gateway=edge&label=version%3Dv1", "label is a sidecar client's"),
-    ("gateway=edge&down=zone=nope", "--down zone=nope: no endpoint of the catalog is in that zone"),
+    ("gateway=edge&down=zone=nope", "down zone=nope: no endpoint of the catalog is in that zone"),
     ("gateway=edge&service=mockb", "give a service, or a gateway"),
     ("", "give service=NAMESPACE/NAME, or gateway=NAME"),
 ])
@@ -219,6 +230,10 @@ async def test_explain_down_what_the_catalog_has_is_answered(s1_plane: app.Contr
     assert code == 1
     assert err == ("meshplane explain: --down zone=cn-hangzhou-q: no endpoint of the catalog is in that zone (zones: "
                    "ap-northeast-1a, ap-northeast-1b, cn-hangzhou-h, cn-hangzhou-k)\n")
+    # What only the server can check (the catalog's zones) is said naming the command's flag, as the rest.
+    code, _, err = await meshplane("explain", "mockb", "--from", "nowhere", "--server", server)
+    assert (code, err) == (1, "meshplane explain: --from 'nowhere': zone 'nowhere' alone does not say the region "
+                              "(regions seen with it: none); give REGION/ZONE/CLUSTER\n")
 
 
 # config-dump

@@ -322,6 +322,11 @@ async def test_a_broken_kubeconfig_file_keeps_the_running_cluster_until_fixed(
                        what="the repair logged")
     [error] = unreadable(logs)  # once, though the directory was scanned again with the file still broken
     assert error["cluster"] == "c1" and str(path) in error["error"]
+    assert error["error"].startswith({
+        "apiVersion: v1\nkind: Config\n": f"{path}: not a kubeconfig (needs clusters and contexts)",
+        "clusters: [{name: c1\n": f"{path}:2: invalid YAML: while parsing a flow mapping expected ',' or '}}'",
+    }.get(content, f"kubeconfig {path}: cannot be used (context 'c1'): Expected object with name elsewhere")), error
+    assert "\n" not in error["error"], error
     assert error["event"] == "cluster configuration unreadable; the cluster keeps running on its last good one"
     assert not [e for e in logs if e["event"] in ("cluster removed", "cluster credentials changed, reconnecting")]
     assert pushed and all("10.1.0.2" in p or "10.1.0.1" in p for p in pushed), f"c1 went away: {pushed}"
@@ -358,7 +363,8 @@ async def test_a_broken_remote_secret_keeps_the_running_cluster_until_fixed(
                        what="the repair logged")
     [error] = unreadable(logs)
     assert error["cluster"] == "east"
-    assert error["error"].startswith("secret meshplane-system/remote-east key east: ")
+    assert error["error"].startswith("secret meshplane-system/remote-east key east: invalid YAML: "), error
+    assert "\n" not in error["error"], error
     assert not [e for e in logs if e["event"] in ("cluster removed", "cluster credentials changed, reconnecting")]
     assert pushed and all("10.2.0.1" in p or "10.2.0.2" in p for p in pushed), f"east went away: {pushed}"
 

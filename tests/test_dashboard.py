@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,17 @@ def test_committed_dashboard_is_what_the_generator_makes() -> None:
     generator = load_generator()
     assert DASHBOARD.read_text() == generator.render(), (
         "deploy/grafana/dashboards/meshplane.json is out of date: run .venv/bin/python deploy/grafana/dashboard.py")
+
+
+def test_without_the_sdk_the_generator_says_how_to_get_it_in_one_line() -> None:
+    """The README's venv (`.[envoy]`) has no grafana-foundation-sdk: a None in sys.modules is how
+    Python sees a package that is not installed."""
+    run = ("import runpy, sys; sys.modules['grafana_foundation_sdk'] = None; "
+           f"runpy.run_path({str(GENERATOR)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-I", "-c", run], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("deploy/grafana/dashboard.py needs grafana-foundation-sdk, one of the test "
+                             "dependencies: .venv/bin/pip install -e '.[test]'\n")
 
 
 def test_every_panel_says_what_it_shows_and_has_queries() -> None:

@@ -76,7 +76,7 @@ async def test_demo_script_shows_same_region_then_cross_region_failover(tmp_path
 
 
 async def test_demo_gateway_canary_and_active_standby_moving_when_a_cluster_breaks(tmp_path: Path) -> None:
-    script = "sleep 1.2; help; break-cluster cluster-1; sleep 1.5; where mocka cn-hangzhou-h zone=nope; sleep 30; quit"
+    script = "sleep 1.2; help; break-cluster cluster-1; sleep 1.5; quit"
     proc = await _demo(tmp_path, "--script", script)
     stdout, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     out = stdout.decode()
@@ -92,12 +92,9 @@ async def test_demo_gateway_canary_and_active_standby_moving_when_a_cluster_brea
     before, after = _rows(healthy, "gw /standby"), _rows(cluster_down, "gw /standby")
     assert before and all(row[0] == "200" and row[1].startswith("cn-hangzhou-") for row in before), out
     assert after and all(row[0] == "200" and row[1].startswith("ap-northeast-1") for row in after), out
-    # `help` lists the commands again; a command that fails ends the script, and the demo exits 1.
+    # `help` lists the commands again.
     assert healthy.count("Commands (type help to see them again):") == 2, out
-    said = " ".join(out.split())  # (wrapped to 80 columns)
-    assert "meshplane demo: cannot 'where mocka cn-hangzhou-h zone=nope': --down zone=nope: no endpoint" in said, out
-    assert "stopped; the script failed at 'where mocka cn-hangzhou-h zone=nope'" in said, out
-    assert proc.returncode == 1, out
+    assert proc.returncode == 0, out
     assert not _wide(out, tmp_path), _wide(out, tmp_path)
     assert not _processes_under(tmp_path), "the demo left processes behind"
 
@@ -111,6 +108,12 @@ async def test_demo_gateway_canary_and_active_standby_moving_when_a_cluster_brea
     ("break-region mockb eu-west-1", "no region 'eu-west-1' (regions: cn-hangzhou, ap-northeast-1)"),
     ("break-cluster cluster-3", "no cluster 'cluster-3' (clusters: cluster-1, cluster-2)"),
     ("where mockb", "'where mockb': write where SERVICE ZONE [zone=Z|cluster=C|region=R ...]"),
+    ("where mockb ap-northeast-1a zone=nosuch", "'where mockb ap-northeast-1a zone=nosuch': no zone 'nosuch' "
+                                                "(zones: cn-hangzhou-h, cn-hangzhou-k, ap-northeast-1a, "
+                                                "ap-northeast-1b)"),
+    ("where mockb ap-northeast-1a cluster=cluster-1 region=eu-west-1", "no region 'eu-west-1' (regions: cn-hangzhou, "
+                                                                       "ap-northeast-1)"),
+    ("where mockb ap-northeast-1a datacenter=dc1", "'datacenter=dc1': write zone=Z, cluster=C or region=R"),
     ("sleep soon", "'sleep soon': 'soon' is not a number of seconds"),
 ])
 async def test_a_script_with_a_bad_command_exits_2_before_starting_anything(

@@ -5,8 +5,12 @@ a continued command with a comment."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,34 @@ def test_every_way_the_docs_create_the_tls_secret_gives_its_type() -> None:
     found = [line for _, _, text in _blocks() for line in text.replace("\\\n", " ").splitlines()
              if "create secret" in line and "meshplane-tls" in line]
     assert found and all("--type kubernetes.io/tls" in line for line in found), found
+
+
+def _block_after(doc: str, heading: str, index: int = 0) -> str:
+    """The `index`-th fenced block under `heading` in docs/`doc`."""
+    text = (ROOT / "docs" / doc).read_text()
+    section = text[text.index(heading):]
+    return [m.group(2) for m in _BLOCK.finditer(section)][index]
+
+
+def test_the_grpc_walkthrough_works_when_pasted() -> None:
+    """docs/grpc.md's first two blocks, pasted into a shell as they are: the calls land in the client's
+    zone (none before meshplane serves), and `status` then lists the client SYNCED."""
+    ports = (18000, 18001, 27001, 27002)  # the documented ones
+    for port in ports:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port}, which docs/grpc.md uses, is taken on this machine")
+    blocks = [_block_after("grpc.md", "## Try it on one machine", i) for i in (0, 1)]
+    bindir = f"{Path(sys.executable).parent}/"  # the venv the tests run in (.venv/bin/ in CI)
+    script = "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\nset -e\n" + "".join(
+        block.replace(".venv/bin/", bindir) + "echo ==block==\n" for block in blocks)
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    parts = result.stdout.split("==block==\n")
+    assert len(parts) == 3, f"a block failed (exit {result.returncode}): {result.stdout}{result.stderr[-2000:]}"
+    calls, status, _ = parts
+    answers = [json.loads(line) for line in calls.splitlines() if line.startswith("{")]  # (servers say hello)
+    assert [(a["ok"], a["body"]) for a in answers] == [(True, "echo@cn-hangzhou-h")] * 5, result.stdout
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split()[:8] for line in status.splitlines()[2:]]
+    assert rows == [["echo-client-1", "grpc", "sotw", "cn-hangzhou/cn-hangzhou-h/cluster-1", *["SYNCED"] * 4]], status

@@ -86,7 +86,7 @@ def test_a_zone_alone_takes_its_region_from_the_catalog_or_is_refused() -> None:
     assert str(explain.locality(HZ_H, services)) == HZ_H
     with pytest.raises(explain.ExplainError, match="zone 'nowhere-1a' alone does not say the region"):
         explain.locality("nowhere-1a", services)
-    with pytest.raises(explain.ExplainError, match="--from REGION/ZONE/CLUSTER"):
+    with pytest.raises(explain.ExplainError, match="from=REGION/ZONE/CLUSTER"):
         explain.locality("", services)
 
 

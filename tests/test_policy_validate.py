@@ -409,13 +409,12 @@ def test_every_problem_is_reported_sorted_by_line() -> None:
     ]
 
 
-def test_unreadable_file_is_an_error_on_line_0(tmp_path: Path) -> None:
+def test_unreadable_file_is_an_error_of_the_file_naming_the_flag(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     result = validate.load_policy_file(missing)
     assert result.policy is None
-    assert [str(p) for p in result.errors] == [
-        f"{missing}:0: (file): cannot read the policy file: No such file or directory"
-    ]
+    assert [str(p) for p in result.errors] == [f"--policy {missing}: cannot read it: No such file or directory"]
+    assert [(p.file, p.line) for p in result.errors] == [(str(missing), 0)]  # no line: the file as a whole
 
 
 def test_policy_error_lists_problems_one_per_line() -> None:

@@ -230,8 +230,9 @@ async def test_a_rotation_to_files_that_cannot_be_used_is_reported_and_the_old_c
             # A PEM-wrapped file that is not a certificate.
             pki.write(cert_path, b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
             await wait_for(lambda: count("rejected") == 2, what="the non-certificate counted as rejected")
-            assert (await ready_tls())["rejected"]["error"].startswith(
-                f"{cert_path}: the certificate is not a PEM certificate (")
+            assert (await ready_tls())["rejected"]["error"] == (  # in our words, not cryptography's
+                f"{cert_path}: the certificate is not a PEM certificate (its CERTIFICATE block does not decode as a "
+                "certificate)")
             assert await served_serial(plane.ads_port, ca, tmp_path) == before
             assert not [e for e in logs if e["event"].startswith("TLS certificate reloaded")]
             assert count("applied") == 0
@@ -261,6 +262,26 @@ def test_a_key_that_is_not_the_certificates_stops_serve_naming_both(tmp_path: Pa
     assert result.stderr.strip().splitlines() == [
         f"meshplane: {key} is not the private key of the certificate in {cert} (CN=meshplane, serial {serial:x}): "
         "a certificate and its own key go together"]
+
+
+@pytest.mark.any_protocol
+@pytest.mark.parametrize(("cert_is", "key_is", "says"), [
+    ("key", "key", "{key}: the certificate is not a PEM certificate (its PEM block is PRIVATE KEY, not CERTIFICATE)"),
+    ("cert", "cert", "{cert}: not a private key meshplane can read (its PEM block is CERTIFICATE, not PRIVATE KEY)"),
+    ("cut", "key", "{cut}: the certificate is not a PEM certificate (a BEGIN line without its END line: cut short, "
+                   "or not PEM)"),
+])
+def test_a_file_that_is_not_what_its_flag_wants_stops_serve_in_our_words(
+    tmp_path: Path, ca: pki.CA, cert_is: str, key_is: str, says: str
+) -> None:
+    """No library text (cryptography's FAQ link, `MalformedFraming`): what the file holds instead."""
+    cert, key, _ = ca.write_server(tmp_path)
+    files = {"cert": cert, "key": key, "cut": pki.write(tmp_path / "cut.pem", cert.read_bytes()[:300])}
+    result = subprocess.run(
+        [sys.executable, "-m", "meshplane", "serve", "--ads", f"127.0.0.1:{free_port()}",
+         "--http", f"127.0.0.1:{free_port()}", "--tls-cert", str(files[cert_is]), "--tls-key", str(files[key_is])],
+        capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stderr) == (1, "meshplane: " + says.format(**files) + "\n")
 
 
 async def served_serial(port: int, ca: pki.CA, tmp_path: Path) -> int:

@@ -15,10 +15,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import common, dashboard, prometheus, timeseries
-from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement, SortOrder, TooltipDisplayMode
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+try:
+    from grafana_foundation_sdk.builders import common, dashboard, prometheus, timeseries
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement, SortOrder, TooltipDisplayMode
+    from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+except ModuleNotFoundError as exc:  # the README's venv has `.[envoy]` only: say how to get it, in one line
+    if exc.name is None or not exc.name.startswith("grafana_foundation_sdk"):
+        raise
+    sys.exit("deploy/grafana/dashboard.py needs grafana-foundation-sdk, one of the test dependencies: "
+             ".venv/bin/pip install -e '.[test]'")
 
 OUT = Path(__file__).resolve().parent / "dashboards" / "meshplane.json"
 UID = "meshplane"

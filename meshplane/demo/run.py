@@ -105,9 +105,18 @@ def parse(line: str, topo: topology.Topology) -> tuple[str, list[str]] | None:
         raise BadCommand(f"unknown command {verb!r} (commands: {', '.join(_BY_VERB)}; `help` says what each does)")
     if len(args) < command.least or (command.most is not None and len(args) > command.most):
         raise BadCommand(f"{line.strip()!r}: write {verb} {command.usage}".rstrip())
-    for name, value in zip(command.usage.split(), args, strict=False):
-        known = {"SERVICE": list(topo.chain), "ZONE": topo.zones(), "REGION": _regions(topo),
-                 "CLUSTER": [c.name for c in topo.clusters]}.get(name)
+    names = {"SERVICE": list(topo.chain), "ZONE": topo.zones(), "REGION": _regions(topo),
+             "CLUSTER": [c.name for c in topo.clusters]}
+    named = list(zip(command.usage.split(), args, strict=False))
+    if verb == "where":  # then what is supposed down: zone=Z, cluster=C, region=R, each a name the mesh has
+        named = named[:2]
+        for supposed in args[2:]:
+            what, _, value = supposed.partition("=")
+            if what not in ("zone", "cluster", "region"):
+                raise BadCommand(f"{line.strip()!r}: {supposed!r}: write zone=Z, cluster=C or region=R")
+            named.append((what.upper(), value))
+    for name, value in named:
+        known = names.get(name)
         if known is not None and value not in known:
             raise BadCommand(f"{line.strip()!r}: no {name.lower()} {value!r} ({name.lower()}s: {', '.join(known)})")
     if verb == "sleep":

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import structlog
 import yaml
 
-from meshplane import aio, watch
+from meshplane import aio, problems, watch, yamlpos
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import model
 
@@ -110,10 +110,10 @@ class ClusterRegistry:
         A spec the source factory rejects (an unusable kubeconfig) counts as broken too, unless
         `strict` (the command line), where it raises ValueError.
         """
-        problems = dict(broken or {})
+        unusable = dict(broken or {})
         async with self._lock:
             previous = self._by_origin.get(origin, set())
-            for cluster in sorted(previous - specs.keys() - problems.keys()):
+            for cluster in sorted(previous - specs.keys() - unusable.keys()):
                 await self._remove(cluster)
             for cluster, spec in sorted(specs.items()):
                 owner = self._owner(cluster)
@@ -127,11 +127,11 @@ class ClusterRegistry:
                         await self._connect(spec, replacing=entry)
                     except ValueError as exc:
                         if strict:
-                            raise
-                        problems[cluster] = f"{spec.origin}: {exc}"
-            mine = specs.keys() | problems.keys()
+                            raise ValueError(f"{spec.origin}: {exc}") from None
+                        unusable[cluster] = f"{spec.origin}: {exc}"
+            mine = specs.keys() | unusable.keys()
             self._by_origin[origin] = {c for c in mine if self._owner(c) in (None, origin) and c in self._entries}
-            self._report(origin, specs, problems)
+            self._report(origin, specs, unusable)
 
     def _report(self, origin: str, specs: Mapping[model.ClusterId, ClusterSpec],
                 problems: Mapping[model.ClusterId, str]) -> None:
@@ -227,10 +227,18 @@ def parse_kubeconfig_arg(arg: str) -> tuple[model.ClusterId | None, Path, str | 
 
 
 def load_kubeconfig(path: Path) -> dict[str, Any]:
+    """A kubeconfig file, checked: ValueError naming the file (and the line) and what is wrong, in one line."""
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: not a readable kubeconfig: {exc}") from exc
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: {problems.cannot_read(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        error = yamlpos.syntax_error(exc, text)
+        raise ValueError(f"{path}:{error.line}: {error.reason}" if error.line else f"{path}: {error.reason}") from None
     return check_kubeconfig(doc, where=str(path))
 
 
@@ -240,13 +248,18 @@ def check_kubeconfig(doc: Any, *, where: str) -> dict[str, Any]:
     return doc
 
 
-def spec_from_file(arg: str) -> ClusterSpec:
-    """A `--kubeconfig [ID=]PATH[#CONTEXT]` argument; the id defaults to the context's name."""
+def spec_from_file(arg: str, *, flag: str = "--kubeconfig") -> ClusterSpec:
+    """A `--kubeconfig [ID=]PATH[#CONTEXT]` argument (or `--local-cluster`'s ID=PATH[#CONTEXT]); the id
+    defaults to the context's name. ValueError names the flag, as given, and the file."""
     cluster, path, context = parse_kubeconfig_arg(arg)
-    doc = load_kubeconfig(path)
+    given = flag if arg == str(path) else f"{flag} {arg}:"  # `--kubeconfig c2.yaml: ...` says it once
+    try:
+        doc = load_kubeconfig(path)
+    except ValueError as exc:
+        raise ValueError(f"{given} {exc}") from None
     context = context or doc.get("current-context")
     if not context:
-        raise ValueError(f"{path}: no current-context; name one as {path}#CONTEXT")
+        raise ValueError(f"{given} {path}: no current-context; name one as {path}#CONTEXT")
     return ClusterSpec(id=cluster or model.ClusterId(context), kubeconfig=doc, context=context,
                        origin=f"kubeconfig {path}")
 
@@ -267,7 +280,7 @@ class KubeconfigDir:
 
     async def start(self) -> None:
         if not self.directory.is_dir():
-            raise ValueError(f"{self.directory}: not a directory of kubeconfigs")
+            raise ValueError(f"--kubeconfig-dir {self.directory}: not a directory")
         await self.scan()
         self._task = asyncio.create_task(self._run(), name=f"kubeconfig-dir:{self.directory}")
 
@@ -344,8 +357,13 @@ def specs_from_secrets(
             where = f"secret {namespace}/{name} key {key}"
             cluster = model.ClusterId(key)
             try:
-                doc = check_kubeconfig(yaml.safe_load(base64.b64decode(encoded, validate=True)), where=where)
-            except (ValueError, yaml.YAMLError, TypeError) as exc:
+                text = base64.b64decode(encoded, validate=True).decode()
+                doc = check_kubeconfig(yaml.safe_load(text), where=where)
+            except yaml.YAMLError as exc:
+                error = yamlpos.syntax_error(exc, text)
+                broken.setdefault(cluster, f"{where}: {error.reason}" + (f" (line {error.line})" if error.line else ""))
+                continue
+            except (ValueError, TypeError) as exc:
                 broken.setdefault(cluster, str(exc) if str(exc).startswith(where) else f"{where}: {exc}")
                 continue
             if cluster in specs:

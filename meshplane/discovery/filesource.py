@@ -396,7 +396,8 @@ class FileSource:
         if not raise_errors and (got.torn or (self._watch is not None and self._watch.disturbed())):
             return  # written while it was read: the watch wakes again once that write is complete
         if isinstance(got.data, OSError):
-            self._fail(catalog, EndpointFileError(f"{self.path}: cannot read: {got.data.strerror}"), raise_errors)
+            self._fail(catalog, EndpointFileError(f"--endpoints {self.path}: {problems.cannot_read(got.data)}"),
+                       raise_errors)
             return
         data = got.data
         # At start-up a file written while it was read is taken as read; with no stat remembered, the

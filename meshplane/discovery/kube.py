@@ -99,7 +99,9 @@ def client_from_kubeconfig(config: Mapping[str, Any], *, context: str | None = N
     try:
         return _config.new_client_from_config_dict(dict(config), context=context)
     except (kubernetes.config.ConfigException, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"unusable kubeconfig (context {context!r}): {exc}") from exc
+        # The client's own words, less its boilerplate ("Invalid kube-config file."), on one line.
+        reason = " ".join(str(exc).removeprefix("Invalid kube-config file.").split()) or type(exc).__name__
+        raise ValueError(f"cannot be used (context {context!r}): {reason}") from exc
 
 
 def local_client(*, in_cluster: bool) -> Any:

@@ -60,8 +60,8 @@ def load_policy_file(path: Path, *, known: Known | None = None) -> LoadResult:
 
 
 def unreadable(path: Path, exc: OSError) -> LoadResult:
-    reason = f"cannot read the policy file: {exc.strerror or exc}"
-    return LoadResult(None, (Problem(str(path), 0, "(file)", reason, "error"),), ())
+    """`--policy FILE: cannot read it: ...` (serve's flag: `meshplane validate` reads its file itself)."""
+    return LoadResult(None, (Problem(str(path), 0, "--policy", problems.cannot_read(exc), "error"),), ())
 
 
 def load_policy_bytes(data: bytes, *, path: str, known: Known | None = None) -> LoadResult:

@@ -17,6 +17,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2, json_format
 
+from meshplane import forms
 from meshplane.xds import proxy, refusals, resources, streams, typeurls
 
 
@@ -70,23 +71,25 @@ def refused(recent: refusals.Refusals) -> list[dict[str, Any]]:
 
 
 def select(table: list[dict[str, Any]], query: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Filter by kind, by locality (a region/zone/cluster prefix) and by state (of any type, any case).
+    """Filter by kind, by locality (a region/zone/cluster prefix) and by state (kind and state in any case).
 
     A parameter or value no client could match raises ValueError naming it: scripts read this page
     directly, and a typo must not read as "no client NACKED"."""
     unknown = sorted(set(query) - set(FILTERS))
     if unknown:
         raise ValueError(f"unknown parameter {unknown[0]!r} (parameters: {', '.join(FILTERS)})")
-    kind, locality, state = query.get("kind", ""), query.get("locality", ""), query.get("state", "").upper()
+    kind, locality, state = query.get("kind", "").lower(), query.get("locality", ""), query.get("state", "").upper()
     kinds = [k.value for k in proxy.Kind]
     if kind and kind not in kinds:
-        raise ValueError(f"kind: {kind!r} is not a kind of client ({', '.join(kinds)})")
+        raise ValueError(f"kind: {query['kind']!r} is not a kind of client ({', '.join(kinds)})")
     states = [s.value for s in streams.Sync]
     if state and state not in states:
         raise ValueError(f"state: {query['state']!r} is not a state ({', '.join(states)})")
-    parts = locality.rstrip("/").split("/")
-    if locality and (len(parts) > 3 or not all(parts)):
-        raise ValueError(f"locality: {locality!r} is not REGION[/ZONE[/CLUSTER]]")
+    if locality:
+        try:
+            forms.locality_prefix(locality)
+        except forms.FormError as exc:
+            raise ValueError(f"locality: {exc}") from None
     return [
         c for c in table
         if (not kind or c["kind"] == kind)
