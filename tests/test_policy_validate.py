@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from meshplane import problems
 from meshplane.discovery import model
 from meshplane.policy import rules, schema, validate
 
@@ -23,14 +24,14 @@ def load(text: str) -> validate.LoadResult:
     return validate.load_policy_text(textwrap.dedent(text).lstrip("\n"), path="policy.yaml")
 
 
-def only_error(text: str) -> validate.Problem:
+def only_error(text: str) -> problems.Problem:
     result = load(text)
     assert result.policy is None
     assert len(result.errors) == 1, "\n".join(map(str, result.errors))
     return result.errors[0]
 
 
-def assert_problem(problem: validate.Problem, where: str, reason: str) -> None:
+def assert_problem(problem: problems.Problem, where: str, reason: str) -> None:
     """`where` is "line: field"; the reason only has to contain `reason`."""
     text = str(problem)
     assert text.startswith(f"policy.yaml:{where}: "), text
@@ -44,7 +45,7 @@ def load_locality(body: str) -> validate.LoadResult:
     return validate.load_policy_text(head + "    locality:\n" + body, path="policy.yaml")
 
 
-def locality_error(body: str) -> validate.Problem:
+def locality_error(body: str) -> problems.Problem:
     result = load_locality(body)
     assert result.policy is None
     assert len(result.errors) == 1, "\n".join(map(str, result.errors))
