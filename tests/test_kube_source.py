@@ -395,6 +395,12 @@ def orphan_warnings(logs: list[dict[str, Any]]) -> list[str]:
     return [e["object"] for e in logs if e["event"] == ORPHANED and e["log_level"] == "warning"]
 
 
+def waiting(logs: list[dict[str, Any]], key: model.ServiceKey) -> bool:
+    """Whether the slices of `key` are past their grace, held back until the services watch catches up."""
+    return any(e["event"].endswith("waiting for the services watch") and e["object"] == f"Service {key}"
+               for e in logs)
+
+
 def cart_slice(*addresses: str, name: str = "cart-a", service_name: str = "cart") -> dict[str, Any]:
     return endpoint_slice(name, "shop", service_name, [endpoint(a, node_name="n1") for a in addresses],
                           ports=[{"name": "http", "port": 8080}])
@@ -443,7 +449,7 @@ async def test_a_slice_whose_service_comes_on_a_later_watch_event_gives_no_warni
         await wait_for(lambda: "shop/cart-a" in slices.store and source._flush_handle is None and not source._dirty,
                        what="the slice handled before its service")
         if lag == "past the grace":
-            await wait_for(lambda: orphan_warnings(logs) or source._orphans.waiting(CART),
+            await wait_for(lambda: orphan_warnings(logs) or waiting(logs, CART),
                            what="the slice past its grace, waiting for the services watch")
         assert CART not in catalog.services
         fake.hold_watches(())
@@ -466,7 +472,7 @@ async def test_a_real_orphan_is_reported_once_when_the_services_watch_has_caught
         # changes in services), and the slice is held back until then.
         fake.put("endpointslices", cart_slice("10.0.3.2", name="lost-a", service_name="lost"))
         lost = model.service_key("shop", "lost")
-        await wait_for(lambda: len(orphan_warnings(logs)) > 1 or source._orphans.waiting(lost),
+        await wait_for(lambda: len(orphan_warnings(logs)) > 1 or waiting(logs, lost),
                        what="the new orphan waiting for the services watch")
         assert orphan_warnings(logs) == ["Service shop/ghost"]
         fake.send_bookmarks()
