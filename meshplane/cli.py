@@ -209,7 +209,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     """Every problem of every file given, errors on stderr; exit 1 if there is an error."""
     from meshplane import app
-    from meshplane.discovery import catalog, filesource
+    from meshplane.discovery import catalog, fileparse, filesource
     from meshplane.policy import validate
 
     merged = catalog.Catalog()
@@ -217,7 +217,7 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     broken = False
     for endpoints in endpoint_files:
         try:
-            cluster, services, text = filesource.read(endpoints)
+            cluster, services, text = fileparse.read(endpoints)
             taken = claims.claim(cluster, path=endpoints, text=text)
             if taken is not None:
                 raise taken
@@ -226,7 +226,7 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
                   file=sys.stderr)
             broken = True
             continue
-        except filesource.EndpointFileError as exc:
+        except fileparse.EndpointFileError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             print(f"{endpoints}: {len(exc.problems)} error(s); endpoint file rejected", file=sys.stderr)
@@ -298,7 +298,7 @@ def _address(text: str) -> tuple[str, int]:
 
 async def _serve(args: argparse.Namespace) -> int:
     from meshplane import app, gc_tuning, listen, tls
-    from meshplane.discovery import filesource, kubesource
+    from meshplane.discovery import fileparse, kubesource
     from meshplane.policy import validate
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -336,7 +336,7 @@ async def _serve(args: argparse.Namespace) -> int:
     plane = app.ControlPlane(config)
     try:
         await plane.start()
-    except (validate.PolicyError, filesource.EndpointFileError, OSError, ValueError) as exc:  # TlsError too
+    except (validate.PolicyError, fileparse.EndpointFileError, OSError, ValueError) as exc:  # TlsError too
         print(f"meshplane: {exc}", file=sys.stderr)
         await plane.stop()
         return 1

@@ -18,7 +18,7 @@ import pytest
 import structlog
 import yaml
 
-from meshplane import watch
+from meshplane import hold, watch
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import filesource
 from meshplane.policy import reload, rules
@@ -66,12 +66,11 @@ def pieces_of(text: str, *, at: str, count: int) -> list[bytes]:
     return ["".join(lines[a:b]).encode() for a, b in itertools.pairwise(bounds)]
 
 
-async def watching(owner: filesource.FileSource | reload.PolicyWatcher, *, inotify: bool = True) -> None:
-    """Until the owner's watch is set up (with inotify: a write before that is only seen by its stat)."""
-    def ready() -> bool:
-        w = owner._watch
-        return w is not None and (w._notify is not None or not inotify) and not w._due
-    await wait_for(ready, timeout=5, what="the watch set up and its first look taken")
+async def watching(owner: filesource.FileSource | reload.PolicyWatcher) -> None:
+    """Until the owner's watch is set up and has looked once (with inotify: a write before that is only seen
+    by its stat)."""
+    async with asyncio.timeout(5):
+        await owner.watching()
 
 
 def _endpoints(n: int, port: int) -> dict[str, Any]:
@@ -104,7 +103,7 @@ async def test_an_endpoint_file_written_in_slow_pieces_is_read_once_complete(tmp
     # The backstop (and the poll) looks every 20 ms, far more often than the writer pauses.
     source = filesource.FileSource(path, interval=0.02, inotify=inotify)
     await source.start(catalog)
-    await watching(source, inotify=inotify)
+    await watching(source)
     try:
         text = yaml.safe_dump(_endpoints(n, 9001), sort_keys=False)
         with structlog.testing.capture_logs() as logs:
@@ -137,7 +136,7 @@ async def watching_policy(path: Path, applied: Applied, *, inotify: bool = True)
     watcher = reload.PolicyWatcher(path, on_change=applied, interval=0.02, inotify=inotify)
     await watcher.start()
     try:
-        await watching(watcher, inotify=inotify)
+        await watching(watcher)
         yield watcher
     finally:
         await watcher.stop()
@@ -201,7 +200,7 @@ async def test_a_policy_truncated_closed_and_written_again_is_not_emptied(tmp_pa
     applied = Applied()
     async with watching_policy(path, applied) as watcher:
         with structlog.testing.capture_logs() as logs:
-            await write_slowly(path, [_policy(n, "new").encode()], pause=watch.HOLD_S / 4, reopen=True)
+            await write_slowly(path, [_policy(n, "new").encode()], pause=hold.HOLD_S / 4, reopen=True)
             await wait_for(lambda: applied.policies, timeout=5, what="the rewritten policy applied")
         assert applied.routes() == [n] and _prefixes(watcher.current) == {f"/new{i}" for i in range(n)}
     assert not _loud(logs), _loud(logs)
@@ -290,5 +289,5 @@ def test_a_file_changed_while_read_is_torn(tmp_path: Path) -> None:
 
 
 def test_most_is_more_than_half() -> None:
-    assert [watch.most(lost, of=4) for lost in range(5)] == [False, False, False, True, True]
-    assert not watch.most(0, of=0)
+    assert [hold.most(lost, of=4) for lost in range(5)] == [False, False, False, True, True]
+    assert not hold.most(0, of=0)

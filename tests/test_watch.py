@@ -15,7 +15,7 @@ import yaml
 
 from meshplane import watch as watch_mod
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import filemodel, filesource, model
+from meshplane.discovery import filemodel, fileparse, filesource, model
 from meshplane.policy import reload
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
@@ -109,21 +109,21 @@ def _many(n: int, changed: int | None = None) -> str:
 
 
 def test_only_the_entries_whose_text_changed_are_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, parsed, changed, removed = filesource.parse_changed(_many(50), path="c1.yaml", last=None)
+    _, parsed, changed, removed = fileparse.parse_changed(_many(50), path="c1.yaml", last=None)
     assert len(changed) == 50 and not removed
     calls: list[int] = []
     real = filemodel.service
     monkeypatch.setattr(filemodel, "service", lambda *a, **k: calls.append(1) or real(*a, **k))
-    _, again, changed, removed = filesource.parse_changed(_many(50, changed=7), path="c1.yaml", last=parsed)
+    _, again, changed, removed = fileparse.parse_changed(_many(50, changed=7), path="c1.yaml", last=parsed)
     assert list(changed) == [model.ServiceKey("default/svc7")] and not removed
     assert len(calls) == 1  # one entry parsed, 49 reused
-    assert again.services == filesource.parse_whole(_many(50, changed=7), path="c1.yaml")[1]
+    assert again.services == fileparse.parse_whole(_many(50, changed=7), path="c1.yaml")[1]
     # An entry moved is not a change; one removed is reported removed.
     text = _many(50, changed=7)
-    layout = filesource.split(text)
+    layout = fileparse.split(text)
     assert layout is not None
     moved = layout.rest + "".join(reversed(layout.entries[1:]))
-    _, _, changed, removed = filesource.parse_changed(moved, path="c1.yaml", last=again)
+    _, _, changed, removed = fileparse.parse_changed(moved, path="c1.yaml", last=again)
     assert not changed and removed == {model.ServiceKey("default/svc0")}
 
 
@@ -141,8 +141,8 @@ def test_only_the_entries_whose_text_changed_are_parsed_again(monkeypatch: pytes
     "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: &p [{name: http, port: 80}]\n- name: b\n  ports: *p\n",
 ])
 def test_every_layout_parses_as_the_whole_file_does(text: str) -> None:
-    cluster, parsed, changed, _ = filesource.parse_changed(text, path="c1.yaml", last=None)
-    assert (cluster, parsed.services) == filesource.parse_whole(text, path="c1.yaml")
+    cluster, parsed, changed, _ = fileparse.parse_changed(text, path="c1.yaml", last=None)
+    assert (cluster, parsed.services) == fileparse.parse_whole(text, path="c1.yaml")
     assert sorted(changed) == [model.ServiceKey("default/a"), model.ServiceKey("default/b")]
 
 
@@ -154,18 +154,18 @@ def test_every_layout_parses_as_the_whole_file_does(text: str) -> None:
     "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: [{name: http, port: 80}\n",
 ])
 def test_errors_are_the_whole_files(text: str) -> None:
-    with pytest.raises(filesource.EndpointFileError) as whole:
-        filesource.parse_whole(text, path="c1.yaml")
-    with pytest.raises(filesource.EndpointFileError) as changed:
-        filesource.parse_changed(text, path="c1.yaml", last=None)
+    with pytest.raises(fileparse.EndpointFileError) as whole:
+        fileparse.parse_whole(text, path="c1.yaml")
+    with pytest.raises(fileparse.EndpointFileError) as changed:
+        fileparse.parse_changed(text, path="c1.yaml", last=None)
     assert str(changed.value) == str(whole.value)
 
 
 def test_the_catalog_compares_only_what_a_source_says_changed() -> None:
     catalog = catalog_mod.Catalog()
-    one = filesource.parse(_many(3), path="c1.yaml")[1]
+    one = fileparse.parse(_many(3), path="c1.yaml")[1]
     catalog.apply(model.ClusterId("c1"), one, seen_at=0.0)
-    two = filesource.parse(_many(3, changed=1), path="c1.yaml")[1]
+    two = fileparse.parse(_many(3, changed=1), path="c1.yaml")[1]
     key = model.ServiceKey("default/svc1")
     change = catalog.update(model.ClusterId("c1"), {key: two[key]}, seen_at=1.0)
     assert change is not None and change.services == {key}
