@@ -30,8 +30,10 @@ class Hold:
     of what is in force may be applied now. `held` and `said` are what the owner logs when it holds such an
     edit back (info) and when it applies it (warning)."""
 
-    def __init__(self, *, held: str, said: str, after: float = HOLD_S) -> None:
-        self.held, self.said, self.after = held, said, after
+    def __init__(self, *, held: str, said: str, after: float | None = None) -> None:
+        """`after`: HOLD_S (as it is when the hold is made) unless given."""
+        self.held, self.said = held, said
+        self.after = HOLD_S if after is None else after
         self._digest: bytes | None = None
         self._since = 0.0
 
