@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import meshplane
@@ -297,7 +298,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from meshplane import app, gc_tuning, listen, tls
+    from meshplane import aio, app, gc_tuning, listen, tls
     from meshplane.discovery import fileparse, kubesource
     from meshplane.policy import validate
 
@@ -334,27 +335,38 @@ async def _serve(args: argparse.Namespace) -> int:
         ),
     )
     plane = app.ControlPlane(config)
-    try:
-        await plane.start()
-    except (validate.PolicyError, fileparse.EndpointFileError, OSError, ValueError) as exc:  # TlsError too
-        print(f"meshplane: {exc}", file=sys.stderr)
-        await plane.stop()
-        return 1
-    gc_tuning.tune_gc()
-    try:
-        await _until_signalled()
-    finally:
-        await plane.stop()
+    with _signals() as stop:  # from the start: a Ctrl-C while a big policy loads stops it, with no traceback
+        starting = asyncio.create_task(plane.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        await aio.cancel(stopping)
+        if not starting.done():
+            await aio.cancel(starting)
+            await plane.stop()
+            return 0
+        try:
+            starting.result()
+        except (validate.PolicyError, fileparse.EndpointFileError, OSError, ValueError) as exc:  # TlsError too
+            print(f"meshplane: {exc}", file=sys.stderr)
+            await plane.stop()
+            return 1
+        gc_tuning.tune_gc()
+        try:
+            await stop.wait()
+        finally:
+            await plane.stop()
     return 0
 
 
-async def _until_signalled() -> None:
+@contextlib.contextmanager
+def _signals() -> Iterator[asyncio.Event]:
+    """An event set by SIGINT or SIGTERM, for as long as the block runs."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
