@@ -77,7 +77,7 @@ async def test_a_validation_past_its_deadline_is_stopped_and_the_edit_rejected_n
         [problem] = watcher.last_errors
         assert str(problem) == (f"{path}:0: (file): validating it took longer than 0.2 s, and it was stopped "
                                 "(`meshplane validate` shows how long it takes)")
-        assert [e["event"] for e in logs if e["log_level"] == "error"][0] == (
+        assert next(e["event"] for e in logs if e["log_level"] == "error") == (
             "policy validation took too long and was stopped")
         await wait_for(lambda: _state(slow) in ("", "Z"), what="the worker killed")
         assert len(watcher.current.routes) == 1 and applied.routes() == []
