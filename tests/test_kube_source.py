@@ -18,8 +18,9 @@ import kubernetes
 import pytest
 import structlog
 
+from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import kube, kubemodel, kubesource, model
+from meshplane.discovery import kube, kubemodel, kubesource, model, orphans
 from tests.conftest import wait_for
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, pod, service
 
@@ -776,3 +777,28 @@ async def test_a_stall_is_caught_sooner_once_the_server_has_shown_periodic_bookm
     assert "timed out" in source.error and set(catalog.services) == {WEB, API}
     fake.stall(False)
     await wait_for(lambda: not source.stale, timeout=8, what="recovered")
+
+
+async def test_orphans_are_still_reported_after_judging_them_failed_once(
+    fake: FakeKubeAPI, start_source: StartSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while judging orphans is logged and counted, and the checks go on (they used to stop for good)."""
+    populate(fake)
+    fake.put("endpointslices", cart_slice("10.0.3.1", name="ghost-a", service_name="ghost"))  # no Service, ever
+    due, failures = orphans.Orphans.due, []
+
+    def failing_once(self: orphans.Orphans, now: float, caught_up: Any) -> Any:
+        if not failures:
+            failures.append(now)
+            raise RuntimeError("a bug of ours")
+        return due(self, now, caught_up)
+
+    monkeypatch.setattr(orphans.Orphans, "due", failing_once)
+    before = aio.task_errors().get("kube-orphans", 0)
+    catalog = catalog_mod.Catalog([C1])
+    with structlog.testing.capture_logs() as logs:
+        await synced(start_source, catalog, orphan_grace=0.1)
+        await wait_for(lambda: orphan_warnings(logs), what="the orphan reported after the failure")
+    assert failures and aio.task_errors()["kube-orphans"] == before + 1
+    [failed] = [e for e in logs if e["event"].startswith("judging endpoint slices without their service failed")]
+    assert failed["log_level"] == "error" and failed["cluster"] == C1
