@@ -401,7 +401,7 @@ def main() -> None:
     args = parser.parse_args()
     common.stop_on_sigterm()
     result: dict[str, Any] = {"machine": common.machine(), "quiet": common.wait_quiet(max_wait=0)}
-    if args.parsing_only or not args.skip_mechanism:
+    if args.parsing_only or not (args.skip_mechanism or args.edits_only):
         print(f"an endpoint file of {args.endpoint_services} services parsed after an edit ...", flush=True)
         result["parsing"] = parsing(args.endpoint_services)
     if args.parsing_only:
