@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import pickle
 import tempfile
 import threading
 import time
@@ -119,15 +120,39 @@ def mechanism(routes: int, services: int) -> dict[str, Any]:
         return {"way": way, "validation_s": round(elapsed, 2), "ticks": len(lags),
                 "lag_ms": common.latency_summary(lags)}
 
-    async def run() -> list[dict[str, Any]]:
+    def worker_mb() -> dict[str, float]:
+        """The worker's resident memory now, and its peak so far (MB)."""
+        assert worker._process is not None
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{worker._process.pid}/status").read_text()
+                      .splitlines() if ":" in line)
+        return {key: round(int(status[field].split()[0]) / 1024, 1) for key, field in (("rss", "VmRSS"),
+                                                                                      ("peak", "VmHWM"))}
+
+    async def run() -> dict[str, Any]:
         # Both warmed up first: the worker started, and each side's first validation (pydantic builds its
         # validators then) done, so that each way is timed on the same footing.
         small = policy(2, services).encode()
         validate.load_policy_bytes(small, path="warm-up.yaml")
+        began = time.perf_counter()
         await worker.load(small, path="warm-up.yaml", known=None)
-        return [await one(way) for way in ("event loop", "thread", "worker process")]
+        started = time.perf_counter() - began
+        idle = worker_mb()
+        ways = [await one(way) for way in ("event loop", "thread", "worker process")]
+        after = worker_mb()
+        result = validate.load_policy_bytes(data, path="policy.yaml")
+        began = time.perf_counter()
+        pickle.dumps((data, "policy.yaml", None), protocol=pickle.HIGHEST_PROTOCOL)
+        request = time.perf_counter() - began
+        began = time.perf_counter()
+        answer = pickle.dumps((True, result), protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(answer)
+        back = time.perf_counter() - began
+        return {"ways": ways, "worker": {"started_with_a_first_validation_s": round(started, 2),
+                                         "idle_mb": idle["rss"], "after_mb": after["rss"], "peak_mb": after["peak"],
+                                         "pickle_request_s": round(request, 3),
+                                         "pickle_result_and_back_s": round(back, 3)}}
 
-    return {"routes": routes, "ways": asyncio.run(run())}
+    return {"routes": routes, **asyncio.run(run())}
 
 
 # --------------------------------------------------------------------------- parsing an endpoint file
@@ -376,6 +401,7 @@ def print_result(result: dict[str, Any]) -> None:
                 for w in result["mechanism"]["ways"]]
         common.print_table(["validated", "took s", "5 ms ticks", "lag p50 ms", "p99", "max"], rows,
                            title=f"validating {result['mechanism']['routes']} routes: how long the event loop waited")
+        print(f"the worker process: {result['mechanism']['worker']}")
     if "end_to_end" not in result:
         return
     runs = result["end_to_end"]["runs"]
@@ -396,24 +422,29 @@ def main() -> None:
     parser.add_argument("--skip-mechanism", action="store_true", help="only the end-to-end part")
     parser.add_argument("--edits-only", action="store_true", help="only the edits (any meshplane's FileSource)")
     parser.add_argument("--parsing-only", action="store_true", help="only the endpoint file parsing")
+    parser.add_argument("--mechanism-only", action="store_true", help="only the validation three ways")
     parser.add_argument("--endpoint-services", type=int, default=10_000, help="services of the parsed file")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     common.stop_on_sigterm()
     result: dict[str, Any] = {"machine": common.machine(), "quiet": common.wait_quiet(max_wait=0)}
-    if args.parsing_only or not (args.skip_mechanism or args.edits_only):
+    if args.parsing_only or not (args.skip_mechanism or args.edits_only or args.mechanism_only):
         print(f"an endpoint file of {args.endpoint_services} services parsed after an edit ...", flush=True)
         result["parsing"] = parsing(args.endpoint_services)
     if args.parsing_only:
         print_result(result)
         print(f"\nwritten to {common.write_results('reload', result, args.out)}")
         return
-    if not args.skip_mechanism:
+    if not args.skip_mechanism and not args.mechanism_only:
         print("endpoint file edits, renamed over and rewritten in place ...", flush=True)
         result["edits"] = edits(40)
-    if not args.skip_mechanism and not args.edits_only:
+    if args.mechanism_only or not (args.skip_mechanism or args.edits_only):
         print(f"validating {args.routes} routes three ways ...", flush=True)
         result["mechanism"] = mechanism(args.routes, args.services)
+    if args.mechanism_only:
+        print_result(result)
+        print(f"\nwritten to {common.write_results('reload', result, args.out)}")
+        return
     if args.edits_only:
         print_result(result)
         print(f"\nwritten to {common.write_results('reload', result, args.out)}")
