@@ -36,12 +36,15 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import common
 from meshplane.xds import client as ads_client
 from meshplane.xds import typeurls
+
+T = TypeVar("T")
 
 EXAMPLE = """\
 apiVersion: meshplane.io/v2
@@ -87,6 +90,31 @@ def endpoints(services: int, moved_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- the loop's lag
+
+
+async def lagged(work: Callable[[], Awaitable[T]]) -> tuple[T, float, list[float]]:
+    """`work()` awaited while a ticker asks the event loop for 5 ms sleeps: its result, how long it took, and
+    how late each tick came (what a push, a stream or /healthz would have waited)."""
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            began = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - began - 0.005)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.2)
+    began = time.perf_counter()
+    result = await work()
+    elapsed = time.perf_counter() - began
+    stop.set()
+    await tick
+    return result, elapsed, lags
+
+
 # --------------------------------------------------------------------------- mechanism
 
 
@@ -95,27 +123,15 @@ def mechanism(routes: int, services: int) -> dict[str, Any]:
 
     data = policy(routes, services).encode()
 
-    async def ticker(lags: list[float], stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            began = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lags.append(time.perf_counter() - began - 0.005)
-
     async def one(way: str) -> dict[str, Any]:
-        lags: list[float] = []
-        stop = asyncio.Event()
-        tick = asyncio.create_task(ticker(lags, stop))
-        await asyncio.sleep(0.2)
-        began = time.perf_counter()
-        if way == "event loop":
-            result = validate.load_policy_bytes(data, path="policy.yaml")
-        elif way == "thread":
-            result = await asyncio.to_thread(validate.load_policy_bytes, data, path="policy.yaml")
-        else:
-            result = await worker.load(data, path="policy.yaml", known=None)
-        elapsed = time.perf_counter() - began
-        stop.set()
-        await tick
+        async def work() -> validate.LoadResult:
+            if way == "event loop":
+                return validate.load_policy_bytes(data, path="policy.yaml")
+            if way == "thread":
+                return await asyncio.to_thread(validate.load_policy_bytes, data, path="policy.yaml")
+            return await worker.load(data, path="policy.yaml", known=None)
+
+        result, elapsed, lags = await lagged(work)
         assert result.policy is not None and len(result.policy.routes) == routes, result.errors[:3]
         return {"way": way, "validation_s": round(elapsed, 2), "ticks": len(lags),
                 "lag_ms": common.latency_summary(lags)}
@@ -178,12 +194,6 @@ def parsing(services: int) -> dict[str, Any]:
                 entry["endpoints"][0]["port"] = port + i
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=True if flow else None)
 
-    async def ticker(lags: list[float], stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            began = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lags.append(time.perf_counter() - began - 0.005)
-
     async def one(directory: Path, *, layout: str, changed: str, way: str) -> dict[str, Any]:
         flow = layout == "flow"
         path = directory / f"{layout}-{changed.replace(' ', '-')}-{way.replace(' ', '-')}.yaml"
@@ -196,18 +206,13 @@ def parsing(services: int) -> dict[str, Any]:
         last = fileparse.parse_changed(path.read_text(), path=str(path), last=None)[1] if way == "event loop" else None
         edited = text(40000, changed=changed, flow=flow)
         path.write_text(edited)
-        lags: list[float] = []
-        stop = asyncio.Event()
-        tick = asyncio.create_task(ticker(lags, stop))
-        await asyncio.sleep(0.2)
-        began = time.perf_counter()
-        if way == "event loop":
-            fileparse.parse_changed(edited, path=str(path), last=last)
-        else:
-            await source.check(catalog)
-        elapsed = time.perf_counter() - began
-        stop.set()
-        await tick
+        async def work() -> None:
+            if way == "event loop":
+                fileparse.parse_changed(edited, path=str(path), last=last)
+            else:
+                await source.check(catalog)
+
+        _, elapsed, lags = await lagged(work)
         await source.stop()
         if way != "event loop":
             assert catalog.services[filesource.model.service_key("default", "service0")].endpoints[0].port_for(
