@@ -10,6 +10,10 @@ with its route repeated R times under distinct names, hosts and paths (R = 5,000
               ticker asks the event loop for a 5 ms sleep: on the loop, in a thread, in the worker
               process meshplane uses (meshplane.policy.worker). How late the ticks come is how long the
               loop was held: what a push, a stream or /healthz would wait.
+  parsing     in this process, an endpoint file of 10,000 services edited (every entry changed, one entry
+              changed; block style, and flow style, which is parsed whole) while the same ticker runs:
+              parsed on the event loop (fileparse, as the file source did before issue 18's review), and
+              as the file source does it now (FileSource.check: a few entries on the loop, more in a thread).
   end to end  `meshplane serve` as shipped (a subprocess), S services in one endpoint file, a simulated
               sidecar (the in-repo ADS client) watching one service's endpoints. The policy grows from
               one route to R (one file swap); 1 s later one endpoint moves (another file swap). Timed:
@@ -20,22 +24,27 @@ with its route repeated R times under distinct names, hosts and paths (R = 5,000
 
     .venv/bin/python -m bench.reload                       # 5,000 routes, 3 end-to-end runs (about two minutes)
     .venv/bin/python -m bench.reload --routes 500 --repeat 1 --skip-mechanism   # smoke check
+    .venv/bin/python -m bench.reload --parsing-only          # the endpoint file parsing alone (a minute)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import pickle
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import common
 from meshplane.xds import client as ads_client
 from meshplane.xds import typeurls
+
+T = TypeVar("T")
 
 EXAMPLE = """\
 apiVersion: meshplane.io/v2
@@ -81,6 +90,31 @@ def endpoints(services: int, moved_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- the loop's lag
+
+
+async def lagged(work: Callable[[], Awaitable[T]]) -> tuple[T, float, list[float]]:
+    """`work()` awaited while a ticker asks the event loop for 5 ms sleeps: its result, how long it took, and
+    how late each tick came (what a push, a stream or /healthz would have waited)."""
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            began = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - began - 0.005)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.2)
+    began = time.perf_counter()
+    result = await work()
+    elapsed = time.perf_counter() - began
+    stop.set()
+    await tick
+    return result, elapsed, lags
+
+
 # --------------------------------------------------------------------------- mechanism
 
 
@@ -89,40 +123,110 @@ def mechanism(routes: int, services: int) -> dict[str, Any]:
 
     data = policy(routes, services).encode()
 
-    async def ticker(lags: list[float], stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            began = time.perf_counter()
-            await asyncio.sleep(0.005)
-            lags.append(time.perf_counter() - began - 0.005)
-
     async def one(way: str) -> dict[str, Any]:
-        lags: list[float] = []
-        stop = asyncio.Event()
-        tick = asyncio.create_task(ticker(lags, stop))
-        await asyncio.sleep(0.2)
-        began = time.perf_counter()
-        if way == "event loop":
-            result = validate.load_policy_bytes(data, path="policy.yaml")
-        elif way == "thread":
-            result = await asyncio.to_thread(validate.load_policy_bytes, data, path="policy.yaml")
-        else:
-            result = await worker.load(data, path="policy.yaml", known=None)
-        elapsed = time.perf_counter() - began
-        stop.set()
-        await tick
+        async def work() -> validate.LoadResult:
+            if way == "event loop":
+                return validate.load_policy_bytes(data, path="policy.yaml")
+            if way == "thread":
+                return await asyncio.to_thread(validate.load_policy_bytes, data, path="policy.yaml")
+            return await worker.load(data, path="policy.yaml", known=None)
+
+        result, elapsed, lags = await lagged(work)
         assert result.policy is not None and len(result.policy.routes) == routes, result.errors[:3]
         return {"way": way, "validation_s": round(elapsed, 2), "ticks": len(lags),
                 "lag_ms": common.latency_summary(lags)}
 
-    async def run() -> list[dict[str, Any]]:
+    def worker_mb() -> dict[str, float]:
+        """The worker's resident memory now, and its peak so far (MB)."""
+        assert worker._process is not None
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{worker._process.pid}/status").read_text()
+                      .splitlines() if ":" in line)
+        return {key: round(int(status[field].split()[0]) / 1024, 1) for key, field in (("rss", "VmRSS"),
+                                                                                      ("peak", "VmHWM"))}
+
+    async def run() -> dict[str, Any]:
         # Both warmed up first: the worker started, and each side's first validation (pydantic builds its
         # validators then) done, so that each way is timed on the same footing.
         small = policy(2, services).encode()
         validate.load_policy_bytes(small, path="warm-up.yaml")
+        began = time.perf_counter()
         await worker.load(small, path="warm-up.yaml", known=None)
-        return [await one(way) for way in ("event loop", "thread", "worker process")]
+        started = time.perf_counter() - began
+        idle = worker_mb()
+        ways = [await one(way) for way in ("event loop", "thread", "worker process")]
+        after = worker_mb()
+        result = validate.load_policy_bytes(data, path="policy.yaml")
+        began = time.perf_counter()
+        pickle.dumps((data, "policy.yaml", None), protocol=pickle.HIGHEST_PROTOCOL)
+        request = time.perf_counter() - began
+        began = time.perf_counter()
+        answer = pickle.dumps((True, result), protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(answer)
+        back = time.perf_counter() - began
+        return {"ways": ways, "worker": {"started_with_a_first_validation_s": round(started, 2),
+                                         "idle_mb": idle["rss"], "after_mb": after["rss"], "peak_mb": after["peak"],
+                                         "pickle_request_s": round(request, 3),
+                                         "pickle_result_and_back_s": round(back, 3)}}
 
-    return {"routes": routes, "ways": asyncio.run(run())}
+    return {"routes": routes, **asyncio.run(run())}
+
+
+# --------------------------------------------------------------------------- parsing an endpoint file
+
+
+def parsing(services: int) -> dict[str, Any]:
+    """How long the event loop waits while an endpoint file of `services` services is parsed after an edit."""
+    import logging
+
+    import structlog
+    import yaml
+
+    from meshplane import gc_tuning
+    from meshplane.discovery import catalog as catalog_mod
+    from meshplane.discovery import fileparse, filesource
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    def text(port: int, *, changed: str, flow: bool) -> str:
+        doc = yaml.safe_load(endpoints(services, 30000))
+        for i, entry in enumerate(doc["services"]):
+            if changed == "every entry" or i == 0:
+                entry["endpoints"][0]["port"] = port + i
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=True if flow else None)
+
+    async def one(directory: Path, *, layout: str, changed: str, way: str) -> dict[str, Any]:
+        flow = layout == "flow"
+        path = directory / f"{layout}-{changed.replace(' ', '-')}-{way.replace(' ', '-')}.yaml"
+        path.write_text(text(30000, changed=changed, flow=flow))
+        catalog = catalog_mod.Catalog()
+        source = filesource.FileSource(path, interval=3600, inotify=False)
+        await source.start(catalog)
+        await source.watching()
+        gc_tuning.tune_gc()  # as `serve` does once started
+        last = fileparse.parse_changed(path.read_text(), path=str(path), last=None)[1] if way == "event loop" else None
+        edited = text(40000, changed=changed, flow=flow)
+        path.write_text(edited)
+        async def work() -> None:
+            if way == "event loop":
+                fileparse.parse_changed(edited, path=str(path), last=last)
+            else:
+                await source.check(catalog)
+
+        _, elapsed, lags = await lagged(work)
+        await source.stop()
+        if way != "event loop":
+            assert catalog.services[filesource.model.service_key("default", "service0")].endpoints[0].port_for(
+                "http") == 40000
+        return {"layout": layout, "changed": changed, "way": way, "took_s": round(elapsed, 3), "ticks": len(lags),
+                "lag_ms": common.latency_summary(lags)}
+
+    async def run() -> list[dict[str, Any]]:
+        with tempfile.TemporaryDirectory(prefix="meshplane-bench-") as tmp:
+            return [await one(Path(tmp), layout=layout, changed=changed, way=way)
+                    for layout, changed in (("block", "every entry"), ("block", "one entry"), ("flow", "every entry"))
+                    for way in ("event loop", "file source")]
+
+    return {"services": services, "runs": asyncio.run(run())}
 
 
 # --------------------------------------------------------------------------- edits seen
@@ -291,11 +395,18 @@ def print_result(result: dict[str, Any]) -> None:
         common.print_table(["edit", "p50 ms", "p99", "max"],
                            [(w["way"], w["ms"]["p50"], w["ms"]["p99"], w["ms"]["max"]) for w in ways],
                            title=f"an endpoint file edited {result['edits']['edits']} times: to the catalog's change")
+    if "parsing" in result:
+        rows = [(f"{r['layout']}, {r['changed']}", r["way"], r["took_s"], r["ticks"], r["lag_ms"]["p50"],
+                 r["lag_ms"]["p99"], r["lag_ms"]["max"]) for r in result["parsing"]["runs"]]
+        common.print_table(["edit", "parsed", "took s", "5 ms ticks", "lag p50 ms", "p99", "max"], rows,
+                           title=f"an endpoint file of {result['parsing']['services']} services: how long the "
+                                 "event loop waited while an edit was parsed")
     if "mechanism" in result:
         rows = [(w["way"], w["validation_s"], w["ticks"], w["lag_ms"]["p50"], w["lag_ms"]["p99"], w["lag_ms"]["max"])
                 for w in result["mechanism"]["ways"]]
         common.print_table(["validated", "took s", "5 ms ticks", "lag p50 ms", "p99", "max"], rows,
                            title=f"validating {result['mechanism']['routes']} routes: how long the event loop waited")
+        print(f"the worker process: {result['mechanism']['worker']}")
     if "end_to_end" not in result:
         return
     runs = result["end_to_end"]["runs"]
@@ -315,16 +426,30 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="end-to-end runs, each on a fresh meshplane serve")
     parser.add_argument("--skip-mechanism", action="store_true", help="only the end-to-end part")
     parser.add_argument("--edits-only", action="store_true", help="only the edits (any meshplane's FileSource)")
+    parser.add_argument("--parsing-only", action="store_true", help="only the endpoint file parsing")
+    parser.add_argument("--mechanism-only", action="store_true", help="only the validation three ways")
+    parser.add_argument("--endpoint-services", type=int, default=10_000, help="services of the parsed file")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     common.stop_on_sigterm()
     result: dict[str, Any] = {"machine": common.machine(), "quiet": common.wait_quiet(max_wait=0)}
-    if not args.skip_mechanism:
+    if args.parsing_only or not (args.skip_mechanism or args.edits_only or args.mechanism_only):
+        print(f"an endpoint file of {args.endpoint_services} services parsed after an edit ...", flush=True)
+        result["parsing"] = parsing(args.endpoint_services)
+    if args.parsing_only:
+        print_result(result)
+        print(f"\nwritten to {common.write_results('reload', result, args.out)}")
+        return
+    if not args.skip_mechanism and not args.mechanism_only:
         print("endpoint file edits, renamed over and rewritten in place ...", flush=True)
         result["edits"] = edits(40)
-    if not args.skip_mechanism and not args.edits_only:
+    if args.mechanism_only or not (args.skip_mechanism or args.edits_only):
         print(f"validating {args.routes} routes three ways ...", flush=True)
         result["mechanism"] = mechanism(args.routes, args.services)
+    if args.mechanism_only:
+        print_result(result)
+        print(f"\nwritten to {common.write_results('reload', result, args.out)}")
+        return
     if args.edits_only:
         print_result(result)
         print(f"\nwritten to {common.write_results('reload', result, args.out)}")

@@ -17,7 +17,7 @@ some cost per proxy and per service is inherent: the floor (bench.floor) takes t
 proxies and K pushes at every point (--no-floor skips it), and what matters is how the rest grows.
 
 At 10,000 services a cluster's file holds 25,000 endpoints; an edit re-parses only the service
-entries whose text changed (filesource.parse_changed). That parse is measured apart too (the
+entries whose text changed (fileparse.parse_changed). That parse is measured apart too (the
 same call, in this process, for the edit the benchmark makes) and reported beside the CPU.
 
 serve watches its files with inotify; --poll-interval (the fallback poll, 0.005 here as before)
@@ -82,16 +82,16 @@ def point(*, proxies: int, localities: int, services: int, endpoints: int, clust
 def parse_ms(mesh: common.Mesh, workdir: Path) -> float:
     """What meshplane's file source spends parsing the file a change touched (the same call, here): the
     file as it was, then with one endpoint's health flipped, parsed reusing what was parsed before."""
-    from meshplane.discovery import filesource
+    from meshplane.discovery import fileparse
 
     path = mesh.file(workdir, mesh.zone(0)[1])
     text = path.read_text()
     edited = text.replace("health: healthy", "health: unhealthy", 1)
-    _, last, _, _ = filesource.parse_changed(text, path=str(path), last=None)
+    _, last, _, _ = fileparse.parse_changed(text, path=str(path), last=None)
     times = []
     for _ in range(3):
         began = time.perf_counter()
-        filesource.parse_changed(edited, path=str(path), last=last)
+        fileparse.parse_changed(edited, path=str(path), last=last)
         times.append(time.perf_counter() - began)
     return round(statistics.median(times) * 1000, 1)
 

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import meshplane
@@ -213,7 +214,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     """Every problem of every file given, errors on stderr; exit 1 if there is an error."""
     from meshplane import app, problems
-    from meshplane.discovery import catalog, filesource
+    from meshplane.discovery import catalog, fileparse, filesource
     from meshplane.policy import validate
 
     merged = catalog.Catalog()
@@ -221,7 +222,7 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
     broken = False
     for endpoints in endpoint_files:
         try:
-            cluster, services, text = filesource.read(endpoints)
+            cluster, services, text = fileparse.read(endpoints)
             taken = claims.claim(cluster, path=endpoints, text=text)
             if taken is not None:
                 raise taken
@@ -229,7 +230,7 @@ def _validate(path: Path | None, endpoint_files: list[Path]) -> int:
             print(f"meshplane validate: --endpoints {endpoints}: {problems.cannot_read(exc)}", file=sys.stderr)
             broken = True
             continue
-        except filesource.EndpointFileError as exc:
+        except fileparse.EndpointFileError as exc:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             print(f"{endpoints}: {len(exc.problems)} error(s); endpoint file rejected", file=sys.stderr)
@@ -325,8 +326,8 @@ def _check_serve(usage: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from meshplane import app, gc_tuning, listen, tls
-    from meshplane.discovery import filesource, kubesource
+    from meshplane import aio, app, gc_tuning, listen, tls
+    from meshplane.discovery import fileparse, kubesource
     from meshplane.policy import validate
 
     tls_files = None if args.tls_cert is None else tls.TlsFiles(
@@ -352,27 +353,38 @@ async def _serve(args: argparse.Namespace) -> int:
         ),
     )
     plane = app.ControlPlane(config)
-    try:
-        await plane.start()
-    except (validate.PolicyError, filesource.EndpointFileError, OSError, ValueError) as exc:  # TlsError too
-        print(f"meshplane: {exc}", file=sys.stderr)
-        await plane.stop()
-        return 1
-    gc_tuning.tune_gc()
-    try:
-        await _until_signalled()
-    finally:
-        await plane.stop()
+    with _signals() as stop:  # from the start: a Ctrl-C while a big policy loads stops it, with no traceback
+        starting = asyncio.create_task(plane.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        await aio.cancel(stopping)
+        if not starting.done():
+            await aio.cancel(starting)
+            await plane.stop()
+            return 0
+        try:
+            starting.result()
+        except (validate.PolicyError, fileparse.EndpointFileError, OSError, ValueError) as exc:  # TlsError too
+            print(f"meshplane: {exc}", file=sys.stderr)
+            await plane.stop()
+            return 1
+        gc_tuning.tune_gc()
+        try:
+            await stop.wait()
+        finally:
+            await plane.stop()
     return 0
 
 
-async def _until_signalled() -> None:
+@contextlib.contextmanager
+def _signals() -> Iterator[asyncio.Event]:
+    """An event set by SIGINT or SIGTERM, for as long as the block runs."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -1,7 +1,7 @@
 """A problem in a file an operator wrote, as `file:line: field: reason`, and the wording every such file shares.
 
 The policy (meshplane/policy/validate.py) and the endpoint files
-(meshplane/discovery/filesource.py) both report through `Problem`, so
+(meshplane/discovery/fileparse.py) both report through `Problem`, so
 `meshplane validate`, the logs and `/ready` say a mistake the same way
 whichever file it is in. Lines come from meshplane/yamlpos.py.
 """

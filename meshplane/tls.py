@@ -15,6 +15,7 @@ files stay served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import re
 import ssl
@@ -200,11 +201,12 @@ class ServerTls:
 
     async def _follow(self) -> None:
         files = watch.Watch(self._paths(), interval=self._interval, inotify=self._inotify)
-        async for _ in files.events():
-            try:
-                self.refresh()
-            except Exception:  # a bug here must not end the watching (nor leave rotations unreported)
-                log.exception("checking the TLS files failed; trying again at the next change")
+        async with contextlib.aclosing(files.events()) as events:  # its inotify descriptor closed with the task
+            async for _ in events:
+                try:
+                    self.refresh()
+                except Exception:  # a bug here must not end the watching (nor leave rotations unreported)
+                    log.exception("checking the TLS files failed; trying again at the next change")
 
     def _paths(self) -> list[Path]:
         return [p for p in (self.files.cert, self.files.key, self.files.client_ca) if p is not None]

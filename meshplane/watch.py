@@ -27,11 +27,13 @@ Three parts:
   stat, and while the stat cannot be trusted (written within the last two
   seconds: a second write in the same timestamp tick may leave size, inode
   and mtime as they were), the hash of its content. A `touch`, or a
-  rewrite with the same bytes, is no change. `Hold` is what an owner uses
-  for an edit that would drop most of what it serves: it waits until the
-  file has kept that content for `HOLD_S` (a writer that truncates, closes
-  and writes again, or one that pauses longer than the settling time
-  without inotify, is not taken at its word; then the owner says so loudly).
+  rewrite with the same bytes, is no change.
+- `read_settled` is the first read of a file, at start-up, before any watch
+  has seen its writes: it waits until the file has settled as a polled one
+  must, and reads it again if it changed while being read.
+
+What an owner does with an edit that would drop most of what it serves
+(hold it until the file has kept it) is meshplane/hold.py.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,10 +65,6 @@ OPEN_WRITER_S = 5.0
 """A file written and still open (MODIFY with no CLOSE_WRITE yet) is waited for; once no write has come
 for this long it is read as it is (a writer that keeps it open for ever, or `truncate(2)` by path, which
 closes nothing), with a warning."""
-
-HOLD_S = 1.0
-"""An edit that would drop most of what a file gave (every route, most services) is applied only once the
-file has kept that content this long (`Hold`)."""
 
 Stat = tuple[int, int, int]  # mtime ns, size, inode
 
@@ -102,6 +100,32 @@ def read(path: Path) -> Read:
     return Read(before, data, stat_of(path) != before)
 
 
+async def read_settled(path: Path) -> Read:
+    """`path` read whole once it has settled, as a polled file must (its stat the same for `SETTLE_S`, or
+    its mtime that old), and read again, once settled again, when it changed while read: the first read,
+    before any watch has seen the file's writes (a `cp` under way when meshplane starts). A file still
+    changing after `OPEN_WRITER_S` is read as it is, with a warning."""
+    began = time.monotonic()
+    stat, since, by_mtime = stat_of(path), began, True
+    while True:
+        now = time.monotonic()
+        if (current := stat_of(path)) != stat:
+            stat, since = current, now
+        old = (time.time_ns() - stat[0]) / 1e9 if stat is not None and by_mtime else 0.0
+        wait = SETTLE_S - max(now - since, old)
+        if stat is None or wait <= 0:
+            got = read(path)
+            if not got.torn:
+                return got
+            # Its mtime said it was old, and it changed while read: from now on only our own clock decides.
+            stat, since, by_mtime, wait = stat_of(path), time.monotonic(), False, SETTLE_S
+        if now - began >= OPEN_WRITER_S:
+            log.warning("file still being written after a while: reading it as it is", path=str(path),
+                        seconds=OPEN_WRITER_S)
+            return read(path)
+        await asyncio.sleep(wait)
+
+
 @dataclass(frozen=True, slots=True)
 class Seen:
     """A file as it was read: its stat, and its content's hash (kept to compare while the stat is racy)."""
@@ -134,34 +158,6 @@ class Seen:
         if self.unchanged(stat, quiet=quiet):
             return False
         return Seen.now(path).digest != self.digest
-
-
-class Hold:
-    """How long a file has kept its content, as its owner's looks saw it: an edit that would drop most of what
-    the file gave waits until the file has kept it for `after` seconds."""
-
-    def __init__(self, after: float = HOLD_S) -> None:
-        self.after = after
-        self._digest: bytes | None = None
-        self._since = 0.0
-
-    def saw(self, digest: bytes | None) -> float:
-        """The file holds this content now (every read says so): how many seconds more it must keep it to
-        have kept it `after` seconds (0: it has). The clock starts again whenever the content differs."""
-        now = time.monotonic()
-        if digest != self._digest:
-            self._digest, self._since = digest, now
-        return max(0.0, self._since + self.after - now)
-
-
-def most(lost: int, *, of: int) -> bool:
-    """`lost` of `of` is most of it: the share of an edit that is held and said loudly."""
-    return of > 0 and lost * 2 > of
-
-
-def said(lost: Sequence[str], *, of: int) -> str:
-    """What an edit drops, as a warning says it: `7 of 10: a, b, c, d, e, ...`."""
-    return f"{len(lost)} of {of}: " + ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
 
 
 @dataclass(slots=True)
@@ -202,6 +198,9 @@ class Watch:
         self._due = True  # a look is due once the files settle
         self._again: float | None = None  # look_again's moment (monotonic)
         self._looks: dict[Path, _Look] = {}
+        self.ready = asyncio.Event()
+        """Set once the files are watched (inotify set up, or polling) and the owner has taken its first look:
+        a write from then on is seen as it happens."""
 
     def watch(self, paths: Iterable[Path]) -> None:
         """Watch these instead (the files a policy names change with the policy), from the next wake-up."""
@@ -242,6 +241,7 @@ class Watch:
                 async with contextlib.aclosing(self._looks_due()) as looks:
                     async for quiet in looks:
                         yield quiet
+                        self.ready.set()
             finally:
                 notify, self._notify = self._notify, None
                 if notify is not None:

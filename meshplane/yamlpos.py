@@ -6,7 +6,7 @@ keeps marks) and build the values ourselves, recording a line for each path.
 Building it ourselves also lets us reject what `safe_load` silently accepts:
 duplicate keys (the last one would win) and non-string keys. The policy
 (meshplane/policy/validate.py) and the endpoint files
-(meshplane/discovery/filesource.py) are both read through here.
+(meshplane/discovery/fileparse.py) are both read through here.
 """
 
 from __future__ import annotations
@@ -72,15 +72,19 @@ def render_loc(loc: Sequence[str | int]) -> str:
     return out or "(document)"
 
 
-def load(text: str, *, fast: bool = False) -> Located:
+def load(text: str, *, fast: bool = False, anchors: bool = True) -> Located:
     """Parse one YAML document; raise YamlError with the line of the first problem.
 
     `fast`: compose with libyaml (a large endpoint file); its messages for broken YAML are worded
-    a little differently from the pure-Python parser's, which the policy keeps.
+    a little differently from the pure-Python parser's, which the policy keeps. `anchors` False: an
+    anchor (`&name`, and so every alias and `<<: *name` merge of it) is refused where it is defined. Aliases
+    are how a few hundred bytes expand to gigabytes (each level of aliases multiplies the values built);
+    a file that has no use for them refuses them, and is then built in time linear in its length.
     """
+    assert anchors or not fast, "anchors are refused by the pure-Python composer"
     try:
-        loader = (_FAST_LOADER if fast else yaml.SafeLoader)(text)  # reads ahead: a control character fails here
-    except yaml.YAMLError as exc:
+        loader = (_FAST_LOADER if fast else yaml.SafeLoader if anchors else _AnchorsNoted)(text)  # reads ahead:
+    except yaml.YAMLError as exc:  # a control character fails here
         raise syntax_error(exc, text) from None
     try:
         try:
@@ -89,7 +93,7 @@ def load(text: str, *, fast: bool = False) -> Located:
             raise syntax_error(exc, text) from None
         if node is None:
             return Located(None, {})
-        builder = _Builder(loader)
+        builder = _Builder(loader, refused=loader.anchored if isinstance(loader, _AnchorsNoted) else None)
         value = builder.build(node, ())
         builder.lines[()] = node.start_mark.line + 1
         return Located(value, builder.lines)
@@ -115,14 +119,34 @@ def syntax_error(exc: yaml.YAMLError, text: str) -> YamlError:
     return YamlError(mark.line + 1, (), f"invalid YAML: {what} (column {mark.column + 1})")
 
 
+class _AnchorsNoted(yaml.SafeLoader):
+    """The pure-Python loader, noting which nodes carry an anchor (an alias composes to the very same node)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.anchored: dict[int, str] = {}  # id(node) -> its anchor's name
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        node = super().compose_node(parent, index)
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None and not isinstance(event, yaml.AliasEvent):
+            self.anchored[id(node)] = anchor
+        return node
+
+
 class _Builder:
-    def __init__(self, loader: Any) -> None:  # a SafeLoader, or libyaml's CSafeLoader
-        self.loader = loader
+    def __init__(self, loader: Any, *, refused: dict[int, str] | None = None) -> None:  # a SafeLoader, or
+        self.loader = loader  # libyaml's CSafeLoader
         self.lines: dict[Loc, int] = {}
         # Anchors may refer to themselves (`&a [*a]`); plain values cannot, so refuse them.
         self._open: set[int] = set()
+        self._refused = refused  # anchored nodes, refused where first built (load's `anchors`)
 
     def build(self, node: yaml.Node, loc: Loc) -> Any:
+        if self._refused and id(node) in self._refused:
+            raise YamlError(node.start_mark.line + 1, loc, f"YAML anchors and aliases are not accepted in this file "
+                            f"(&{self._refused[id(node)]}): write the value out where it is used")
         if isinstance(node, yaml.ScalarNode):
             try:
                 return self.loader.construct_object(node, deep=True)

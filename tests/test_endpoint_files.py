@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshplane.demo import envoy
-from meshplane.discovery import fileschema, filesource, model
+from meshplane.discovery import fileparse, fileschema, model
 from tests.conftest import cluster_doc, wait_for, write_yaml
 from tests.test_filesource import CASES
 
@@ -64,7 +64,7 @@ def test_every_example_is_valid_to_the_schema_and_the_validator() -> None:
     assert len(examples) >= 4 and any(where.startswith("docs/serving.md") for where, _ in examples)
     for where, text in examples:
         assert _schema_errors(text) == [], where
-        filesource.parse(text, path=where)  # raises, naming every problem, if not
+        fileparse.parse(text, path=where)  # raises, naming every problem, if not
 
 
 # What the schema cannot say alone: values related to each other, and YAML itself (a key twice, broken text).
@@ -96,9 +96,9 @@ def test_the_schema_and_the_validator_agree_on_addresses(address: str) -> None:
     text = f"cluster: c1\nregion: r1\nservices:\n- name: web\n  ports: [{{name: http, port: 80}}]\n  endpoints:\n" \
            f"  - {{address: '{address}', zone: z1}}\n"
     try:
-        filesource.parse(text, path="c1.yaml")
+        fileparse.parse(text, path="c1.yaml")
         valid = True
-    except filesource.EndpointFileError:
+    except fileparse.EndpointFileError:
         valid = False
     assert (_schema_errors(text) == []) is valid, (address, _schema_errors(text))
     if valid:
@@ -115,7 +115,7 @@ def _doc(cluster: str, port: int = 9001) -> dict[str, Any]:
 async def test_two_files_of_one_cluster_are_refused_at_start_naming_both(start_plane: Any, tmp_path: Path) -> None:
     first = write_yaml(tmp_path / "a.yaml", _doc("c1"))
     second = write_yaml(tmp_path / "b.yaml", _doc("c1", 9002))
-    with pytest.raises(filesource.EndpointFileError) as error:
+    with pytest.raises(fileparse.EndpointFileError) as error:
         await start_plane(endpoint_files=(first, second))
     assert str(error.value) == (f"{second}:1: cluster: 'c1' is already the cluster of {first}: each cluster has one "
                                 "endpoint file (a second would replace the first's services)")

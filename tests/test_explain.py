@@ -11,7 +11,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from meshplane import explain
 from meshplane.demo import topology
-from meshplane.discovery import catalog, filesource, model
+from meshplane.discovery import catalog, fileparse, model
 from meshplane.policy import routing, rules, validate
 
 HZ_H = "cn-hangzhou/cn-hangzhou-h/cluster-1"
@@ -22,7 +22,7 @@ def _s1() -> tuple[dict[model.ServiceKey, model.Service], rules.Policy]:
     topo = topology.Topology.build()
     merged = catalog.Catalog()
     for spec in topo.clusters:
-        cluster, services = filesource.parse(yaml.safe_dump(topo.endpoint_doc(spec)), path=spec.name)
+        cluster, services = fileparse.parse(yaml.safe_dump(topo.endpoint_doc(spec)), path=spec.name)
         merged.apply(cluster, services, seen_at=0.0)
     loaded = validate.load_policy_text(topology.demo_policy(gateway_port=8080), path="policy.yaml")
     assert loaded.policy is not None, loaded.errors

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshplane.discovery import filesource, model
+from meshplane.discovery import fileparse, model
 
 HEAD = "cluster: c1\nregion: r1\nservices:\n"
 WEB = HEAD + "- name: web\n  ports: [{name: http, port: 8000}]\n  endpoints:\n"
@@ -21,10 +21,10 @@ TWO_PORTS = HEAD + "- name: web\n  ports: [{name: http, port: 8000}, {name: grpc
 
 def problems(text: str) -> list[str]:
     """What `meshplane validate` prints for `text`; the parse entry by entry and the whole-file parse agree."""
-    with pytest.raises(filesource.EndpointFileError) as entries:
-        filesource.parse(text, path="c1.yaml")
-    with pytest.raises(filesource.EndpointFileError) as whole:
-        filesource.parse_whole(text, path="c1.yaml")
+    with pytest.raises(fileparse.EndpointFileError) as entries:
+        fileparse.parse(text, path="c1.yaml")
+    with pytest.raises(fileparse.EndpointFileError) as whole:
+        fileparse.parse_whole(text, path="c1.yaml")
     found = [str(p) for p in entries.value.problems]
     assert found == [str(p) for p in whole.value.problems]
     assert str(entries.value) == "\n".join(found)
@@ -32,8 +32,8 @@ def problems(text: str) -> list[str]:
 
 
 def parsed(text: str) -> dict[model.ServiceKey, model.ServiceInCluster]:
-    _, services = filesource.parse(text, path="c1.yaml")
-    assert filesource.parse_whole(text, path="c1.yaml")[1] == services
+    _, services = fileparse.parse(text, path="c1.yaml")
+    assert fileparse.parse_whole(text, path="c1.yaml")[1] == services
     return services
 
 
@@ -226,11 +226,11 @@ def test_an_edit_is_reported_at_its_line_and_the_last_good_parse_is_untouched() 
     good = yaml.safe_dump({"cluster": "c1", "region": "r1", "services": [
         {"name": f"svc{i}", "ports": [{"name": "http", "port": 80}],
          "endpoints": [{"address": f"10.0.0.{i}", "zone": "z1"}]} for i in range(20)]}, sort_keys=False)
-    _, last, _, _ = filesource.parse_changed(good, path="c1.yaml", last=None)
+    _, last, _, _ = fileparse.parse_changed(good, path="c1.yaml", last=None)
     bad = good.replace("address: 10.0.0.13", "address: 10.0.0.313")
     line = bad.splitlines().index("  - address: 10.0.0.313") + 1
-    with pytest.raises(filesource.EndpointFileError) as error:
-        filesource.parse_changed(bad, path="c1.yaml", last=last)
+    with pytest.raises(fileparse.EndpointFileError) as error:
+        fileparse.parse_changed(bad, path="c1.yaml", last=last)
     assert str(error.value) == (f"c1.yaml:{line}: services[13].endpoints[0].address: '10.0.0.313' is not an IPv4 or "
                                 "IPv6 address")
     assert last.services[model.service_key("default", "svc13")].endpoints[0].address == "10.0.0.13"
@@ -258,8 +258,8 @@ def test_what_is_accepted_and_what_it_becomes() -> None:
 def test_read_names_a_byte_that_is_not_utf8(tmp_path: Any) -> None:
     path = tmp_path / "c1.yaml"
     path.write_bytes(b"cluster: c1\nregion: r\xe9\n")
-    with pytest.raises(filesource.EndpointFileError) as latin1:
-        filesource.read(path)
+    with pytest.raises(fileparse.EndpointFileError) as latin1:
+        fileparse.read(path)
     assert str(latin1.value) == f"{path}:2: (file): not UTF-8 text: invalid continuation byte"
 
 
@@ -355,10 +355,10 @@ def test_the_parse_entry_by_entry_agrees_with_the_whole_file(doc: dict[str, Any]
     if trailer:
         text += "# after the list\nregoin: r1\n"
     try:
-        whole = filesource.parse_whole(text, path="c1.yaml")
-    except filesource.EndpointFileError as error:
-        with pytest.raises(filesource.EndpointFileError) as entries:
-            filesource.parse(text, path="c1.yaml")
+        whole = fileparse.parse_whole(text, path="c1.yaml")
+    except fileparse.EndpointFileError as error:
+        with pytest.raises(fileparse.EndpointFileError) as entries:
+            fileparse.parse(text, path="c1.yaml")
         assert [str(p) for p in entries.value.problems] == [str(p) for p in error.problems], text
     else:
-        assert filesource.parse(text, path="c1.yaml") == whole
+        assert fileparse.parse(text, path="c1.yaml") == whole

@@ -44,7 +44,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from meshplane import app
+from meshplane import app, problems
 from meshplane.demo import topology
 from meshplane.policy import document, rules, validate
 from meshplane.xds import adsbase, proxy, typeurls
@@ -124,9 +124,9 @@ def check_result(result: validate.LoadResult, text: str, path: str) -> None:
     assert (result.policy is None) == bool(result.errors), "a policy exactly when there are no errors"
     if result.policy is not None:
         assert isinstance(result.policy, rules.Policy)
-    for problems, severity in ((result.errors, "error"), (result.warnings, "warning")):
-        for p in problems:
-            assert isinstance(p, validate.Problem)
+    for found, severity in ((result.errors, "error"), (result.warnings, "warning")):
+        for p in found:
+            assert isinstance(p, problems.Problem)
             assert p.file == path, p
             assert p.severity == severity, p
             assert isinstance(p.line, int) and p.line >= 0, p
@@ -470,7 +470,7 @@ def mutated_policy_texts(draw: st.DrawFn) -> str:
 _READER = "yamlpos.load: yaml.SafeLoader(text) runs outside the try; its ReaderError is no MarkedYAMLError"
 _CONSTRUCTOR = ("yamlpos._Builder.build: PyYAML's scalar constructors raise ValueError, KeyError, IndexError or "
                 "AttributeError, not MarkedYAMLError, on values the resolver matched (dates, tagged scalars)")
-_INT_REPR = "document.show / _range_reason: repr() of an int over 4300 decimal digits raises ValueError"
+_INT_REPR = "problems.show / _range_reason: repr() of an int over 4300 decimal digits raises ValueError"
 _REGEX = "routecheck.check_regex: re2 raises UnicodeEncodeError on a lone surrogate (not re2.error)"
 _PEM = "routecheck._read_pem: Path.read_bytes raises ValueError on a NUL in the path (not OSError)"
 

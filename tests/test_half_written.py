@@ -18,10 +18,10 @@ import pytest
 import structlog
 import yaml
 
-from meshplane import watch
+from meshplane import hold, watch
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import filesource
-from meshplane.policy import reload, rules
+from meshplane.policy import reload, rules, worker
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
 WRITER = textwrap.dedent("""\
@@ -66,12 +66,11 @@ def pieces_of(text: str, *, at: str, count: int) -> list[bytes]:
     return ["".join(lines[a:b]).encode() for a, b in itertools.pairwise(bounds)]
 
 
-async def watching(owner: filesource.FileSource | reload.PolicyWatcher, *, inotify: bool = True) -> None:
-    """Until the owner's watch is set up (with inotify: a write before that is only seen by its stat)."""
-    def ready() -> bool:
-        w = owner._watch
-        return w is not None and (w._notify is not None or not inotify) and not w._due
-    await wait_for(ready, timeout=5, what="the watch set up and its first look taken")
+async def watching(owner: filesource.FileSource | reload.PolicyWatcher) -> None:
+    """Until the owner's watch is set up and has looked once (with inotify: a write before that is only seen
+    by its stat)."""
+    async with asyncio.timeout(5):
+        await owner.watching()
 
 
 def _endpoints(n: int, port: int) -> dict[str, Any]:
@@ -94,8 +93,21 @@ def _loud(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [e for e in logs if e["log_level"] in ("warning", "error")]
 
 
+PAUSE = 0.05
+"""How long the slow writers pause between pieces."""
+
+
+def margin(monkeypatch: pytest.MonkeyPatch, *, inotify: bool) -> None:
+    """Polling cannot see a writer: its pauses must be shorter than the settling time. Made 20 times longer
+    than they are, so that a scheduler stall of a loaded machine cannot make a pause look like the end."""
+    if not inotify:
+        monkeypatch.setattr(watch, "SETTLE_S", 20 * PAUSE)
+
+
 @pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "poll"])
-async def test_an_endpoint_file_written_in_slow_pieces_is_read_once_complete(tmp_path: Path, inotify: bool) -> None:
+async def test_an_endpoint_file_written_in_slow_pieces_is_read_once_complete(
+        tmp_path: Path, inotify: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    margin(monkeypatch, inotify=inotify)
     n = 400
     path = write_yaml(tmp_path / "c1.yaml", _endpoints(n, 9000))
     catalog = catalog_mod.Catalog()
@@ -104,12 +116,11 @@ async def test_an_endpoint_file_written_in_slow_pieces_is_read_once_complete(tmp
     # The backstop (and the poll) looks every 20 ms, far more often than the writer pauses.
     source = filesource.FileSource(path, interval=0.02, inotify=inotify)
     await source.start(catalog)
-    await watching(source, inotify=inotify)
+    await watching(source)
     try:
         text = yaml.safe_dump(_endpoints(n, 9001), sort_keys=False)
         with structlog.testing.capture_logs() as logs:
-            # Polling cannot see a writer: its pauses must be shorter than the settling time.
-            await write_slowly(path, pieces_of(text, at="- name:", count=10), pause=watch.SETTLE_S / 4)
+            await write_slowly(path, pieces_of(text, at="- name:", count=10), pause=PAUSE)
             await wait_for(lambda: _ports(catalog) == {9001}, timeout=5, what="the rewritten file applied")
         assert sizes and min(sizes) == n, f"the catalog had {min(sizes)} of {n} services at one point"
         assert not _loud(logs), _loud(logs)
@@ -137,7 +148,7 @@ async def watching_policy(path: Path, applied: Applied, *, inotify: bool = True)
     watcher = reload.PolicyWatcher(path, on_change=applied, interval=0.02, inotify=inotify)
     await watcher.start()
     try:
-        await watching(watcher, inotify=inotify)
+        await watching(watcher)
         yield watcher
     finally:
         await watcher.stop()
@@ -157,14 +168,16 @@ class Applied:
 
 
 @pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "poll"])
-async def test_a_policy_written_in_slow_pieces_is_never_applied_half_way(tmp_path: Path, inotify: bool) -> None:
+async def test_a_policy_written_in_slow_pieces_is_never_applied_half_way(
+        tmp_path: Path, inotify: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    margin(monkeypatch, inotify=inotify)
     n = 120
     path = tmp_path / "policy.yaml"
     path.write_text(_policy(n))
     applied = Applied()
     async with watching_policy(path, applied, inotify=inotify):
         with structlog.testing.capture_logs() as logs:
-            await write_slowly(path, pieces_of(_policy(n, "new"), at="  - name:", count=8), pause=watch.SETTLE_S / 4)
+            await write_slowly(path, pieces_of(_policy(n, "new"), at="  - name:", count=8), pause=PAUSE)
             await wait_for(lambda: applied.policies and _prefixes(applied.policies[-1]) == {
                 f"/new{i}" for i in range(n)}, timeout=10, what="the rewritten policy applied")
     assert applied.routes() == [n], applied.routes()
@@ -201,7 +214,7 @@ async def test_a_policy_truncated_closed_and_written_again_is_not_emptied(tmp_pa
     applied = Applied()
     async with watching_policy(path, applied) as watcher:
         with structlog.testing.capture_logs() as logs:
-            await write_slowly(path, [_policy(n, "new").encode()], pause=watch.HOLD_S / 4, reopen=True)
+            await write_slowly(path, [_policy(n, "new").encode()], pause=hold.HOLD_S / 4, reopen=True)
             await wait_for(lambda: applied.policies, timeout=5, what="the rewritten policy applied")
         assert applied.routes() == [n] and _prefixes(watcher.current) == {f"/new{i}" for i in range(n)}
     assert not _loud(logs), _loud(logs)
@@ -281,14 +294,92 @@ async def test_a_file_kept_open_is_read_once_no_write_has_come_for_a_while(
         await source.stop()
 
 
-def test_a_file_changed_while_read_is_torn(tmp_path: Path) -> None:
+def test_a_file_changed_while_read_is_torn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"one")
     got = watch.read(path)
     assert (got.data, got.torn) == (b"one", False) and got.stat == watch.stat_of(path)
     assert isinstance(watch.read(tmp_path / "missing").data, FileNotFoundError)
+    first = watch.stat_of(path)
+    stat_of, rewrites = watch.stat_of, []
+
+    def rewritten_after_the_first_stat(at: Path) -> watch.Stat | None:
+        stat = stat_of(at)
+        if not rewrites:
+            rewrites.append(at)
+            at.write_bytes(b"two, half written")  # between the stat before the read and the one after
+        return stat
+
+    monkeypatch.setattr(watch, "stat_of", rewritten_after_the_first_stat)
+    got = watch.read(path)
+    assert rewrites == [path] and got.torn and got.stat == first and got.data == b"two, half written"
 
 
 def test_most_is_more_than_half() -> None:
-    assert [watch.most(lost, of=4) for lost in range(5)] == [False, False, False, True, True]
-    assert not watch.most(0, of=0)
+    assert [hold.most(lost, of=4) for lost in range(5)] == [False, False, False, True, True]
+    assert not hold.most(0, of=0)
+
+
+@pytest.mark.parametrize("kind", ["endpoint file", "policy"])
+async def test_a_file_being_written_when_meshplane_starts_is_read_once_complete(tmp_path: Path, kind: str) -> None:
+    """No watch has seen the write begin: the first read waits for the file to settle, as a polled one."""
+    if kind == "endpoint file":
+        n, at = 400, "- name:"
+        path = write_yaml(tmp_path / "c1.yaml", _endpoints(n, 9000))
+        text = yaml.safe_dump(_endpoints(n, 9001), sort_keys=False)
+    else:
+        n, at = 120, "  - name:"
+        path = tmp_path / "policy.yaml"
+        path.write_text(_policy(n))
+        text = _policy(n, "new")
+    full = len(text.encode())
+    writer = asyncio.create_task(write_slowly(path, pieces_of(text, at=at, count=10), pause=PAUSE))
+    await wait_for(lambda: 0 < path.stat().st_size < full, timeout=10, what="the writer under way")
+    try:
+        if kind == "endpoint file":
+            catalog = catalog_mod.Catalog()
+            source = filesource.FileSource(path, interval=3600)
+            await source.start(catalog)
+            await source.stop()
+            assert len(catalog.services) == n and _ports(catalog) == {9001}
+        else:
+            watcher = reload.PolicyWatcher(path, on_change=Applied(), interval=3600)
+            await watcher.start()
+            await watcher.stop()
+            assert _prefixes(watcher.current) == {f"/new{i}" for i in range(n)}
+        assert writer.done(), "read before its writer was done"
+    finally:
+        await writer
+
+
+async def test_an_edit_dropping_most_of_the_policy_is_held_from_its_read_not_from_the_end_of_its_validation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validating it took longer than the hold: the file kept it all along, so it is applied, validated once."""
+    monkeypatch.setattr(hold, "HOLD_S", 0.01)
+    n = 600  # far longer to validate than the hold
+    path = tmp_path / "policy.yaml"
+    path.write_text(_policy(n))
+    loads, load = [], worker.load
+
+    async def counted(data: bytes, *, path: str, known: Any) -> Any:
+        loads.append(len(data))
+        return await load(data, path=path, known=known)
+
+    monkeypatch.setattr(worker, "load", counted)
+    applied = Applied()
+    async with watching_policy(path, applied) as watcher:
+        loads.clear()
+        renamed = _policy(n, "new").replace("  - name: r", "  - name: q")  # every route goes, others come
+        with structlog.testing.capture_logs() as logs:
+            write_atomically(path, renamed)
+            await wait_for(lambda: applied.policies, timeout=30, what="the edit applied")
+        assert {r.name for r in watcher.current.routes} == {f"q{i}" for i in range(n)}
+    assert len(loads) == 1, f"validated {len(loads)} times"
+    [said] = [e for e in logs if e["event"] == "policy file drops most of the policy in force"]
+    assert said["log_level"] == "warning" and said["dropped_routes"].startswith(f"{n} of {n}: ")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -18,8 +18,9 @@ import kubernetes
 import pytest
 import structlog
 
+from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import kube, kubemodel, kubesource, model
+from meshplane.discovery import kube, kubemodel, kubesource, model, orphans
 from tests.conftest import wait_for
 from tests.fakekube import FakeKubeAPI, endpoint, endpoint_slice, node, pod, service
 
@@ -395,6 +396,12 @@ def orphan_warnings(logs: list[dict[str, Any]]) -> list[str]:
     return [e["object"] for e in logs if e["event"] == ORPHANED and e["log_level"] == "warning"]
 
 
+def waiting(logs: list[dict[str, Any]], key: model.ServiceKey) -> bool:
+    """Whether the slices of `key` are past their grace, held back until the services watch catches up."""
+    return any(e["event"].endswith("waiting for the services watch") and e["object"] == f"Service {key}"
+               for e in logs)
+
+
 def cart_slice(*addresses: str, name: str = "cart-a", service_name: str = "cart") -> dict[str, Any]:
     return endpoint_slice(name, "shop", service_name, [endpoint(a, node_name="n1") for a in addresses],
                           ports=[{"name": "http", "port": 8080}])
@@ -443,7 +450,7 @@ async def test_a_slice_whose_service_comes_on_a_later_watch_event_gives_no_warni
         await wait_for(lambda: "shop/cart-a" in slices.store and source._flush_handle is None and not source._dirty,
                        what="the slice handled before its service")
         if lag == "past the grace":
-            await wait_for(lambda: orphan_warnings(logs) or source._orphans.waiting(CART),
+            await wait_for(lambda: orphan_warnings(logs) or waiting(logs, CART),
                            what="the slice past its grace, waiting for the services watch")
         assert CART not in catalog.services
         fake.hold_watches(())
@@ -466,7 +473,7 @@ async def test_a_real_orphan_is_reported_once_when_the_services_watch_has_caught
         # changes in services), and the slice is held back until then.
         fake.put("endpointslices", cart_slice("10.0.3.2", name="lost-a", service_name="lost"))
         lost = model.service_key("shop", "lost")
-        await wait_for(lambda: len(orphan_warnings(logs)) > 1 or source._orphans.waiting(lost),
+        await wait_for(lambda: len(orphan_warnings(logs)) > 1 or waiting(logs, lost),
                        what="the new orphan waiting for the services watch")
         assert orphan_warnings(logs) == ["Service shop/ghost"]
         fake.send_bookmarks()
@@ -770,3 +777,28 @@ async def test_a_stall_is_caught_sooner_once_the_server_has_shown_periodic_bookm
     assert "timed out" in source.error and set(catalog.services) == {WEB, API}
     fake.stall(False)
     await wait_for(lambda: not source.stale, timeout=8, what="recovered")
+
+
+async def test_orphans_are_still_reported_after_judging_them_failed_once(
+    fake: FakeKubeAPI, start_source: StartSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while judging orphans is logged and counted, and the checks go on (they used to stop for good)."""
+    populate(fake)
+    fake.put("endpointslices", cart_slice("10.0.3.1", name="ghost-a", service_name="ghost"))  # no Service, ever
+    due, failures = orphans.Orphans.due, []
+
+    def failing_once(self: orphans.Orphans, now: float, caught_up: Any) -> Any:
+        if not failures:
+            failures.append(now)
+            raise RuntimeError("a bug of ours")
+        return due(self, now, caught_up)
+
+    monkeypatch.setattr(orphans.Orphans, "due", failing_once)
+    before = aio.task_errors().get("kube-orphans", 0)
+    catalog = catalog_mod.Catalog([C1])
+    with structlog.testing.capture_logs() as logs:
+        await synced(start_source, catalog, orphan_grace=0.1)
+        await wait_for(lambda: orphan_warnings(logs), what="the orphan reported after the failure")
+    assert failures and aio.task_errors()["kube-orphans"] == before + 1
+    [failed] = [e for e in logs if e["event"].startswith("judging endpoint slices without their service failed")]
+    assert failed["log_level"] == "error" and failed["cluster"] == C1

@@ -191,9 +191,9 @@ def test_labels_from_pods_when_watched() -> None:
 
 def test_same_values_as_the_file_source() -> None:
     """One policy for both sources: a Kubernetes service comes out as the equivalent endpoint file would."""
-    from meshplane.discovery import filesource
+    from meshplane.discovery import fileparse
 
-    _, from_file = filesource.parse(
+    _, from_file = fileparse.parse(
         "cluster: c1\nregion: eu\nservices:\n"
         "  - {name: web, namespace: shop, ports: [{name: http, port: 80}], endpoints: ["
         "{address: 10.0.0.1, ports: {http: 8080}, zone: eu-a, labels: {version: v1}}]}\n",

@@ -18,6 +18,7 @@ import structlog
 
 from meshplane.discovery import model
 from meshplane.policy import reload, rules, validate, worker
+from tests import pki
 from tests.conftest import wait_for
 
 MOCKB = model.service_key("default", "mockb")
@@ -356,3 +357,53 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has ended; only its parent (init, here) has yet to reap it
+
+
+def _tls_policy(routes: int = 1) -> str:
+    return ("apiVersion: meshplane.io/v2\ngateways:\n  - name: edge\n    listeners:\n"
+            "      - {name: https, port: 8443, protocol: HTTPS, hostname: example.com,\n"
+            "         tls: {certificateFile: c.pem, keyFile: k.pem}}\nroutes:\n" + "".join(
+                f"  - name: r{i}\n    parentRefs: [{{name: edge}}]\n    rules:\n"
+                f"      - backendRefs: [{{name: mockb, port: 8000}}]\n" for i in range(routes)))
+
+
+def _served(policy: rules.Policy) -> bytes:
+    tls = policy.gateways[0].listeners[0].tls
+    assert tls is not None
+    return tls.certificate
+
+
+@pytest.mark.parametrize("when", ["at start-up", "on an edit"])
+async def test_a_certificate_rotated_while_the_policy_is_validated_is_loaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """The worker reads the files a policy names: a rotation landing while it validates (seconds for a big
+    policy) is not taken for the version it read."""
+    ca = pki.CA()
+    old, new = ca.issue("example.com", dns=("example.com",)), ca.issue("example.com", dns=("example.com",))
+    pki.write(tmp_path / "c.pem", old[0])
+    pki.write(tmp_path / "k.pem", old[1])
+    path = tmp_path / "policy.yaml"
+    write(path, _tls_policy())
+    real, rotations = worker.load, []
+
+    async def rotating(data: bytes, *, path: str, known: validate.Known | None) -> validate.LoadResult:
+        result = await real(data, path=path, known=known)  # the worker has read the old pair
+        if not rotations:
+            rotations.append(1)
+            pki.write(tmp_path / "c.pem", new[0])
+            pki.write(tmp_path / "k.pem", new[1])
+        return result
+
+    if when == "at start-up":
+        monkeypatch.setattr(worker, "load", rotating)
+    watcher = reload.PolicyWatcher(path, on_change=Recorder(), interval=0.02)
+    await watcher.start()
+    try:
+        assert _served(watcher.current) == old[0]  # what the worker read
+        await watcher.watching()
+        if when == "on an edit":
+            monkeypatch.setattr(worker, "load", rotating)
+            write(path, _tls_policy(2))
+        await wait_for(lambda: _served(watcher.current) == new[0], timeout=5, what="the rotated certificate served")
+    finally:
+        await watcher.stop()

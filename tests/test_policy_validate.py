@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from meshplane import problems
 from meshplane.discovery import model
 from meshplane.policy import rules, schema, validate
 
@@ -23,14 +24,14 @@ def load(text: str) -> validate.LoadResult:
     return validate.load_policy_text(textwrap.dedent(text).lstrip("\n"), path="policy.yaml")
 
 
-def only_error(text: str) -> validate.Problem:
+def only_error(text: str) -> problems.Problem:
     result = load(text)
     assert result.policy is None
     assert len(result.errors) == 1, "\n".join(map(str, result.errors))
     return result.errors[0]
 
 
-def assert_problem(problem: validate.Problem, where: str, reason: str) -> None:
+def assert_problem(problem: problems.Problem, where: str, reason: str) -> None:
     """`where` is "line: field"; the reason only has to contain `reason`."""
     text = str(problem)
     assert text.startswith(f"policy.yaml:{where}: "), text
@@ -44,7 +45,7 @@ def load_locality(body: str) -> validate.LoadResult:
     return validate.load_policy_text(head + "    locality:\n" + body, path="policy.yaml")
 
 
-def locality_error(body: str) -> validate.Problem:
+def locality_error(body: str) -> problems.Problem:
     result = load_locality(body)
     assert result.policy is None
     assert len(result.errors) == 1, "\n".join(map(str, result.errors))
@@ -390,6 +391,32 @@ def test_duplicate_yaml_key_has_the_second_line() -> None:
     assert_problem(
         problem, "4: defaults.connectTimeout", "duplicate key 'connectTimeout' (first at line 3)"
     )
+
+
+@pytest.mark.parametrize(("text", "where", "anchor"), [
+    # A few hundred bytes of nested aliases expand ninefold per level (5 s and 443 MB at six levels).
+    ("apiVersion: meshplane.io/v2\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "routes: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "2: a", "a"),
+    ("apiVersion: meshplane.io/v1\ndefaults:\n  outlierDetection: &od {consecutive5xxErrors: 1}\nservices:\n"
+     "  - name: mockb\n    outlierDetection: *od\n", "3: defaults.outlierDetection", "od"),
+    ("apiVersion: meshplane.io/v1\nservices:\n  - &base\n    name: mockb\n  - <<: *base\n    name: mockc\n",
+     "3: services[0]", "base"),
+])
+def test_yaml_anchors_and_aliases_are_refused_where_the_anchor_is(text: str, where: str, anchor: str) -> None:
+    result = validate.load_policy_text(text, path="policy.yaml")
+    assert [str(p) for p in result.errors] == [
+        f"policy.yaml:{where}: YAML anchors and aliases are not accepted in this file (&{anchor}): "
+        "write the value out where it is used"]
+
+
+def test_a_merge_key_without_an_alias_is_still_a_mapping_merged() -> None:
+    result = load("""
+        apiVersion: meshplane.io/v1
+        defaults:
+          <<: {connectTimeout: 1s}
+    """)
+    assert result.errors == () and result.policy is not None
+    assert result.policy.defaults.connect_timeout_ms == 1000
 
 
 def test_every_problem_is_reported_sorted_by_line() -> None:

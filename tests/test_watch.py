@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import asyncinotify
 import pytest
+import structlog
 import yaml
 
+from meshplane import aio
 from meshplane import watch as watch_mod
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import filemodel, filesource, model
+from meshplane.discovery import filemodel, fileparse, filesource, model
 from meshplane.policy import reload
+from meshplane.xds import metrics as metrics_mod
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
 NEVER = 3600.0
@@ -109,21 +114,21 @@ def _many(n: int, changed: int | None = None) -> str:
 
 
 def test_only_the_entries_whose_text_changed_are_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, parsed, changed, removed = filesource.parse_changed(_many(50), path="c1.yaml", last=None)
+    _, parsed, changed, removed = fileparse.parse_changed(_many(50), path="c1.yaml", last=None)
     assert len(changed) == 50 and not removed
     calls: list[int] = []
     real = filemodel.service
     monkeypatch.setattr(filemodel, "service", lambda *a, **k: calls.append(1) or real(*a, **k))
-    _, again, changed, removed = filesource.parse_changed(_many(50, changed=7), path="c1.yaml", last=parsed)
+    _, again, changed, removed = fileparse.parse_changed(_many(50, changed=7), path="c1.yaml", last=parsed)
     assert list(changed) == [model.ServiceKey("default/svc7")] and not removed
     assert len(calls) == 1  # one entry parsed, 49 reused
-    assert again.services == filesource.parse_whole(_many(50, changed=7), path="c1.yaml")[1]
+    assert again.services == fileparse.parse_whole(_many(50, changed=7), path="c1.yaml")[1]
     # An entry moved is not a change; one removed is reported removed.
     text = _many(50, changed=7)
-    layout = filesource.split(text)
+    layout = fileparse.split(text)
     assert layout is not None
     moved = layout.rest + "".join(reversed(layout.entries[1:]))
-    _, _, changed, removed = filesource.parse_changed(moved, path="c1.yaml", last=again)
+    _, _, changed, removed = fileparse.parse_changed(moved, path="c1.yaml", last=again)
     assert not changed and removed == {model.ServiceKey("default/svc0")}
 
 
@@ -141,8 +146,8 @@ def test_only_the_entries_whose_text_changed_are_parsed_again(monkeypatch: pytes
     "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: &p [{name: http, port: 80}]\n- name: b\n  ports: *p\n",
 ])
 def test_every_layout_parses_as_the_whole_file_does(text: str) -> None:
-    cluster, parsed, changed, _ = filesource.parse_changed(text, path="c1.yaml", last=None)
-    assert (cluster, parsed.services) == filesource.parse_whole(text, path="c1.yaml")
+    cluster, parsed, changed, _ = fileparse.parse_changed(text, path="c1.yaml", last=None)
+    assert (cluster, parsed.services) == fileparse.parse_whole(text, path="c1.yaml")
     assert sorted(changed) == [model.ServiceKey("default/a"), model.ServiceKey("default/b")]
 
 
@@ -154,18 +159,18 @@ def test_every_layout_parses_as_the_whole_file_does(text: str) -> None:
     "cluster: c1\nregion: r1\nservices:\n- name: a\n  ports: [{name: http, port: 80}\n",
 ])
 def test_errors_are_the_whole_files(text: str) -> None:
-    with pytest.raises(filesource.EndpointFileError) as whole:
-        filesource.parse_whole(text, path="c1.yaml")
-    with pytest.raises(filesource.EndpointFileError) as changed:
-        filesource.parse_changed(text, path="c1.yaml", last=None)
+    with pytest.raises(fileparse.EndpointFileError) as whole:
+        fileparse.parse_whole(text, path="c1.yaml")
+    with pytest.raises(fileparse.EndpointFileError) as changed:
+        fileparse.parse_changed(text, path="c1.yaml", last=None)
     assert str(changed.value) == str(whole.value)
 
 
 def test_the_catalog_compares_only_what_a_source_says_changed() -> None:
     catalog = catalog_mod.Catalog()
-    one = filesource.parse(_many(3), path="c1.yaml")[1]
+    one = fileparse.parse(_many(3), path="c1.yaml")[1]
     catalog.apply(model.ClusterId("c1"), one, seen_at=0.0)
-    two = filesource.parse(_many(3, changed=1), path="c1.yaml")[1]
+    two = fileparse.parse(_many(3, changed=1), path="c1.yaml")[1]
     key = model.ServiceKey("default/svc1")
     change = catalog.update(model.ClusterId("c1"), {key: two[key]}, seen_at=1.0)
     assert change is not None and change.services == {key}
@@ -225,3 +230,90 @@ async def test_a_watch_costs_nothing_while_its_owner_awaits_between_looks(tmp_pa
 
     await asyncio.wait_for(owner(), 10)
     assert cpu[0] < 0.1, f"the event loop spun for {cpu[0]:.2f} s of CPU while the owner waited 1 s"
+
+
+async def test_an_endpoint_edit_of_many_entries_is_parsed_while_the_loop_goes_on(tmp_path: Path) -> None:
+    """Every entry of 10,000 changed: about a second of parsing, off the event loop (ordering, not timing:
+    the loop keeps turning between meshplane's read of the file and the catalog's change)."""
+    n = 10_000
+    path = tmp_path / "c1.yaml"
+    path.write_text(_many(n))
+    catalog = catalog_mod.Catalog()
+    source = filesource.FileSource(path, interval=NEVER)
+    await source.start(catalog)
+    changed: list[float] = []
+    catalog.subscribe(lambda change: changed.append(time.monotonic()))
+    read, turns, stop = threading.Event(), [], asyncio.Event()
+    at: dict[str, float] = {}
+
+    def reader_closed() -> None:  # as another program would see it: meshplane closing the file it read
+        with asyncinotify.Inotify(sync_timeout=60) as notify:
+            notify.add_watch(tmp_path, asyncinotify.Mask.CLOSE_NOWRITE)
+            read.set()
+            while (event := notify.sync_get()) is not None and str(event.name) != "c1.yaml":
+                pass
+        at["read"] = time.monotonic()
+
+    async def turning() -> None:
+        while not stop.is_set():
+            turns.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    try:
+        await source.watching()
+        closed = asyncio.create_task(asyncio.to_thread(reader_closed))
+        await asyncio.to_thread(read.wait, 10)
+        ticker = asyncio.create_task(turning())
+        write_yaml(path, cluster_doc("c1", "r1", {f"svc{i}": [{"zone": "z1", "port": 9001}] for i in range(n)}))
+        await closed
+        await wait_for(lambda: changed, timeout=60, what="the edit applied")
+        stop.set()
+        await ticker
+    finally:
+        await source.stop()
+    assert _ports(catalog, "svc9999") == [9001]
+    assert [t for t in turns if at["read"] < t < changed[0]], "the loop did not turn while the file was parsed"
+
+
+@pytest.mark.parametrize("owner", ["endpoint file", "policy"])
+async def test_a_watching_task_that_fails_logs_counts_and_carries_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: str) -> None:
+    """A bug in the watch itself (not in one look) used to end the task silently: later edits were never seen."""
+    task = "endpoint-file" if owner == "endpoint file" else "policy-watcher"
+    before = aio.task_errors().get(task, 0)
+    unsettled, failures = watch_mod.Watch._unsettled, []
+
+    def failing_once(self: watch_mod.Watch, now: float) -> float | None:
+        if not failures:
+            failures.append(now)
+            raise RuntimeError("a bug of ours")
+        return unsettled(self, now)
+
+    catalog = catalog_mod.Catalog()
+    applied: list[Any] = []
+    if owner == "endpoint file":
+        path = write_yaml(tmp_path / "c1.yaml", _doc(9001))
+        running: Any = filesource.FileSource(path, interval=0.02)
+        await running.start(catalog)
+    else:
+        path = tmp_path / "policy.yaml"
+        path.write_text("apiVersion: meshplane.io/v1\n")
+        running = reload.PolicyWatcher(path, interval=0.02, on_change=lambda policy, seen_at: applied.append(policy))
+        await running.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            monkeypatch.setattr(watch_mod.Watch, "_unsettled", failing_once)
+            await wait_for(lambda: failures, what="the watch failing")
+            if owner == "endpoint file":
+                write_yaml(path, _doc(9002))
+                await wait_for(lambda: _ports(catalog, "svc0") == [9002], what="the edit after the failure")
+            else:
+                path.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 250ms\n")
+                await wait_for(lambda: applied, what="the edit after the failure")
+    finally:
+        await running.stop()
+    [said] = [e for e in logs if e["event"] == f"{task} failed; starting it again"]
+    assert said["log_level"] == "error" and said["path"] == str(path)
+    assert aio.task_errors()[task] == before + 1
+    sample = metrics_mod.Metrics().registry.get_sample_value("meshplane_task_errors_total", {"task": task})
+    assert sample == before + 1

@@ -3,7 +3,7 @@
 The file source's counterpart of kubemodel. What a Kubernetes API server would refuse, or an Envoy
 NACK, is refused here, so that it never reaches a proxy: every problem is found, not only the
 first, each as a place (the path of keys and indexes, `services[0].endpoints[2].address`) and a
-reason. Lines are looked up by the caller (meshplane/discovery/filesource.py) only when there are
+reason. Lines are looked up by the caller (meshplane/discovery/fileparse.py) only when there are
 problems: the file is read as plain values, at libyaml's speed.
 
 The field tables here are also the JSON Schema's (meshplane/discovery/fileschema.py).

@@ -5,7 +5,13 @@ deployments). Its directory is watched with inotify, polled where that is
 unavailable (meshplane/watch.py); a `touch` or the same bytes rewritten is
 no change. An edit costs what it changed: each entry of `services` is
 parsed on its own, and only the entries whose text changed are parsed
-again and handed to the catalog (`Catalog.update`). A broken edit is
+again (meshplane/discovery/fileparse.py) and handed to the catalog
+(`Catalog.update`). An edit of a few entries is parsed on the event loop
+(milliseconds); a bigger one, or a file parsed whole (seconds for 10,000
+services), in a thread, so that pushes, streams and /healthz go on. A file
+is read once its write is complete (at start-up too), and an edit that
+drops most of its services is held until the file keeps it
+(meshplane/hold.py). A broken edit is
 logged with every problem (`file:line: field: reason`), and the last good
 content stays. Each cluster has one file (`Claims`): a file naming a
 cluster another file feeds is refused, at start-up and on an edit.
@@ -32,295 +38,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
-import yaml
 
-from meshplane import aio, problems, watch, yamlpos
+from meshplane import aio, hold, problems, watch
 from meshplane.discovery import catalog as catalog_mod
-from meshplane.discovery import filemodel, model
+from meshplane.discovery import fileparse, model
 
 log = structlog.get_logger(__name__)
 
-
-class EndpointFileError(ValueError):
-    """A broken endpoint file: str() is every problem, one `file:line: field: reason` a line."""
-
-    def __init__(self, message: str | None = None, *, found: Sequence[problems.Problem] = ()) -> None:
-        self.problems = tuple(found)
-        super().__init__(message if message is not None else "\n".join(map(str, self.problems)))
-
-
-class Parsed:
-    """An endpoint file as last parsed: its cluster and region, its services, and each service entry's
-    text -> the service's key (empty when the file was parsed whole)."""
-
-    def __init__(self, cluster: str, region: str, services: dict[model.ServiceKey, model.ServiceInCluster],
-                 entries: dict[str, model.ServiceKey] | None = None) -> None:
-        self.cluster, self.region, self.services = cluster, region, services
-        self.entries = entries or {}
-
-
-class _NeedsPositions(Exception):
-    """A mapping with a key twice (or merged keys): only yamlpos can say which, and where."""
-
-
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """libyaml's loader (plain values, no lines), refusing what yamlpos refuses: a key given twice."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        value: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        if len(value) != len(node.value):
-            raise _NeedsPositions
-        return value
-
-
-def _load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain values only
-
-
-_SERVICES = re.compile(r"^services:[ \t]*(?:#.*)?$", re.MULTILINE)
-# The first line that is neither blank nor a comment; group 2: it is a list item.
-_FIRST = re.compile(r"^( *)(?:(-)(?: |$)|[^ \t\r\n#])", re.MULTILINE)
-
-
-# An anchor (`&name`), or something like one: PyYAML refuses an anchor defined twice in one document, which
-# two entries parsed apart cannot see, so a file with anchors is parsed whole.
-_ANCHOR = re.compile(r"(?:^|[\s\[{,])&[^\s\[\]{},]")
-# Line breaks to YAML besides "\n" (a lone "\r" ends a line there too).
-_OTHER_BREAKS = re.compile("[\r\x85\u2028\u2029]")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A file cut into its `services` entries: `rest` is the file without them, `entries` each entry's text
-    (a whole list item's lines); `text[body:end]` is the list, its first item starting at `first`."""
-
-    text: str
-    rest: str
-    entries: list[str]
-    body: int
-    end: int
-    first: int
-
-
-def split(text: str) -> Layout | None:
-    """The file cut into its `services` entries (a block-style list, as written by hand or by yaml.safe_dump);
-    None for any other layout (then the file is parsed whole). Found with C-speed searches (a file of 10,000
-    services is 2.8 MB): a literal-prefixed regex for where the list ends, str.split for the items."""
-    found = _SERVICES.search(text)
-    if found is None:
-        return None
-    body = found.end() + 1
-    first = _FIRST.search(text, body)
-    if first is None or first.group(2) is None:
-        return None  # `services:` followed by something else than a block list
-    pad = first.group(1)
-    indent = len(pad)
-    # The list ends at the first line, neither blank nor a comment, indented less than its items (or as
-    # much, but not an item).
-    ends = re.compile(rf"\n(?: {{0,{indent - 1}}}[^ \t\r\n#]| {{{indent}}}[^ \t\r\n#-])" if indent else
-                      r"\n[^ \t\r\n#-]")
-    stop = ends.search(text, first.start())
-    end = stop.start() + 1 if stop is not None else len(text)
-    item = pad + "- "
-    pieces = text[first.start() + len(item):end].split("\n" + item)
-    entries = [f"{item}{piece}\n" for piece in pieces[:-1]] + [item + pieces[-1]]  # each a whole item's lines
-    return Layout(text=text, rest=text[:body] + text[end:], entries=entries, body=body, end=end, first=first.start())
-
-
-def parse(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:
-    """The file's cluster and services; EndpointFileError lists every problem."""
-    cluster, parsed, _, _ = parse_changed(text, path=path, last=None)
-    return cluster, parsed.services
-
-
-def read(path: Path) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster], str]:
-    """Read and parse a file once (`meshplane validate`): its cluster, its services and its text. OSError if
-    it cannot be read."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise EndpointFileError(found=[problems.Problem(
-            str(path), line, "(file)", f"not UTF-8 text: {exc.reason}")]) from None
-    cluster, services = parse(text, path=str(path))
-    return cluster, services, text
-
-
-def parse_changed(
-    text: str, *, path: str, last: Parsed | None
-) -> tuple[model.ClusterId, Parsed, dict[model.ServiceKey, model.ServiceInCluster], set[model.ServiceKey]]:
-    """Parse `text`, reusing `last` for the service entries whose text is unchanged: the cluster, the file
-    as parsed, the services that are new or changed, and the keys no longer in the file. Any layout
-    `split` does not know, or YAML the entries alone cannot say (broken, or an anchor of one entry used in
-    another), parses the whole file."""
-    old = last.services if last is not None else {}
-    layout = split(text)
-    if layout is not None:
-        try:
-            parsed, changed = _parse_parts(layout, path=path, last=last)
-        except _Whole:
-            pass
-        else:
-            return model.ClusterId(parsed.cluster), parsed, changed, old.keys() - parsed.services.keys()
-    cluster, services = parse_whole(text, path=path)
-    changed = {k: v for k, v in services.items() if old.get(k) != v}
-    return cluster, Parsed(cluster, "", services), changed, old.keys() - services.keys()
-
-
-class _Whole(Exception):
-    """The entries alone cannot say what the file holds: parse it whole."""
-
-
-def _parse_parts(
-    layout: Layout, *, path: str, last: Parsed | None
-) -> tuple[Parsed, dict[model.ServiceKey, model.ServiceInCluster]]:
-    """The file parsed entry by entry, reusing `last`'s services for the entries it has word for word;
-    and the services of the entries parsed anew."""
-    if _ANCHOR.search(layout.rest):
-        raise _Whole
-    try:
-        doc = _load(layout.rest)
-    except (yaml.YAMLError, _NeedsPositions):
-        raise _Whole from None
-    if not isinstance(doc, dict) or "services" not in doc or doc["services"] is not None:
-        raise _Whole  # not the layout split() expects
-    report = filemodel.Report()
-    place = filemodel.cluster_and_region(doc, report)
-    cluster, region = place or ("", "")
-    known = last.entries if last is not None and place is not None and (last.cluster, last.region) == place else {}
-    reused = last.services if last is not None else {}
-    services: dict[model.ServiceKey, model.ServiceInCluster] = {}
-    fresh: dict[model.ServiceKey, model.ServiceInCluster] = {}
-    keys: dict[str, model.ServiceKey] = {}
-    broken: dict[model.ServiceKey, int] = {}  # entries with a problem, by the service they name
-
-    def twice(key: model.ServiceKey | None, i: int) -> bool:
-        """Whether entry `i` names a service an entry before it named (reported if so)."""
-        if key is None or (key not in services and key not in broken):
-            return False
-        j = broken[key] if key in broken else next(j for j, e in enumerate(layout.entries) if keys.get(e) == key)
-        _duplicate(key, i, j, report)
-        return True
-
-    for i, entry in enumerate(layout.entries):
-        key = known.get(entry)
-        if key is not None:  # unchanged: the hot path of an edit, kept to a few dict operations
-            if key in services or (broken and key in broken):
-                twice(key, i)
-            else:
-                services[key] = reused[key]
-                keys[entry] = key
-            continue
-        if _ANCHOR.search(entry):
-            raise _Whole
-        try:
-            items = _load(entry)
-        except (yaml.YAMLError, _NeedsPositions):
-            raise _Whole from None
-        if not isinstance(items, list) or len(items) != 1:
-            raise _Whole  # an entry that is not one list item
-        svc = filemodel.service(items[0], loc=("services", i), cluster=cluster, region=region, report=report)
-        key = filemodel.key_of(items[0])
-        if twice(key, i):
-            continue
-        if svc is not None:
-            services[svc.key] = fresh[svc.key] = svc
-            keys[entry] = svc.key
-        elif key is not None:
-            broken[key] = i
-    if report.found:
-        if _OTHER_BREAKS.search(layout.text):
-            raise _Whole  # lines YAML counts and str.count("\n") does not: let yamlpos count them all
-        raise _rejected(report, path=path, line=_EntryLines(layout).line)
-    return Parsed(cluster, region, services, keys), fresh
-
-
-def parse_whole(text: str, *, path: str) -> tuple[model.ClusterId, dict[model.ServiceKey, model.ServiceInCluster]]:
-    """The whole document at once, with its lines: any layout (flow style, an anchor used across entries),
-    and the reference the parse entry by entry is tested against."""
-    try:
-        located = yamlpos.load(text, fast=True)
-    except yamlpos.YamlError as exc:
-        raise EndpointFileError(found=[problems.Problem(path, exc.line, yamlpos.render_loc(exc.loc), exc.reason)]
-                                ) from None
-    report = filemodel.Report()
-    place = filemodel.cluster_and_region(located.value, report)
-    cluster, region = place or ("", "")
-    services: dict[model.ServiceKey, model.ServiceInCluster] = {}
-    first: dict[model.ServiceKey, int] = {}
-    entries = filemodel.services_of(located.value, report) if isinstance(located.value, dict) else []
-    for i, raw in enumerate(entries):
-        svc = filemodel.service(raw, loc=("services", i), cluster=cluster, region=region, report=report)
-        if _first(filemodel.key_of(raw), i, first, report) and svc is not None:
-            services[svc.key] = svc
-    if report.found:
-        raise _rejected(report, path=path, line=located.line_for)
-    return model.ClusterId(cluster), services
-
-
-def _first(key: model.ServiceKey | None, i: int, first: dict[model.ServiceKey, int], report: filemodel.Report) -> bool:
-    """Whether entry `i` is the first of its service (reported if not)."""
-    if key is None or first.setdefault(key, i) == i:
-        return True
-    _duplicate(key, i, first[key], report)
-    return False
-
-
-def _duplicate(key: model.ServiceKey, i: int, first: int, report: filemodel.Report) -> None:
-    report.error(("services", i, "name"), f"duplicate service {key}", first=("services", first, "name"))
-
-
-def _rejected(report: filemodel.Report, *, path: str, line: Callable[[yamlpos.Loc], int]) -> EndpointFileError:
-    found = []
-    for f in report.found:
-        reason = f.reason if f.first is None else f"{f.reason} (first at line {line(f.first)})"
-        found.append(problems.Problem(path, line(f.loc), yamlpos.render_loc(f.loc), reason))
-    return EndpointFileError(found=sorted(found, key=lambda p: (p.line, p.field)))
-
-
-class _EntryLines:
-    """Where each problem of a file parsed entry by entry is: an entry is parsed again with its lines only
-    when it has a problem, and its lines shifted to where it starts in the file; the rest of the file has
-    its own lines up to the list, and is shifted by the list's length after it."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self._entries: dict[int, tuple[int, yamlpos.Located]] = {}
-        self._rest: yamlpos.Located | None = None
-
-    def line(self, loc: yamlpos.Loc) -> int:
-        if len(loc) >= 2 and loc[0] == "services" and isinstance(loc[1], int):
-            start, located = self._entry(loc[1])
-            return start + located.line_for((0, *loc[2:])) - 1
-        layout = self.layout
-        if self._rest is None:
-            self._rest = _located(layout.rest)
-        line = self._rest.line_for(loc)
-        head = layout.text.count("\n", 0, layout.body)
-        return line if line <= head else line + layout.text.count("\n", layout.body, layout.end)
-
-    def _entry(self, i: int) -> tuple[int, yamlpos.Located]:
-        if i not in self._entries:
-            entries = self.layout.entries
-            start = self.layout.text.count("\n", 0, self.layout.first) + 1 + sum(e.count("\n") for e in entries[:i])
-            self._entries[i] = (start, _located(entries[i]))
-        return self._entries[i]
-
-
-def _located(text: str) -> yamlpos.Located:
-    try:
-        return yamlpos.load(text, fast=True)
-    except yamlpos.YamlError:
-        raise _Whole from None  # what libyaml read and yamlpos refuses (a key that is not a string)
+ON_LOOP_ENTRIES = 50
+"""An edit that parses at most this many service entries anew is parsed on the event loop (about 0.1 ms
+each: a thread would only add its hand-offs); a bigger one, or a file parsed whole, in a thread."""
 
 
 class Claims:
@@ -330,14 +63,14 @@ class Claims:
     def __init__(self) -> None:
         self._files: dict[model.ClusterId, Path] = {}
 
-    def claim(self, cluster: model.ClusterId, *, path: Path, text: str) -> EndpointFileError | None:
+    def claim(self, cluster: model.ClusterId, *, path: Path, text: str) -> fileparse.EndpointFileError | None:
         """Record that `path` feeds `cluster`, or say why it cannot (another file does)."""
         other = self._files.setdefault(cluster, path)
         if other == path:
             return None
         found = re.search(r"^cluster[ \t]*:", text, re.MULTILINE)
         line = text.count("\n", 0, found.start()) + 1 if found is not None else 1
-        return EndpointFileError(found=[problems.Problem(
+        return fileparse.EndpointFileError(found=[problems.Problem(
             str(path), line, "cluster", f"{cluster!r} is already the cluster of {other}: each cluster has one "
             "endpoint file (a second would replace the first's services)")])
 
@@ -354,56 +87,66 @@ class FileSource:
         """`claims`: shared by every file source of one catalog, so that no two feed one cluster."""
         self.path = path
         self.interval = interval
-        self.inotify = inotify
         self.claims = claims if claims is not None else Claims()
         self.cluster: model.ClusterId | None = None
         self._seen: watch.Seen | None = None
-        self._parsed: Parsed | None = None
+        self._parsed: fileparse.Parsed | None = None
         self._task: asyncio.Task[None] | None = None
-        self._watch: watch.Watch | None = None
-        self._hold = watch.Hold()
+        self._watch = watch.Watch([path], interval=interval, inotify=inotify)
+        self._hold = hold.Hold(held="endpoint file drops most of its services; applied if the file keeps them so",
+                               said="endpoint file drops most of its services")
         self._last_error = ""
 
-    def load(self, catalog: catalog_mod.Catalog) -> None:
-        """Read the file once; raise EndpointFileError if it is broken (used at start-up)."""
-        self.check(catalog, raise_errors=True)
+    async def load(self, catalog: catalog_mod.Catalog) -> None:
+        """Read the file once it has settled; raise EndpointFileError if it is broken (used at start-up)."""
+        seen_at = time.monotonic()
+        got = await watch.read_settled(self.path)
+        await self._take(catalog, got, seen_at=seen_at, raise_errors=True)
 
     async def start(self, catalog: catalog_mod.Catalog) -> None:
-        self.load(catalog)
-        self._task = asyncio.create_task(self._run(catalog), name=f"file-source:{self.path}")
+        await self.load(catalog)
+        self._task = asyncio.create_task(
+            aio.carry_on("endpoint-file", functools.partial(self._follow, catalog), again_after=max(self.interval, 1.0),
+                         path=str(self.path)), name=f"file-source:{self.path}")
 
     async def stop(self) -> None:
         await aio.cancel(self._task)
         self._task = None
 
-    async def _run(self, catalog: catalog_mod.Catalog) -> None:
-        self._watch = watch.Watch([self.path], interval=self.interval, inotify=self.inotify)
+    async def watching(self) -> None:
+        """Until the file is watched and has been looked at once since: a write from then on is seen."""
+        await self._watch.ready.wait()
+
+    async def _follow(self, catalog: catalog_mod.Catalog) -> None:
         events = self._watch.events()
         async with contextlib.aclosing(events):
             async for quiet in events:
                 try:
-                    self.check(catalog, raise_errors=False, quiet=quiet)
+                    await self.check(catalog, quiet=quiet)
                 except Exception:  # a bug here must not stop later edits from being seen
-                    log.exception("endpoint file check failed", path=str(self.path))
+                    aio.failed("endpoint-file", "endpoint file check failed", path=str(self.path))
 
-    def check(self, catalog: catalog_mod.Catalog, *, raise_errors: bool, quiet: bool = False) -> None:
+    async def check(self, catalog: catalog_mod.Catalog, *, quiet: bool = False) -> None:
         """Look at the file once; hand what changed to the catalog. `quiet`: inotify saw nothing."""
         stat = watch.stat_of(self.path)
         if self._seen is not None and self._seen.unchanged(stat, quiet=quiet):
             return
         seen_at = time.monotonic()
         got = watch.read(self.path)
-        if not raise_errors and (got.torn or (self._watch is not None and self._watch.disturbed())):
+        if got.torn or self._watch.disturbed():
             return  # written while it was read: the watch wakes again once that write is complete
+        await self._take(catalog, got, seen_at=seen_at, raise_errors=False)
+
+    async def _take(self, catalog: catalog_mod.Catalog, got: watch.Read, *, seen_at: float,
+                    raise_errors: bool) -> None:
         if isinstance(got.data, OSError):
-            self._fail(catalog, EndpointFileError(f"--endpoints {self.path}: {problems.cannot_read(got.data)}"),
-                       raise_errors)
+            unread = f"--endpoints {self.path}: {problems.cannot_read(got.data)}"
+            self._fail(catalog, fileparse.EndpointFileError(unread), raise_errors)
             return
         data = got.data
-        # At start-up a file written while it was read is taken as read; with no stat remembered, the
-        # watch's first look reads it again.
+        # Still written after OPEN_WRITER_S at start-up: with no stat remembered, the first look reads it again.
         seen, last = watch.Seen.of(None if got.torn else got.stat, data), self._seen
-        held = self._hold.saw(seen.digest)
+        self._hold.saw(seen.digest)
         if last is not None and seen.digest == last.digest and not self._last_error:
             self._seen = seen
             return
@@ -412,15 +155,19 @@ class FileSource:
         except UnicodeDecodeError as exc:
             self._seen = seen  # a broken edit too is looked at once, not on every event
             line = data[:exc.start].count(b"\n") + 1
-            self._fail(catalog, EndpointFileError(f"{self.path}:{line}: not UTF-8: {exc.reason}"), raise_errors)
+            self._fail(catalog, fileparse.EndpointFileError(f"{self.path}:{line}: not UTF-8: {exc.reason}"),
+                       raise_errors)
             return
         try:
-            cluster, parsed, changed, removed = parse_changed(text, path=str(self.path), last=self._parsed)
-        except EndpointFileError as exc:
+            cluster, parsed, changed, removed = await self._parse(text)
+        except fileparse.EndpointFileError as exc:
             self._seen = seen
             self._fail(catalog, exc, raise_errors)
             return
-        if not self._kept(cluster, parsed, wait=held):
+        # Written while it was parsed (off the loop, that can take a second): a complete version, and
+        # applied, unless it drops most of the file (its writer may not be done: the watch wakes again).
+        still = watch.stat_of(self.path) == got.stat and not self._watch.disturbed()
+        if not self._kept(cluster, parsed, still=still):
             return
         self._seen = seen
         taken = self.claims.claim(cluster, path=self.path, text=text)
@@ -442,28 +189,31 @@ class FileSource:
             path=str(self.path),
             cluster=cluster,
             services=len(parsed.services),
-            changed=sorted(change.services) if change else [],
+            # The first five by name: a file of 10,000 services changed whole is one line, not 300 KB of it.
+            changed=hold.said(sorted(change.services) if change else [], of=len(parsed.services)),
         )
 
-    def _kept(self, cluster: model.ClusterId, parsed: Parsed, *, wait: float) -> bool:
-        """Whether the file as parsed may replace what it gave: yes, unless it drops most of its services and
-        must keep this content `wait` seconds more to have kept it watch.HOLD_S (a writer that truncated it may
-        not be done)."""
+    async def _parse(self, text: str) -> tuple[model.ClusterId, fileparse.Parsed,
+                                               dict[model.ServiceKey, model.ServiceInCluster], set[model.ServiceKey]]:
+        """`fileparse.parse_changed` of the file: on the event loop when it parses a few entries anew,
+        otherwise in a thread (10,000 services: about a second entry by entry, more parsed whole)."""
+        path, last = str(self.path), self._parsed
+        layout = fileparse.split(text)
+        if layout is not None and fileparse.fresh(layout, last=last) <= ON_LOOP_ENTRIES:
+            with contextlib.suppress(fileparse.Whole):
+                return fileparse.parse_changed(text, path=path, last=last, whole=False, layout=layout)
+        return await aio.off_loop(functools.partial(fileparse.parse_changed, text, path=path, last=last,
+                                                    layout=layout))
+
+    def _kept(self, cluster: model.ClusterId, parsed: fileparse.Parsed, *, still: bool) -> bool:
+        """Whether the file as parsed may replace what it gave: yes, unless it drops most of its services
+        (then once the file has kept them so for hold.HOLD_S)."""
         before = self._parsed.services if self._parsed is not None else {}
         lost = sorted(before.keys() - (parsed.services.keys() if cluster == self.cluster else set()))
-        if not watch.most(len(lost), of=len(before)):
-            return True
-        if wait > 0:
-            log.info("endpoint file drops most of its services; applied if the file keeps them so",
-                     path=str(self.path), seconds=round(wait, 3))
-            if self._watch is not None:
-                self._watch.look_again(wait)
-            return False
-        log.warning("endpoint file drops most of its services", path=str(self.path), cluster=self.cluster,
-                    dropped=watch.said(lost, of=len(before)))
-        return True
+        drops = {"dropped": hold.said(lost, of=len(before))} if hold.most(len(lost), of=len(before)) else None
+        return self._hold.kept(drops, still=still, look=self._watch, path=str(self.path), cluster=self.cluster)
 
-    def _fail(self, catalog: catalog_mod.Catalog, exc: EndpointFileError, raise_errors: bool) -> None:
+    def _fail(self, catalog: catalog_mod.Catalog, exc: fileparse.EndpointFileError, raise_errors: bool) -> None:
         if raise_errors:
             raise exc
         if str(exc) == self._last_error:

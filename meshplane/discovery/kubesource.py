@@ -43,6 +43,7 @@ from typing import Any
 
 import structlog
 
+from meshplane import aio
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import kube, kubemodel, model, orphans
 
@@ -111,7 +112,8 @@ class KubeSource:
         self._unreachable: dict[str, str] = {}  # reflector name -> error
         self._flush_handle: asyncio.TimerHandle | None = None
         self._ttl_handle: asyncio.TimerHandle | None = None
-        self._orphans = orphans.Orphans(grace=options.orphan_grace, backstop=options.bookmark_silence)
+        self._orphans = orphans.Orphans(grace=options.orphan_grace, backstop=options.bookmark_silence,
+                                        cluster=cluster)
         self._orphan_handle: asyncio.TimerHandle | None = None
         self._synced_event = asyncio.Event()
         self._stopped = False
@@ -303,11 +305,16 @@ class KubeSource:
         self._orphan_handle = None
         if self._stopped:
             return
-        if not self._unreachable and not any(r.listing for r in self._reflectors):  # else: not settled yet
-            for key, age in self._orphans.due(time.monotonic(), self._services_caught_up):
-                self._problems.report(ORPHANED, f"Service {key}", slices=len(tuple(_members(self._slices_of_service,
-                                      key))), for_seconds=round(age, 1))
-        self._watch_orphans()
+        try:
+            if not self._unreachable and not any(r.listing for r in self._reflectors):  # else: not settled yet
+                for key, age in self._orphans.due(time.monotonic(), self._services_caught_up):
+                    self._problems.report(ORPHANED, f"Service {key}", slices=len(tuple(
+                        _members(self._slices_of_service, key))), for_seconds=round(age, 1))
+        except Exception:  # our bug: the later orphans must still be judged
+            aio.failed("kube-orphans", "judging endpoint slices without their service failed; trying again",
+                       cluster=self.cluster)
+        finally:
+            self._watch_orphans()
 
     def _services_caught_up(self, key: model.ServiceKey, version: str) -> bool | None:
         reflector = self._reflector("services", key)

@@ -37,7 +37,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
+
 from meshplane.discovery import model
+
+log = structlog.get_logger(__name__)
 
 CaughtUp = Callable[[model.ServiceKey, str], bool | None]  # (service, slices' version) -> reached, or unknown
 
@@ -49,24 +53,18 @@ class _Orphan:
     since: float  # monotonic time its slices were first seen without it
     after: str  # the slices watch's resourceVersion then
     reported: bool = False
-    waiting: bool = False  # past its grace, held back until the services watch reaches `after`
+    waiting: bool = False  # past its grace, held back until the services watch reaches `after` (said once)
 
 
 class Orphans:
     """Services whose slices are here without them, and when each is due to be reported (module docstring)."""
 
-    def __init__(self, *, grace: float, backstop: float) -> None:
+    def __init__(self, *, grace: float, backstop: float, cluster: model.ClusterId) -> None:
+        """`cluster`: whose slices these are (named in the log)."""
         self.grace = grace
+        self.cluster = cluster
         self.backstop = max(grace, backstop)
         self._orphans: dict[model.ServiceKey, _Orphan] = {}
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._orphans
-
-    def waiting(self, key: model.ServiceKey) -> bool:
-        """Whether K is past its grace and held back only because the services watch has not caught up."""
-        orphan = self._orphans.get(key)
-        return orphan is not None and orphan.waiting
 
     def note(self, key: model.ServiceKey, *, now: float, after: str) -> None:
         """K's slices are here without K; the first note of a run starts its clock."""
@@ -86,10 +84,13 @@ class Orphans:
             if orphan.reported or age < self.grace:
                 continue
             if caught_up(key, orphan.after) is not False or age >= self.backstop:
-                orphan.reported, orphan.waiting = True, False
+                orphan.reported = True
                 out.append((key, age))
-            else:
+            elif not orphan.waiting:
                 orphan.waiting = True
+                log.debug("endpoint slices without their service past the grace: waiting for the services watch",
+                          cluster=self.cluster, object=f"Service {key}", slices_version=orphan.after,
+                          for_seconds=round(age, 1))
         return out
 
     def next_check(self, now: float) -> float | None:

@@ -32,13 +32,12 @@ API_VERSIONS = ("meshplane.io/v1", "meshplane.io/v2")
 
 # A Kubernetes Service name / namespace (DNS-1035 / DNS-1123 label): a typo here
 # would silently never match a service, so the shape is checked.
-NAME_PATTERN = model.NAME_PATTERN
 
 
 Count = Annotated[StrictInt, Field(ge=0)]
 Percent = Annotated[StrictInt, Field(ge=0, le=100)]
 Weight = Annotated[StrictInt, Field(ge=1, le=100)]
-Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN, max_length=63)]
+Name = Annotated[StrictStr, Field(pattern=model.NAME_PATTERN, max_length=63)]
 
 
 class OutlierDetectionDoc(shape.Doc):
@@ -238,11 +237,6 @@ def to_policy(
 # Error wording: what an operator reads in `meshplane validate` and in the logs.
 
 
-# Shared with the endpoint files (meshplane/problems.py).
-show = problems.show
-safe_repr = problems.safe_repr
-
-
 def error_reason(err: ErrorDetails) -> str:
     """Pydantic's message, reworded to name the YAML field's meaning and the offending value."""
     kind, loc, value = err["type"], err["loc"], err.get("input")
@@ -255,28 +249,29 @@ def error_reason(err: ErrorDetails) -> str:
     if kind == "missing":
         if loc == ("apiVersion",):
             return "required: start the file with apiVersion: meshplane.io/v1 (meshplane.io/v2 for gateways and routes)"
-        return f"required field {safe_repr(last)} is missing"
+        return f"required field {problems.safe_repr(last)} is missing"
     if kind == "literal_error" and loc == ("apiVersion",):
-        return f"unsupported apiVersion {safe_repr(value)}; this meshplane reads {' and '.join(API_VERSIONS)}"
+        return f"unsupported apiVersion {problems.safe_repr(value)}; this meshplane reads {' and '.join(API_VERSIONS)}"
     if kind == "literal_error" and len(loc) >= 3 and loc[-3] == "filters" and last == "type":
         return _filter_type_reason(value)
     if kind == "literal_error" and last in ("group", "kind") and any(p in ("backendRefs", "backendRef") for p in loc):
-        return f"{safe_repr(value)}: meshplane sends requests to Kubernetes Services only (group \"\", kind Service)"
+        return (f"{problems.safe_repr(value)}: meshplane sends requests to Kubernetes Services only "
+                '(group "", kind Service)')
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"must be a mapping, got {show(value)}"
+        return f"must be a mapping, got {problems.show(value)}"
     if kind in ("list_type", "tuple_type"):
-        return f"must be a list, got {show(value)}"
+        return f"must be a list, got {problems.show(value)}"
     if kind in ("int_type", "int_from_float"):
-        return f"must be a whole number, got {show(value)}"
+        return f"must be a whole number, got {problems.show(value)}"
     if kind == "bool_type":
-        return f"must be true or false, got {show(value)}"
+        return f"must be true or false, got {problems.show(value)}"
     if kind == "string_type":
         hint = (
             " (YAML reads yes/no/on/off/true/false as booleans: quote it)"
             if isinstance(value, bool)
             else ""
         )
-        return f"must be a string, got {show(value)}{hint}"
+        return f"must be a string, got {problems.show(value)}{hint}"
     if kind in ("greater_than_equal", "less_than_equal"):
         return _range_reason(loc, value)
     if kind in ("string_pattern_mismatch", "string_too_long"):
@@ -285,7 +280,7 @@ def error_reason(err: ErrorDetails) -> str:
         return f"must not be empty: give at least one {str(last).rstrip('s')!r}"
     if kind == "duration":
         return err["msg"]
-    return f"{err['msg']}, got {show(value)}"
+    return f"{err['msg']}, got {problems.show(value)}"
 
 
 def _pattern_reason(loc: tuple[str | int, ...], value: Any) -> str:
@@ -306,21 +301,21 @@ def _pattern_reason(loc: tuple[str | int, ...], value: Any) -> str:
 
 def _range_reason(loc: tuple[str | int, ...], value: Any) -> str:
     if len(loc) >= 3 and loc[-2] == "to":
-        return f"weight {safe_repr(value)} for {loc[-1]!r} must be from 1 to 100"
+        return f"weight {problems.safe_repr(value)} for {loc[-1]!r} must be from 1 to 100"
     if loc[-1] in ("maxEjectionPercent", "minHealthPercent"):
-        return f"{safe_repr(value)} is not a percentage from 0 to 100"
+        return f"{problems.safe_repr(value)} is not a percentage from 0 to 100"
     if loc[-1] == "port":
-        return f"{safe_repr(value)} is not a port number (1-65535)"
+        return f"{problems.safe_repr(value)} is not a port number (1-65535)"
     if loc[-1] == "weight":
-        return f"weight {safe_repr(value)} must be from 0 to 1000000"
+        return f"weight {problems.safe_repr(value)} must be from 0 to 1000000"
     if loc[-1] == "attempts" and len(loc) >= 2 and loc[-2] == "retry":
-        return (f"{safe_repr(value)} retries: must be from 1 to 10 (Gateway API's retry takes at least 1; "
+        return (f"{problems.safe_repr(value)} retries: must be from 1 to 10 (Gateway API's retry takes at least 1; "
                 "retries: {attempts: 0} turns retries off)")
     if loc[-1] == "attempts":
-        return f"{safe_repr(value)} retries: must be from 0 to 10"
+        return f"{problems.safe_repr(value)} retries: must be from 0 to 10"
     if len(loc) >= 2 and loc[-2] == "codes":
-        return f"{safe_repr(value)} is not an HTTP status code to retry (400-599)"
-    return f"{safe_repr(value)} is negative; a count must be 0 or more (0 disables the detector)"
+        return f"{problems.safe_repr(value)} is not an HTTP status code to retry (400-599)"
+    return f"{problems.safe_repr(value)} is negative; a count must be 0 or more (0 disables the detector)"
 
 
 def _filter_type_reason(value: Any) -> str:
@@ -330,7 +325,7 @@ def _filter_type_reason(value: Any) -> str:
                 f"(supported: {supported})")
     close = problems.did_you_mean(value, gatewayapi.FILTER_TYPES)
     hint = f"; did you mean {close!r}?" if close else ""
-    return f"unknown filter type {show(value)}{hint} (supported: {supported})"
+    return f"unknown filter type {problems.show(value)}{hint} (supported: {supported})"
 
 
 def _unsupported(loc: tuple[str | int, ...]) -> str | None:

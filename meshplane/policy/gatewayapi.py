@@ -25,11 +25,10 @@ from meshplane.policy.durations import Duration, Timeout, duration_ms
 
 HOSTNAME_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 PRECISE_HOSTNAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-NAME_PATTERN = model.NAME_PATTERN
 # An HTTP header name (RFC 9110 token); pseudo-headers (":path") cannot be matched or set here.
 HEADER_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 
-Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN, max_length=63)]
+Name = Annotated[StrictStr, Field(pattern=model.NAME_PATTERN, max_length=63)]
 Hostname = Annotated[StrictStr, Field(pattern=HOSTNAME_PATTERN, max_length=253)]
 PreciseHostname = Annotated[StrictStr, Field(pattern=PRECISE_HOSTNAME_PATTERN, max_length=253)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]

@@ -10,9 +10,13 @@ certificates and keys) are watched with it: when one changes, the policy is
 loaded again, so a rotated certificate reaches the gateways.
 
 A policy is validated in a worker process (meshplane/policy/worker.py), so
-that a big one never holds up pushes, xDS streams, /healthz or /metrics.
-An edit that drops most of what is in force (an emptied file, most routes
-gone) is applied only once the file has kept it for a second, and said at
+that a big one never holds up pushes, xDS streams, /healthz or /metrics;
+the first load waits for the file to settle as a polled edit does. The
+certificate files a policy names are read by the worker: how they were
+then is what the watcher remembers, and a file that changed while the
+worker read it is loaded again at the next look. An edit that drops most
+of what is in force (an emptied file, most routes gone) is applied only
+once the file has kept it for a second (meshplane/hold.py), and said at
 warning level with what it drops. A warning is logged when it first appears
 and when it goes; the rest are counted (`on_warnings`), and the full list
 is `last_warnings` (/ready, `meshplane validate`).
@@ -23,14 +27,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 import structlog
 
-from meshplane import watch
+from meshplane import aio, hold, problems, watch
 from meshplane.policy import rules, validate, worker
 
 log = structlog.get_logger(__name__)
@@ -59,29 +64,39 @@ class PolicyWatcher:
         self.inotify = inotify
         self.on_change = on_change
         self.current = rules.Policy()
-        self.last_errors: tuple[validate.Problem, ...] = ()
-        self.last_warnings: tuple[validate.Problem, ...] = ()
-        self._warned: dict[tuple[str, str], validate.Problem] = {}  # the warnings in force, by what they are about
+        self.last_errors: tuple[problems.Problem, ...] = ()
+        self.last_warnings: tuple[problems.Problem, ...] = ()
+        self._warned: dict[tuple[str, str], problems.Problem] = {}  # the warnings in force, by what they are about
         self._seen: watch.Seen | None = None
         self._named: dict[Path, watch.Seen] = {}  # files the policy names -> how they were when it was loaded
-        self._hold = watch.Hold()
+        self._hold = hold.Hold(held="policy edit drops most of the policy in force; applied if the file keeps it",
+                               said="policy file drops most of the policy in force")
         self._polling = asyncio.Lock()  # a poll awaits the worker: one at a time, whoever calls
         self._task: asyncio.Task[None] | None = None
         self._watch: watch.Watch | None = None
 
     async def start(self) -> None:
-        """Load the file once; raise validate.PolicyError if it is unusable, then watch it."""
+        """Load the file once it has settled; raise validate.PolicyError if it is unusable, then watch it."""
         if self.path is None or self._task is not None:
             return
-        got = watch.read(self.path)
+        got = await watch.read_settled(self.path)
+        began = time.time_ns()
         result = await self._load(got.data)
         if result.policy is None:
             self.last_errors = result.errors
             raise validate.PolicyError(result.errors)
-        # Written while it was read: no stat is remembered, so the watch's first look reads it again.
+        # Still written after a while: no stat is remembered, so the watch's first look reads it again.
         self._seen = _seen(None if got.torn else got.stat, got.data)
-        self._accept(result)
-        self._task = asyncio.create_task(self._run(), name=f"policy-watcher:{self.path}")
+        self._accept(result, before={}, began=began)
+        self._watch = watch.Watch([self.path, *self._named], interval=self.interval, inotify=self.inotify)
+        self._task = asyncio.create_task(
+            aio.carry_on("policy-watcher", self._run, again_after=max(self.interval, 1.0), path=str(self.path)),
+            name=f"policy-watcher:{self.path}")
+
+    async def watching(self) -> None:
+        """Until the files are watched and have been looked at once since: a write from then on is seen."""
+        if self._watch is not None:
+            await self._watch.ready.wait()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -97,8 +112,7 @@ class PolicyWatcher:
                 raise
 
     async def _run(self) -> None:
-        assert self.path is not None
-        self._watch = watch.Watch([self.path, *self._named], interval=self.interval, inotify=self.inotify)
+        assert self._watch is not None
         events = self._watch.events()
         async with contextlib.aclosing(events):
             async for quiet in events:
@@ -106,7 +120,7 @@ class PolicyWatcher:
                     await self.poll(quiet=quiet)
                 except Exception:
                     # A bug in a callback must not stop later edits from being applied.
-                    log.exception("policy watcher poll failed", path=str(self.path))
+                    aio.failed("policy-watcher", "policy watcher poll failed", path=str(self.path))
 
     async def poll(self, *, quiet: bool = False) -> bool:
         """Check the file once; apply a valid change. Returns whether a new policy was applied.
@@ -126,46 +140,38 @@ class PolicyWatcher:
         if got.torn or (self._watch is not None and self._watch.disturbed()):
             return False  # written while it was read: the watch wakes again once that write is complete
         seen, last = _seen(got.stat, got.data), self._seen
-        held = self._hold.saw(seen.digest)
+        self._hold.saw(seen.digest)
         if last is not None and seen.digest == last.digest and not named_changed:
             self._seen = seen
             return False
+        # The files the policy names as they are before the worker reads them: one that differs afterwards
+        # changed while it was read, and the policy is loaded again at the next look.
+        before, began = {path: watch.Seen.now(path) for path in self._named}, time.time_ns()
         result = await self._load(got.data)
         if result.policy is None:
             # Remember the broken version too, so that it is reported once, not on every event.
             self._seen = seen
             self._reject(result)
-            # A broken certificate too is reported once, not on every event: remember how the files are now.
-            self._named = {path: watch.Seen.now(path) for path in self._named}
+            # A broken certificate too is reported once, not on every event: remember how the files were.
+            self._named = _as_read(self._named, before=before, began=began)
             self.on_result("rejected")
             return False
-        if not self._kept(result.policy, wait=held):
+        # Written since it was read (validation can take seconds): a complete version, and applied, unless it
+        # drops most of the policy (its writer may not be done: the watch wakes again for that write).
+        still = watch.stat_of(self.path) == got.stat and not (self._watch is not None and self._watch.disturbed())
+        if not self._hold.kept(dropped(self.current, result.policy), still=still, look=self._watch,
+                               path=str(self.path)):
             return False
         self._seen = seen
         if result.policy == self.current:
-            self._accept(result)
+            self._accept(result, before=before, began=began)
             self.on_result("unchanged")
             return False
-        self._accept(result)
+        self._accept(result, before=before, began=began)
         self.on_result("applied")
         outcome = self.on_change(result.policy, seen_at)
         if inspect.isawaitable(outcome):
             await outcome
-        return True
-
-    def _kept(self, policy: rules.Policy, *, wait: float) -> bool:
-        """Whether `policy` may replace the one in force now: yes, unless it drops most of it and the file
-        must keep it `wait` seconds more to have kept it watch.HOLD_S (a writer that truncated it may not be done)."""
-        lost = dropped(self.current, policy)
-        if lost is None:
-            return True
-        if wait > 0:
-            log.info("policy edit drops most of the policy in force; applied if the file keeps it",
-                     path=str(self.path), seconds=round(wait, 3))
-            if self._watch is not None:
-                self._watch.look_again(wait)
-            return False
-        log.warning("policy file drops most of the policy in force", path=str(self.path), **lost)
         return True
 
     async def _load(self, data: bytes | OSError) -> validate.LoadResult:
@@ -174,16 +180,16 @@ class PolicyWatcher:
             return validate.unreadable(self.path, data)
         return await worker.load(data, path=str(self.path), known=self.known() if self.known else None)
 
-    def _accept(self, result: validate.LoadResult) -> None:
+    def _accept(self, result: validate.LoadResult, *, before: Mapping[Path, watch.Seen], began: int) -> None:
+        """`before`: the named files as they were before the load began (`began`, time.time_ns())."""
         assert result.policy is not None
         self.current = result.policy
         assert self.path is not None
         base = self.path.parent
-        self._named = {
-            path: watch.Seen.now(path)
-            for gateway in result.policy.gateways for listener in gateway.listeners if listener.tls is not None
-            for path in (base / listener.tls.certificate_file, base / listener.tls.key_file)
-        }
+        self._named = _as_read(
+            [path for gateway in result.policy.gateways for listener in gateway.listeners if listener.tls is not None
+             for path in (base / listener.tls.certificate_file, base / listener.tls.key_file)],
+            before=before, began=began)
         if self._watch is not None:
             self._watch.watch([self.path, *self._named])
         self.last_errors = ()
@@ -231,19 +237,19 @@ def dropped(old: rules.Policy, new: rules.Policy) -> dict[str, object] | None:
     }
     lost = {kind: sorted(before - after) for kind, (before, after) in kinds.items()}
     emptied = new == rules.Policy() and old != rules.Policy()
-    if not emptied and not watch.most(sum(map(len, lost.values())), of=sum(len(b) for b, _ in kinds.values())):
+    if not emptied and not hold.most(sum(map(len, lost.values())), of=sum(len(b) for b, _ in kinds.values())):
         return None
     said: dict[str, object] = {"emptied": emptied}
     for kind, names in lost.items():
         if names:
-            said[f"dropped_{kind}"] = watch.said(names, of=len(kinds[kind][0]))
+            said[f"dropped_{kind}"] = hold.said(names, of=len(kinds[kind][0]))
     return said
 
 
 _INDEXED = re.compile(r"^(routes|gateways|services)\[(\d+)\]")
 
 
-def _about(problem: validate.Problem, policy: rules.Policy) -> tuple[str, str]:
+def _about(problem: problems.Problem, policy: rules.Policy) -> tuple[str, str]:
     """What a warning is about, wherever the file puts it: its field, with the index of the route, gateway
     or service it is in replaced by that one's name (a route added above moves the others' index and
     line), and its reason."""
@@ -256,12 +262,37 @@ def _about(problem: validate.Problem, policy: rules.Policy) -> tuple[str, str]:
     return _INDEXED.sub(named, problem.field), problem.reason
 
 
+_UNSEEN = watch.Seen(None, None)
+"""A file as an unknown version: it differs from whatever the file holds, so the next look loads the policy."""
+
+_CLOCK_LAG_NS = 10_000_000
+"""How far behind time.time_ns() a file's timestamp may be when written (the kernel's coarse clock: a tick)."""
+
+
+def _as_read(paths: Iterable[Path], *, before: Mapping[Path, watch.Seen], began: int) -> dict[Path, watch.Seen]:
+    """How each file a policy names was when the worker read it, as far as can be told: as it is now, when it
+    is as it was before the load began (`before`; or, for a file not named before, when it has not changed
+    since the load began, by its ctime); otherwise unknown, so that the next look loads the policy again."""
+    out = {}
+    for path in dict.fromkeys(paths):
+        now = watch.Seen.now(path)
+        if path in before:
+            same = before[path].digest == now.digest
+        else:
+            try:
+                same = os.stat(path).st_ctime_ns < began - _CLOCK_LAG_NS
+            except OSError:
+                same = now.stat is None
+        out[path] = now if same else _UNSEEN
+    return out
+
+
 def _seen(stat: watch.Stat | None, data: bytes | OSError) -> watch.Seen:
     """An unreadable file is seen as its error, so that it too is reported once, not on every event."""
     return watch.Seen.of(stat, data if isinstance(data, bytes) else f"unreadable: {data}".encode())
 
 
-def _fields(problem: validate.Problem) -> dict[str, object]:
+def _fields(problem: problems.Problem) -> dict[str, object]:
     return {
         "file": problem.file,
         "line": problem.line,

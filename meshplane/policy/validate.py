@@ -20,10 +20,6 @@ from meshplane import problems, yamlpos
 from meshplane.discovery import model
 from meshplane.policy import document, routecheck, rules
 
-# Shared with the endpoint files (meshplane/problems.py): one way to say `file:line: field: reason`.
-Severity = problems.Severity
-Problem = problems.Problem
-
 Known = routecheck.Known
 # Istio rejects these in failoverPriority next to `failover` (both would order regions).
 _FAILOVER_TOPOLOGY_LABELS = (rules.REGION_LABEL, rules.ZONE_LABEL, rules.SUBZONE_LABEL)
@@ -38,14 +34,14 @@ class LoadResult:
     """`policy` is None exactly when there are errors; warnings never block a policy."""
 
     policy: rules.Policy | None
-    errors: tuple[Problem, ...]
-    warnings: tuple[Problem, ...]
+    errors: tuple[problems.Problem, ...]
+    warnings: tuple[problems.Problem, ...]
 
 
 class PolicyError(Exception):
     """A policy that cannot be used; str() lists the problems one per line."""
 
-    def __init__(self, problems: Iterable[Problem]) -> None:
+    def __init__(self, problems: Iterable[problems.Problem]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
 
@@ -61,7 +57,12 @@ def load_policy_file(path: Path, *, known: Known | None = None) -> LoadResult:
 
 def unreadable(path: Path, exc: OSError) -> LoadResult:
     """`--policy FILE: cannot read it: ...` (serve's flag: `meshplane validate` reads its file itself)."""
-    return LoadResult(None, (Problem(str(path), 0, "--policy", problems.cannot_read(exc), "error"),), ())
+    return LoadResult(None, (problems.Problem(str(path), 0, "--policy", problems.cannot_read(exc), "error"),), ())
+
+
+def refused(path: str, reason: str) -> LoadResult:
+    """The file refused as a whole, for `reason` (its validation could not finish)."""
+    return LoadResult(None, (problems.Problem(path, 0, "--policy", reason, "error"),), ())
 
 
 def load_policy_bytes(data: bytes, *, path: str, known: Known | None = None) -> LoadResult:
@@ -69,7 +70,7 @@ def load_policy_bytes(data: bytes, *, path: str, known: Known | None = None) -> 
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        problem = Problem(path, line, "(file)", f"not UTF-8 text: {exc.reason}", "error")
+        problem = problems.Problem(path, line, "(file)", f"not UTF-8 text: {exc.reason}", "error")
         return LoadResult(None, (problem,), ())
     return load_policy_text(text, path=path, known=known)
 
@@ -77,16 +78,16 @@ def load_policy_bytes(data: bytes, *, path: str, known: Known | None = None) -> 
 def load_policy_text(text: str, *, path: str, known: Known | None = None) -> LoadResult:
     """Relative certificate paths are read from the folder of `path`."""
     try:
-        located = yamlpos.load(text)
+        located = yamlpos.load(text, anchors=False)  # a policy has no use for aliases: docs/policy.md
     except yamlpos.YamlError as exc:
-        problem = Problem(path, exc.line, yamlpos.render_loc(exc.loc), exc.reason, "error")
+        problem = problems.Problem(path, exc.line, yamlpos.render_loc(exc.loc), exc.reason, "error")
         return LoadResult(None, (problem,), ())
     if located.value is None:
         return LoadResult(rules.Policy(), (), ())
     report = _Report(path, located)
     raw = located.value
     if not isinstance(raw, dict):
-        shown = document.show(raw)
+        shown = problems.show(raw)
         report.error((), f"a policy is a mapping (apiVersion, defaults, services), got {shown}")
         return report.result(None)
     if raw.get("apiVersion") == "meshplane.io/v1":
@@ -130,8 +131,8 @@ class _Report:
     def __init__(self, path: str, located: yamlpos.Located) -> None:
         self.path = path
         self.located = located
-        self.errors: list[Problem] = []
-        self.warnings: list[Problem] = []
+        self.errors: list[problems.Problem] = []
+        self.warnings: list[problems.Problem] = []
 
     def line(self, loc: Sequence[str | int]) -> int:
         return self.located.line_for(loc)
@@ -142,11 +143,11 @@ class _Report:
     def warning(self, loc: Sequence[str | int], reason: str) -> None:
         self.warnings.append(self._problem(loc, reason, "warning"))
 
-    def _problem(self, loc: Sequence[str | int], reason: str, severity: Severity) -> Problem:
-        return Problem(self.path, self.line(loc), yamlpos.render_loc(loc), reason, severity)
+    def _problem(self, loc: Sequence[str | int], reason: str, severity: problems.Severity) -> problems.Problem:
+        return problems.Problem(self.path, self.line(loc), yamlpos.render_loc(loc), reason, severity)
 
     def result(self, policy: rules.Policy | None) -> LoadResult:
-        def order(p: Problem) -> tuple[int, str]:
+        def order(p: problems.Problem) -> tuple[int, str]:
             return (p.line, p.field)
 
         return LoadResult(

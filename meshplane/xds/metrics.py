@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 import meshplane
+from meshplane import aio
 from meshplane.xds import streams, typeurls
 
 log = structlog.get_logger(__name__)
@@ -115,6 +116,7 @@ class Metrics:
             "meshplane_xds_clients", "Connected clients by kind and sync state (the worst of their types)",
             ["kind", "state"], registry=r,
         )
+        TaskErrors(registry=r)
         # Every child a dashboard reads exists from the start, at 0: a counter series that first
         # appears at 1 shows no increase() in Prometheus, so a first NACK would go unseen.
         for short in typeurls.SHORT_NAMES.values():
@@ -213,6 +215,25 @@ class HotHistogram:
             total += count
             out.append((floatToGoString(bound), float(total)))  # type: ignore[no-untyped-call]  # as prometheus_client writes `le`
         return out
+
+
+class TaskErrors(Collector):
+    """meshplane_task_errors_total{task}: failures the long-lived tasks logged and carried on from (aio.failed),
+    counted per process: the tasks that watch files and clusters know no control plane's metrics."""
+
+    TASKS = ("policy-watcher", "endpoint-file", "kube-orphans")
+    """Each at 0 from the start (a counter that first appears at 1 shows no increase() in Prometheus)."""
+
+    def __init__(self, *, registry: CollectorRegistry) -> None:
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        counter = CounterMetricFamily(
+            "meshplane_task_errors", "Failures a long-lived task (a file or cluster watcher) logged and carried on "
+            "from: each is a bug of meshplane's, logged with its traceback", labels=["task"])
+        for task, count in {**dict.fromkeys(self.TASKS, 0), **aio.task_errors()}.items():
+            counter.add_metric([task], count)
+        yield counter
 
 
 class HotMetrics(Collector):
