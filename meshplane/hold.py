@@ -36,6 +36,7 @@ class Hold:
         self.after = HOLD_S if after is None else after
         self._digest: bytes | None = None
         self._since = 0.0
+        self._told: bytes | None = None  # the content last said to be held back: said once, not at every look
 
     def saw(self, digest: bytes | None) -> None:
         """The file holds this content now (every read says so); the clock starts again whenever it differs."""
@@ -53,7 +54,9 @@ class Hold:
             return True
         wait = self._since + self.after - time.monotonic()
         if not still or wait > 0:
-            log.info(self.held, seconds=round(max(wait, 0.0), 3), **fields)
+            if self._told != self._digest:
+                self._told = self._digest
+                log.info(self.held, seconds=round(max(wait, 0.0), 3), **fields)
             if still and look is not None:
                 look.look_again(wait)
             return False

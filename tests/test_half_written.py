@@ -82,9 +82,11 @@ def _ports(catalog: catalog_mod.Catalog) -> set[int]:
 
 
 def _held_then_said(logs: Sequence[Mapping[str, Any]], *, held: str, said: str) -> Mapping[str, Any]:
-    """The one warning `said`, logged after the edit was first `held` (at info): what it says."""
+    """The one warning `said`, logged after the edit was `held` (at info, once: not at every look while it
+    waits): what it says."""
     events = [e["event"] for e in logs]
     [warning] = [e for e in logs if e["event"] == said]
+    assert events.count(held) == 1, events
     assert events.index(said) > events.index(held) and warning["log_level"] == "warning", events
     return warning
 

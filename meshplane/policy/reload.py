@@ -199,6 +199,8 @@ class PolicyWatcher:
             "policy applied",
             path=str(self.path),
             services=len(result.policy.services),
+            gateways=len(result.policy.gateways),
+            routes=len(result.policy.routes),
             warnings=len(result.warnings),
         )
 
