@@ -245,7 +245,7 @@ async def test_explain_refuses_what_it_cannot_answer(s1_with_gateway: mesh_mod.M
     assert code == 1 and "zone 'nowhere-1a' alone does not say the region" in err
     code, _, err = await meshplane("explain", "mockb", "--from", "ap-northeast-1a", "--down", "dc=1",
                                    "--server", server)
-    assert code == 1 and "write zone=Z, cluster=C, region=R or endpoint=ADDR" in err
+    assert code == 2 and "write zone=Z, cluster=C, region=R or endpoint=ADDR" in err
     code, _, err = await meshplane("explain", "--server", server)
     assert code == 2 and "give a SERVICE, or --gateway NAME" in err
     code, out, _ = await meshplane("explain", "mockb", "--from", "ap-northeast-1a", "--server", server)
