@@ -169,19 +169,12 @@ class ControlPlane:
             self.ads_plaintext_port = _bind(self._grpc, "--ads-plaintext", addresses["--ads-plaintext"])
         await self._grpc.start()
         if self._front is not None:
-            host, port = addresses["--ads"]
-            try:
-                self.ads_port = await self._front.start(host, port)
-            except OSError as exc:
-                raise listen.failed("--ads", host, port, exc) from None
+            self.ads_port = await self._front.start(*addresses["--ads"])
         self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
         if "--http" in addresses:
             host, port = addresses["--http"]
             self._http = admin.HttpPort(self._pages(), timeout=self.config.http_timeout)
-            try:
-                self.http_port = await self._http.start(host, port)
-            except OSError as exc:
-                raise listen.failed("--http", host, port, exc) from None
+            self.http_port = await self._http.start(host, port)
         log.info("control plane serving", ads=listen.join(self.config.ads_host, self.ads_port),
                  tls=self.config.tls is not None, ads_plaintext=self.config.ads_plaintext or "",
                  http=listen.join(self.config.http_host, self.http_port), services=len(self.catalog.services))

@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from meshplane import tls
+from meshplane import listen, tls
 from meshplane.xds import identity
 
 log = structlog.get_logger(__name__)
@@ -58,25 +58,33 @@ class TlsFront:
         self.peers: dict[str, identity.Peer] = {}  # gRPC's peer string of a relayed connection -> its client
         self.clients: set[_Client] = set()
         self.connecting: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     async def start(self, host: str, port: int) -> int:
-        """Listen; the port (useful when `port` is 0). Like gRPC's, the socket has no SO_REUSEPORT."""
+        """Listen where gRPC would (listen.bind: every address of `host`, on one port, `[::]` dual stack,
+        no SO_REUSEPORT); the port (useful when `port` is 0). ListenError naming `--ads` if it cannot."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Client(self), host, port, reuse_address=True)
-        return int(self._server.sockets[0].getsockname()[1])
+        sockets = listen.bind("--ads", host, port)
+        try:
+            for sock in sockets:
+                self._servers.append(await loop.create_server(lambda: _Client(self), sock=sock))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return int(sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for task in list(self.connecting):
             task.cancel()
         await asyncio.gather(*self.connecting, return_exceptions=True)
         for client in list(self.clients):
             client.close(abort=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
 
     def peer(self, grpc_peer: str, auth: Mapping[str, Sequence[bytes]]) -> identity.Peer | None:
         """Who a stream's client is: through the relay, its own address and certificate; on another

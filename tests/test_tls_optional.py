@@ -114,3 +114,15 @@ async def test_the_relays_own_socket_serves_no_one_else(start_plane: Any, tmp_pa
     error = await refused_with(intruder)
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error.details() == "not a connection of the ADS port's TLS listener"
+
+
+async def test_the_ipv6_wildcard_takes_ipv4_clients_too(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    """`--ads [::]:P` listens on both families, as gRPC does under `required`."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional", ads_host="::")
+    for target in (f"127.0.0.1:{plane.ads_port}", f"[::1]:{plane.ads_port}"):
+        client = grpc_client(plane, ca, issue(ca, SIDECAR_ID))
+        client.target = target
+        client.options = [("grpc.ssl_target_name_override", "localhost")]
+        async with client:
+            await client.request(typeurls.CLUSTER)
+            assert ads_client.resource_names(await client.recv(timeout=10)), target
