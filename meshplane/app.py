@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import exposition
 
 import meshplane
-from meshplane import admin, aio, explain, listen, tlsfront
+from meshplane import admin, aio, credentials, explain, listen, tlsfront
 from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
@@ -102,7 +102,7 @@ class ControlPlane:
         self._http: admin.HttpPort | None = None
         self.ads_port = 0
         self.ads_plaintext_port = 0
-        self.tls: tls_mod.ServerTls | None = None
+        self.tls: credentials.ServerTls | None = None
         self._front: tlsfront.TlsFront | None = None  # with --client-cert optional: meshplane's own TLS
         self.http_port = 0
 
@@ -111,8 +111,9 @@ class ControlPlane:
         for flag, (host, port) in self._addresses().items():  # a port taken: refused before anything starts
             listen.check(flag, host, port)
         if self.config.tls is not None:  # so are certificates that cannot be used
-            self.tls = tls_mod.ServerTls(self.config.tls, on_reload=self.metrics.tls_reloaded,
-                                         interval=self.config.poll_interval, inotify=self.config.inotify)
+            self.tls = await credentials.ServerTls.open(
+                self.config.tls, on_reload=self.metrics.tls_reloaded, interval=self.config.poll_interval,
+                inotify=self.config.inotify)
             if self.config.tls.optional_client_cert:  # grpcio cannot ask for a certificate it does not require
                 self._front = tlsfront.TlsFront(self.tls, on_refused=self._certificate_refused)
         peers = self._front.peer if self._front is not None else identity.from_grpc
@@ -156,8 +157,6 @@ class ControlPlane:
         self._grpc = grpc.aio.server(options=options)
         self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(), self.delta.rpc_handler()))
         addresses = self._addresses()
-        if self.tls is not None:
-            await self.tls.start()
         if self._front is not None:  # gRPC serves the relay's private socket; the ADS address is the relay's
             if not self._grpc.add_insecure_port(self._front.grpc_address):
                 raise listen.ListenError(f"cannot listen on {self._front.grpc_address} for the TLS relay")

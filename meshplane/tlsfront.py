@@ -33,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from meshplane import listen, tls
+from meshplane import credentials, listen
 from meshplane.xds import identity
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,7 @@ Refused = Callable[[str, str], None]
 class TlsFront:
     """The ADS port's TLS listener; gRPC serves `grpc_address`, where only this relays to."""
 
-    def __init__(self, server_tls: tls.ServerTls, *, on_refused: Refused) -> None:
+    def __init__(self, server_tls: credentials.ServerTls, *, on_refused: Refused) -> None:
         self.tls = server_tls
         self.on_refused = on_refused
         self.name = f"meshplane-ads-{os.getpid()}-{secrets.token_hex(8)}"
