@@ -72,12 +72,16 @@ def pair(cert: bytes, key: bytes, *, cert_path: Path, key_path: Path) -> x509.Ce
     """A certificate (chain) and its key: the certificate served, or TlsError naming the file at fault,
     or both files when the key is not the certificate's."""
     served = chain(cert, cert_path, "certificate")[0]
-    private = private_key(key, key_path)
+    own_key(served, private_key(key, key_path), cert_path=cert_path, key_path=key_path)
+    return served
+
+
+def own_key(served: x509.Certificate, private: Any, *, cert_path: Path, key_path: Path) -> None:
+    """TlsError naming both files unless `private` is the key of `served`."""
     if _spki(private.public_key()) != _spki(served.public_key()):
         raise TlsError(f"{key_path} is not the private key of the certificate in {cert_path} "
                        f"({served.subject.rfc4514_string()}, serial {served.serial_number:x}): "
                        "a certificate and its own key go together")
-    return served
 
 
 def chain(data: bytes, path: Path, what: str) -> list[x509.Certificate]:

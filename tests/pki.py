@@ -94,3 +94,24 @@ def envoy_sds(directory: Path, *, cert: Path, key: Path, ca: Path) -> tuple[Path
     cert_sds.write_text(yaml.safe_dump(cert_doc))
     ca_sds.write_text(yaml.safe_dump(ca_doc))
     return cert_sds, ca_sds
+
+
+def self_signed(host: str, *, serial: int | None = None) -> tuple[bytes, bytes]:
+    """A self-signed certificate for `host` (its serial number tells two of them apart) and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial or x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def write_self_signed(directory: Path, host: str, *, serial: int | None = None) -> None:
+    """`host.crt` and `host.key` in `directory`, from `self_signed`, each written atomically, key first."""
+    cert, key = self_signed(host, serial=serial)
+    directory.mkdir(parents=True, exist_ok=True)
+    write(directory / f"{host}.key", key)
+    write(directory / f"{host}.crt", cert)
