@@ -115,7 +115,8 @@ class ControlPlane:
                 self.config.tls, on_reload=self.metrics.tls_reloaded, interval=self.config.poll_interval,
                 inotify=self.config.inotify)
             if self.config.tls.optional_client_cert:  # grpcio cannot ask for a certificate it does not require
-                self._front = tlsfront.TlsFront(self.tls, on_refused=self._certificate_refused)
+                self._front = tlsfront.TlsFront(self.tls, client_limits=self.config.limits,
+                                                on_refused=self._relay_refused)
         peers = self._front.peer if self._front is not None else identity.from_grpc
         await self.policy_watcher.start()
         for source in self.sources:
@@ -260,10 +261,9 @@ class ControlPlane:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _certificate_refused(self, peer: str, why: str) -> None:
-        """A client certificate not accepted in meshplane's own TLS handshake (--client-cert optional)."""
-        self.refused.record("TLS handshake refused", peer=peer, code="UNAVAILABLE", reason="certificate", message=why)
-        self.metrics.refused(None, "UNAVAILABLE", "certificate")
+    def _relay_refused(self, event: str, *, peer: str, code: str, reason: str, message: str) -> None:
+        """A client refused by meshplane's own TLS (--client-cert optional): its handshake, or a connection cap."""
+        self.refused.refuse(event, callbacks=self.metrics, peer=peer, code=code, reason=reason, message=message)
 
     def _known(self) -> validate.Known | None:
         """What discovery knows, for the policy's warnings; nothing before the plane is ready (while

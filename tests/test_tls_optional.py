@@ -6,18 +6,22 @@ carry private keys). Real Envoys under `optional` are in tests/test_tls_envoy.py
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import structlog
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from meshplane import app
+from meshplane import app, tlsfront
 from meshplane.demo import backend
 from meshplane.demo.ports import free_port
 from meshplane.xds import adsbase, typeurls
 from meshplane.xds import client as ads_client
 from tests import pki
+from tests.conftest import wait_for
 from tests.test_tls_envoy import SIDECAR_ID, claims_refused, grpc_client, issue, plane_with_tls, refused_with
 
 EDGE_ID = "spiffe://cluster.local/ns/default/sa/edge"
@@ -95,13 +99,32 @@ async def test_a_client_without_a_certificate_is_a_sidecar_never_a_gateway(
 
 
 async def test_limits_per_address_count_the_clients_address(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    """Streams and connections from one address, counted by the client's address, not the relay's."""
     plane = await plane_with_tls(start_plane, tmp_path, ca, "optional", limits=adsbase.Limits(streams_per_peer=1))
-    async with grpc_client(plane, ca, issue(ca, SIDECAR_ID)) as first:
-        await first.request(typeurls.CLUSTER)
-        await first.recv()
+    cert, key, _ = ca.issue("client", uris=(SIDECAR_ID,))
+    channel = grpc.aio.secure_channel(f"localhost:{plane.ads_port}", grpc.ssl_channel_credentials(ca.pem, key, cert))
+    try:  # two streams on one connection: the second is over the streams of 127.0.0.1
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        calls = []
+        for n in range(2):
+            calls.append(call := stub.StreamAggregatedResources())
+            await call.write(discovery_pb2.DiscoveryRequest(
+                node=ads_client.node(f"sidecar-{n}", region="r1"), type_url=typeurls.CLUSTER))
+            if n == 0:
+                assert (await call.read()).resources
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await calls[1].read()
+        assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert over.value.details() == "1 streams open from 127.0.0.1; at most 1 per address (--max-streams-per-peer)"
+        # A second connection from 127.0.0.1 is over its connections: closed before its handshake.
         error = await refused_with(grpc_client(plane, ca, None, node_id="sidecar-2"))
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.details() == "1 streams open from 127.0.0.1; at most 1 per address (--max-streams-per-peer)"
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+    entries = {e["reason"]: e for e in (await _syncz(plane))["refused"]}
+    assert (entries["connections_per_peer"]["peer"], entries["connections_per_peer"]["message"]) == (
+        "127.0.0.1", "1 TLS connections open from 127.0.0.1; at most 1 per address (--max-streams-per-peer)")
+    assert _refusals(plane, "RESOURCE_EXHAUSTED", "connections_per_peer") == 1
 
 
 async def test_the_relays_own_socket_serves_no_one_else(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
@@ -126,3 +149,73 @@ async def test_the_ipv6_wildcard_takes_ipv4_clients_too(start_plane: Any, tmp_pa
         async with client:
             await client.request(typeurls.CLUSTER)
             assert ads_client.resource_names(await client.recv(timeout=10)), target
+
+
+async def test_connections_are_capped_per_address_before_their_handshake(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    """Connections that never handshake (or hold TLS without a stream) held a file descriptor each, with no
+    limit: one address could take them all. Over `--max-streams-per-peer` they are closed at once."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional", limits=adsbase.Limits(streams_per_peer=3))
+    idle = [socket.create_connection(("127.0.0.1", plane.ads_port)) for _ in range(3)]
+    try:  # accepted in the order they came: the idle ones first
+        flood = [socket.create_connection(("127.0.0.1", plane.ads_port)) for _ in range(20)]
+        await wait_for(lambda: _refusals(plane, "RESOURCE_EXHAUSTED", "connections_per_peer") == 20,
+                       what="every connection over the cap refused")
+        for sock in flood:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server, not held
+            sock.close()
+        error = await refused_with(grpc_client(plane, ca, issue(ca, SIDECAR_ID)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for sock in idle:
+            sock.close()
+    async with grpc_client(plane, ca, issue(ca, SIDECAR_ID)) as ok:  # the address's connections are its own again
+        await ok.request(typeurls.CLUSTER)
+        assert ads_client.resource_names(await ok.recv(timeout=10))
+    (entry,) = [e for e in (await _syncz(plane))["refused"] if e["reason"] == "connections_per_peer"]
+    assert entry["message"] == "3 TLS connections open from 127.0.0.1; at most 3 per address (--max-streams-per-peer)"
+
+
+async def test_connections_are_capped_in_all(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional",
+                                 limits=adsbase.Limits(streams=2, streams_per_peer=0))
+    idle = [socket.create_connection(("127.0.0.1", plane.ads_port)) for _ in range(2)]
+    try:
+        error = await refused_with(grpc_client(plane, ca, issue(ca, SIDECAR_ID)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for sock in idle:
+            sock.close()
+    (entry,) = [e for e in (await _syncz(plane))["refused"] if e["reason"] == "connections"]
+    assert (entry["code"], entry["message"]) == ("RESOURCE_EXHAUSTED",
+                                                 "2 TLS connections open; at most 2 (--max-streams)")
+
+
+def test_the_cap_in_all_leaves_a_quarter_of_the_open_files() -> None:
+    assert tlsfront.caps(adsbase.Limits(), 1_048_576) == tlsfront.Caps(20_000, 1_000, "--max-streams")
+    assert tlsfront.caps(adsbase.Limits(), 20_000) == tlsfront.Caps(
+        5_000, 1_000, "3 file descriptors each, within the open-file limit of 20000 (ulimit -n)")
+    assert tlsfront.caps(adsbase.Limits(streams=0, streams_per_peer=0), 0) == tlsfront.Caps(0, 0, "--max-streams")
+
+
+async def test_a_plaintext_client_on_the_tls_port_is_counted_and_logged_once(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    """A proxy configured without TLS dials the TLS port: said once a minute, counted, listed."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional")
+    with structlog.testing.capture_logs() as logs:
+        for attempt in range(2):
+            async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", ads_client.node("p", region="r1")) as plain:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await plain.request(typeurls.CLUSTER)
+                    await plain.recv(timeout=5)
+            await wait_for(lambda n=attempt: (_refusals(plane, "UNAVAILABLE", "handshake") or 0) > n,
+                           what="the failed handshake counted")
+    message = ("not TLS: the client speaks plaintext HTTP/2 (gRPC without TLS: give it TLS for this port, or have "
+               "it use --ads-plaintext)")
+    assert [(e["log_level"], e["status"], e["error"]) for e in logs if e["event"] == "TLS handshake refused"] == [
+        ("warning", "UNAVAILABLE", message)]
+    (entry,) = (await _syncz(plane))["refused"]
+    assert (entry["peer"], entry["reason"], entry["message"]) == ("127.0.0.1", "handshake", message)
