@@ -35,6 +35,7 @@ import contextlib
 import os
 import resource
 import secrets
+import select
 import socket
 import ssl
 import time
@@ -192,6 +193,7 @@ class _Client(asyncio.Protocol):
         self._early_bytes = 0
         self._paused: set[str] = set()  # why the client's reading is paused: "early", "grpc"
         self._timer: asyncio.TimerHandle | None = None
+        self._hangup: asyncio.TimerHandle | None = None  # looks for gRPC's end while its side is not read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -347,10 +349,31 @@ class _Client(asyncio.Protocol):
     def pause_writing(self) -> None:  # the client does not take what gRPC writes: gRPC's writes wait
         if self._inner is not None:
             self._inner.pause_reading()
+            self._look_for_grpc_gone()
 
     def resume_writing(self) -> None:
+        if self._hangup is not None:
+            self._hangup.cancel()
+            self._hangup = None
         if self._inner is not None:
             self._inner.resume_reading()
+
+    def _look_for_grpc_gone(self) -> None:
+        """While gRPC's side is not read, its end is not seen either (a connection gRPC ended for its age, or
+        for keepalives its client never answered): looked for every CLOSE_GRACE, without reading."""
+        self._hangup = asyncio.get_running_loop().call_later(CLOSE_GRACE, self._grpc_gone)
+
+    def _grpc_gone(self) -> None:
+        self._hangup = None
+        sock = self._inner.get_extra_info("socket") if self._inner is not None else None
+        if self._closed or sock is None:
+            return
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
+        if poller.poll(0):
+            self.close()  # what the client has not read yet gets CLOSE_GRACE more
+        else:
+            self._look_for_grpc_gone()
 
     def pause_grpc_reading(self) -> None:  # gRPC does not take what the client sends
         self._pause("grpc")
@@ -360,8 +383,9 @@ class _Client(asyncio.Protocol):
 
     def close(self, *, abort: bool = False) -> None:
         """End both sides; what each sent last still reaches the other, unless `abort`, within CLOSE_GRACE."""
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._hangup):
+            if timer is not None:
+                timer.cancel()
         if not self._closed:
             self._closed = True
             self._front.closed(self._name)  # before its name can be bound again

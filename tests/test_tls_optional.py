@@ -5,8 +5,14 @@ carry private keys). Real Envoys under `optional` are in tests/test_tls_envoy.py
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import resource
 import socket
+import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +21,7 @@ import pytest
 import structlog
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from meshplane import app, tlsfront
+from meshplane import app, credentials, tls, tlsfront
 from meshplane.demo import backend
 from meshplane.demo.ports import free_port
 from meshplane.xds import adsbase, typeurls
@@ -207,7 +213,9 @@ async def test_a_plaintext_client_on_the_tls_port_is_counted_and_logged_once(
     plane = await plane_with_tls(start_plane, tmp_path, ca, "optional")
     with structlog.testing.capture_logs() as logs:
         for attempt in range(2):
-            async with ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", ads_client.node("p", region="r1")) as plain:
+            plain = ads_client.AdsClient(f"127.0.0.1:{plane.ads_port}", ads_client.node("p", region="r1"))
+            plain.options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, not one in backoff
+            async with plain:
                 with pytest.raises(grpc.aio.AioRpcError):
                     await plain.request(typeurls.CLUSTER)
                     await plain.recv(timeout=5)
@@ -219,3 +227,139 @@ async def test_a_plaintext_client_on_the_tls_port_is_counted_and_logged_once(
         ("warning", "UNAVAILABLE", message)]
     (entry,) = (await _syncz(plane))["refused"]
     assert (entry["peer"], entry["reason"], entry["message"]) == ("127.0.0.1", "handshake", message)
+
+
+@contextlib.asynccontextmanager
+async def relay_without_grpc(tmp_path: Path, ca: pki.CA) -> AsyncIterator[tuple[tlsfront.TlsFront, int, socket.socket]]:
+    """The relay alone, with a socket in gRPC's place that the test drives (one that does not read, or
+    writes and closes): its (front, TLS port, gRPC's listening socket)."""
+    cert, key, _ = ca.write_server(tmp_path / "server")
+    files = tls.TlsFiles(cert=cert, key=key, client_ca=ca.write_ca(tmp_path / "server" / "ca.pem"),
+                         require_client_cert=False)
+    server_tls = await credentials.ServerTls.open(files, interval=0.05)
+    front = tlsfront.TlsFront(server_tls, client_limits=adsbase.Limits(),
+                              on_refused=lambda event, **refusal: None)
+    grpc_side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    grpc_side.bind(f"\0{front.name}")
+    grpc_side.listen(16)
+    try:
+        yield front, await front.start("127.0.0.1", 0), grpc_side
+    finally:
+        await front.stop()
+        await server_tls.stop()
+        grpc_side.close()
+
+
+def tls_client(port: int, ca: pki.CA) -> ssl.SSLSocket:
+    """A TLS client without a certificate (allowed under optional), its handshake done."""
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+async def test_grpc_back_pressure_holds_when_the_relay_is_made(tmp_path: Path, ca: pki.CA) -> None:
+    """A client that sent much before its relay to gRPC was up (its reading paused for that) has it written to
+    gRPC when the relay is made; if gRPC does not take it all, asyncio says so once (pause_writing), within
+    that write. The relay then resumed the client for the first reason and lost the second: it read the
+    client on without bound while gRPC read nothing. The interleaving is forced here (a loaded loop makes it,
+    a test cannot time it): the early bytes handed in, then the relay made over a socket nobody reads."""
+    async with relay_without_grpc(tmp_path, ca) as (front, _, _grpc_side):
+        loop = asyncio.get_running_loop()
+        client_end, peer_end = socket.socketpair()
+        grpc_end, unread = socket.socketpair()
+        try:
+            client = tlsfront._Client(front)
+            transport, _ = await loop.create_connection(lambda: client, sock=client_end)
+            client._to_grpc(b"x" * (4 * tlsfront.EARLY_BYTES))  # what the client sent while the relay was made
+            assert not transport.is_reading()
+            inner, _ = await loop.create_connection(lambda: tlsfront._Grpc(client), sock=grpc_end)
+            assert inner.get_write_buffer_size() > 64 * 1024  # gRPC's side is full: asyncio paused the relay's writes
+            assert not transport.is_reading()  # so the client waits
+            client.close(abort=True)
+        finally:
+            for sock in (peer_end, unread):
+                sock.close()
+
+
+async def test_a_client_that_does_not_read_is_let_go_when_grpc_ends_its_connection(tmp_path: Path, ca: pki.CA) -> None:
+    """gRPC ends a connection (max connection age, stopping) whose client reads nothing: the client's socket,
+    its write buffer full, waited for ever to drain; it is aborted after a grace."""
+    async with relay_without_grpc(tmp_path, ca) as (front, port, grpc_side):
+        conn = await asyncio.to_thread(tls_client, port, ca)
+        try:
+            conn.sendall(b"hello")  # the relay to gRPC is made once the client speaks
+            inner, _ = await asyncio.to_thread(grpc_side.accept)
+
+            def write_until_held() -> None:
+                inner.settimeout(1.0)
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        inner.sendall(b"y" * 65536)  # a push the client never reads
+
+            await asyncio.to_thread(write_until_held)
+            inner.close()  # gRPC ends the connection
+            await wait_for(lambda: not front.clients, timeout=2 * tlsfront.CLOSE_GRACE + 3,
+                           what="the client's connection closed")
+        finally:
+            conn.close()
+
+
+async def test_a_relay_that_cannot_be_made_closes_the_client(tmp_path: Path, ca: pki.CA) -> None:
+    """Out of file descriptors when the relay to gRPC is made: the client's connection was left open, with
+    no relay and no timer, for ever; it is closed (and said)."""
+    async with relay_without_grpc(tmp_path, ca) as (front, port, _):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        await wait_for(lambda: front.clients, what="the connection accepted")
+        context = ssl.create_default_context(cadata=ca.pem.decode())
+        context.set_alpn_protocols(["h2"])
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        await asyncio.to_thread(int)  # the executor's thread and module, had while descriptors can be
+        lowest_free = os.dup(0)  # a new descriptor takes the lowest number free: none may be had below the limit
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            def handshake_then_read() -> bytes | str:
+                with context.wrap_socket(raw, server_hostname="localhost") as conn:
+                    conn.settimeout(5)
+                    try:
+                        return conn.recv(1)
+                    except (ConnectionError, ssl.SSLError) as exc:
+                        return type(exc).__name__
+                    except TimeoutError:
+                        return "left open"
+
+            with structlog.testing.capture_logs() as logs:
+                outcome = await asyncio.to_thread(handshake_then_read)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            raw.close()
+    assert outcome != "left open"
+    (error,) = [e for e in logs if e["event"] == "cannot relay an ADS connection to gRPC; closed it"]
+    assert "Too many open files" in error["error"]
+
+
+async def test_a_client_that_leaves_as_its_stream_begins_is_not_refused(
+    start_plane: Any, tmp_path: Path, ca: pki.CA
+) -> None:
+    """A proxy restarting (or a client that gives up) closes its connection right after sending its first
+    request: gRPC may begin the stream after the relay has let the connection's name go. That stream is
+    nobody's to serve; it was counted and listed as a stranger on the relay's socket (PERMISSION_DENIED)."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional")
+    cert, key, _ = ca.issue("client", uris=(SIDECAR_ID,))
+    credentials_ = grpc.ssl_channel_credentials(ca.pem, key, cert)
+    request = discovery_pb2.DiscoveryRequest(node=ads_client.node("sidecar-1", region="r1"), type_url=typeurls.CLUSTER)
+
+    async def leave_at_once() -> None:
+        async with grpc.aio.secure_channel(f"localhost:{plane.ads_port}", credentials_) as channel:
+            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+            await call.write(request)
+        # the channel closes here, the request perhaps not yet begun as a stream
+
+    for _ in range(10):
+        await asyncio.gather(*(leave_at_once() for _ in range(20)))
+    front = plane._front
+    assert front is not None
+    await wait_for(lambda: not front.clients, what="every connection gone")
+    assert _refusals(plane, "PERMISSION_DENIED", "identity") == 0
+    assert (await _syncz(plane))["refused"] == []
