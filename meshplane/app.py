@@ -238,11 +238,14 @@ class ControlPlane:
         for directory in self.kubeconfig_dirs:
             await directory.stop()
         await self.clusters.stop()
+        if self._front is not None:  # no new TLS connection for a server that stops: they would find no gRPC
+            self._front.close()
         if self._grpc is not None:
-            await self._grpc.stop(grace=0.5)
+            await self._grpc.stop(grace=0.5)  # the relayed connections' streams end here, within the grace
             self._grpc = None
         if self._front is not None:
             await self._front.stop()
+            self._front = None
         if self.tls is not None:
             await self.tls.stop()
         if self._http is not None:
@@ -330,7 +333,7 @@ class ControlPlane:
         behind = None if pending is None else round(time.monotonic() - pending, 3)
         return admin.Reply(200, "application/json", _json(
             {"version": meshplane.version(), "pending_change_s": behind, "clients": table,
-             "refused": syncz.refused(self.refused)}))
+             **syncz.refused(self.refused)}))
 
     def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:
         """What was sent to one client (`?proxy=NODE_ID`) and what it ACKed, per type."""

@@ -225,8 +225,10 @@ async def test_a_plaintext_client_on_the_tls_port_is_counted_and_logged_once(
                "it use --ads-plaintext)")
     assert [(e["log_level"], e["status"], e["error"]) for e in logs if e["event"] == "TLS handshake refused"] == [
         ("warning", "UNAVAILABLE", message)]
-    (entry,) = (await _syncz(plane))["refused"]
+    answer = await _syncz(plane)
+    (entry,) = answer["refused"]
     assert (entry["peer"], entry["reason"], entry["message"]) == ("127.0.0.1", "handshake", message)
+    assert answer["refused_window_s"] == 600  # how long one is listed: `meshplane status` says it from this
 
 
 @contextlib.asynccontextmanager
@@ -363,3 +365,28 @@ async def test_a_client_that_leaves_as_its_stream_begins_is_not_refused(
     await wait_for(lambda: not front.clients, what="every connection gone")
     assert _refusals(plane, "PERMISSION_DENIED", "identity") == 0
     assert (await _syncz(plane))["refused"] == []
+
+
+async def test_a_stopping_server_takes_no_new_tls_connection(start_plane: Any, tmp_path: Path, ca: pki.CA) -> None:
+    """The relay stops listening before gRPC stops: a connection made during gRPC's grace found no gRPC to
+    relay to (an error logged for each), where it should find the port closed and go to another replica."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, "optional")
+    port = plane.ads_port
+
+    def connect() -> str:
+        try:
+            with tls_client(port, ca) as conn:
+                conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                conn.settimeout(2)
+                return "served" if conn.recv(1) else "closed"
+        except (OSError, ssl.SSLError) as exc:
+            return type(exc).__name__
+
+    with structlog.testing.capture_logs() as logs:
+        stopping = asyncio.create_task(plane.stop())
+        outcomes = []
+        while not stopping.done():  # proxies reconnecting all through the stop
+            outcomes += await asyncio.gather(*(asyncio.to_thread(connect) for _ in range(8)))
+        await stopping
+    assert outcomes and "ConnectionRefusedError" in outcomes, outcomes
+    assert not [e for e in logs if e["log_level"] == "error"], [e for e in logs if e["log_level"] == "error"]
