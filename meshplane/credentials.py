@@ -15,13 +15,11 @@ used stop start-up once they have kept that content as long.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import ssl
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +60,11 @@ class ServerTls:
         self.files = files
         self._on_reload = on_reload
         self._watch = watch.Watch(self._paths(), interval=interval, inotify=inotify)
-        self._events: AsyncGenerator[bool, None] | None = None
+        self._follower = aio.Follower(self._watch.events())
         self._seen: tuple[watch.Seen, ...] | None = None  # the files as last taken or reported
         self._hold = watch.Hold()
         self._lock = threading.Lock()
         self._pending: grpc.ServerCertificateConfiguration | None = None  # checked, not yet handed to gRPC
-        self._task: asyncio.Task[None] | None = None
         self._context: ssl.SSLContext | None = None
         self.credentials: grpc.ServerCredentials | None = None
         self.rejected: Rejected | None = None
@@ -79,39 +76,29 @@ class ServerTls:
         """The files once settled and checked, followed from then on; TlsError naming the files if they
         cannot be used (once they have kept that content `watch.HOLD_S`)."""
         self = cls(files, on_reload=on_reload, interval=interval, inotify=inotify)
-        self._events = self._watch.events()
-        try:
-            while True:
-                outcome = self._look(quiet=await anext(self._events))
-                if isinstance(outcome, tls.TlsError):
-                    raise outcome
-                if outcome is not None:
-                    break
-        except BaseException:
-            await self._events.aclose()
-            raise
+        taken: list[_Taken] = []
+
+        def look(quiet: bool) -> bool:
+            outcome = self._look(quiet=quiet)
+            if isinstance(outcome, tls.TlsError):
+                raise outcome
+            if outcome is not None:
+                taken.append(outcome)
+            return outcome is not None
+
+        await self._follower.first(look)
+        (outcome,) = taken
         self.serving, self._context = outcome.loaded.certificate, outcome.context
         if outcome.context is None:
             self.credentials = grpc.dynamic_ssl_server_credentials(
                 _configuration(outcome.loaded), self._fetch,
                 require_client_authentication=files.client_ca is not None)
-        self._task = asyncio.create_task(self._follow(self._events), name="tls-files")
+        self._follower.follow(lambda quiet: self._refresh(quiet=quiet), name="tls-files",
+                              failed="checking the TLS files failed; trying again at the next change")
         return self
 
     async def stop(self) -> None:
-        await aio.cancel(self._task)
-        self._task = None
-        if self._events is not None:  # closed by the task, unless it was cancelled before it began
-            await self._events.aclose()
-            self._events = None
-
-    async def _follow(self, events: AsyncGenerator[bool, None]) -> None:
-        async with contextlib.aclosing(events):
-            async for quiet in events:
-                try:
-                    self._refresh(quiet=quiet)
-                except Exception:  # a bug here must not end the watching (nor leave rotations unreported)
-                    log.exception("checking the TLS files failed; trying again at the next change")
+        await self._follower.stop()
 
     def _paths(self) -> list[Path]:
         return [p for p in (self.files.cert, self.files.key, self.files.client_ca) if p is not None]

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import json
 import stat
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -276,8 +275,7 @@ class KubeconfigDir:
         self.directory = directory
         self.registry = registry
         self._watch = watch.Watch([directory], interval=interval, inotify=inotify, include=_kubeconfig_name)
-        self._events: AsyncGenerator[bool, None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._follower = aio.Follower(self._watch.events())
         self._read: dict[Path, _KubeconfigFile] | None = None  # None: never scanned whole
         self._dir_error = ""
 
@@ -285,29 +283,12 @@ class KubeconfigDir:
         """Scan once the directory's files have settled (a file being written is waited for), then follow it."""
         if not self.directory.is_dir():
             raise ValueError(f"{self.directory}: not a directory of kubeconfigs")
-        events = self._events = self._watch.events()
-        try:
-            while not await self.scan(quiet=await anext(events)):
-                pass
-        except BaseException:
-            await events.aclose()
-            raise
-        self._task = asyncio.create_task(self._run(events), name=f"kubeconfig-dir:{self.directory}")
+        await self._follower.first(lambda quiet: self.scan(quiet=quiet))
+        self._follower.follow(lambda quiet: self.scan(quiet=quiet), name=f"kubeconfig-dir:{self.directory}",
+                              failed="kubeconfig directory scan failed; trying again", directory=str(self.directory))
 
     async def stop(self) -> None:
-        await aio.cancel(self._task)
-        self._task = None
-        if self._events is not None:  # closed by the task, unless it was cancelled before it began
-            await self._events.aclose()
-            self._events = None
-
-    async def _run(self, events: AsyncGenerator[bool, None]) -> None:
-        async with contextlib.aclosing(events):
-            async for quiet in events:
-                try:
-                    await self.scan(quiet=quiet)
-                except Exception:  # a watching task that dies would freeze this directory's clusters unseen
-                    log.exception("kubeconfig directory scan failed; trying again", directory=str(self.directory))
+        await self._follower.stop()
 
     def _files(self) -> list[Path] | None:
         """The candidate files; None if the directory cannot be read (then nothing changes)."""
