@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import http_exceptions, web
 
+from meshplane import listen
+
 log = structlog.get_logger(__name__)
 
 MAX_LINE = 8190  # aiohttp's default, Node's and nginx's order of size
@@ -63,12 +65,13 @@ class HttpPort:
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        """Listen; returns the port (useful when `port` is 0)."""
+        """Listen on the addresses `host` resolves to, as the ADS port does (listen.bind); returns the
+        port (useful when `port` is 0). ListenError naming `--http` if it cannot."""
+        sockets = listen.bind("--http", host, port)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        address = self._runner.addresses[0]
-        self.port = int(address[1])
+        for sock in sockets:
+            await web.SockSite(self._runner, sock).start()
+        self.port = int(sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self) -> None:

@@ -13,8 +13,9 @@ import collections
 import contextlib
 import contextvars
 import functools
+import inspect
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import structlog
@@ -82,3 +83,55 @@ async def off_loop(function: Callable[..., T], /, *args: Any) -> T:
 
     threading.Thread(target=run, name=f"off-loop:{getattr(function, '__qualname__', function)}", daemon=True).start()
     return await future
+
+
+Handler = Callable[[bool], Awaitable[bool | None] | bool | None]
+
+
+class Follower:
+    """Wake-ups from an async generator (`watch.Watch.events()`, yielding whether the look is quiet), taken
+    in order: the first until the owner says it has what it needs to start (`first`), then each in a task
+    of their own (`follow`) until `stop`. The generator is closed however it ends, so its inotify
+    descriptor is too (a task cancelled before it began would leave it to the collector)."""
+
+    def __init__(self, events: AsyncGenerator[bool, None]) -> None:
+        self._events: AsyncGenerator[bool, None] | None = events
+        self._task: asyncio.Task[None] | None = None
+
+    async def first(self, look: Handler) -> None:
+        """Hand `look` wake-ups until it returns true; what it raises ends the following (and is raised)."""
+        assert self._events is not None
+        try:
+            while not await _result(look(await anext(self._events))):
+                pass
+        except BaseException:
+            await self.stop()
+            raise
+
+    def follow(self, look: Handler, *, name: str, event: str, **context: Any) -> None:
+        """Hand `look` every wake-up from now on, in a task named `name`; a bug in it is logged (`event`,
+        with `context`), counted (as `name`'s: `task_errors`) and the next wake-up handed all the same: a
+        watching task that dies leaves what it watches frozen, unseen."""
+        assert self._events is not None
+        self._task = asyncio.create_task(self._run(self._events, look, name, event, context), name=name)
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+        self._task = None
+        events, self._events = self._events, None
+        if events is not None:
+            await events.aclose()
+
+    @staticmethod
+    async def _run(events: AsyncGenerator[bool, None], look: Handler, task: str, event: str,
+                   context: dict[str, Any]) -> None:
+        async with contextlib.aclosing(events):
+            async for quiet in events:
+                try:
+                    await _result(look(quiet))
+                except Exception:
+                    failed(task.partition(":")[0], event, **context)
+
+
+async def _result(outcome: Awaitable[bool | None] | bool | None) -> bool | None:
+    return await outcome if inspect.isawaitable(outcome) else outcome

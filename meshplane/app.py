@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import exposition
 
 import meshplane
-from meshplane import admin, aio, explain, listen, tlsfront
+from meshplane import admin, aio, credentials, explain, listen, tlsfront
 from meshplane import tls as tls_mod
 from meshplane.discovery import catalog as catalog_mod
 from meshplane.discovery import clusters, filesource, kube, kubesource, model, remotesecrets
@@ -102,7 +102,7 @@ class ControlPlane:
         self._http: admin.HttpPort | None = None
         self.ads_port = 0
         self.ads_plaintext_port = 0
-        self.tls: tls_mod.ServerTls | None = None
+        self.tls: credentials.ServerTls | None = None
         self._front: tlsfront.TlsFront | None = None  # with --client-cert optional: meshplane's own TLS
         self.http_port = 0
 
@@ -111,10 +111,12 @@ class ControlPlane:
         for flag, (host, port) in self._addresses().items():  # a port taken: refused before anything starts
             listen.check(flag, host, port)
         if self.config.tls is not None:  # so are certificates that cannot be used
-            self.tls = tls_mod.ServerTls(self.config.tls, on_reload=self.metrics.tls_reloaded,
-                                         interval=self.config.poll_interval, inotify=self.config.inotify)
+            self.tls = await credentials.ServerTls.open(
+                self.config.tls, on_reload=self.metrics.tls_reloaded, interval=self.config.poll_interval,
+                inotify=self.config.inotify)
             if self.config.tls.optional_client_cert:  # grpcio cannot ask for a certificate it does not require
-                self._front = tlsfront.TlsFront(self.tls, on_refused=self._certificate_refused)
+                self._front = tlsfront.TlsFront(self.tls, client_limits=self.config.limits,
+                                                on_refused=self._relay_refused)
         peers = self._front.peer if self._front is not None else identity.from_grpc
         await self.policy_watcher.start()
         for source in self.sources:
@@ -156,8 +158,6 @@ class ControlPlane:
         self._grpc = grpc.aio.server(options=options)
         self._grpc.add_generic_rpc_handlers((self.ads.rpc_handler(), self.delta.rpc_handler()))
         addresses = self._addresses()
-        if self.tls is not None:
-            await self.tls.start()
         if self._front is not None:  # gRPC serves the relay's private socket; the ADS address is the relay's
             if not self._grpc.add_insecure_port(self._front.grpc_address):
                 raise listen.ListenError(f"cannot listen on {self._front.grpc_address} for the TLS relay")
@@ -169,19 +169,12 @@ class ControlPlane:
             self.ads_plaintext_port = _bind(self._grpc, "--ads-plaintext", addresses["--ads-plaintext"])
         await self._grpc.start()
         if self._front is not None:
-            host, port = addresses["--ads"]
-            try:
-                self.ads_port = await self._front.start(host, port)
-            except OSError as exc:
-                raise listen.failed("--ads", host, port, exc) from None
+            self.ads_port = await self._front.start(*addresses["--ads"])
         self.ready()  # with nothing to sync (endpoint files only), ready and answering at once
         if "--http" in addresses:
             host, port = addresses["--http"]
             self._http = admin.HttpPort(self._pages(), timeout=self.config.http_timeout)
-            try:
-                self.http_port = await self._http.start(host, port)
-            except OSError as exc:
-                raise listen.failed("--http", host, port, exc) from None
+            self.http_port = await self._http.start(host, port)
         log.info("control plane serving", ads=listen.join(self.config.ads_host, self.ads_port),
                  tls=self.config.tls is not None, ads_plaintext=self.config.ads_plaintext or "",
                  http=listen.join(self.config.http_host, self.http_port), services=len(self.catalog.services))
@@ -245,11 +238,14 @@ class ControlPlane:
         for directory in self.kubeconfig_dirs:
             await directory.stop()
         await self.clusters.stop()
+        if self._front is not None:  # no new TLS connection for a server that stops: they would find no gRPC
+            self._front.close()
         if self._grpc is not None:
-            await self._grpc.stop(grace=0.5)
+            await self._grpc.stop(grace=0.5)  # the relayed connections' streams end here, within the grace
             self._grpc = None
         if self._front is not None:
             await self._front.stop()
+            self._front = None
         if self.tls is not None:
             await self.tls.stop()
         if self._http is not None:
@@ -268,10 +264,9 @@ class ControlPlane:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _certificate_refused(self, peer: str, why: str) -> None:
-        """A client certificate not accepted in meshplane's own TLS handshake (--client-cert optional)."""
-        self.refused.record("TLS handshake refused", peer=peer, code="UNAVAILABLE", reason="certificate", message=why)
-        self.metrics.refused(None, "UNAVAILABLE", "certificate")
+    def _relay_refused(self, event: str, *, peer: str, code: str, reason: str, message: str) -> None:
+        """A client refused by meshplane's own TLS (--client-cert optional): its handshake, or a connection cap."""
+        self.refused.refuse(event, callbacks=self.metrics, peer=peer, code=code, reason=reason, message=message)
 
     def _known(self) -> validate.Known | None:
         """What discovery knows, for the policy's warnings; nothing before the plane is ready (while
@@ -339,7 +334,7 @@ class ControlPlane:
         behind = None if pending is None else round(time.monotonic() - pending, 3)
         return admin.Reply(200, "application/json", _json(
             {"version": meshplane.version(), "pending_change_s": behind, "clients": table, "connected": len(everyone),
-             "refused": syncz.refused(self.refused)}))
+             **syncz.refused(self.refused)}))
 
     def _config_dump_page(self, query: Mapping[str, str]) -> admin.Reply:
         """What was sent to one client (`?proxy=NODE_ID`) and what it ACKed, per type."""

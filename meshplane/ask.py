@@ -188,7 +188,9 @@ def format_refused(answer: Mapping[str, Any]) -> str:
     refused = answer.get("refused") or ()
     if not refused:
         return ""
-    lines = ["", "refused in the last 10 minutes (they retry; each is counted in meshplane_xds_refused_streams_total):"]
+    window = float(answer.get("refused_window_s") or 600)
+    lines = ["", f"refused in the last {window / 60:g} minutes (they retry; each is counted in "
+             "meshplane_xds_refused_streams_total):"]
     for r in refused:
         who = " ".join(str(w) for w in (r["peer"], r["node"], r["identity"]) if w)
         lines.append(f"  {who}: {r['code']} ({r['reason']}) x{r['count']}, last {r['last_at']}: {r['message']}")

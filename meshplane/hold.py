@@ -30,7 +30,7 @@ class Hold:
     of what is in force may be applied now. `held` and `said` are what the owner logs when it holds such an
     edit back (info) and when it applies it (warning)."""
 
-    def __init__(self, *, held: str, said: str, after: float | None = None) -> None:
+    def __init__(self, *, held: str = "", said: str = "", after: float | None = None) -> None:
         """`after`: HOLD_S (as it is when the hold is made) unless given."""
         self.held, self.said = held, said
         self.after = HOLD_S if after is None else after
@@ -38,10 +38,13 @@ class Hold:
         self._since = 0.0
         self._told: bytes | None = None  # the content last said to be held back: said once, not at every look
 
-    def saw(self, digest: bytes | None) -> None:
-        """The file holds this content now (every read says so); the clock starts again whenever it differs."""
+    def saw(self, digest: bytes | None) -> float:
+        """The file holds this content now (every read says so); the clock starts again whenever it differs.
+        How many seconds more it must keep it to have kept it `after` (0: it has)."""
+        now = time.monotonic()
         if digest != self._digest:
-            self._digest, self._since = digest, time.monotonic()
+            self._digest, self._since = digest, now
+        return max(0.0, self._since + self.after - now)
 
     def kept(self, drops: Mapping[str, object] | None, *, still: bool, look: watch.Watch | None,
              **fields: object) -> bool:

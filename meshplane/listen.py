@@ -5,7 +5,9 @@ gRPC binds with SO_REUSEPORT unless told not to (meshplane tells it not to): a s
 on the port of a running one would start, and proxies would be split between the two. A port that
 is taken is found here first, by binding it without SO_REUSEPORT, so whoever holds it (another
 meshplane, with or without SO_REUSEPORT, or any other program) makes `serve` refuse to start.
-Only the standard library: the command line imports this before anything else.
+`bind` is how meshplane binds where gRPC does not (the TLS relay of `--client-cert optional`, the HTTP
+port), so that every port takes the same addresses as gRPC's would. Only the standard library: the
+command line imports this before anything else.
 """
 
 from __future__ import annotations
@@ -46,24 +48,67 @@ def join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if v6 else f"{host}:{port}"
 
 
-def check(flag: str, host: str, port: int) -> None:
-    """Raise ListenError unless every address `host` resolves to can be bound at `port` now."""
+def bind(flag: str, host: str, port: int) -> list[socket.socket]:
+    """Sockets bound (not listening) on the addresses `host` resolves to, at `port`, as gRPC binds them;
+    ListenError naming the flag, the address and why not.
+
+    As gRPC does, an address that cannot be bound because the machine lacks it (`localhost` listing
+    ::1 where IPv6 is off, common in containers) is left out as long as another is bound; a port in
+    use on any of them is refused. With port 0 every address gets the port the first one got. `[::]`
+    takes IPv4 too (dual stack), as with gRPC."""
     where = f"{flag} {join(host, port)}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ListenError(f"{where}: cannot resolve {host!r} ({exc.strerror}): give an IP address "
                           "(0.0.0.0 for every interface) or a name this machine resolves") from None
-    if port == 0:
-        return
-    for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            # As gRPC and aiohttp bind: SO_REUSEADDR (a port left in TIME_WAIT is free), no SO_REUSEPORT.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # The IPv6 wildcard takes IPv4 too, unless the IPv4 wildcard is bound on its own.
+    dual = not any(family == socket.AF_INET and address[0] == "0.0.0.0" for family, _, _, _, address in infos)
+    bound: list[socket.socket] = []
+    missing: OSError | None = None  # an address this machine lacks, left out
+    seen: set[tuple[int, str | int]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address[0]) in seen:  # /etc/hosts may list an address twice
+                continue
+            seen.add((family, address[0]))
+            if bound and port == 0:
+                address = (address[0], bound[0].getsockname()[1], *address[2:])
             try:
-                probe.bind(address)
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # no IPv6 at all here
+                missing = missing or exc
+                continue
+            try:
+                # As gRPC and aiohttp bind: SO_REUSEADDR (a port left in TIME_WAIT is free), no SO_REUSEPORT.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual and address[0] == "::" else 1)
+                sock.bind(address)
             except OSError as exc:
-                raise failed(flag, host, port, exc) from None
+                sock.close()
+                if exc.errno not in _MISSING:
+                    raise failed(flag, host, port, exc) from None
+                missing = missing or exc
+                continue
+            bound.append(sock)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    if not bound:
+        raise failed(flag, host, port, missing or OSError(errno.EADDRNOTAVAIL, "no address to bind")) from None
+    return bound
+
+
+_MISSING = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+"""A bind that fails because the machine lacks the address (or its family), not because of the port."""
+
+
+def check(flag: str, host: str, port: int) -> None:
+    """Raise ListenError unless `host` can be listened on at `port` now, as `bind` says."""
+    for sock in bind(flag, host, port):
+        sock.close()
 
 
 def failed(flag: str, host: str, port: int, exc: OSError) -> ListenError:

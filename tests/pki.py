@@ -29,16 +29,18 @@ def write(path: Path, data: bytes) -> Path:
 
 
 class CA:
-    def __init__(self, name: str = "meshplane-test-ca") -> None:
+    def __init__(self, name: str = "meshplane-test-ca", *, parent: CA | None = None) -> None:
+        """A root CA, or (`parent`) an intermediate CA signed by `parent`."""
         now = datetime.datetime.now(datetime.UTC)
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(self.key.public_key())
+            x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(parent.cert.subject if parent else subject).public_key(self.key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
+            .sign(parent.key if parent else self.key, hashes.SHA256())
         )
 
     @property
@@ -46,10 +48,11 @@ class CA:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(self, common_name: str, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
-              uris: tuple[str, ...] = ()) -> tuple[bytes, bytes, int]:
-        """(certificate PEM, key PEM, serial number)."""
+              uris: tuple[str, ...] = (), key_pem: bytes | None = None) -> tuple[bytes, bytes, int]:
+        """(certificate PEM, key PEM, serial number); for the key `key_pem` if given, else a new one."""
         now = datetime.datetime.now(datetime.UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
+        loaded = serialization.load_pem_private_key(key_pem, None) if key_pem else None
+        key = loaded if isinstance(loaded, ec.EllipticCurvePrivateKey) else ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         sans += [x509.UniformResourceIdentifier(u) for u in uris]
@@ -91,3 +94,24 @@ def envoy_sds(directory: Path, *, cert: Path, key: Path, ca: Path) -> tuple[Path
     cert_sds.write_text(yaml.safe_dump(cert_doc))
     ca_sds.write_text(yaml.safe_dump(ca_doc))
     return cert_sds, ca_sds
+
+
+def self_signed(host: str, *, serial: int | None = None) -> tuple[bytes, bytes]:
+    """A self-signed certificate for `host` (its serial number tells two of them apart) and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial or x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def write_self_signed(directory: Path, host: str, *, serial: int | None = None) -> None:
+    """`host.crt` and `host.key` in `directory`, from `self_signed`, each written atomically, key first."""
+    cert, key = self_signed(host, serial=serial)
+    directory.mkdir(parents=True, exist_ok=True)
+    write(directory / f"{host}.key", key)
+    write(directory / f"{host}.crt", cert)

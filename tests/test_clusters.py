@@ -5,9 +5,11 @@ Every cluster is a wire-protocol fake API server read by the real `kubernetes` c
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -403,3 +405,55 @@ def _write_atomically(path: Path, doc: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(doc))
     tmp.replace(path)
+
+
+async def test_a_kubeconfig_being_written_at_start_is_read_once_whole(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    """meshplane started while a kubeconfig is still being written (synced from elsewhere as the pod
+    starts): cut inside `users:` it is YAML with clusters and contexts, and was taken with a broken
+    credential (then reconnected once whole). It is read once, whole."""
+    directory = tmp_path / "clusters"
+    directory.mkdir()
+    text = yaml.safe_dump(fakes[0].kubeconfig(cluster="c1", token="a-token-long-enough-to-cut"))
+    cut = text.index("token: ") + len("token: a-token")
+    path = directory / "c1.yaml"
+
+    def write() -> None:
+        with path.open("w") as out:
+            out.write(text[:cut])
+            out.flush()
+            for piece in (text[cut:cut + 4], text[cut + 4:cut + 8], text[cut + 8:]):  # a tool streaming its output
+                time.sleep(0.1)  # less than watch.SETTLE_S: a longer pause before the watch begins goes unseen
+                out.write(piece)
+                out.flush()
+
+    writing = asyncio.create_task(asyncio.to_thread(write))
+    await wait_for(lambda: path.exists() and path.stat().st_size >= cut, what="the file half written")
+    with structlog.testing.capture_logs() as logs:
+        plane = await start_plane(kubeconfig_dirs=(directory,), kube=FAST, kubeconfig_dir_interval=3600)
+        await writing
+        await wait_for(lambda: localities(plane) == {"10.1.0.1": "r1/z1/c1"}, what="c1 from the directory")
+    assert plane.clusters.clusters["c1"].kubeconfig == yaml.safe_load(text)
+    assert not unreadable(logs)
+    assert not [e for e in logs if e["event"] == "cluster credentials changed, reconnecting"]
+
+
+async def test_a_kubeconfig_replaced_with_the_same_size_and_mtime_is_seen(
+    fakes: list[FakeKubeAPI], start_plane: Any, tmp_path: Path
+) -> None:
+    """`rsync -a` (or any copy keeping the mtime) of a kubeconfig of the same size, pointing elsewhere: a new
+    file all the same (its inode; and a stat this recent is not trusted, the content is compared)."""
+    directory = tmp_path / "clusters"
+    directory.mkdir()
+    path = fakes[0].write_kubeconfig(directory / "c1.yaml", cluster="c1")
+    plane = await start_plane(kubeconfig_dirs=(directory,), kube=FAST, kubeconfig_dir_interval=3600)
+    await wait_for(lambda: localities(plane) == {"10.1.0.1": "r1/z1/c1"}, what="c1 from the directory")
+    before = path.stat()
+    text = yaml.safe_dump(fakes[1].kubeconfig(cluster="c1"))
+    assert len(text) == before.st_size  # both fakes on loopback, ports of five digits
+    copy = directory / ".c1.yaml.rsync"
+    copy.write_text(text)
+    os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
+    copy.replace(path)
+    await wait_for(lambda: localities(plane) == {"10.2.0.1": "r2/z2/c1"}, what="c1 moved to its new server")

@@ -49,6 +49,7 @@ from meshplane.demo import topology
 from meshplane.policy import document, rules, validate
 from meshplane.xds import adsbase, proxy, typeurls
 from meshplane.xds import client as ads_client
+from tests import pki
 from tests.conftest import cluster_doc, wait_for, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,8 +100,7 @@ _SEED_CANDIDATES = [
 def _with_certificates(folder: Path) -> Path:
     """A policy's folder: relative certificate paths are read from it (docs' HTTPS example: certs/...)."""
     (folder / "certs").mkdir()
-    (folder / "certs" / "example.com.crt").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
-    (folder / "certs" / "example.com.key").write_text("-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
+    pki.write_self_signed(folder / "certs", "example.com")
     return folder
 
 
@@ -472,7 +472,7 @@ _CONSTRUCTOR = ("yamlpos._Builder.build: PyYAML's scalar constructors raise Valu
                 "AttributeError, not MarkedYAMLError, on values the resolver matched (dates, tagged scalars)")
 _INT_REPR = "problems.show / _range_reason: repr() of an int over 4300 decimal digits raises ValueError"
 _REGEX = "routecheck.check_regex: re2 raises UnicodeEncodeError on a lone surrogate (not re2.error)"
-_PEM = "routecheck._read_pem: Path.read_bytes raises ValueError on a NUL in the path (not OSError)"
+_PEM = "routecheck._read: Path.read_bytes raises ValueError on a NUL in the path (not OSError)"
 
 # The minimal input of each (id, text, bug), to check each fix on its own.
 CRASHERS = {

@@ -5,18 +5,17 @@ it go on being served)."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from meshplane.demo.ports import free_port
+from tests import pki
 from tests.conftest import wait_for
 from tests.edge import Edge, Place
 
@@ -47,25 +46,6 @@ routes:
 """
 
 
-def write_certificate(directory: Path, host: str, *, serial: int) -> None:
-    """A self-signed certificate for `host` (its serial number tells two of them apart), written atomically."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(serial).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    for suffix, data in ((".key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption())),
-                         (".crt", cert.public_bytes(serialization.Encoding.PEM))):
-        tmp = directory / f"{host}{suffix}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(directory / f"{host}{suffix}")
-
-
 async def served_certificate(host: str) -> tuple[str, int, int]:
     """Connect with SNI `host`, send a request for it: (certificate common name, serial, HTTP status)."""
     context = ssl.create_default_context()
@@ -87,7 +67,7 @@ async def served_certificate(host: str) -> tuple[str, int, int]:
 @pytest.fixture
 async def edge(tmp_path: Path) -> AsyncIterator[Edge]:
     for host in ("example.com", "example.org"):
-        write_certificate(tmp_path / "certs", host, serial=1)
+        pki.write_self_signed(tmp_path / "certs", host, serial=1)
     world = Edge(tmp_path, {"web": [HERE]}, gateway_at=HERE)
     try:
         await world.start(POLICY)
@@ -124,7 +104,7 @@ async def test_replacing_the_files_rotates_the_certificate_without_dropping_the_
 
     asking = asyncio.create_task(keep_asking())
     try:
-        write_certificate(edge.workdir / "certs", "example.com", serial=2)
+        pki.write_self_signed(edge.workdir / "certs", "example.com", serial=2)
         await wait_for(lambda: _serves(edge, "example.com", 2), what="the new certificate served")
     finally:
         asking.cancel()
@@ -141,3 +121,46 @@ async def _serves_any(world: Edge) -> bool:
         return (await served_certificate("example.com"))[2] == 200
     except (OSError, ssl.SSLError):
         return False
+
+
+def _reloads(world: Edge, result: str) -> float:
+    return world.plane.metrics.registry.get_sample_value("meshplane_policy_reloads_total", {"result": result}) or 0.0
+
+
+async def test_a_certificate_without_its_key_is_refused_until_the_key_comes(edge: Edge) -> None:
+    """`cp new.crt example.com.crt; cp new.key example.com.key`: after the first copy the files are a
+    certificate and a key that is not its own. That is a policy error naming both files (never pushed
+    for Envoy to NACK); the old pair stays served until the key arrives."""
+    certs = edge.workdir / "certs"
+    cert, key = pki.self_signed("example.com", serial=2)
+    with structlog.testing.capture_logs() as logs:
+        (certs / "example.com.crt").write_bytes(cert)  # in place, as cp does
+        await wait_for(lambda: _reloads(edge, "rejected") == 1, what="the mismatched pair rejected")
+        assert await served_certificate("example.com") == ("example.com", 1, 200)
+        (certs / "example.com.key").write_bytes(key)
+        await wait_for(lambda: _serves(edge, "example.com", 2), what="the new pair served once the key came")
+    (error,) = [e["problem"] for e in logs if e["event"] == "policy rejected"]
+    assert error == (f"{edge.policy_path}:9: gateways[0].listeners[0].tls: {certs}/example.com.key is not the "
+                     f"private key of the certificate in {certs}/example.com.crt (CN=example.com, serial 2): "
+                     "a certificate and its own key go together")
+    assert edge.nacks() == 0
+
+
+async def test_a_chain_cut_short_is_refused_not_served_as_its_leaf(edge: Edge) -> None:
+    """A chain file cut in its intermediate (a copy that died, a full disk) would parse as the leaf alone."""
+    root = pki.CA("root")
+    middle = pki.CA("intermediate", parent=root)
+    certs = edge.workdir / "certs"
+    leaf, key, serial = middle.issue("example.com", dns=("example.com",))
+    pki.write(certs / "example.com.key", key)
+    pki.write(certs / "example.com.crt", leaf + middle.pem)
+    await wait_for(lambda: _serves(edge, "example.com", serial), what="the chain served")
+    rejected = _reloads(edge, "rejected")  # the moment the key was new and the certificate not yet
+    new_leaf, _, new_serial = middle.issue("example.com", dns=("example.com",), key_pem=key)
+    pki.write(certs / "example.com.crt", new_leaf + middle.pem[:len(middle.pem) // 2])
+    await wait_for(lambda: _reloads(edge, "rejected") == rejected + 1, what="the chain cut short rejected")
+    assert edge.plane.policy_watcher.last_errors[0].reason == (
+        f"{certs}/example.com.crt: the certificate begins 2 certificates but only 1 end: the file is cut short "
+        "(still being written?)")
+    assert await served_certificate("example.com") == ("example.com", serial, 200)
+    assert new_serial != serial and edge.nacks() == 0

@@ -14,6 +14,7 @@ import yaml
 from meshplane import problems
 from meshplane.discovery import model
 from meshplane.policy import rules, schema, validate
+from tests import pki
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = "apiVersion: meshplane.io/v1\n"
@@ -738,11 +739,8 @@ def test_docs_examples_validate(tmp_path: Path) -> None:
     # "yaml https" examples name certificate files: PEM files are put where they say.
     assert {info for info, _ in fences} == {"yaml", "yaml https"}
     assert len(fences) >= 7
-    for directory in ("certs",):
-        (tmp_path / directory).mkdir()
     for host in ("example.com", "example.org"):
-        for suffix, kind in ((".crt", "CERTIFICATE"), (".key", "PRIVATE KEY")):
-            (tmp_path / "certs" / f"{host}{suffix}").write_text(f"-----BEGIN {kind}-----\nMIIB\n-----END {kind}-----\n")
+        pki.write_self_signed(tmp_path / "certs", host)
     for info, body in fences:
         path = str(tmp_path / "policy.yaml") if info == "yaml https" else "docs/policy.md"
         result = validate.load_policy_text(body, path=path)

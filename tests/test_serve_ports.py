@@ -5,11 +5,15 @@ errors, an unknown host is one line; never a traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,8 @@ from meshplane.demo import backend
 from meshplane.demo.ports import free_port
 from meshplane.xds import client as ads_client
 from meshplane.xds import typeurls
-from tests.conftest import cluster_doc, wait_for, write_yaml
+from tests import pki
+from tests.conftest import cluster_doc, required_tool, wait_for, write_yaml
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -136,3 +141,119 @@ def test_optional_client_certificates_without_tls_are_refused(endpoints: Path) -
     assert result.stderr.startswith("usage: meshplane serve ")
     assert result.stderr.splitlines()[-1] == ("meshplane serve: error: --client-cert optional needs --client-ca (and "
                                               "--tls-cert, --tls-key): without a CA no client certificate is asked for")
+
+
+@contextlib.contextmanager
+def namespace(*, ipv6: bool) -> Iterator[list[str]]:
+    """A network namespace of our own whose /etc/hosts lists localhost as both 127.0.0.1 and ::1 (as most
+    images' do), with IPv6 on or off (off: as in many containers); the command prefix that runs a program
+    in it (`ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts)."""
+    ip = required_tool("ip", why="the test runs meshplane in a network namespace of its own (iproute2)")
+    name = f"mp-listen-{os.getpid()}-{secrets.token_hex(3)}"
+    etc = Path("/etc/netns") / name
+    subprocess.run([ip, "netns", "add", name], check=True)
+    try:
+        etc.mkdir(parents=True)
+        (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+        run = [ip, "netns", "exec", name]
+        subprocess.run([*run, ip, "link", "set", "lo", "up"], check=True)
+        if not ipv6:
+            for scope in ("all", "default", "lo"):
+                subprocess.run([*run, "sysctl", "-q", "-w", f"net.ipv6.conf.{scope}.disable_ipv6=1"], check=True)
+        yield run
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+        subprocess.run([ip, "netns", "del", name], check=False)
+
+
+_PROBE = """
+import asyncio, sys
+import grpc
+from meshplane.xds import client, typeurls
+
+async def main(target, ca, cert, key):
+    probe = client.AdsClient(target, client.node("probe", region="r1"))
+    if ca:
+        probe.credentials = grpc.ssl_channel_credentials(*(open(p, "rb").read() for p in (ca, key, cert)))
+        probe.options = [("grpc.ssl_target_name_override", "localhost")]
+    async with probe:
+        await probe.request(typeurls.CLUSTER)
+        print(",".join(sorted(client.resource_names(await probe.recv(timeout=10)))))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def _in(run: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, [*run, *argv], capture_output=True, text=True, timeout=30)
+
+
+async def _serving(run: list[str], *argv: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`meshplane serve ARGV` in the namespace, once it serves: the process, and the ADS address it logged."""
+    proc = await asyncio.create_subprocess_exec(
+        *run, sys.executable, "-m", "meshplane", "--log-format", "json", "serve", *argv,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    lines: list[str] = []
+
+    async def serving() -> str | None:
+        line = (await proc.stderr.readline()).decode()  # type: ignore[union-attr]
+        lines.append(line)
+        assert line, f"serve exited: {''.join(lines)}"
+        event = json.loads(line) if line.startswith("{") else {}
+        return str(event["ads"]) if event.get("event") == "control plane serving" else None
+
+    try:
+        return proc, await wait_for(serving, timeout=30, what="meshplane serving in the namespace")
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+
+
+@pytest.mark.parametrize("client_cert", ["none", "optional"])
+async def test_localhost_listing_ipv6_where_ipv6_is_off_serves_on_ipv4(
+    endpoints: Path, tmp_path: Path, client_cert: str
+) -> None:
+    """gRPC binds the addresses of `localhost` it can (127.0.0.1 here) and serves; so must every port of
+    meshplane, whoever does the binding (the TLS relay of `optional`, the HTTP port)."""
+    ca = pki.CA()
+    cert, key, _ = ca.write_server(tmp_path / "server")
+    client, client_key = ca.write_client(tmp_path / "client", "spiffe://cluster.local/ns/default/sa/probe")
+    authority = ca.write_ca(tmp_path / "ca.pem")
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--client-ca", str(authority), "--client-cert", "optional"]
+    with namespace(ipv6=False) as run:
+        proc, ads = await _serving(run, "--endpoints", str(endpoints), "--ads", "localhost:18000",
+                                   "--http", "localhost:18001", *(tls if client_cert == "optional" else []))
+        try:
+            assert ads == "localhost:18000"
+            ready = await _in(run, sys.executable, "-c", "import urllib.request as u; "
+                              "print(u.urlopen('http://127.0.0.1:18001/ready', timeout=5).status)")
+            assert ready.stdout.strip() == "200", ready.stderr
+            credentials = [str(authority), str(client), str(client_key)] if client_cert == "optional" else ["", "", ""]
+            probe = await _in(run, sys.executable, "-c", _PROBE, "127.0.0.1:18000", *credentials)
+            assert probe.stdout.strip() == "outbound|8000||svc.default.svc.cluster.local", probe.stderr
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_port_0_on_a_name_with_two_addresses_is_one_port_for_both(endpoints: Path, tmp_path: Path) -> None:
+    """As gRPC does: the port the first address got is the port of every other (the one logged and served)."""
+    ca = pki.CA()
+    cert, key, _ = ca.write_server(tmp_path / "server")
+    client, client_key = ca.write_client(tmp_path / "client", "spiffe://cluster.local/ns/default/sa/probe")
+    authority = ca.write_ca(tmp_path / "ca.pem")
+    with namespace(ipv6=True) as run:
+        proc, ads = await _serving(run, "--endpoints", str(endpoints), "--ads", "localhost:0", "--http", "127.0.0.1:0",
+                                   "--tls-cert", str(cert), "--tls-key", str(key), "--client-ca", str(authority),
+                                   "--client-cert", "optional")
+        try:
+            port = int(ads.rpartition(":")[2])
+            for target in (f"127.0.0.1:{port}", f"[::1]:{port}"):
+                probe = await _in(run, sys.executable, "-c", _PROBE, target, str(authority), str(client),
+                                  str(client_key))
+                assert probe.stdout.strip() == "outbound|8000||svc.default.svc.cluster.local", (target, probe.stderr)
+        finally:
+            proc.terminate()
+            await proc.wait()

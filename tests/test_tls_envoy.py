@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -380,3 +383,114 @@ async def test_a_proxy_refused_for_its_identity_is_logged_once_counted_and_liste
     assert count >= 3
     assert line.startswith(f"  127.0.0.1 sidecar-1 {SIDECAR_ID}: PERMISSION_DENIED (identity) x{count}, last ")
     assert line.endswith(f": {message}")
+
+
+def handshake(port: int, root: pki.CA) -> int | str:
+    """One TLS handshake with the ADS port, verifying it against `root` alone (so the port must send its
+    intermediate): the serial of the certificate served, or why the handshake failed."""
+    context = ssl.create_default_context(cadata=root.pem.decode())
+    context.set_alpn_protocols(["h2"])
+    client = root.issue("probe", uris=(SIDECAR_ID,))
+    context.load_cert_chain(*_client_files(client))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as conn:
+            der = conn.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError) as exc:
+        return str(exc)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+_CLIENT_FILES: dict[bytes, tuple[str, str]] = {}
+
+
+def _client_files(client: tuple[bytes, bytes, int]) -> tuple[str, str]:
+    """ssl reads a client certificate only from files: written once per certificate."""
+    cert, key, _ = client
+    if cert not in _CLIENT_FILES:
+        directory = Path(tempfile.mkdtemp(prefix="meshplane-probe-"))
+        _CLIENT_FILES[cert] = (str(pki.write(directory / "c.pem", cert)), str(pki.write(directory / "c.key", key)))
+    return _CLIENT_FILES[cert]
+
+
+def write_slowly(path: Path, first: bytes, rest: bytes, *, pause: float) -> None:
+    """As `cp` of a large file, or a tool streaming its output: in place, in two writes `pause` apart."""
+    with path.open("wb") as out:
+        out.write(first)
+        out.flush()
+        time.sleep(pause)
+        out.write(rest)
+
+
+@pytest.mark.any_protocol  # TLS handshakes, no proxy
+@CLIENT_CERT
+async def test_a_chain_rewritten_in_place_is_never_served_half_written(
+    start_plane: Any, tmp_path: Path, client_cert: str
+) -> None:
+    """Handshakes all through a `cp fullchain.pem` that pauses half way: each gets a whole chain, the old one
+    until the write is complete, then the new one (a handshake read the file itself, and served a leaf
+    without its intermediate)."""
+    root = pki.CA("root")
+    middle = pki.CA("intermediate", parent=root)
+    leaf, key, old_serial = middle.issue("meshplane", dns=("localhost",), ips=("127.0.0.1",))
+    directory = tmp_path / "server"
+    directory.mkdir()
+    cert_path, key_path = pki.write(directory / "fullchain.pem", leaf + middle.pem), pki.write(directory / "key", key)
+    endpoints = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": 9}]}))
+    plane = await start_plane(endpoint_files=(endpoints,), tls=tls.TlsFiles(
+        cert=cert_path, key=key_path, client_ca=root.write_ca(directory / "ca.pem"),
+        require_client_cert=client_cert == "required"))
+    assert await asyncio.to_thread(handshake, plane.ads_port, root) == old_serial
+    new_leaf, _, new_serial = middle.issue("meshplane", dns=("localhost",), ips=("127.0.0.1",), key_pem=key)
+    seen: list[int | str] = []
+    writing = asyncio.create_task(asyncio.to_thread(write_slowly, cert_path, new_leaf, middle.pem, pause=0.6))
+    while not writing.done() or new_serial not in seen[-1:]:
+        seen.append(await asyncio.to_thread(handshake, plane.ads_port, root))
+        assert len(seen) < 500, seen[-3:]
+    await writing
+    assert set(seen) <= {old_serial, new_serial}, [s for s in seen if s not in (old_serial, new_serial)][:3]
+    assert seen.index(new_serial) > 3  # handshakes were made while the file was half written
+
+
+@pytest.mark.any_protocol
+@CLIENT_CERT
+async def test_files_that_cannot_be_used_are_reported_whatever_their_mtime(
+    start_plane: Any, tmp_path: Path, ca: pki.CA, client_cert: str
+) -> None:
+    """A clock that differs between the writer and meshplane (a network filesystem, a secret synced from
+    elsewhere) may give a file an mtime in the future: its rejection is reported all the same."""
+    plane = await plane_with_tls(start_plane, tmp_path, ca, client_cert)
+    cert_path = tmp_path / "server" / "server.pem"
+    pki.write(cert_path, b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    future = time.time() + 3600
+    os.utime(cert_path, (future, future))
+    await wait_for(lambda: plane.metrics.registry.get_sample_value(
+        "meshplane_tls_reloads_total", {"result": "rejected"}) == 1, what="the rejection reported")
+    assert plane.tls is not None and plane.tls.rejected is not None
+    assert plane.tls.rejected.error.startswith(f"{cert_path}: the certificate is not a PEM certificate (")
+
+
+@pytest.mark.any_protocol
+@CLIENT_CERT
+async def test_a_chain_being_written_at_start_is_waited_for(
+    start_plane: Any, tmp_path: Path, client_cert: str
+) -> None:
+    """meshplane started while its certificate is still being written (a secret synced as the pod starts):
+    it starts once the file is whole, and serves the whole chain (it failed, or served the leaf alone)."""
+    root = pki.CA("root")
+    middle = pki.CA("intermediate", parent=root)
+    leaf, key, serial = middle.issue("meshplane", dns=("localhost",), ips=("127.0.0.1",))
+    directory = tmp_path / "server"
+    directory.mkdir()
+    cert_path, key_path = directory / "fullchain.pem", pki.write(directory / "key", key)
+    endpoints = write_yaml(tmp_path / "c1.yaml", cluster_doc("c1", "r1", {"mockb": [{"zone": "z1", "port": 9}]}))
+    whole = leaf + middle.pem
+    writing = asyncio.create_task(asyncio.to_thread(
+        write_slowly, cert_path, whole[:len(leaf) + 100], whole[len(leaf) + 100:], pause=0.6))
+    await wait_for(lambda: cert_path.exists() and cert_path.stat().st_size > 0, what="the write begun")
+    plane = await start_plane(endpoint_files=(endpoints,), tls=tls.TlsFiles(
+        cert=cert_path, key=key_path, client_ca=root.write_ca(directory / "ca.pem"),
+        require_client_cert=client_cert == "required"))
+    assert await asyncio.to_thread(handshake, plane.ads_port, root) == serial  # the first handshake: whole
+    await writing

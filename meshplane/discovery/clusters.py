@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
+import dataclasses
 import hashlib
 import json
 import stat
@@ -264,42 +264,47 @@ def spec_from_file(arg: str, *, flag: str = "--kubeconfig") -> ClusterSpec:
                        origin=f"kubeconfig {path}")
 
 
+@dataclass(frozen=True, slots=True)
+class _KubeconfigFile:
+    """A kubeconfig of a directory as last read: how it was (watch.Seen), and its cluster or why not."""
+
+    seen: watch.Seen
+    spec: ClusterSpec | None
+    error: str = ""
+
+
 class KubeconfigDir:
     """A directory of kubeconfigs, one per cluster (cluster id = file name without extension), watched with
-    inotify (polled every `interval` where that is unavailable: meshplane/watch.py)."""
+    inotify (polled every `interval` where that is unavailable: meshplane/watch.py).
+
+    Files are read as the other watched files are: once a write to them is complete, each whole
+    (`watch.read`), and not used when one changed while it was read or a write began since the watch
+    woke (`Watch.disturbed`): a kubeconfig cut inside `users:` is still YAML with clusters and contexts,
+    and would restart its cluster's watchers with a broken credential. A file is read again only when
+    `watch.Seen` says it changed (a `touch` is no change; a rewrite in the same timestamp tick is)."""
 
     def __init__(self, directory: Path, registry: ClusterRegistry, *, interval: float = 1.0,
                  inotify: bool = True) -> None:
         self.directory = directory
         self.registry = registry
-        self.interval = interval
-        self.inotify = inotify
-        self._task: asyncio.Task[None] | None = None
-        self._seen: dict[Path, tuple[int, int]] | None = None
+        self._watch = watch.Watch([directory], interval=interval, inotify=inotify, include=_kubeconfig_name)
+        self._follower = aio.Follower(self._watch.events())
+        self._read: dict[Path, _KubeconfigFile] | None = None  # None: never scanned whole
         self._dir_error = ""
 
     async def start(self) -> None:
+        """Scan once the directory's files have settled (a file being written is waited for), then follow it."""
         if not self.directory.is_dir():
             raise ValueError(f"--kubeconfig-dir {self.directory}: not a directory")
-        await self.scan()
-        self._task = asyncio.create_task(self._run(), name=f"kubeconfig-dir:{self.directory}")
+        await self._follower.first(lambda quiet: self.scan(quiet=quiet))
+        self._follower.follow(lambda quiet: self.scan(quiet=quiet), name=f"kubeconfig-dir:{self.directory}",
+                              event="kubeconfig directory scan failed; trying again", directory=str(self.directory))
 
     async def stop(self) -> None:
-        await aio.cancel(self._task)
-        self._task = None
+        await self._follower.stop()
 
-    async def _run(self) -> None:
-        events = watch.Watch([self.directory], interval=self.interval, inotify=self.inotify,
-                             include=_kubeconfig_name).events()
-        async with contextlib.aclosing(events):
-            async for _ in events:  # a scan stats every file: cheap, and it needs no trust in a quiet wake-up
-                try:
-                    await self.scan()
-                except Exception:  # a watching task that dies would freeze this directory's clusters unseen
-                    log.exception("kubeconfig directory scan failed; trying again", directory=str(self.directory))
-
-    def _files(self) -> dict[Path, tuple[int, int]] | None:
-        """Candidate files -> (mtime, size); None if the directory cannot be read (then nothing changes)."""
+    def _files(self) -> list[Path] | None:
+        """The candidate files; None if the directory cannot be read (then nothing changes)."""
         try:
             paths = sorted(self.directory.iterdir())
         except OSError as exc:
@@ -309,7 +314,7 @@ class KubeconfigDir:
             self._dir_error = str(exc)
             return None
         self._dir_error = ""
-        files = {}
+        files = []
         for path in paths:
             if not _kubeconfig_name(path.name):
                 continue
@@ -318,26 +323,58 @@ class KubeconfigDir:
             except OSError:
                 continue  # gone: the next scan sees the directory without it
             if stat.S_ISREG(st.st_mode):
-                files[path] = (st.st_mtime_ns, st.st_size)
+                files.append(path)
         return files
 
-    async def scan(self) -> None:
-        files = self._files()
-        if files is None or files == self._seen:
-            return
-        specs: dict[model.ClusterId, ClusterSpec] = {}
-        broken: dict[model.ClusterId, str] = {}
-        for path in files:
-            cluster = model.ClusterId(path.stem)
-            try:
-                doc = load_kubeconfig(path)
-            except ValueError as exc:  # half written, or broken: the cluster keeps its last good file
-                broken[cluster] = str(exc)
+    async def scan(self, *, quiet: bool = False) -> bool:
+        """Hand the registry the directory's clusters if a file changed; False (nothing handed) when a file
+        was being written: the watch wakes again once that write is complete. `quiet`: as the watch says."""
+        paths = self._files()
+        if paths is None:
+            return True
+        before = self._read or {}
+        now: dict[Path, _KubeconfigFile] = {}
+        changed = self._read is None
+        for path in paths:
+            old = before.get(path)
+            if old is not None and old.seen.unchanged(watch.stat_of(path), quiet=quiet):
+                now[path] = old
                 continue
-            specs[cluster] = ClusterSpec(id=cluster, kubeconfig=doc, context=doc.get("current-context"),
-                                         origin=f"kubeconfig {path}")
-        await self.registry.set_origin(f"dir:{self.directory}", specs, broken=broken)
-        self._seen = files  # only now: a scan that failed half way is tried again
+            got = watch.read(path)
+            if got.torn or self._watch.disturbed():
+                return False
+            if isinstance(got.data, FileNotFoundError):
+                continue  # gone since the listing
+            data = got.data if isinstance(got.data, bytes) else f"unreadable: {got.data}".encode()
+            seen = watch.Seen.of(got.stat, data)
+            if old is not None and seen.digest == old.seen.digest:  # a touch, or the same bytes again
+                now[path] = dataclasses.replace(old, seen=seen)
+                continue
+            now[path] = _kubeconfig_file(path, got.data, seen)
+            changed = True
+        if changed or now.keys() != before.keys():
+            specs = {f.spec.id: f.spec for f in now.values() if f.spec is not None}
+            broken = {model.ClusterId(p.stem): f.error for p, f in now.items() if f.spec is None}
+            await self.registry.set_origin(f"dir:{self.directory}", specs, broken=broken)
+        self._read = now  # only now: a scan that failed half way is tried again
+        return True
+
+
+def _kubeconfig_file(path: Path, data: bytes | OSError, seen: watch.Seen) -> _KubeconfigFile:
+    """A kubeconfig of a directory, read whole: its cluster, or (half written, or broken) why not: then the
+    cluster keeps its last good file."""
+    cluster = model.ClusterId(path.stem)
+    try:
+        if isinstance(data, OSError):
+            raise ValueError(f"{path}: not a readable kubeconfig: {data}")
+        try:
+            doc = check_kubeconfig(yaml.safe_load(data), where=str(path))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not a readable kubeconfig: {exc}") from exc
+    except ValueError as exc:
+        return _KubeconfigFile(seen, None, str(exc))
+    return _KubeconfigFile(seen, ClusterSpec(id=cluster, kubeconfig=doc, context=doc.get("current-context"),
+                                             origin=f"kubeconfig {path}"))
 
 
 def _kubeconfig_name(name: str) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import re2
 
+from meshplane import tls
 from meshplane.discovery import model
 from meshplane.policy import gatewayapi
 from meshplane.policy.durations import duration_ms
@@ -57,35 +58,53 @@ def check_regex(pattern: str) -> str | None:
 def read_certificates(
     gateways: Sequence[gatewayapi.GatewayDoc], base: Path, error: Report
 ) -> dict[tuple[str, str], tuple[bytes, bytes]]:
-    """Read each HTTPS listener's certificate and key (paths relative to the policy file's folder)."""
+    """Read each HTTPS listener's certificate and key (paths relative to the policy file's folder), checked
+    as the ADS port's are (meshplane/tls.py): a chain cut short (a file still being written), a key that is
+    not the certificate's own (`cp cert` done, `cp key` not yet) is an error, never pushed for Envoy to NACK."""
     out: dict[tuple[str, str], tuple[bytes, bytes]] = {}
     for i, gateway in enumerate(gateways):
         for j, listener in enumerate(gateway.listeners):
-            tls = listener.tls
-            if tls is None or (tls.certificate_file, tls.key_file) in out:
+            https = listener.tls
+            if https is None or (https.certificate_file, https.key_file) in out:
                 continue
             loc: Loc = ("gateways", i, "listeners", j, "tls")
-            cert = _read_pem(base, tls.certificate_file, "CERTIFICATE", (*loc, "certificateFile"), error)
-            key = _read_pem(base, tls.key_file, "PRIVATE KEY", (*loc, "keyFile"), error)
-            if cert is not None and key is not None:
-                out[(tls.certificate_file, tls.key_file)] = (cert, key)
+            pair = _read_pair(base, https.certificate_file, https.key_file, loc, error)
+            if pair is not None:
+                out[(https.certificate_file, https.key_file)] = pair
     return out
 
 
-def _read_pem(base: Path, name: str, kind: str, loc: Loc, error: Report) -> bytes | None:
-    path = base / name
+def _read_pair(base: Path, cert_name: str, key_name: str, loc: Loc, error: Report) -> tuple[bytes, bytes] | None:
+    cert_path, key_path = base / cert_name, base / key_name
+    cert = _read(cert_path, cert_name, (*loc, "certificateFile"), error)
+    key = _read(key_path, key_name, (*loc, "keyFile"), error)
+    served = private = None
     try:
-        data = path.read_bytes()
+        served = tls.chain(cert, cert_path, "certificate")[0] if cert is not None else None
+    except tls.TlsError as exc:
+        error((*loc, "certificateFile"), str(exc))
+    try:
+        private = tls.private_key(key, key_path) if key is not None else None
+    except tls.TlsError as exc:
+        error((*loc, "keyFile"), str(exc))
+    if cert is None or key is None or served is None or private is None:
+        return None
+    try:
+        tls.own_key(served, private, cert_path=cert_path, key_path=key_path)
+    except tls.TlsError as exc:
+        error(loc, str(exc))
+        return None
+    return cert, key
+
+
+def _read(path: Path, name: str, loc: Loc, error: Report) -> bytes | None:
+    try:
+        return path.read_bytes()
     except OSError as exc:
         error(loc, f"cannot read {path}: {exc.strerror or exc}")
-        return None
     except ValueError as exc:  # a NUL in the name
         error(loc, f"cannot read {name!r}: {exc}")
-        return None
-    if b"-----BEGIN " not in data or kind.encode() not in data:
-        error(loc, f"{path} holds no PEM {kind.lower()}")
-        return None
-    return data
+    return None
 
 
 def check(

@@ -34,7 +34,13 @@ which go out as fast as the floor's; waiting in line for slots would double its 
 DEFAULTS = Limits()
 
 
-Peers = Callable[[str, Mapping[str, Sequence[bytes]]], identity.Peer | None]
+class Gone:
+    """A connection of ours that closed before gRPC began its stream: nobody to serve, nothing to refuse."""
+
+
+GONE = Gone()
+
+Peers = Callable[[str, Mapping[str, Sequence[bytes]]], identity.Peer | Gone | None]
 """gRPC's peer string and auth context -> who the client is (None: no client of ours; refused)."""
 
 
@@ -112,12 +118,14 @@ class StreamServer:
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """One stream, from its first request to its status. `requests` is left alone (see _read)."""
         client = self._peers(context.peer(), context.auth_context())
+        if isinstance(client, Gone):  # the relay's client left as its stream began (meshplane/tlsfront.py)
+            return
         refusal = self._too_many(client.address) if client is not None else Refusal(
             grpc.StatusCode.PERMISSION_DENIED, "not a connection of the ADS port's TLS listener", "identity")
         if refusal is not None:
-            self.refused.record("xDS client refused", peer=client.address if client else context.peer(),
-                                code=refusal.code.name, reason=refusal.reason, message=str(refusal))
-            self._callbacks.refused(None, refusal.code.name, refusal.reason)
+            self.refused.refuse("xDS client refused", callbacks=self._callbacks,
+                                peer=client.address if client else context.peer(), code=refusal.code.name,
+                                reason=refusal.reason, message=str(refusal))
             _end(context, refusal.code, str(refusal))
             return
         assert client is not None  # a connection that is no client of ours was refused above
@@ -189,9 +197,9 @@ class StreamServer:
             del raw  # not held while waiting for the next: an EDS request of 1,000 names is ~100 KB
             if error is not None:
                 event = "bad xDS request" if code == grpc.StatusCode.INVALID_ARGUMENT else "xDS client refused"
-                self.refused.record(event, peer=stream.peer, code=code.name, reason=reason, message=error,
-                                    node=stream.node_id or node, identity=stream.identity, stream=stream.id)
-                self._callbacks.refused(stream, code.name, reason)
+                self.refused.refuse(event, callbacks=self._callbacks, stream=stream, peer=stream.peer, code=code.name,
+                                    reason=reason, message=error, node=stream.node_id or node,
+                                    identity=stream.identity)
                 return code, error
         return None
 
@@ -223,7 +231,7 @@ class StreamServer:
         if self.limits.node_bytes and size > self.limits.node_bytes:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                           f"node is {size} bytes; at most {self.limits.node_bytes} (--max-node-bytes)", "node_size",
-                          node=node.id[:200])
+                          node=node.id)
         try:
             claimed = proxy.classify(node)
         except proxy.InvalidNode as exc:

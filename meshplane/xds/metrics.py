@@ -23,7 +23,9 @@ log = structlog.get_logger(__name__)
 
 REFUSALS = (("INVALID_ARGUMENT", "bad_request"), ("INVALID_ARGUMENT", "node_size"), ("PERMISSION_DENIED", "identity"),
             ("RESOURCE_EXHAUSTED", "streams"), ("RESOURCE_EXHAUSTED", "streams_per_peer"),
-            ("RESOURCE_EXHAUSTED", "names"), ("RESOURCE_EXHAUSTED", "request_size"), ("UNAVAILABLE", "certificate"))
+            ("RESOURCE_EXHAUSTED", "names"), ("RESOURCE_EXHAUSTED", "request_size"),
+            ("RESOURCE_EXHAUSTED", "connections"), ("RESOURCE_EXHAUSTED", "connections_per_peer"),
+            ("UNAVAILABLE", "certificate"), ("UNAVAILABLE", "handshake"))
 """Every (status, reason) a stream is refused with (meshplane_xds_refused_streams_total)."""
 
 # Milliseconds matter here: the buckets resolve 1-250 ms finely (a p99 interpolated between 100 and
@@ -98,8 +100,10 @@ class Metrics:
             "meshplane_xds_refused_streams",
             "Streams ended by meshplane, by gRPC status and reason: a bad request or an oversized node "
             "(INVALID_ARGUMENT), an identity that may not be the proxy it claims (PERMISSION_DENIED), a limit "
-            "reached (RESOURCE_EXHAUSTED), a client certificate not accepted in the TLS handshake (UNAVAILABLE; "
-            "with --client-cert optional only, where meshplane does the handshake)",
+            "reached (RESOURCE_EXHAUSTED; connections and connections_per_peer: TLS connections, closed before "
+            "their handshake), a client certificate not accepted or a TLS handshake that failed (UNAVAILABLE; "
+            "certificate, handshake). Connections and handshakes with --client-cert optional only, where "
+            "meshplane does the TLS",
             ["code", "reason"], registry=r,
         )
         self.tls_reloads = Counter(

@@ -82,6 +82,17 @@ class Refusals:
         log.warning(event, peer=peer, node=node, status=code, error=message, **repeats, **context)
         entry.suppressed, entry.logged = 0, now
 
+    def refuse(self, event: str, *, callbacks: streams.Callbacks, stream: streams.Stream | None = None, peer: str,
+               code: str, reason: str, message: str, node: str = "", identity: str | None = None,
+               **context: Any) -> None:
+        """A client refused, wherever it was (a stream, the TLS relay's handshake or its limits): recorded
+        and logged as `record` says (with the stream's id), and counted (`callbacks.refused`)."""
+        if stream is not None:
+            context["stream"] = stream.id
+        self.record(event, peer=peer, code=code, reason=reason, message=message, node=node, identity=identity,
+                    **context)
+        callbacks.refused(stream, code, reason)
+
     def recent(self) -> list[Refusal]:
         """Every peer address and reason refused in the last `window`, the latest first."""
         self._forget(self._clock(), at_once=True)

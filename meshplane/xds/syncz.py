@@ -60,14 +60,19 @@ FILTERS = ("kind", "locality", "state")
 """The query parameters of `/debug/syncz`, each a filter (`meshplane status --kind, --locality, --state`)."""
 
 
-def refused(recent: refusals.Refusals) -> list[dict[str, Any]]:
-    """Peers refused lately, by address and reason, the latest first: who (address, node, identity), why
-    (status, reason, message), when (first and last) and how many times."""
-    return [
-        {"peer": r.address, "node": r.node or None, "identity": r.identity, "code": r.code, "reason": r.reason,
-         "message": r.message, "count": r.count, "first_at": _iso(r.first), "last_at": _iso(r.last)}
-        for r in recent.recent()
-    ]
+def refused(recent: refusals.Refusals) -> dict[str, Any]:
+    """`/debug/syncz`'s `refused`: the peers refused lately, by address and reason, the latest first: who
+    (address, node, identity), why (status, reason, message), when (first and last) and how many times; and
+    `refused_window_s`, how long one is kept after its last refusal (what "lately" is: `meshplane status`
+    says it, and imports nothing of the server to know it)."""
+    return {
+        "refused": [
+            {"peer": r.address, "node": r.node or None, "identity": r.identity, "code": r.code, "reason": r.reason,
+             "message": r.message, "count": r.count, "first_at": _iso(r.first), "last_at": _iso(r.last)}
+            for r in recent.recent()
+        ],
+        "refused_window_s": recent.window,
+    }
 
 
 def select(table: list[dict[str, Any]], query: Mapping[str, str]) -> list[dict[str, Any]]:
