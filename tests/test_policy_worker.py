@@ -75,7 +75,7 @@ async def test_a_validation_past_its_deadline_is_stopped_and_the_edit_rejected_n
         with structlog.testing.capture_logs() as logs:
             assert await watcher.poll() is False
         [problem] = watcher.last_errors
-        assert str(problem) == (f"{path}:0: (file): validating it took longer than 0.2 s, and it was stopped "
+        assert str(problem) == (f"--policy {path}: validating it took longer than 0.2 s, and it was stopped "
                                 "(`meshplane validate` shows how long it takes)")
         assert next(e["event"] for e in logs if e["log_level"] == "error") == (
             "policy validation took too long and was stopped")
@@ -99,7 +99,7 @@ async def test_an_edit_the_worker_dies_on_is_rejected_and_never_validated_in_mes
         finally:
             await watcher.stop()
     [problem] = watcher.last_errors
-    assert str(problem) == (f"{path}:0: (file): the policy worker process died validating it (killed by SIGKILL; "
+    assert str(problem) == (f"--policy {path}: the policy worker process died validating it (killed by SIGKILL; "
                             "out of memory?): the edit is not validated again")
     assert applied.routes() == [] and len(watcher.current.routes) == 1
     events = [e["event"] for e in logs]
