@@ -229,9 +229,16 @@ def parse_kubeconfig_arg(arg: str) -> tuple[model.ClusterId | None, Path, str | 
 def load_kubeconfig(path: Path) -> dict[str, Any]:
     """A kubeconfig file, checked: ValueError naming the file (and the line) and what is wrong, in one line."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"{path}: {problems.cannot_read(exc)}") from exc
+    return parse_kubeconfig(data, path=path)
+
+
+def parse_kubeconfig(data: bytes, *, path: Path) -> dict[str, Any]:
+    """A kubeconfig file's bytes, checked: ValueError naming the file (and the line) and what is wrong."""
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
     try:
@@ -366,11 +373,8 @@ def _kubeconfig_file(path: Path, data: bytes | OSError, seen: watch.Seen) -> _Ku
     cluster = model.ClusterId(path.stem)
     try:
         if isinstance(data, OSError):
-            raise ValueError(f"{path}: not a readable kubeconfig: {data}")
-        try:
-            doc = check_kubeconfig(yaml.safe_load(data), where=str(path))
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not a readable kubeconfig: {exc}") from exc
+            raise ValueError(f"{path}: {problems.cannot_read(data)}")
+        doc = parse_kubeconfig(data, path=path)
     except ValueError as exc:
         return _KubeconfigFile(seen, None, str(exc))
     return _KubeconfigFile(seen, ClusterSpec(id=cluster, kubeconfig=doc, context=doc.get("current-context"),
