@@ -214,13 +214,19 @@ async def test_a_nacked_response_is_not_resent_and_status_shows_it(start_plane: 
         assert _names(await c.recv_delta()) == [MOCKB]
 
 
-async def test_an_updated_cluster_is_followed_by_its_endpoints_and_removed_clusters_go_last(
-    start_plane: Any, tmp_path: Path
-) -> None:
+async def _plane_timing_out_after_1s(start_plane: Any, tmp_path: Path) -> tuple[app.ControlPlane, Path, Path]:
+    """A plane whose policy sets every cluster's connect timeout to 1 s (editing it changes every cluster):
+    the plane, its policy file and its endpoint file."""
     endpoints = write_yaml(tmp_path / "c1.yaml", _doc())
     policy = tmp_path / "policy.yaml"
     policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 1s\n")
-    plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
+    return await start_plane(endpoint_files=(endpoints,), policy_file=policy), policy, endpoints
+
+
+async def test_an_updated_cluster_is_followed_by_its_endpoints_and_removed_clusters_go_last(
+    start_plane: Any, tmp_path: Path
+) -> None:
+    plane, policy, endpoints = await _plane_timing_out_after_1s(start_plane, tmp_path)
     async with _client(plane) as c:
         for type_url, names in ((typeurls.CLUSTER, ["*"]), (typeurls.ENDPOINT, [MOCKB, MOCKC]),
                                 (typeurls.LISTENER, ["*"])):
@@ -303,10 +309,7 @@ async def test_a_route_waits_until_its_new_cluster_and_its_endpoints_are_acked(
 async def test_a_reconnect_learning_of_a_changed_cluster_gets_its_endpoints_though_it_reports_them_current(
     start_plane: Any, tmp_path: Path
 ) -> None:
-    endpoints = write_yaml(tmp_path / "c1.yaml", _doc())
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 1s\n")
-    plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
+    plane, policy, _ = await _plane_timing_out_after_1s(start_plane, tmp_path)
     async with _client(plane) as c:
         await c.delta(typeurls.CLUSTER, ["*"])
         await c.ack_delta(await c.recv_delta())

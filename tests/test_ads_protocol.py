@@ -129,8 +129,9 @@ async def test_resubscribed_resource_is_sent_again_even_unchanged(start_plane: A
         assert ads_client.resource_names(again) == [MOCKC]
 
 
-async def test_reconnect_with_known_versions_gets_no_repush(start_plane: Any, endpoints: Path) -> None:
-    plane = await start_plane(endpoint_files=(endpoints,))
+async def _held_by_a_client_that_left(plane: app.ControlPlane) -> tuple[Any, Any]:
+    """Subscribe to every cluster and their endpoints, ACK both, end the stream: the CDS and EDS responses
+    held, whose versions a reconnect reports."""
     async with _client(plane) as c:
         await c.request(typeurls.CLUSTER)
         cds = await c.recv()
@@ -138,6 +139,12 @@ async def test_reconnect_with_known_versions_gets_no_repush(start_plane: Any, en
         await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC])
         eds = await c.recv()
         await c.ack(eds)
+    return cds, eds
+
+
+async def test_reconnect_with_known_versions_gets_no_repush(start_plane: Any, endpoints: Path) -> None:
+    plane = await start_plane(endpoint_files=(endpoints,))
+    cds, eds = await _held_by_a_client_that_left(plane)
     sent_before = _metric(plane, "meshplane_xds_responses_total", type="cds")
     async with _client(plane) as again:
         await again.request(typeurls.CLUSTER, version_info=cds.version_info)
@@ -350,13 +357,7 @@ async def test_a_reconnect_learning_of_changed_clusters_gets_their_endpoints_tho
     policy = tmp_path / "policy.yaml"
     policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 1s\n")
     plane = await start_plane(endpoint_files=(endpoints,), policy_file=policy)
-    async with _client(plane) as c:
-        await c.request(typeurls.CLUSTER)
-        cds = await c.recv()
-        await c.ack(cds)
-        await c.request(typeurls.ENDPOINT, [MOCKB, MOCKC])
-        eds = await c.recv()
-        await c.ack(eds)
+    cds, eds = await _held_by_a_client_that_left(plane)
     policy.write_text("apiVersion: meshplane.io/v1\ndefaults:\n  connectTimeout: 2s\n")
     assert plane.cache is not None
     cache = plane.cache
